@@ -1,0 +1,44 @@
+"""sqla-tenancy: multi-tenancy for SQLAlchemy on PostgreSQL, enforced by the database."""
+
+from __future__ import annotations
+
+from .context import current_tenant, platform_context, run_in_context, tenant_context
+from .dialect import TenancyDialect, TenancyDialectAsync
+from .errors import (
+    AutocommitNotAllowed,
+    InvalidTenantSlug,
+    ProvisioningError,
+    TenancyError,
+    TenantNotFound,
+    TenantRequired,
+    TenantSuspended,
+    UnsafeRoleError,
+)
+from .models import TenantScoped, tenant_id_column
+from .registry import Tenant
+from .session import TenantSession
+from .tenancy import Tenancy
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AutocommitNotAllowed",
+    "InvalidTenantSlug",
+    "ProvisioningError",
+    "Tenancy",
+    "TenancyDialect",
+    "TenancyDialectAsync",
+    "TenancyError",
+    "Tenant",
+    "TenantNotFound",
+    "TenantRequired",
+    "TenantScoped",
+    "TenantSession",
+    "TenantSuspended",
+    "UnsafeRoleError",
+    "current_tenant",
+    "platform_context",
+    "run_in_context",
+    "tenant_context",
+    "tenant_id_column",
+]

@@ -1,0 +1,142 @@
+"""The active tenant, held in a context variable.
+
+Threads start with no tenant; asyncio tasks inherit the tenant of the code that created them.
+:func:`tenant_context` nests and restores the outer tenant on exit, exceptions included.
+
+To carry the tenant into a thread pool, submit the work through :func:`run_in_context` (or
+``contextvars.copy_context().run``): a plain ``executor.submit(fn)`` runs ``fn`` with no tenant,
+which fails closed instead of leaking.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import logging
+import uuid
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, ParamSpec, TypeVar
+
+if TYPE_CHECKING:
+    from .registry import Tenant
+    from .tenancy import Tenancy
+
+__all__ = [
+    "TenantRef",
+    "current_platform_reason",
+    "current_tenant",
+    "current_tenant_ref",
+    "platform_context",
+    "run_in_context",
+    "tenant_context",
+]
+
+log = logging.getLogger("sqla_tenancy.platform")
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+#: What callers may name a tenant by.
+TenantRef = "str | uuid.UUID | Tenant"
+
+
+@dataclass(frozen=True, slots=True)
+class _Scope:
+    """One entry of the context: a tenant reference or a platform (cross-tenant) scope."""
+
+    tenant: str | uuid.UUID | Tenant | None
+    platform_reason: str | None = None
+
+
+_scope: contextvars.ContextVar[_Scope | None] = contextvars.ContextVar(
+    "sqla_tenancy_scope", default=None
+)
+
+
+@contextmanager
+def tenant_context(tenant: str | uuid.UUID | Tenant) -> Iterator[None]:
+    """Make ``tenant`` (a slug, a UUID or a :class:`Tenant`) the active tenant inside the block.
+
+    The reference is resolved lazily, at the next transaction begin, against the registry; so an
+    unknown or suspended tenant raises there (:class:`TenantNotFound` /
+    :class:`TenantSuspended`), before any SQL of that transaction is sent.
+    """
+    from .registry import Tenant
+
+    if not isinstance(tenant, (str, uuid.UUID, Tenant)):
+        raise TypeError(
+            f"tenant_context() takes a slug, a uuid.UUID or a Tenant, not {type(tenant).__name__}"
+        )
+    token = _scope.set(_Scope(tenant))
+    try:
+        yield
+    finally:
+        _scope.reset(token)
+
+
+@contextmanager
+def platform_context(reason: str) -> Iterator[None]:
+    """Work across tenants, explicitly and on the record.
+
+    Inside the block a :class:`TenantSession` uses the admin engine (``admin_url``), which is
+    expected to bypass row-level security; the entry is logged with ``reason`` on the
+    ``sqla_tenancy.platform`` logger so that cross-tenant access is auditable.
+    """
+    if not isinstance(reason, str) or not reason.strip():
+        raise ValueError("platform_context() needs a non-empty reason, e.g. 'nightly billing run'")
+    log.info("entering platform context: %s", reason)
+    token = _scope.set(_Scope(None, platform_reason=reason))
+    try:
+        yield
+    finally:
+        _scope.reset(token)
+        log.debug("left platform context: %s", reason)
+
+
+def current_tenant_ref() -> str | uuid.UUID | Tenant | None:
+    """The reference passed to the innermost :func:`tenant_context`, unresolved."""
+    scope = _scope.get()
+    return None if scope is None else scope.tenant
+
+
+def current_platform_reason() -> str | None:
+    """The reason of the innermost :func:`platform_context`, or ``None`` outside one."""
+    scope = _scope.get()
+    return None if scope is None else scope.platform_reason
+
+
+def current_tenant(tenancy: Tenancy | None = None) -> Tenant | None:
+    """The active tenant, resolved through the registry, or ``None``.
+
+    ``None`` means no :func:`tenant_context` is active (inside :func:`platform_context` too).
+    The default tenant is not returned here: it is what queries fall back to, not what the
+    context holds. The reference is resolved with ``tenancy``, or with the most recently created
+    :class:`Tenancy` of the process (applications have one).
+    """
+    from .registry import Tenant
+    from .tenancy import active_tenancy
+
+    ref = current_tenant_ref()
+    if ref is None:
+        return None
+    owner = tenancy or active_tenancy()
+    if owner is None:
+        if isinstance(ref, Tenant):
+            return ref
+        raise RuntimeError("current_tenant() needs a Tenancy to resolve a slug or id; none exists")
+    return owner.get_tenant(ref)
+
+
+def run_in_context(fn: Callable[P, R]) -> Callable[P, R]:
+    """Wrap ``fn`` so that it runs with a copy of the caller's context (tenant included).
+
+    ``executor.submit(run_in_context(work), arg)`` carries the active tenant into a thread pool;
+    call it in the submitting thread, at submission time.
+    """
+    ctx = contextvars.copy_context()
+
+    def runner(*args: P.args, **kwargs: P.kwargs) -> R:
+        return ctx.copy().run(fn, *args, **kwargs)
+
+    return runner

@@ -1,0 +1,206 @@
+"""The psycopg dialects that bind a tenant at transaction begin, in the same round trip.
+
+psycopg 3 starts a transaction lazily by sending ``BEGIN`` on its own before the first statement.
+Binding a tenant with one more statement after that costs a second round trip per transaction.
+These dialects instead keep the driver connection in autocommit mode and, at SQLAlchemy's
+transaction begin, send one simple-protocol query::
+
+    BEGIN [ISOLATION LEVEL ...] [READ ONLY] [DEFERRABLE]; SET LOCAL app.current_tenant_id = '...'
+
+so the binding is free of extra round trips and strictly transaction-local: ``COMMIT`` or
+``ROLLBACK`` ends it, and nothing survives on the connection. The dialects track the isolation
+level SQLAlchemy asks for (``AUTOCOMMIT`` included) themselves; a connection in ``AUTOCOMMIT``
+cannot hold a transaction-local binding, so it is refused for tenant work
+(:class:`AutocommitNotAllowed`) rather than run unbound.
+
+An engine gets its binding statement from a *binder*: a callable the :class:`Tenancy` installs on
+the engine's dialect, returning the ``SET LOCAL`` text for the current context (or ``None`` when the
+transaction needs no binding, e.g. on an engine nobody bound).
+"""
+
+from __future__ import annotations
+
+import weakref
+from collections.abc import Callable, Generator
+from typing import Any
+
+import psycopg
+from psycopg import generators
+from psycopg.pq import ExecStatus
+from sqlalchemy.dialects import registry as dialect_registry
+from sqlalchemy.dialects.postgresql.psycopg import PGDialect_psycopg, PGDialectAsync_psycopg
+from sqlalchemy.util import await_
+
+from .errors import AutocommitNotAllowed
+
+__all__ = ["Binder", "TenancyDialect", "TenancyDialectAsync", "DRIVER_NAME"]
+
+#: The SQLAlchemy driver name engines built by sqla-tenancy carry (``postgresql+psycopg_tenancy``).
+DRIVER_NAME = "psycopg_tenancy"
+
+#: Returns the statement(s) binding the current context, or None for an unbound transaction.
+Binder = Callable[[], "bytes | None"]
+
+_OK = (ExecStatus.COMMAND_OK, ExecStatus.TUPLES_OK)
+
+
+class _ConnState:
+    """What SQLAlchemy asked of one driver connection (the driver itself stays in autocommit)."""
+
+    __slots__ = ("autocommit", "begin")
+
+    def __init__(self) -> None:
+        self.autocommit = False
+        self.begin = b"BEGIN"
+
+
+def _send(pgconn: Any, query: bytes) -> Generator[Any, Any, list[Any]]:
+    pgconn.send_query(query)
+    results: list[Any] = yield from generators.execute(pgconn)
+    return results
+
+
+def _begin_statement(driver: Any) -> bytes:
+    parts = [b"BEGIN"]
+    if driver.isolation_level is not None:
+        parts.append(b"ISOLATION LEVEL " + driver.isolation_level.name.replace("_", " ").encode())
+    if driver.read_only is not None:
+        parts.append(b"READ ONLY" if driver.read_only else b"READ WRITE")
+    if driver.deferrable is not None:
+        parts.append(b"DEFERRABLE" if driver.deferrable else b"NOT DEFERRABLE")
+    return b" ".join(parts)
+
+
+class _TenancyMixin:
+    """Behaviour shared by the sync and async dialects."""
+
+    supports_statement_cache = True
+    binder: Binder | None = None
+    _states: weakref.WeakKeyDictionary[Any, _ConnState]
+
+    def _state(self, driver: Any) -> _ConnState:
+        try:
+            return self._states[driver]
+        except KeyError:
+            state = self._states[driver] = _ConnState()
+            return state
+
+    # SQLAlchemy sets isolation levels through these two hooks; record the logical request and
+    # keep the driver's own autocommit on.
+    def _do_isolation_level(self, connection: Any, autocommit: bool, isolation_level: Any) -> None:
+        driver = _driver(connection)
+        state = self._state(driver)
+        state.autocommit = autocommit
+        self._set_driver(connection, autocommit=True, isolation_level=isolation_level)
+        state.begin = _begin_statement(driver)
+
+    def _do_autocommit(self, connection: Any, value: bool) -> None:
+        self._state(_driver(connection)).autocommit = value
+        self._set_driver(connection, autocommit=True)
+
+    def detect_autocommit_setting(self, dbapi_connection: Any) -> bool:
+        return self._state(_driver(dbapi_connection)).autocommit
+
+    def set_readonly(self, connection: Any, value: Any) -> None:
+        super().set_readonly(connection, value)  # type: ignore[misc]
+        self._state(_driver(connection)).begin = _begin_statement(_driver(connection))
+
+    def set_deferrable(self, connection: Any, value: Any) -> None:
+        super().set_deferrable(connection, value)  # type: ignore[misc]
+        self._state(_driver(connection)).begin = _begin_statement(_driver(connection))
+
+    def _set_driver(self, connection: Any, *, autocommit: bool, isolation_level: Any = ...) -> None:
+        raise NotImplementedError
+
+    def on_connect(self) -> Callable[[Any], None]:
+        base = super().on_connect()  # type: ignore[misc]
+
+        def connect(conn: Any) -> None:
+            if base is not None:
+                base(conn)
+            state = self._state(_driver(conn))
+            self._set_driver(conn, autocommit=True)
+            state.begin = _begin_statement(_driver(conn))
+
+        return connect
+
+    def do_begin(self, dbapi_connection: Any) -> None:
+        driver = _driver(dbapi_connection)
+        state = self._state(driver)
+        binder = self.binder
+        binding = binder() if binder is not None else None
+        if state.autocommit:
+            if binding is not None:
+                raise AutocommitNotAllowed(
+                    "This connection is in AUTOCOMMIT mode, where a transaction-local tenant "
+                    "binding cannot hold, so it is refused for tenant work. Drop "
+                    "isolation_level='AUTOCOMMIT' for tenant queries, or run the statement in "
+                    "platform_context() on the admin engine."
+                )
+            return
+        query = state.begin if binding is None else state.begin + b"; " + binding
+        results = self._run(driver, query)
+        for result in results:
+            if result.status not in _OK:
+                error = psycopg.errors.error_from_result(result, encoding=driver.info.encoding)
+                self._run(driver, b"ROLLBACK")
+                raise error
+
+    def _run(self, driver: Any, query: bytes) -> list[Any]:
+        raise NotImplementedError
+
+
+def _driver(connection: Any) -> Any:
+    """The psycopg connection behind a pool proxy and/or SQLAlchemy's async adapter."""
+    conn = getattr(connection, "dbapi_connection", connection)
+    return getattr(conn, "_connection", conn)
+
+
+class TenancyDialect(_TenancyMixin, PGDialect_psycopg):
+    """``postgresql+psycopg_tenancy``: psycopg 3, tenant bound at transaction begin."""
+
+    driver = DRIVER_NAME
+    supports_statement_cache = True
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._states = weakref.WeakKeyDictionary()
+
+    def _set_driver(self, connection: Any, *, autocommit: bool, isolation_level: Any = ...) -> None:
+        driver = _driver(connection)
+        if driver.autocommit != autocommit:
+            driver.autocommit = autocommit
+        if isolation_level is not ...:
+            driver.isolation_level = isolation_level
+
+    def _run(self, driver: psycopg.Connection[Any], query: bytes) -> list[Any]:
+        return driver.wait(_send(driver.pgconn, query))
+
+    @classmethod
+    def get_async_dialect_cls(cls, url: Any) -> type[TenancyDialectAsync]:
+        return TenancyDialectAsync
+
+
+class TenancyDialectAsync(_TenancyMixin, PGDialectAsync_psycopg):
+    """The asyncio flavour of :class:`TenancyDialect`."""
+
+    driver = DRIVER_NAME
+    supports_statement_cache = True
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._states = weakref.WeakKeyDictionary()
+
+    def _set_driver(self, connection: Any, *, autocommit: bool, isolation_level: Any = ...) -> None:
+        driver = _driver(connection)
+        if driver.autocommit != autocommit:
+            await_(driver.set_autocommit(autocommit))
+        if isolation_level is not ...:
+            await_(driver.set_isolation_level(isolation_level))
+
+    def _run(self, driver: psycopg.AsyncConnection[Any], query: bytes) -> list[Any]:
+        results: list[Any] = await_(driver.wait(_send(driver.pgconn, query)))
+        return results
+
+
+dialect_registry.register(f"postgresql.{DRIVER_NAME}", __name__, "TenancyDialect")

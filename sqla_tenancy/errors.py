@@ -1,0 +1,71 @@
+"""The exceptions sqla-tenancy raises. All derive from :class:`TenancyError`."""
+
+from __future__ import annotations
+
+__all__ = [
+    "AutocommitNotAllowed",
+    "InvalidTenantSlug",
+    "ProvisioningError",
+    "TenancyError",
+    "TenantNotFound",
+    "TenantRequired",
+    "TenantSuspended",
+    "UnsafeRoleError",
+]
+
+
+class TenancyError(Exception):
+    """Base class of every error raised by sqla-tenancy."""
+
+
+class TenantRequired(TenancyError):
+    """A query needed a tenant, none was active and no default tenant is configured."""
+
+    def __init__(self, message: str | None = None) -> None:
+        super().__init__(
+            message
+            or "No tenant is active and no default tenant is configured. Wrap the work in "
+            "`tenant_context(<slug>)`, use `platform_context(reason)` for cross-tenant work, or "
+            "construct Tenancy with default_tenant='default'."
+        )
+
+
+class TenantNotFound(TenancyError):
+    """No tenant in the registry matches the given slug or id."""
+
+    def __init__(self, ref: object) -> None:
+        self.ref = ref
+        super().__init__(
+            f"No tenant {ref!r} in the registry. Create it with `tenancy.create_tenant(...)` "
+            "or check the slug/id the request carried."
+        )
+
+
+class TenantSuspended(TenancyError):
+    """The tenant exists but is suspended: no query may run for it until it is resumed."""
+
+    def __init__(self, slug: str) -> None:
+        self.slug = slug
+        super().__init__(
+            f"Tenant {slug!r} is suspended; `tenancy.resume_tenant({slug!r})` lifts it."
+        )
+
+
+class InvalidTenantSlug(TenancyError, ValueError):
+    """A slug does not match the allowed pattern, is too long, or is reserved."""
+
+
+class ProvisioningError(TenancyError):
+    """Creating, changing or deleting a tenant's storage failed; nothing was left half-made."""
+
+
+class UnsafeRoleError(TenancyError):
+    """The application role could bypass row-level security (superuser or BYPASSRLS)."""
+
+
+class AutocommitNotAllowed(TenancyError):
+    """An AUTOCOMMIT connection was asked to run statements for a tenant.
+
+    In autocommit mode every statement is its own transaction, so a transaction-local tenant
+    binding would not hold. Such connections are refused instead of running unbound.
+    """

@@ -1,0 +1,98 @@
+"""``Tenancy.install()``: the quick-start path that creates everything the main database needs.
+
+Idempotent and serialised by an advisory lock, so two processes starting together do not race.
+The Alembic extension is the production path; both build their DDL from :mod:`sqla_tenancy.rls`.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from sqlalchemy import Connection, text
+
+from .identifiers import quote_ident
+from .registry import NOTIFY_CHANNEL, REGISTRY_SCHEMA, registry_metadata
+from .rls import current_tenant_function_ddl, enable_rls_ddl, is_tenant_scoped, qualified_name
+
+if TYPE_CHECKING:
+    from .tenancy import Tenancy
+
+__all__ = ["grant_statements", "install", "registry_ddl"]
+
+#: Advisory lock key serialising install() and other DDL of the tenancy schema.
+INSTALL_LOCK_KEY = 0x5_1A7E_7A11
+
+
+def registry_ddl() -> list[str]:
+    """The function and trigger that make every registry change a notification."""
+    return [
+        f"""
+        CREATE OR REPLACE FUNCTION {REGISTRY_SCHEMA}.notify_tenant_change() RETURNS trigger
+        LANGUAGE plpgsql AS $$
+        BEGIN
+            PERFORM pg_notify('{NOTIFY_CHANNEL}', coalesce(NEW.id, OLD.id)::text);
+            RETURN NULL;
+        END $$
+        """,
+        f"DROP TRIGGER IF EXISTS tenants_notify ON {REGISTRY_SCHEMA}.tenants",
+        f"""
+        CREATE TRIGGER tenants_notify AFTER INSERT OR UPDATE OR DELETE
+        ON {REGISTRY_SCHEMA}.tenants FOR EACH ROW
+        EXECUTE FUNCTION {REGISTRY_SCHEMA}.notify_tenant_change()
+        """,
+    ]
+
+
+def grant_statements(tenancy: Tenancy, role: str) -> list[str]:
+    """What the application role needs in the main database, and nothing more."""
+    r = quote_ident(role)
+    statements = [
+        f"GRANT USAGE ON SCHEMA {REGISTRY_SCHEMA} TO {r}",
+        f"GRANT SELECT ON {REGISTRY_SCHEMA}.tenants TO {r}",
+        f"GRANT EXECUTE ON FUNCTION {REGISTRY_SCHEMA}.current_tenant_id() TO {r}",
+    ]
+    schemas = {t.schema for t in tenancy.metadata.tables.values() if t.schema}
+    for schema in sorted(schemas):
+        statements.append(f"GRANT USAGE ON SCHEMA {quote_ident(schema)} TO {r}")
+    for table in tenancy.metadata.sorted_tables:
+        statements.append(f"GRANT SELECT, INSERT, UPDATE, DELETE ON {qualified_name(table)} TO {r}")
+    return statements
+
+
+def install(tenancy: Tenancy) -> None:
+    with tenancy.admin_engine.begin() as conn:
+        conn.execute(text("select pg_advisory_xact_lock(:k)"), {"k": INSTALL_LOCK_KEY})
+        _install(tenancy, conn)
+    tenancy.registry.invalidate()
+
+
+def _install(tenancy: Tenancy, conn: Connection) -> None:
+    conn.exec_driver_sql(f"CREATE SCHEMA IF NOT EXISTS {REGISTRY_SCHEMA}")
+    registry_metadata.create_all(conn, checkfirst=True)
+    for statement in current_tenant_function_ddl(REGISTRY_SCHEMA) + registry_ddl():
+        conn.exec_driver_sql(statement)
+    for schema in sorted({t.schema for t in tenancy.metadata.tables.values() if t.schema}):
+        conn.exec_driver_sql(f"CREATE SCHEMA IF NOT EXISTS {quote_ident(schema)}")
+    tenancy.metadata.create_all(conn, checkfirst=True)
+    for table in tenancy.metadata.sorted_tables:
+        if is_tenant_scoped(table):
+            for statement in enable_rls_ddl(table, function_schema=REGISTRY_SCHEMA):
+                conn.exec_driver_sql(statement)
+    app_role = tenancy.url.username
+    if app_role and app_role != tenancy.admin_url.username:
+        for statement in grant_statements(tenancy, app_role):
+            conn.exec_driver_sql(statement)
+        # Sequences behind serial/identity columns.
+        for schema in sorted({t.schema or "public" for t in tenancy.metadata.tables.values()}):
+            conn.exec_driver_sql(
+                f"GRANT USAGE, SELECT ON ALL SEQUENCES IN SCHEMA {quote_ident(schema)} "
+                f"TO {quote_ident(app_role)}"
+            )
+    if tenancy.default_tenant is not None:
+        conn.execute(
+            text(
+                f"INSERT INTO {REGISTRY_SCHEMA}.tenants (slug, name, strategy, status, is_default) "
+                "VALUES (:slug, :slug, 'shared', 'active', true) ON CONFLICT (slug) DO NOTHING"
+            ),
+            {"slug": tenancy.default_tenant},
+        )

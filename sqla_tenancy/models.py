@@ -1,0 +1,59 @@
+"""Declarative helpers for tenant tables."""
+
+from __future__ import annotations
+
+import uuid
+from typing import Any
+
+from sqlalchemy import Column, text
+from sqlalchemy.dialects.postgresql import UUID
+from sqlalchemy.orm import Mapped, declared_attr, mapped_column
+
+from .rls import TENANT_ID_INFO_KEY
+
+__all__ = ["TenantScoped", "active_tenant_id", "tenant_id_column"]
+
+
+def active_tenant_id() -> uuid.UUID:
+    """The id of the tenant queries would run for now (the default tenant when none is active)."""
+    from . import context
+    from .tenancy import active_tenancy
+
+    tenancy = active_tenancy()
+    if tenancy is None:
+        raise RuntimeError("no Tenancy has been created in this process")
+    return tenancy.resolve(context.current_tenant_ref()).id
+
+
+def _column_default(_context: Any = None) -> uuid.UUID:
+    return active_tenant_id()
+
+
+def tenant_id_column(name: str = "tenant_id") -> Column[uuid.UUID]:
+    """A ``tenant_id`` column for Core ``Table`` definitions (what :class:`TenantScoped` adds)."""
+    return Column(name, **_column_kwargs())
+
+
+def _column_kwargs() -> dict[str, Any]:
+    return {
+        "type_": UUID(as_uuid=True),
+        "nullable": False,
+        "index": True,
+        "default": _column_default,
+        # Raw SQL inserts inside a bound transaction get the tenant from the database too.
+        "server_default": text("tenancy.current_tenant_id()"),
+        "info": {TENANT_ID_INFO_KEY: True},
+    }
+
+
+class TenantScoped:
+    """Mixin for declarative models whose rows belong to one tenant.
+
+    Adds ``tenant_id`` (UUID, NOT NULL, indexed), filled from the active tenant on insert.
+    :meth:`Tenancy.install` (and the Alembic extension) put row-level security on such tables.
+    """
+
+    @declared_attr
+    def tenant_id(cls) -> Mapped[uuid.UUID]:
+        kwargs = _column_kwargs()
+        return mapped_column(kwargs.pop("type_"), **kwargs)

@@ -1,0 +1,279 @@
+"""The tenant registry: the ``tenancy.tenants`` table, the :class:`Tenant` record, and a
+per-process cache that every other process's changes invalidate through ``LISTEN/NOTIFY``.
+
+A trigger on the table sends ``NOTIFY sqla_tenancy_registry, '<tenant id>'`` on every insert,
+update and delete, whoever makes the change (this library, a migration, a DBA in psql). Each
+process keeps one listening connection on a daemon thread; entries also expire after a bounded
+TTL, which covers a listener that lost its connection.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+import uuid
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+import psycopg
+from sqlalchemy import (
+    Boolean,
+    CheckConstraint,
+    Column,
+    DateTime,
+    MetaData,
+    Table,
+    Text,
+    func,
+    text,
+)
+from sqlalchemy.dialects.postgresql import JSONB, UUID
+from sqlalchemy.engine import URL
+
+from .errors import TenantNotFound
+
+__all__ = [
+    "NOTIFY_CHANNEL",
+    "REGISTRY_SCHEMA",
+    "STATUSES",
+    "STRATEGIES",
+    "Registry",
+    "Tenant",
+    "registry_metadata",
+    "tenants_table",
+]
+
+log = logging.getLogger(__name__)
+
+REGISTRY_SCHEMA = "tenancy"
+NOTIFY_CHANNEL = "sqla_tenancy_registry"
+STRATEGIES = ("shared", "schema", "database")
+STATUSES = ("provisioning", "active", "suspended", "deleting")
+
+registry_metadata = MetaData(schema=REGISTRY_SCHEMA)
+
+tenants_table = Table(
+    "tenants",
+    registry_metadata,
+    Column("id", UUID(as_uuid=True), primary_key=True, server_default=func.gen_random_uuid()),
+    Column("slug", Text, nullable=False, unique=True),
+    Column("name", Text, nullable=False),
+    Column("strategy", Text, nullable=False),
+    Column("status", Text, nullable=False, server_default="active"),
+    Column("is_default", Boolean, nullable=False, server_default="false"),
+    Column("location", JSONB, nullable=False, server_default=text("'{}'::jsonb")),
+    Column("access_key", UUID(as_uuid=True), nullable=False, server_default=func.gen_random_uuid()),
+    Column("created_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
+    Column("updated_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
+    CheckConstraint(f"strategy in {STRATEGIES!r}", name="tenants_strategy_check"),
+    CheckConstraint(f"status in {STATUSES!r}", name="tenants_status_check"),
+)
+
+
+@dataclass(frozen=True, slots=True)
+class Tenant:
+    """One tenant as the registry knows it. Immutable: changes go through :class:`Tenancy`."""
+
+    id: uuid.UUID
+    slug: str
+    name: str
+    strategy: str
+    status: str
+    created_at: datetime
+    is_default: bool = False
+    location: dict[str, Any] = field(default_factory=dict, compare=False, hash=False)
+
+    @property
+    def is_active(self) -> bool:
+        return self.status == "active"
+
+
+_COLUMNS = "id, slug, name, strategy, status, created_at, is_default, location"
+
+
+def _row_to_tenant(row: tuple[Any, ...]) -> Tenant:
+    return Tenant(
+        id=row[0],
+        slug=row[1],
+        name=row[2],
+        strategy=row[3],
+        status=row[4],
+        created_at=row[5],
+        is_default=row[6],
+        location=dict(row[7] or {}),
+    )
+
+
+def conninfo_kwargs(url: URL) -> dict[str, Any]:
+    """psycopg connection keywords for a SQLAlchemy URL (password and query options included)."""
+    kwargs: dict[str, Any] = {
+        "host": url.host,
+        "port": url.port,
+        "user": url.username,
+        "password": url.password,
+        "dbname": url.database,
+    }
+    kwargs.update({k: v for k, v in url.query.items() if isinstance(v, str)})
+    return {k: v for k, v in kwargs.items() if v is not None}
+
+
+class Registry:
+    """Cached look-ups of :class:`Tenant` records for one database, shared by threads.
+
+    ``ttl`` bounds how long an entry is trusted without a notification; ``listen`` starts the
+    notification listener on the first look-up.
+    """
+
+    def __init__(self, url: URL, *, ttl: float = 5.0, listen: bool = True) -> None:
+        self._url = url
+        self._ttl = ttl
+        self._listen_enabled = listen
+        self._lock = threading.Lock()
+        self._entries: dict[object, tuple[Tenant, float]] = {}
+        self._generation = 0
+        self._pid = os.getpid()
+        self._conn: psycopg.Connection[Any] | None = None
+        self._conn_lock = threading.Lock()
+        self._listener: threading.Thread | None = None
+        self._stop = threading.Event()
+        self._listening = threading.Event()
+
+    # -- look-ups ---------------------------------------------------------------------------
+
+    def get(self, ref: str | uuid.UUID) -> Tenant:
+        """The tenant with this slug or id; raises :class:`TenantNotFound`."""
+        self._check_fork()
+        entry = self._entries.get(ref)
+        now = time.monotonic()
+        if entry is not None and entry[1] > now:
+            return entry[0]
+        if self._listen_enabled and self._listener is None:
+            self._start_listener()
+        generation = self._generation
+        tenant = self._fetch_one(ref)
+        if tenant is None:
+            raise TenantNotFound(ref)
+        with self._lock:
+            if generation == self._generation:
+                expires = now + self._ttl
+                self._entries[tenant.slug] = (tenant, expires)
+                self._entries[tenant.id] = (tenant, expires)
+        return tenant
+
+    def list(self) -> list[Tenant]:
+        """Every tenant, ordered by creation (not cached)."""
+        rows = self._query(f"select {_COLUMNS} from tenancy.tenants order by created_at, slug", ())
+        return [_row_to_tenant(r) for r in rows]
+
+    def invalidate(self, keys: Iterable[object] | None = None) -> None:
+        """Forget cached entries (all of them when ``keys`` is None)."""
+        with self._lock:
+            self._generation += 1
+            if keys is None:
+                self._entries.clear()
+                return
+            for key in keys:
+                entry = self._entries.pop(key, None)
+                if entry is not None:
+                    self._entries.pop(entry[0].slug, None)
+                    self._entries.pop(entry[0].id, None)
+
+    def _fetch_one(self, ref: str | uuid.UUID) -> Tenant | None:
+        if isinstance(ref, uuid.UUID):
+            sql = f"select {_COLUMNS} from tenancy.tenants where id = %s"
+        else:
+            sql = f"select {_COLUMNS} from tenancy.tenants where slug = %s"
+        rows = self._query(sql, (ref,))
+        return _row_to_tenant(rows[0]) if rows else None
+
+    def _query(self, sql: str, params: tuple[Any, ...]) -> list[tuple[Any, ...]]:
+        # A dedicated autocommit connection: registry reads must not go through the tenant-bound
+        # engine (whose transaction begin itself needs the registry).
+        with self._conn_lock:
+            for attempt in (1, 2):
+                conn = self._conn
+                if conn is None or conn.closed:
+                    conn = self._conn = psycopg.connect(autocommit=True, **conninfo_kwargs(self._url))
+                try:
+                    return conn.execute(sql, params).fetchall()
+                except psycopg.OperationalError:
+                    self._conn = None
+                    conn.close()
+                    if attempt == 2:
+                        raise
+            raise AssertionError("unreachable")
+
+    # -- notifications ----------------------------------------------------------------------
+
+    def _check_fork(self) -> None:
+        if os.getpid() != self._pid:
+            # Threads and sockets do not survive a fork: start afresh in the child.
+            self._pid = os.getpid()
+            self._entries = {}
+            self._conn = None
+            self._conn_lock = threading.Lock()
+            self._lock = threading.Lock()
+            self._listener = None
+            self._stop = threading.Event()
+            self._listening = threading.Event()
+
+    def _start_listener(self) -> None:
+        with self._lock:
+            if self._listener is not None:
+                return
+            self._listener = threading.Thread(
+                target=self._listen_loop, name="sqla-tenancy-registry-listener", daemon=True
+            )
+            self._listener.start()
+        # Give the listener a moment so that changes made right after the first look-up are seen.
+        self._listening.wait(timeout=2.0)
+
+    def _listen_loop(self) -> None:
+        backoff = 0.1
+        while not self._stop.is_set():
+            try:
+                with psycopg.connect(autocommit=True, **conninfo_kwargs(self._url)) as conn:
+                    conn.execute(f"LISTEN {NOTIFY_CHANNEL}")
+                    # Anything may have changed while we were not listening.
+                    self.invalidate()
+                    self._listening.set()
+                    backoff = 0.1
+                    while not self._stop.is_set():
+                        for note in conn.notifies(timeout=0.5):
+                            self._on_notify(note.payload)
+            except Exception as exc:  # noqa: BLE001 - the listener must survive anything
+                self._listening.clear()
+                if self._stop.is_set():
+                    return
+                log.warning("registry listener lost its connection (%s); retrying", exc)
+                self._stop.wait(backoff)
+                backoff = min(backoff * 2, 5.0)
+
+    def _on_notify(self, payload: str) -> None:
+        try:
+            key: object = uuid.UUID(payload)
+        except ValueError:
+            self.invalidate()
+            return
+        self.invalidate([key])
+
+    @property
+    def listening(self) -> bool:
+        """True while the notification listener holds a live connection."""
+        return self._listening.is_set()
+
+    def close(self) -> None:
+        """Stop the listener and close the look-up connection."""
+        self._stop.set()
+        if self._listener is not None and self._listener is not threading.current_thread():
+            self._listener.join(timeout=2.0)
+        self._listener = None
+        with self._conn_lock:
+            if self._conn is not None:
+                self._conn.close()
+                self._conn = None
+        self.invalidate()

@@ -1,0 +1,61 @@
+"""Shared placement: the tenant's rows live in the main database's tables, tagged with
+``tenant_id`` and guarded by row-level security (see :mod:`sqla_tenancy.rls`)."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from sqlalchemy import Connection, text
+from sqlalchemy.engine import Engine
+
+from ..identifiers import quote_ident, quote_literal
+from ..rls import TENANT_SETTING, is_tenant_scoped, tenant_column_name, qualified_name
+
+if TYPE_CHECKING:
+    from ..registry import Tenant
+    from ..tenancy import Tenancy
+
+__all__ = ["SharedStrategy", "tenant_binding"]
+
+
+def tenant_binding(tenant: Tenant) -> bytes:
+    """``SET LOCAL app.current_tenant_id = '<id>'`` for ``tenant``."""
+    return f"SET LOCAL {TENANT_SETTING} = {quote_literal(str(tenant.id))}".encode()
+
+
+class SharedStrategy:
+    """Rows in the main database, isolated by RLS on ``tenant_id``."""
+
+    name = "shared"
+
+    def provision(self, tenancy: Tenancy, tenant: Tenant, *, admin: Connection) -> None:
+        # The tables exist already (install() / migrations); a shared tenant is only a registry
+        # row. Refuse when a tenant table in the main database cannot be isolated by RLS.
+        unscoped = [t.fullname for t in tenancy.tenant_tables() if not is_tenant_scoped(t)]
+        if unscoped:
+            from ..errors import ProvisioningError
+
+            raise ProvisioningError(
+                "Shared tenants need every tenant table to carry tenant_id, but "
+                f"{', '.join(sorted(unscoped))} do(es) not: add the TenantScoped mixin, move the "
+                "table to an infrastructure schema, or give this tenant another strategy."
+            )
+
+    def deprovision(self, tenancy: Tenancy, tenant: Tenant, *, admin: Connection) -> None:
+        # Bind the admin transaction to the tenant as well, so RLS confines the deletes even
+        # when the admin role does not bypass it.
+        admin.exec_driver_sql(tenant_binding(tenant).decode())
+        for table in reversed(tenancy.metadata.sorted_tables):
+            column = tenant_column_name(table)
+            if column is None:
+                continue
+            admin.execute(
+                text(f"DELETE FROM {qualified_name(table)} WHERE {quote_ident(column)} = :tid"),
+                {"tid": tenant.id},
+            )
+
+    def binding(self, tenancy: Tenancy, tenant: Tenant) -> bytes:
+        return tenant_binding(tenant)
+
+    def engine(self, tenancy: Tenancy, tenant: Tenant, *, async_: bool) -> Engine:
+        return tenancy._main_bind(tenant, async_=async_)

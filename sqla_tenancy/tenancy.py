@@ -1,0 +1,339 @@
+"""The :class:`Tenancy` facade: what an application constructs once and uses everywhere."""
+
+from __future__ import annotations
+
+import logging
+import uuid
+import weakref
+from collections.abc import Iterable
+from typing import Any
+
+from sqlalchemy import Engine, MetaData, Table, create_engine, text
+from sqlalchemy.engine import URL, make_url
+from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker, create_async_engine
+from sqlalchemy.orm import sessionmaker as orm_sessionmaker
+
+from . import context as ctx
+from .dialect import DRIVER_NAME
+from .errors import (
+    InvalidTenantSlug,
+    ProvisioningError,
+    TenancyError,
+    TenantNotFound,
+    TenantRequired,
+    TenantSuspended,
+    UnsafeRoleError,
+)
+from .identifiers import validate_slug
+from .registry import Registry, Tenant
+from .session import TenantSession
+from .strategies import SharedStrategy, Strategy
+
+__all__ = ["Tenancy", "active_tenancy"]
+
+log = logging.getLogger(__name__)
+
+_active: weakref.ref[Tenancy] | None = None
+
+
+def active_tenancy() -> Tenancy | None:
+    """The most recently created :class:`Tenancy` of this process, if it is still alive."""
+    return _active() if _active is not None else None
+
+
+def _plain_url(url: URL) -> URL:
+    """The URL with the stock psycopg driver (for admin work and registry reads)."""
+    return url.set(drivername="postgresql+psycopg")
+
+
+class Tenancy:
+    """Multi-tenancy for one application database.
+
+    :param url: the application role's URL. That role must not be a superuser, must not have
+        BYPASSRLS and should not own the tenant tables; it is checked on first use.
+    :param metadata: the application's ``MetaData``. Tables whose schema is in
+        ``infrastructure_schemas`` are infrastructure (kept once, in the main database); every
+        other table is a tenant table.
+    :param admin_url: the role that provisions tenants, runs migrations and serves
+        :func:`platform_context` (typically the owner of the tables, with BYPASSRLS).
+        Defaults to ``url``.
+    :param default_tenant: the slug of the tenant that serves queries made with no tenant in
+        context (``None``: such queries raise :class:`TenantRequired`).
+    :param allow_bypassrls: accept an application role that bypasses RLS (development only).
+    :param engine_options: keyword arguments for the application engine (pool size, echo, ...).
+    :param registry_ttl: seconds a cached registry entry is trusted without a notification.
+    """
+
+    def __init__(
+        self,
+        url: str | URL,
+        *,
+        metadata: MetaData,
+        admin_url: str | URL | None = None,
+        infrastructure_schemas: Iterable[str] = (),
+        default_tenant: str | None = "default",
+        allow_bypassrls: bool = False,
+        engine_options: dict[str, Any] | None = None,
+        registry_ttl: float = 5.0,
+        registry_listen: bool = True,
+    ) -> None:
+        global _active
+        self.url = make_url(url)
+        if self.url.get_backend_name() != "postgresql":
+            raise TenancyError(f"sqla-tenancy needs PostgreSQL; got a {self.url.get_backend_name()} URL")
+        self.admin_url = make_url(admin_url) if admin_url is not None else self.url
+        self.metadata = metadata
+        self.infrastructure_schemas = frozenset(infrastructure_schemas)
+        if default_tenant is not None and default_tenant != "default":
+            validate_slug(default_tenant)
+        self.default_tenant = default_tenant
+        self.allow_bypassrls = allow_bypassrls
+        self._engine_options = dict(engine_options or {})
+        self.engine: Engine = create_engine(
+            self.url.set(drivername=f"postgresql+{DRIVER_NAME}"), **self._engine_options
+        )
+        self.engine.dialect.binder = self._binding  # type: ignore[attr-defined]
+        self._async_engine: AsyncEngine | None = None
+        self._admin_engine: Engine | None = None
+        self._async_admin_engine: AsyncEngine | None = None
+        self.registry = Registry(_plain_url(self.url), ttl=registry_ttl, listen=registry_listen)
+        self._strategies: dict[str, Strategy] = {"shared": SharedStrategy()}
+        self._bindings: dict[tuple[uuid.UUID, str], bytes] = {}
+        self._main_binds: dict[tuple[uuid.UUID, bool], Engine] = {}
+        self._role_checked = False
+        _active = weakref.ref(self)
+
+    # -- engines ----------------------------------------------------------------------------
+
+    @property
+    def async_engine(self) -> AsyncEngine:
+        """The asyncio engine of the application role, bound per transaction like ``engine``."""
+        if self._async_engine is None:
+            engine = create_async_engine(
+                self.url.set(drivername=f"postgresql+{DRIVER_NAME}"), **self._engine_options
+            )
+            engine.sync_engine.dialect.binder = self._binding  # type: ignore[attr-defined]
+            self._async_engine = engine
+        return self._async_engine
+
+    @property
+    def admin_engine(self) -> Engine:
+        """The admin role's engine: no tenant binding; used by :func:`platform_context`."""
+        if self._admin_engine is None:
+            self._admin_engine = create_engine(_plain_url(self.admin_url))
+        return self._admin_engine
+
+    @property
+    def async_admin_engine(self) -> AsyncEngine:
+        if self._async_admin_engine is None:
+            self._async_admin_engine = create_async_engine(_plain_url(self.admin_url))
+        return self._async_admin_engine
+
+    def _main_bind(self, tenant: Tenant, *, async_: bool) -> Engine:
+        """A per-tenant view of the main engine, so that one Session holds one connection (and one
+        binding) per tenant instead of reusing a connection bound to another tenant."""
+        key = (tenant.id, async_)
+        bind = self._main_binds.get(key)
+        if bind is None:
+            base = self.async_engine.sync_engine if async_ else self.engine
+            if len(self._main_binds) > 10_000:
+                self._main_binds.clear()
+            bind = self._main_binds[key] = base.execution_options(sqla_tenancy_tenant=str(tenant.id))
+        return bind
+
+    # -- sessions ---------------------------------------------------------------------------
+
+    def sessionmaker(self, **kw: Any) -> orm_sessionmaker[TenantSession]:
+        """A ``sessionmaker`` of :class:`TenantSession` routed by the active tenant."""
+        kw.setdefault("class_", TenantSession)
+        return orm_sessionmaker(tenancy=self, **kw)
+
+    def async_sessionmaker(self, **kw: Any) -> async_sessionmaker[AsyncSession]:
+        """An ``async_sessionmaker`` whose sync session class is :class:`TenantSession`."""
+        kw.setdefault("sync_session_class", TenantSession)
+        return async_sessionmaker(tenancy=self, tenancy_async=True, **kw)
+
+    def tenant_tables(self) -> list[Table]:
+        """The application's tenant tables (every table outside the infrastructure schemas)."""
+        return [t for t in self.metadata.sorted_tables if t.schema not in self.infrastructure_schemas]
+
+    def infrastructure_tables(self) -> list[Table]:
+        return [t for t in self.metadata.sorted_tables if t.schema in self.infrastructure_schemas]
+
+    # -- resolution (hot path: every transaction begin) ---------------------------------------
+
+    def resolve(self, ref: str | uuid.UUID | Tenant | None) -> Tenant:
+        """The active tenant for ``ref`` (the default tenant when ``None``), checked usable."""
+        if not self._role_checked:
+            self._check_app_role()
+        if ref is None:
+            if self.default_tenant is None:
+                raise TenantRequired()
+            ref = self.default_tenant
+        tenant = self.registry.get(_lookup_key(ref))
+        if tenant.status != "active":
+            if tenant.status == "suspended":
+                raise TenantSuspended(tenant.slug)
+            raise TenantNotFound(ref if not isinstance(ref, Tenant) else ref.slug)
+        return tenant
+
+    def _binding(self) -> bytes | None:
+        if ctx.current_platform_reason() is not None:
+            return None
+        tenant = self.resolve(ctx.current_tenant_ref())
+        key = (tenant.id, tenant.strategy)
+        statement = self._bindings.get(key)
+        if statement is None:
+            statement = self._bindings[key] = self._strategy(tenant).binding(self, tenant)
+        return statement
+
+    def bind_for_current(self, *, async_: bool = False) -> Engine:
+        """The engine a session uses now: the admin engine in :func:`platform_context`, else the
+        active tenant's placement."""
+        if ctx.current_platform_reason() is not None:
+            return self.async_admin_engine.sync_engine if async_ else self.admin_engine
+        tenant = self.resolve(ctx.current_tenant_ref())
+        return self._strategy(tenant).engine(self, tenant, async_=async_)
+
+    def _strategy(self, tenant: Tenant) -> Strategy:
+        try:
+            return self._strategies[tenant.strategy]
+        except KeyError:
+            raise TenancyError(
+                f"Tenant {tenant.slug!r} uses strategy {tenant.strategy!r}, which this version "
+                f"does not support (available: {', '.join(sorted(self._strategies))})."
+            ) from None
+
+    def _check_app_role(self) -> None:
+        rows = self.registry._query(
+            "select rolsuper, rolbypassrls from pg_roles where rolname = current_user", ()
+        )
+        superuser, bypass = rows[0]
+        if (superuser or bypass) and not self.allow_bypassrls:
+            raise UnsafeRoleError(
+                f"The application role {self.url.username!r} is "
+                f"{'a superuser' if superuser else 'BYPASSRLS'}, so row-level security would not "
+                "isolate tenants. Connect `url` as a NOSUPERUSER NOBYPASSRLS role (keep the "
+                "privileged one for admin_url), or pass allow_bypassrls=True in development."
+            )
+        self._role_checked = True
+
+    # -- registry API -----------------------------------------------------------------------
+
+    def get_tenant(self, slug_or_id: str | uuid.UUID | Tenant) -> Tenant:
+        """The tenant with this slug or id, whatever its status; :class:`TenantNotFound` if none."""
+        return self.registry.get(_lookup_key(slug_or_id))
+
+    def list_tenants(self) -> list[Tenant]:
+        return self.registry.list()
+
+    # -- lifecycle --------------------------------------------------------------------------
+
+    def install(self) -> None:
+        """Create (idempotently) the registry, the policy function, the main database's tables
+        with their RLS, the application role's grants and the default tenant."""
+        from .installer import install
+
+        install(self)
+
+    def create_tenant(self, slug: str, *, strategy: str = "shared", name: str | None = None) -> Tenant:
+        """Register and provision a tenant. Nothing is left behind if any step fails."""
+        validate_slug(slug)
+        if strategy not in self._strategies:
+            raise ProvisioningError(
+                f"Unknown strategy {strategy!r}; choose one of {', '.join(sorted(self._strategies))}."
+            )
+        placement = self._strategies[strategy]
+        with self.admin_engine.begin() as admin:
+            exists = admin.execute(
+                text("select 1 from tenancy.tenants where slug = :s"), {"s": slug}
+            ).first()
+            if exists:
+                raise ProvisioningError(f"Tenant {slug!r} exists already.")
+            row = admin.execute(
+                text(
+                    "insert into tenancy.tenants (slug, name, strategy, status) "
+                    "values (:slug, :name, :strategy, 'active') "
+                    "returning id, slug, name, strategy, status, created_at, is_default, location"
+                ),
+                {"slug": slug, "name": name or slug, "strategy": strategy},
+            ).one()
+            tenant = Tenant(
+                id=row.id, slug=row.slug, name=row.name, strategy=row.strategy, status=row.status,
+                created_at=row.created_at, is_default=row.is_default, location=dict(row.location),
+            )  # fmt: skip
+            placement.provision(self, tenant, admin=admin)
+        log.info("created tenant %s (%s)", slug, strategy)
+        return tenant
+
+    def update_tenant(self, slug: str, *, name: str) -> Tenant:
+        """Rename a tenant (its display name; the slug is permanent)."""
+        return self._update(slug, "name = :value", name)
+
+    def suspend_tenant(self, slug: str) -> Tenant:
+        """Refuse every query for the tenant (in every process, within a second) until resumed."""
+        return self._update(slug, "status = :value", "suspended")
+
+    def resume_tenant(self, slug: str) -> Tenant:
+        return self._update(slug, "status = :value", "active")
+
+    def _update(self, slug: str, assignment: str, value: object) -> Tenant:
+        key = _lookup_key(slug)
+        with self.admin_engine.begin() as admin:
+            row = admin.execute(
+                text(
+                    f"update tenancy.tenants set {assignment}, updated_at = now() "
+                    "where (slug = :key or id::text = :key) and not is_default "
+                    "returning id"
+                ),
+                {"key": str(key), "value": value},
+            ).first()
+            if row is None:
+                if self.get_tenant(key).is_default:
+                    raise TenancyError("The default tenant cannot be renamed, suspended or resumed.")
+                raise TenantNotFound(slug)
+        self.registry.invalidate([row.id])
+        return self.get_tenant(row.id)
+
+    def delete_tenant(self, slug: str) -> None:
+        """Delete the tenant's data, storage and registry row."""
+        tenant = self.get_tenant(_lookup_key(slug))
+        if tenant.is_default:
+            raise TenancyError("The default tenant cannot be deleted.")
+        with self.admin_engine.begin() as admin:
+            self._strategy(tenant).deprovision(self, tenant, admin=admin)
+            admin.execute(text("delete from tenancy.tenants where id = :id"), {"id": tenant.id})
+        self.registry.invalidate([tenant.id])
+        log.info("deleted tenant %s", tenant.slug)
+
+    # -- teardown ---------------------------------------------------------------------------
+
+    def dispose(self) -> None:
+        """Close every pool and the registry listener."""
+        self.registry.close()
+        self.engine.dispose()
+        if self._admin_engine is not None:
+            self._admin_engine.dispose()
+
+    async def dispose_async(self) -> None:
+        if self._async_engine is not None:
+            await self._async_engine.dispose()
+        if self._async_admin_engine is not None:
+            await self._async_admin_engine.dispose()
+        self.dispose()
+
+
+def _lookup_key(ref: str | uuid.UUID | Tenant) -> str | uuid.UUID:
+    if isinstance(ref, Tenant):
+        return ref.id
+    if isinstance(ref, uuid.UUID):
+        return ref
+    if isinstance(ref, str):
+        if len(ref) == 36 and ref.count("-") == 4:
+            try:
+                return uuid.UUID(ref)
+            except ValueError:
+                pass
+        return ref
+    raise InvalidTenantSlug(f"A tenant is named by a slug, a UUID or a Tenant, not {type(ref).__name__}")
+

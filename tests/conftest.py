@@ -1,0 +1,17 @@
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+
+import pytest
+
+from sqla_tenancy import Tenancy
+
+from .models import INFRASTRUCTURE, Base
+
+
+@pytest.fixture
+def tenancy(tenancy_factory: Callable[..., Tenancy]) -> Iterator[Tenancy]:
+    """An installed Tenancy over the test model, with the default tenant."""
+    t = tenancy_factory(Base.metadata, infrastructure_schemas=INFRASTRUCTURE)
+    t.install()
+    yield t

@@ -1,0 +1,50 @@
+"""The application model the test-suite uses: tenant tables plus an infrastructure schema."""
+
+from __future__ import annotations
+
+from sqlalchemy import ForeignKey, Text
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+from sqla_tenancy import TenantScoped
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class Project(TenantScoped, Base):
+    __tablename__ = "projects"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    name: Mapped[str] = mapped_column(Text)
+
+
+class Task(TenantScoped, Base):
+    __tablename__ = "tasks"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    project_id: Mapped[int] = mapped_column(ForeignKey("projects.id", ondelete="CASCADE"))
+    title: Mapped[str] = mapped_column(Text)
+
+
+class User(TenantScoped, Base):
+    """An infrastructure table: kept once, in the main database's ``auth`` schema."""
+
+    __tablename__ = "users"
+    __table_args__ = {"schema": "auth"}
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    email: Mapped[str] = mapped_column(Text)
+
+
+class Plan(Base):
+    """A global infrastructure table without tenant_id: the same rows for every tenant."""
+
+    __tablename__ = "plans"
+    __table_args__ = {"schema": "auth"}
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    name: Mapped[str] = mapped_column(Text)
+
+
+INFRASTRUCTURE = ("auth",)

@@ -1,0 +1,178 @@
+"""Tenant isolation, written once and run against every placement.
+
+Each placement subclasses :class:`IsolationSuite` and sets ``placement``; the schema and database
+placements join here as they land. Every assertion is about what PostgreSQL returns or refuses.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import pytest
+from sqlalchemy import delete, exc, func, insert, select, text, update
+from sqlalchemy.orm import Session, sessionmaker
+
+from sqla_tenancy import Tenancy, Tenant, tenant_context
+
+from .models import Project, Task, User
+
+
+@dataclass
+class World:
+    tenancy: Tenancy
+    a: Tenant
+    b: Tenant
+    Session: sessionmaker[Session]
+
+
+class IsolationSuite:
+    placement: str
+
+    @pytest.fixture
+    def world(self, tenancy: Tenancy) -> Iterator[World]:
+        a = tenancy.create_tenant("acme", strategy=self.placement)
+        b = tenancy.create_tenant("globex", strategy=self.placement)
+        maker = tenancy.sessionmaker()
+        for tenant, names in ((a, ["a1", "a2", "a3"]), (b, ["b1", "b2"])):
+            with tenant_context(tenant), maker() as s:
+                projects = [Project(name=n) for n in names]
+                s.add_all(projects)
+                s.flush()
+                s.add_all(Task(project_id=p.id, title=f"{p.name}-task") for p in projects)
+                s.add(User(email=f"owner@{tenant.slug}.test"))
+                s.commit()
+        yield World(tenancy, a, b, maker)
+
+    def test_raw_select_sees_only_own_rows(self, world: World) -> None:
+        for tenant, expected in ((world.a, {"a1", "a2", "a3"}), (world.b, {"b1", "b2"})):
+            with tenant_context(tenant.slug), world.Session() as s:
+                names = set(s.execute(text("select name from projects")).scalars())
+                assert names == expected
+
+    def test_orm_query_sees_only_own_rows(self, world: World) -> None:
+        with tenant_context(world.b), world.Session() as s:
+            assert sorted(s.scalars(select(Project.name))) == ["b1", "b2"]
+            assert s.scalar(select(func.count()).select_from(Task)) == 2
+            assert s.scalars(select(User.email)).all() == ["owner@globex.test"]
+
+    def test_get_by_primary_key_of_other_tenant_returns_nothing(self, world: World) -> None:
+        with tenant_context(world.a), world.Session() as s:
+            a_ids = list(s.scalars(select(Project.id)))
+        with tenant_context(world.b), world.Session() as s:
+            for pk in a_ids:
+                assert s.get(Project, pk) is None
+
+    def test_insert_with_other_tenants_id_is_refused(self, world: World) -> None:
+        with tenant_context(world.a), world.Session() as s:
+            with pytest.raises(exc.ProgrammingError, match="row-level security"):
+                s.execute(
+                    text("insert into projects (name, tenant_id) values ('x', :t)"),
+                    {"t": world.b.id},
+                )
+        with tenant_context(world.a), world.Session() as s:
+            s.add(Project(name="forged", tenant_id=world.b.id))
+            with pytest.raises(exc.ProgrammingError, match="row-level security"):
+                s.flush()
+
+    def test_update_moving_row_to_other_tenant_is_refused(self, world: World) -> None:
+        with tenant_context(world.a), world.Session() as s:
+            with pytest.raises(exc.ProgrammingError, match="row-level security"):
+                s.execute(update(Project).values(tenant_id=world.b.id))
+
+    def test_update_without_where_touches_only_own_rows(self, world: World) -> None:
+        with tenant_context(world.a), world.Session() as s:
+            result = s.execute(text("update projects set name = name || '!'"))
+            assert result.rowcount == 3
+            s.commit()
+        with tenant_context(world.b), world.Session() as s:
+            assert sorted(s.scalars(select(Project.name))) == ["b1", "b2"]
+
+    def test_delete_without_where_deletes_only_own_rows(self, world: World) -> None:
+        with tenant_context(world.a), world.Session() as s:
+            assert s.execute(delete(Task)).rowcount == 3
+            assert s.execute(text("delete from projects")).rowcount == 3
+            s.commit()
+        with tenant_context(world.b), world.Session() as s:
+            assert s.scalar(select(func.count()).select_from(Project)) == 2
+            assert s.scalar(select(func.count()).select_from(Task)) == 2
+
+    def test_raw_insert_without_tenant_id_takes_the_bound_tenant(self, world: World) -> None:
+        with tenant_context(world.a), world.Session() as s:
+            s.execute(text("insert into projects (name) values ('raw')"))
+            s.commit()
+            owner = s.scalar(select(Project.tenant_id).where(Project.name == "raw"))
+        assert owner == world.a.id
+
+    def test_orm_insert_fills_tenant_id(self, world: World) -> None:
+        with tenant_context(world.b), world.Session() as s:
+            project = Project(name="new")
+            s.add(project)
+            s.commit()
+            assert project.tenant_id == world.b.id
+
+    def test_core_connection_is_bound_per_transaction(self, world: World) -> None:
+        with world.tenancy.engine.connect() as conn:
+            with tenant_context(world.a):
+                assert conn.execute(text("select count(*) from projects")).scalar() == 3
+                conn.commit()
+            with tenant_context(world.b):
+                assert conn.execute(text("select count(*) from projects")).scalar() == 2
+                conn.rollback()
+
+    def test_core_insert_for_other_tenant_is_refused(self, world: World) -> None:
+        with tenant_context(world.b), world.tenancy.engine.connect() as conn:
+            with pytest.raises(exc.ProgrammingError, match="row-level security"):
+                conn.execute(insert(Project).values(name="x", tenant_id=world.a.id))
+
+    def test_one_session_switching_tenants_uses_separate_bindings(self, world: World) -> None:
+        with world.Session() as s:
+            with tenant_context(world.a):
+                assert s.scalar(select(func.count()).select_from(Project)) == 3
+            with tenant_context(world.b):
+                assert s.scalar(select(func.count()).select_from(Project)) == 2
+            with tenant_context(world.a):
+                assert s.scalar(select(func.count()).select_from(Project)) == 3
+
+    def test_nested_contexts_restore_the_outer_tenant(self, world: World) -> None:
+        with world.Session() as s, tenant_context(world.a):
+            with pytest.raises(RuntimeError), tenant_context(world.b):
+                assert s.scalar(select(func.count()).select_from(Project)) == 2
+                raise RuntimeError("boom")
+            assert s.scalar(select(func.count()).select_from(Project)) == 3
+
+    def test_default_tenant_sees_none_of_the_named_tenants_rows(self, world: World) -> None:
+        with world.Session() as s:
+            assert s.scalar(select(func.count()).select_from(Project)) == 0
+
+    def test_forged_setting_inside_the_transaction_cannot_reach_an_unknown_tenant(
+        self, world: World
+    ) -> None:
+        with tenant_context(world.a), world.Session() as s:
+            s.execute(text("select set_config('app.current_tenant_id', :t, true)"),
+                      {"t": str(uuid.uuid4())})  # fmt: skip
+            assert s.scalar(select(func.count()).select_from(Project)) == 0
+
+    async def test_async_session_is_isolated(self, world: World) -> None:
+        maker = world.tenancy.async_sessionmaker()
+        try:
+            for tenant, expected in ((world.a, 3), (world.b, 2)):
+                with tenant_context(tenant):
+                    async with maker() as s:
+                        count = await s.scalar(select(func.count()).select_from(Project))
+                        assert count == expected
+                        await s.execute(text("delete from projects where name like 'b%'"))
+                        await s.commit()
+            with tenant_context(world.b):
+                async with maker() as s:
+                    assert await s.scalar(select(func.count()).select_from(Project)) == 0
+            with tenant_context(world.a):
+                async with maker() as s:
+                    assert await s.scalar(select(func.count()).select_from(Project)) == 3
+        finally:
+            await world.tenancy.dispose_async()
+
+
+class TestSharedPlacement(IsolationSuite):
+    placement = "shared"

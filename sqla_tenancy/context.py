@@ -49,9 +49,7 @@ class _Scope:
     platform_reason: str | None = None
 
 
-_scope: contextvars.ContextVar[_Scope | None] = contextvars.ContextVar(
-    "sqla_tenancy_scope", default=None
-)
+_scope: contextvars.ContextVar[_Scope | None] = contextvars.ContextVar("sqla_tenancy_scope", default=None)
 
 
 @contextmanager

@@ -163,7 +163,7 @@ class TenancyDialect(_TenancyMixin, PGDialect_psycopg):
     supports_statement_cache = True
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
+        super().__init__(*args, **kwargs)  # type: ignore[no-untyped-call]
         self._states = weakref.WeakKeyDictionary()
 
     def _set_driver(self, connection: Any, *, autocommit: bool, isolation_level: Any = ...) -> None:
@@ -188,7 +188,7 @@ class TenancyDialectAsync(_TenancyMixin, PGDialectAsync_psycopg):
     supports_statement_cache = True
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
+        super().__init__(*args, **kwargs)  # type: ignore[no-untyped-call]
         self._states = weakref.WeakKeyDictionary()
 
     def _set_driver(self, connection: Any, *, autocommit: bool, isolation_level: Any = ...) -> None:

@@ -46,9 +46,7 @@ class TenantSuspended(TenancyError):
 
     def __init__(self, slug: str) -> None:
         self.slug = slug
-        super().__init__(
-            f"Tenant {slug!r} is suspended; `tenancy.resume_tenant({slug!r})` lifts it."
-        )
+        super().__init__(f"Tenant {slug!r} is suspended; `tenancy.resume_tenant({slug!r})` lifts it.")
 
 
 class InvalidTenantSlug(TenancyError, ValueError):

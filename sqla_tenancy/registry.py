@@ -164,7 +164,7 @@ class Registry:
                 self._entries[tenant.id] = (tenant, expires)
         return tenant
 
-    def list(self) -> list[Tenant]:
+    def all(self) -> list[Tenant]:
         """Every tenant, ordered by creation (not cached)."""
         rows = self._query(f"select {_COLUMNS} from tenancy.tenants order by created_at, slug", ())
         return [_row_to_tenant(r) for r in rows]

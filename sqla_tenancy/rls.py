@@ -99,8 +99,7 @@ def disable_rls_ddl(table: Table) -> list[str]:
     """The reverse of :func:`enable_rls_ddl`."""
     target = qualified_name(table)
     statements = [
-        f"DROP POLICY IF EXISTS {quote_ident(name)} ON {target}"
-        for name in policy_names(table).values()
+        f"DROP POLICY IF EXISTS {quote_ident(name)} ON {target}" for name in policy_names(table).values()
     ]
     statements += [
         f"ALTER TABLE {target} NO FORCE ROW LEVEL SECURITY",

@@ -11,7 +11,12 @@ from typing import Any
 
 from sqlalchemy import Engine, MetaData, Table, create_engine, text
 from sqlalchemy.engine import URL, make_url
-from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker, create_async_engine
+from sqlalchemy.ext.asyncio import (
+    AsyncEngine,
+    AsyncSession,
+    async_sessionmaker,
+    create_async_engine,
+)
 from sqlalchemy.orm import sessionmaker as orm_sessionmaker
 
 from . import context as ctx
@@ -226,7 +231,7 @@ class Tenancy:
         return self.registry.get(_lookup_key(slug_or_id))
 
     def list_tenants(self) -> list[Tenant]:
-        return self.registry.list()
+        return self.registry.all()
 
     # -- lifecycle --------------------------------------------------------------------------
 
@@ -246,9 +251,7 @@ class Tenancy:
             )
         placement = self._strategies[strategy]
         with self.admin_engine.begin() as admin:
-            exists = admin.execute(
-                text("select 1 from tenancy.tenants where slug = :s"), {"s": slug}
-            ).first()
+            exists = admin.execute(text("select 1 from tenancy.tenants where slug = :s"), {"s": slug}).first()
             if exists:
                 raise ProvisioningError(f"Tenant {slug!r} exists already.")
             row = admin.execute(
@@ -350,4 +353,3 @@ def _lookup_key(ref: str | uuid.UUID | Tenant) -> str | uuid.UUID:
                 pass
         return ref
     raise InvalidTenantSlug(f"A tenant is named by a slug, a UUID or a Tenant, not {type(ref).__name__}")
-

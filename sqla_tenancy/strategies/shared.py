@@ -9,7 +9,7 @@ from sqlalchemy import Connection, text
 from sqlalchemy.engine import Engine
 
 from ..identifiers import quote_ident, quote_literal
-from ..rls import TENANT_SETTING, is_tenant_scoped, tenant_column_name, qualified_name
+from ..rls import TENANT_SETTING, is_tenant_scoped, qualified_name, tenant_column_name
 
 if TYPE_CHECKING:
     from ..registry import Tenant

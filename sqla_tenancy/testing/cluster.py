@@ -137,13 +137,18 @@ class TemporaryCluster:
             info = pwd.getpwnam(self._os_user)
             drop = {"user": info.pw_uid, "group": info.pw_gid, "extra_groups": []}
         proc = subprocess.run(
-            cmd, capture_output=True, text=True, timeout=120, cwd="/", **drop  # type: ignore[call-overload]
+            cmd,
+            capture_output=True,
+            text=True,
+            timeout=120,
+            cwd="/",
+            **drop,  # type: ignore[call-overload]
         )
         if proc.returncode != 0:
             logfile = self.base_dir / "server.log" if self.base_dir else None
             tail = logfile.read_text()[-2000:] if logfile and logfile.exists() else ""
             raise ClusterError(f"{' '.join(cmd)} failed:\n{proc.stdout}\n{proc.stderr}\n{tail}")
-        return proc.stdout
+        return str(proc.stdout)
 
     def start(self) -> TemporaryCluster:
         """Create the data directory, configure password authentication and start the server."""

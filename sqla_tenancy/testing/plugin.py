@@ -45,9 +45,7 @@ def tenancy_database(tenancy_server: TestServer) -> Iterator[str]:
 
 
 @pytest.fixture
-def tenancy_factory(
-    tenancy_server: TestServer, tenancy_database: str
-) -> Iterator[Callable[..., Tenancy]]:
+def tenancy_factory(tenancy_server: TestServer, tenancy_database: str) -> Iterator[Callable[..., Tenancy]]:
     made: list[Tenancy] = []
 
     def factory(metadata: MetaData, **kwargs: Any) -> Tenancy:

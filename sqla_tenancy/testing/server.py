@@ -38,9 +38,10 @@ class TestServer:
     __test__ = False  # not a test class, despite the name
 
     @classmethod
-    def start(cls) -> TestServer:
-        """From ``$SQLA_TENANCY_TEST_DSN`` when set, else a new temporary cluster."""
-        dsn = os.environ.get(DSN_ENV)
+    def start(cls, dsn: str | None = None) -> TestServer:
+        """On the server of ``dsn`` (a superuser URL), else of ``$SQLA_TENANCY_TEST_DSN``, else on
+        a new temporary cluster."""
+        dsn = dsn or os.environ.get(DSN_ENV)
         if dsn:
             url = make_url(dsn)
             if url.drivername == "postgresql":

@@ -1,0 +1,399 @@
+"""What binding a tenant costs per transaction, measured side by side in one run.
+
+One transaction = open a session, one primary-key SELECT of a tenant-scoped row, commit, close.
+Three variants, all connected as the same application role (NOSUPERUSER NOBYPASSRLS), so the
+row-level-security work PostgreSQL does is identical:
+
+``tenancy``
+    a :class:`TenantSession` from ``Tenancy.sessionmaker()`` inside ``tenant_context("acme")``
+    (shared placement): the dialect sends ``BEGIN; SET LOCAL app.current_tenant_id = '...'`` as one
+    simple-protocol query. ``tenant_context`` is entered per transaction, as a web request would.
+``limit``
+    a plain ``Session`` on a plain ``postgresql+psycopg`` engine whose connections carry the tenant
+    from connect time (``options=-c app.current_tenant_id=<uuid>``): the same RLS work with no
+    per-transaction binding cost. This is the denominator of every ratio.
+``naive``
+    a plain engine with a ``begin`` event running ``select set_config(..., true)`` after psycopg's
+    own ``BEGIN`` (one extra round trip per transaction), for context.
+
+Each variant is warmed up, then timed in interleaved rounds (the order rotates every round); the
+table shows the median over rounds of the mean time per transaction, and its ratio to ``limit``.
+The ``paired`` column is the median of the per-round ratios, which is steadier on a noisy machine.
+
+Run::
+
+    python benchmarks/bench_binding.py                 # 30 rounds x 200 transactions
+    python benchmarks/bench_binding.py --quick         # smoke run, a few seconds
+    python benchmarks/bench_binding.py --rounds 50 --per-round 400
+
+The server is a throwaway cluster (``sqla_tenancy.testing.TestServer``), or the superuser DSN in
+``$SQLA_TENANCY_TEST_DSN``. This is a benchmark, not a test: it asserts nothing about timings.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import gc
+import statistics
+import sys
+import time
+import uuid
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from sqlalchemy import Engine, Text, create_engine, event, select
+from sqlalchemy.engine import URL
+from sqlalchemy.ext.asyncio import (
+    AsyncEngine,
+    AsyncSession,
+    async_sessionmaker,
+    create_async_engine,
+)
+from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
+
+from sqla_tenancy import Tenancy, TenantScoped, tenant_context
+from sqla_tenancy.testing import TestServer
+
+TENANT = "acme"
+OTHER = "globex"
+SETTING = "app.current_tenant_id"
+VARIANTS = ("tenancy", "limit", "naive")
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class Project(TenantScoped, Base):
+    __tablename__ = "projects"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    name: Mapped[str] = mapped_column(Text)
+
+
+# -- set-up ---------------------------------------------------------------------------------
+
+
+@dataclass
+class Fixture:
+    server: TestServer
+    database: str
+    tenancy: Tenancy
+    tenant_id: uuid.UUID
+    pks: list[int]
+    other_pk: int
+
+    @property
+    def app_url(self) -> URL:
+        return self.server.url(self.database)
+
+
+def populate(tenancy: Tenancy, rows: int) -> tuple[list[int], int]:
+    """``rows`` projects per tenant; returns the first tenant's ids and one of the other's."""
+    maker = tenancy.sessionmaker()
+    ids: dict[str, list[int]] = {}
+    for slug in (TENANT, OTHER):
+        with tenant_context(slug), maker() as s:
+            projects = [Project(name=f"{slug}-{i}") for i in range(rows)]
+            s.add_all(projects)
+            s.commit()
+            ids[slug] = [p.id for p in projects]
+    return ids[TENANT], ids[OTHER][0]
+
+
+def tenant_options(tenant_id: uuid.UUID) -> dict[str, Any]:
+    return {"options": f"-c {SETTING}={tenant_id}"}
+
+
+def add_naive_binding(engine: Engine, tenant_id: uuid.UUID) -> None:
+    """Bind at SQLAlchemy's ``begin`` with one more statement, after psycopg's own BEGIN."""
+    value = str(tenant_id)
+
+    @event.listens_for(engine, "begin")
+    def bind(conn: Any) -> None:
+        cursor = conn.connection.cursor()
+        try:
+            cursor.execute(f"select set_config('{SETTING}', %s, true)", (value,))
+        finally:
+            cursor.close()
+
+
+# -- timing ---------------------------------------------------------------------------------
+
+
+@dataclass
+class Results:
+    """Per variant, the mean µs per transaction of each round."""
+
+    per_round: dict[str, list[float]] = field(default_factory=lambda: {v: [] for v in VARIANTS})
+
+    def median(self, variant: str) -> float:
+        return statistics.median(self.per_round[variant])
+
+    def ratio(self, variant: str) -> float:
+        return self.median(variant) / self.median("limit")
+
+    def paired(self, variant: str) -> float:
+        pairs = zip(self.per_round[variant], self.per_round["limit"], strict=True)
+        return statistics.median(v / lim for v, lim in pairs)
+
+
+def order_for(round_no: int) -> list[str]:
+    shift = round_no % len(VARIANTS)
+    return list(VARIANTS[shift:] + VARIANTS[:shift])
+
+
+def print_table(title: str, results: Results, rounds: int, per_round: int) -> None:
+    print(f"\n{title}: {rounds} rounds x {per_round} transactions, median of per-round means")
+    print(f"  {'variant':<8} {'µs/tx':>9} {'ratio':>7} {'paired':>7} {'min µs':>9} {'max µs':>9}")
+    for variant in VARIANTS:
+        values = results.per_round[variant]
+        print(
+            f"  {variant:<8} {results.median(variant):9.1f} {results.ratio(variant):7.3f} "
+            f"{results.paired(variant):7.3f} {min(values):9.1f} {max(values):9.1f}"
+        )
+
+
+# -- sync -----------------------------------------------------------------------------------
+
+SyncTx = Callable[[int], None]
+
+
+def sync_variants(fx: Fixture) -> tuple[dict[str, SyncTx], list[Engine]]:
+    tenancy_maker = fx.tenancy.sessionmaker()
+
+    def tenancy_tx(pk: int) -> None:
+        with tenant_context(TENANT), tenancy_maker() as s:
+            s.get(Project, pk)
+            s.commit()
+
+    limit_engine = create_engine(fx.app_url, connect_args=tenant_options(fx.tenant_id))
+    naive_engine = create_engine(fx.app_url)
+    add_naive_binding(naive_engine, fx.tenant_id)
+
+    def plain_tx(maker: sessionmaker[Session]) -> SyncTx:
+        def tx(pk: int) -> None:
+            with maker() as s:
+                s.get(Project, pk)
+                s.commit()
+
+        return tx
+
+    variants = {
+        "tenancy": tenancy_tx,
+        "limit": plain_tx(sessionmaker(limit_engine)),
+        "naive": plain_tx(sessionmaker(naive_engine)),
+    }
+    return variants, [limit_engine, naive_engine]
+
+
+def check_sync(fx: Fixture) -> None:
+    """Every variant sees the tenant's rows and not the other tenant's (RLS is really on)."""
+    tenancy_maker = fx.tenancy.sessionmaker()
+    limit_engine = create_engine(fx.app_url, connect_args=tenant_options(fx.tenant_id))
+    naive_engine = create_engine(fx.app_url)
+    add_naive_binding(naive_engine, fx.tenant_id)
+    makers: dict[str, Callable[[], Session]] = {
+        "tenancy": tenancy_maker,
+        "limit": sessionmaker(limit_engine),
+        "naive": sessionmaker(naive_engine),
+    }
+    try:
+        for name, maker in makers.items():
+            with tenant_context(TENANT), maker() as s:
+                mine = s.get(Project, fx.pks[0])
+                theirs = s.get(Project, fx.other_pk)
+                count = len(s.scalars(select(Project.id)).all())
+            _check(name, mine, theirs, count, len(fx.pks))
+    finally:
+        limit_engine.dispose()
+        naive_engine.dispose()
+
+
+def _check(name: str, mine: Project | None, theirs: Project | None, count: int, rows: int) -> None:
+    if mine is None or theirs is not None or count != rows:
+        raise SystemExit(
+            f"{name}: RLS is not doing what the benchmark assumes "
+            f"(own row {mine is not None}, other's row {theirs is not None}, {count}/{rows} rows)"
+        )
+
+
+def run_sync(fx: Fixture, rounds: int, per_round: int, warmup: int) -> Results:
+    variants, engines = sync_variants(fx)
+    try:
+        check_sync(fx)
+        pks = fx.pks
+        for tx in variants.values():
+            for i in range(warmup):
+                tx(pks[i % len(pks)])
+        results = Results()
+        perf = time.perf_counter_ns
+        for round_no in range(rounds):
+            base = round_no * per_round
+            batch = [pks[(base + i) % len(pks)] for i in range(per_round)]
+            for variant in order_for(round_no):
+                tx = variants[variant]
+                gc.collect()
+                start = perf()
+                for pk in batch:
+                    tx(pk)
+                elapsed = perf() - start
+                results.per_round[variant].append(elapsed / per_round / 1000)
+        return results
+    finally:
+        for engine in engines:
+            engine.dispose()
+
+
+# -- async ----------------------------------------------------------------------------------
+
+AsyncTx = Callable[[int], Awaitable[None]]
+
+
+async def run_async(fx: Fixture, rounds: int, per_round: int, warmup: int) -> Results:
+    tenancy_maker = fx.tenancy.async_sessionmaker()
+    limit_engine = create_async_engine(fx.app_url, connect_args=tenant_options(fx.tenant_id))
+    naive_engine = create_async_engine(fx.app_url)
+    add_naive_binding(naive_engine.sync_engine, fx.tenant_id)
+    engines: list[AsyncEngine] = [limit_engine, naive_engine]
+
+    async def tenancy_tx(pk: int) -> None:
+        with tenant_context(TENANT):
+            async with tenancy_maker() as s:
+                await s.get(Project, pk)
+                await s.commit()
+
+    def plain_tx(maker: async_sessionmaker[AsyncSession]) -> AsyncTx:
+        async def tx(pk: int) -> None:
+            async with maker() as s:
+                await s.get(Project, pk)
+                await s.commit()
+
+        return tx
+
+    variants: dict[str, AsyncTx] = {
+        "tenancy": tenancy_tx,
+        "limit": plain_tx(async_sessionmaker(limit_engine)),
+        "naive": plain_tx(async_sessionmaker(naive_engine)),
+    }
+    try:
+        await check_async(fx, tenancy_maker, limit_engine, naive_engine)
+        pks = fx.pks
+        for tx in variants.values():
+            for i in range(warmup):
+                await tx(pks[i % len(pks)])
+        results = Results()
+        perf = time.perf_counter_ns
+        for round_no in range(rounds):
+            base = round_no * per_round
+            batch = [pks[(base + i) % len(pks)] for i in range(per_round)]
+            for variant in order_for(round_no):
+                tx = variants[variant]
+                gc.collect()
+                start = perf()
+                for pk in batch:
+                    await tx(pk)
+                elapsed = perf() - start
+                results.per_round[variant].append(elapsed / per_round / 1000)
+        return results
+    finally:
+        for engine in engines:
+            await engine.dispose()
+        # The Tenancy's async engines belong to this event loop: close them inside it.
+        await fx.tenancy.dispose_async()
+
+
+async def check_async(
+    fx: Fixture,
+    tenancy_maker: async_sessionmaker[AsyncSession],
+    limit_engine: AsyncEngine,
+    naive_engine: AsyncEngine,
+) -> None:
+    makers: dict[str, async_sessionmaker[AsyncSession]] = {
+        "tenancy": tenancy_maker,
+        "limit": async_sessionmaker(limit_engine),
+        "naive": async_sessionmaker(naive_engine),
+    }
+    for name, maker in makers.items():
+        with tenant_context(TENANT):
+            async with maker() as s:
+                mine = await s.get(Project, fx.pks[0])
+                theirs = await s.get(Project, fx.other_pk)
+                count = len((await s.scalars(select(Project.id))).all())
+        _check(f"async {name}", mine, theirs, count, len(fx.pks))
+
+
+# -- main -----------------------------------------------------------------------------------
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
+    parser.add_argument("--rounds", type=int, default=None, help="timed rounds (default 30)")
+    parser.add_argument(
+        "--per-round", type=int, default=None, help="transactions per variant a round (default 200)"
+    )
+    parser.add_argument("--warmup", type=int, default=None, help="warm-up transactions per variant")
+    parser.add_argument("--rows", type=int, default=1000, help="rows per tenant (default 1000)")
+    parser.add_argument("--quick", action="store_true", help="a few short rounds: a smoke run for CI")
+    parser.add_argument("--no-sync", action="store_true", help="skip the sync benchmark")
+    parser.add_argument("--no-async", action="store_true", help="skip the async benchmark")
+    args = parser.parse_args(argv)
+    if args.rounds is None:
+        args.rounds = 3 if args.quick else 30
+    if args.per_round is None:
+        args.per_round = 50 if args.quick else 200
+    if args.warmup is None:
+        args.warmup = 50 if args.quick else 300
+    if args.rounds < 1 or args.per_round < 1 or args.warmup < 0 or args.rows < 1:
+        parser.error("--rounds, --per-round and --rows must be positive, --warmup non-negative")
+    return args
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    started = time.monotonic()
+    server = TestServer.start()
+    tenancy: Tenancy | None = None
+    try:
+        database = server.create_database()
+        tenancy = Tenancy(
+            server.url(database),
+            admin_url=server.url(database, role="admin"),
+            metadata=Base.metadata,
+        )
+        tenancy.install()
+        acme = tenancy.create_tenant(TENANT)
+        tenancy.create_tenant(OTHER)
+        pks, other_pk = populate(tenancy, args.rows)
+        server.execute("ANALYZE projects", database=database)
+        fx = Fixture(server, database, tenancy, acme.id, pks, other_pk)
+        print(
+            f"sqla-tenancy binding benchmark: python {sys.version.split()[0]}, "
+            f"{args.rows} rows per tenant, role {server.app_role} (NOSUPERUSER NOBYPASSRLS), "
+            f"{'$SQLA_TENANCY_TEST_DSN' if server.cluster is None else 'temporary cluster'}"
+        )
+        summary: list[str] = []
+        if not args.no_sync:
+            sync = run_sync(fx, args.rounds, args.per_round, args.warmup)
+            print_table("sync", sync, args.rounds, args.per_round)
+            summary.append(f"sync tenancy/limit = {sync.ratio('tenancy'):.3f}")
+        if not args.no_async:
+            async_ = asyncio.run(run_async(fx, args.rounds, args.per_round, args.warmup))
+            print_table("async", async_, args.rounds, args.per_round)
+            summary.append(f"async tenancy/limit = {async_.ratio('tenancy'):.3f}")
+        print()
+        print("  ".join(summary))
+        print(f"(total {time.monotonic() - started:.1f} s)")
+        return 0
+    finally:
+        try:
+            if tenancy is not None:
+                tenancy.dispose()
+        finally:
+            server.stop()
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -193,6 +193,12 @@ class Tenancy:
             statement = self._bindings[key] = self._strategy(tenant).binding(self, tenant)
         return statement
 
+    def identity_token(self) -> str:
+        """The identity-map token of the current context: the tenant's id, or ``"platform"``."""
+        if ctx.current_platform_reason() is not None:
+            return "platform"
+        return str(self.resolve(ctx.current_tenant_ref()).id)
+
     def bind_for_current(self, *, async_: bool = False) -> Engine:
         """The engine a session uses now: the admin engine in :func:`platform_context`, else the
         active tenant's placement."""

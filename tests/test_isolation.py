@@ -14,7 +14,7 @@ import pytest
 from sqlalchemy import delete, exc, func, insert, select, text, update
 from sqlalchemy.orm import Session, sessionmaker
 
-from sqla_tenancy import Tenancy, Tenant, tenant_context
+from sqla_tenancy import Tenancy, TenancyError, Tenant, tenant_context
 
 from .models import Project, Task, User
 
@@ -134,6 +134,25 @@ class IsolationSuite:
                 assert s.scalar(select(func.count()).select_from(Project)) == 2
             with tenant_context(world.a):
                 assert s.scalar(select(func.count()).select_from(Project)) == 3
+
+    def test_identity_map_never_serves_another_tenants_object(self, world: World) -> None:
+        with world.Session() as s:
+            with tenant_context(world.a):
+                project = s.scalars(select(Project).where(Project.name == "a1")).one()
+                assert s.get(Project, project.id) is project
+            with tenant_context(world.b):
+                assert s.get(Project, project.id) is None
+                assert project not in s.scalars(select(Project)).all()
+
+    def test_flushing_an_object_in_another_tenants_context_is_refused(self, world: World) -> None:
+        with world.Session() as s:
+            with tenant_context(world.a):
+                s.add(Project(name="added-in-a"))
+            with tenant_context(world.b), pytest.raises(TenancyError, match="belongs to tenant"):
+                s.flush()
+            with tenant_context(world.a):
+                s.commit()
+                assert s.scalar(select(func.count()).select_from(Project)) == 4
 
     def test_nested_contexts_restore_the_outer_tenant(self, world: World) -> None:
         with world.Session() as s, tenant_context(world.a):

@@ -9,6 +9,7 @@ from sqlalchemy import Column, text
 from sqlalchemy.dialects.postgresql import UUID
 from sqlalchemy.orm import Mapped, declared_attr, mapped_column
 
+from .errors import TenantRequired
 from .rls import TENANT_ID_INFO_KEY
 
 __all__ = ["TenantScoped", "active_tenant_id", "tenant_id_column"]
@@ -22,6 +23,11 @@ def active_tenant_id() -> uuid.UUID:
     tenancy = active_tenancy()
     if tenancy is None:
         raise RuntimeError("no Tenancy has been created in this process")
+    if context.current_platform_reason() is not None:
+        raise TenantRequired(
+            "Inside platform_context() no tenant is active: set tenant_id explicitly on rows "
+            "written for a tenant, or write them inside tenant_context(<slug>)."
+        )
     return tenancy.resolve(context.current_tenant_ref()).id
 
 

@@ -89,6 +89,7 @@ class Tenant:
 
     @property
     def is_active(self) -> bool:
+        """True when queries may run for the tenant."""
         return self.status == "active"
 
 

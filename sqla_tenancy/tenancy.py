@@ -60,6 +60,8 @@ class Tenancy:
     :param metadata: the application's ``MetaData``. Tables whose schema is in
         ``infrastructure_schemas`` are infrastructure (kept once, in the main database); every
         other table is a tenant table.
+    :param infrastructure_schemas: schemas whose tables are infrastructure (kept once, in the main
+        database); tables elsewhere are tenant tables.
     :param admin_url: the role that provisions tenants, runs migrations and serves
         :func:`platform_context` (typically the owner of the tables, with BYPASSRLS).
         Defaults to ``url``.
@@ -68,6 +70,8 @@ class Tenancy:
     :param allow_bypassrls: accept an application role that bypasses RLS (development only).
     :param engine_options: keyword arguments for the application engine (pool size, echo, ...).
     :param registry_ttl: seconds a cached registry entry is trusted without a notification.
+    :param registry_listen: keep a LISTEN connection so that registry changes made by other
+        processes arrive within a second; with False only ``registry_ttl`` bounds staleness.
     """
 
     def __init__(
@@ -131,6 +135,7 @@ class Tenancy:
 
     @property
     def async_admin_engine(self) -> AsyncEngine:
+        """The asyncio engine of the admin role (no tenant binding)."""
         if self._async_admin_engine is None:
             self._async_admin_engine = create_async_engine(_plain_url(self.admin_url))
         return self._async_admin_engine
@@ -164,6 +169,7 @@ class Tenancy:
         return [t for t in self.metadata.sorted_tables if t.schema not in self.infrastructure_schemas]
 
     def infrastructure_tables(self) -> list[Table]:
+        """The tables in the infrastructure schemas."""
         return [t for t in self.metadata.sorted_tables if t.schema in self.infrastructure_schemas]
 
     # -- resolution (hot path: every transaction begin) ---------------------------------------
@@ -237,6 +243,7 @@ class Tenancy:
         return self.registry.get(_lookup_key(slug_or_id))
 
     def list_tenants(self) -> list[Tenant]:
+        """Every tenant, whatever its status, oldest first (not cached)."""
         return self.registry.all()
 
     # -- lifecycle --------------------------------------------------------------------------
@@ -285,6 +292,7 @@ class Tenancy:
         return self._update(slug, "status = :value", "suspended")
 
     def resume_tenant(self, slug: str) -> Tenant:
+        """Lift a suspension; every process serves the tenant again within a second."""
         return self._update(slug, "status = :value", "active")
 
     def _update(self, slug: str, assignment: str, value: object) -> Tenant:
@@ -338,6 +346,7 @@ class Tenancy:
             self._admin_engine.dispose()
 
     async def dispose_async(self) -> None:
+        """Dispose the async engines, then everything :meth:`dispose` closes."""
         if self._async_engine is not None:
             await self._async_engine.dispose()
         if self._async_admin_engine is not None:

@@ -190,3 +190,31 @@ def test_bypassrls_application_role_is_refused(tenancy_server: TestServer, tenan
             s.execute(text("select 1"))
     finally:
         unsafe.dispose()
+
+
+def test_server_side_cursors_run_inside_the_bound_transaction(single: Tenancy) -> None:
+    with tenant_context("acme"), single.sessionmaker()() as s:
+        s.add_all([Project(name=f"p{i}") for i in range(30)])
+        s.commit()
+    with tenant_context("acme"), single.engine.connect() as conn:
+        result = conn.execution_options(stream_results=True, max_row_buffer=5).execute(
+            text("select name from projects")
+        )
+        assert len(list(result)) == 32
+        conn.commit()
+    with tenant_context("globex"), single.sessionmaker()() as s:
+        assert list(s.scalars(select(Project).execution_options(yield_per=7))) == []
+
+
+def test_platform_insert_must_name_its_tenant(single: Tenancy) -> None:
+    acme = single.get_tenant("acme")
+    with platform_context("data repair"), single.sessionmaker()() as s:
+        s.add(Project(name="orphan"))
+        with pytest.raises(exc.StatementError, match="set tenant_id explicitly") as raised:
+            s.flush()
+        assert isinstance(raised.value.orig, TenantRequired)
+        s.rollback()
+        s.add(Project(name="repaired", tenant_id=acme.id))
+        s.commit()
+    with tenant_context("acme"), single.sessionmaker()() as s:
+        assert "repaired" in s.scalars(select(Project.name)).all()

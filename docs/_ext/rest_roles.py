@@ -20,6 +20,7 @@ Only the documentation build loads this file (see ``mkdocs.yml``); the package d
 from __future__ import annotations
 
 import re
+from collections.abc import Iterator
 from typing import Any
 
 import griffe
@@ -53,19 +54,20 @@ def _public_paths(pkg: griffe.Module) -> dict[str, str]:
     return public
 
 
-def _lookup(scope: griffe.Object, dotted: str) -> griffe.Object | griffe.Alias | None:
+def _lookup(scope: griffe.Object | griffe.Alias, dotted: str) -> griffe.Object | None:
     try:
         found = scope[dotted]
-        return found.final_target if found.is_alias else found
+        target: griffe.Object = found.final_target if found.is_alias else found
+        return target
     except Exception:  # noqa: BLE001 - missing names and unresolvable aliases alike
         return None
 
 
-def _resolve(owner: griffe.Object, target: str, pkg: griffe.Module) -> griffe.Object | None:
+def _resolve(owner: griffe.Object | griffe.Alias, target: str, pkg: griffe.Module) -> griffe.Object | None:
     """Find ``target`` the way Sphinx would: from the owner outwards, then from the package."""
     if target.startswith(PACKAGE + "."):
         return _lookup(pkg, target[len(PACKAGE) + 1 :])
-    scope: griffe.Object | None = owner
+    scope: griffe.Object | griffe.Alias | None = owner
     while scope is not None:
         if not scope.is_function and not scope.is_attribute:
             found = _lookup(scope, target)
@@ -75,7 +77,9 @@ def _resolve(owner: griffe.Object, target: str, pkg: griffe.Module) -> griffe.Ob
     return None
 
 
-def _rewrite(text: str, owner: griffe.Object, pkg: griffe.Module, public: dict[str, str]) -> str:
+def _rewrite(
+    text: str, owner: griffe.Object | griffe.Alias, pkg: griffe.Module, public: dict[str, str]
+) -> str:
     def replace(match: re.Match[str]) -> str:
         role, target = match["role"], match["target"].strip()
         explicit = re.fullmatch(r"(?P<title>.+?)\s*<(?P<target>[^>]+)>", target)
@@ -95,7 +99,7 @@ def _rewrite(text: str, owner: griffe.Object, pkg: griffe.Module, public: dict[s
     return _LITERAL_MARKER.sub(lambda m: f"{m[1]}:" if m[1] else "", text)
 
 
-def _walk(obj: griffe.Object) -> Any:
+def _walk(obj: griffe.Object | griffe.Alias) -> Iterator[griffe.Object | griffe.Alias]:
     yield obj
     for member in obj.members.values():
         if not member.is_alias:

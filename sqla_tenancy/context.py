@@ -15,15 +15,14 @@ import logging
 import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, ParamSpec, TypeVar
 
+from .registry import Tenant
+
 if TYPE_CHECKING:
-    from .registry import Tenant
     from .tenancy import Tenancy
 
 __all__ = [
-    "TenantRef",
     "current_platform_reason",
     "current_tenant",
     "current_tenant_ref",
@@ -37,39 +36,47 @@ log = logging.getLogger("sqla_tenancy.platform")
 P = ParamSpec("P")
 R = TypeVar("R")
 
-#: What callers may name a tenant by.
-TenantRef = "str | uuid.UUID | Tenant"
-
-
-@dataclass(frozen=True, slots=True)
 class _Scope:
     """One entry of the context: a tenant reference or a platform (cross-tenant) scope."""
 
-    tenant: str | uuid.UUID | Tenant | None
-    platform_reason: str | None = None
+    __slots__ = ("platform_reason", "tenant")
+
+    def __init__(self, tenant: str | uuid.UUID | Tenant | None, platform_reason: str | None = None):
+        self.tenant = tenant
+        self.platform_reason = platform_reason
 
 
 _scope: contextvars.ContextVar[_Scope | None] = contextvars.ContextVar("sqla_tenancy_scope", default=None)
 
 
-@contextmanager
-def tenant_context(tenant: str | uuid.UUID | Tenant) -> Iterator[None]:
+class tenant_context:
     """Make ``tenant`` (a slug, a UUID or a :class:`Tenant`) the active tenant inside the block.
 
     The reference is resolved lazily, at the next transaction begin, against the registry; so an
     unknown or suspended tenant raises there (:class:`TenantNotFound` /
-    :class:`TenantSuspended`), before any SQL of that transaction is sent.
+    :class:`TenantSuspended`), before any SQL of that transaction is sent. Nests; the outer tenant
+    is restored on exit, also on exceptions. (A class rather than a generator: it runs on every
+    request.)
     """
-    from .registry import Tenant
 
-    if not isinstance(tenant, (str, uuid.UUID, Tenant)):
-        raise TypeError(
-            f"tenant_context() takes a slug, a uuid.UUID or a Tenant, not {type(tenant).__name__}"
-        )
-    token = _scope.set(_Scope(tenant))
-    try:
-        yield
-    finally:
+    __slots__ = ("_scope", "_token")
+
+    def __init__(self, tenant: str | uuid.UUID | Tenant) -> None:
+        if not isinstance(tenant, (str, uuid.UUID, Tenant)):
+            raise TypeError(
+                f"tenant_context() takes a slug, a uuid.UUID or a Tenant, not {type(tenant).__name__}"
+            )
+        self._scope = _Scope(tenant)
+        self._token: contextvars.Token[_Scope | None] | None = None
+
+    def __enter__(self) -> None:
+        if self._token is not None:
+            raise RuntimeError("a tenant_context() object cannot be entered twice at once")
+        self._token = _scope.set(self._scope)
+
+    def __exit__(self, *exc: object) -> None:
+        token, self._token = self._token, None
+        assert token is not None
         _scope.reset(token)
 
 
@@ -92,6 +99,11 @@ def platform_context(reason: str) -> Iterator[None]:
         log.debug("left platform context: %s", reason)
 
 
+def current_scope() -> _Scope | None:
+    """The innermost scope (internal: used by :class:`Tenancy` on every transaction)."""
+    return _scope.get()
+
+
 def current_tenant_ref() -> str | uuid.UUID | Tenant | None:
     """The reference passed to the innermost :func:`tenant_context`, unresolved."""
     scope = _scope.get()
@@ -112,7 +124,6 @@ def current_tenant(tenancy: Tenancy | None = None) -> Tenant | None:
     context holds. The reference is resolved with ``tenancy``, or with the most recently created
     :class:`Tenancy` of the process (applications have one).
     """
-    from .registry import Tenant
     from .tenancy import active_tenancy
 
     ref = current_tenant_ref()

@@ -14,6 +14,7 @@ import os
 import threading
 import time
 import uuid
+import weakref
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -122,6 +123,18 @@ def conninfo_kwargs(url: URL) -> dict[str, Any]:
     return {k: v for k, v in kwargs.items() if v is not None}
 
 
+_REGISTRIES: weakref.WeakSet[Registry] = weakref.WeakSet()
+
+
+def _reset_after_fork() -> None:
+    for registry in list(_REGISTRIES):
+        registry._after_fork()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_reset_after_fork)
+
+
 class Registry:
     """Cached look-ups of :class:`Tenant` records for one database, shared by threads.
 
@@ -136,34 +149,44 @@ class Registry:
         self._lock = threading.Lock()
         self._entries: dict[object, tuple[Tenant, float]] = {}
         self._generation = 0
-        self._pid = os.getpid()
         self._conn: psycopg.Connection[Any] | None = None
         self._conn_lock = threading.Lock()
         self._listener: threading.Thread | None = None
         self._stop = threading.Event()
         self._listening = threading.Event()
+        _REGISTRIES.add(self)
 
     # -- look-ups ---------------------------------------------------------------------------
 
+    @property
+    def generation(self) -> int:
+        """Changes whenever any cached entry is invalidated."""
+        return self._generation
+
     def get(self, ref: str | uuid.UUID) -> Tenant:
         """The tenant with this slug or id; raises :class:`TenantNotFound`."""
-        self._check_fork()
+        return self.get_entry(ref)[0]
+
+    def get_entry(self, ref: str | uuid.UUID) -> tuple[Tenant, float]:
+        """The tenant and the ``time.monotonic()`` until which the cache trusts it."""
         entry = self._entries.get(ref)
         now = time.monotonic()
         if entry is not None and entry[1] > now:
-            return entry[0]
+            return entry
         if self._listen_enabled and self._listener is None:
             self._start_listener()
         generation = self._generation
         tenant = self._fetch_one(ref)
         if tenant is None:
             raise TenantNotFound(ref)
+        expires = now + self._ttl
         with self._lock:
             if generation == self._generation:
-                expires = now + self._ttl
                 self._entries[tenant.slug] = (tenant, expires)
                 self._entries[tenant.id] = (tenant, expires)
-        return tenant
+            else:
+                expires = now  # raced with an invalidation: do not let callers keep it
+        return tenant, expires
 
     def all(self) -> list[Tenant]:
         """Every tenant, ordered by creation (not cached)."""
@@ -210,17 +233,17 @@ class Registry:
 
     # -- notifications ----------------------------------------------------------------------
 
-    def _check_fork(self) -> None:
-        if os.getpid() != self._pid:
-            # Threads and sockets do not survive a fork: start afresh in the child.
-            self._pid = os.getpid()
-            self._entries = {}
-            self._conn = None
-            self._conn_lock = threading.Lock()
-            self._lock = threading.Lock()
-            self._listener = None
-            self._stop = threading.Event()
-            self._listening = threading.Event()
+    def _after_fork(self) -> None:
+        # Threads and sockets do not survive a fork: the child starts afresh (and must not use
+        # the parent's connection, whose socket it shares).
+        self._entries = {}
+        self._generation += 1
+        self._conn = None
+        self._conn_lock = threading.Lock()
+        self._lock = threading.Lock()
+        self._listener = None
+        self._stop = threading.Event()
+        self._listening = threading.Event()
 
     def _start_listener(self) -> None:
         with self._lock:

@@ -19,19 +19,16 @@ from sqlalchemy.ext.asyncio import (
 )
 from sqlalchemy.orm import sessionmaker as orm_sessionmaker
 
-from . import context as ctx
-from .dialect import DRIVER_NAME
+from .dialect import DRIVER_NAME, Binder
 from .errors import (
-    InvalidTenantSlug,
     ProvisioningError,
     TenancyError,
     TenantNotFound,
-    TenantRequired,
-    TenantSuspended,
     UnsafeRoleError,
 )
 from .identifiers import validate_slug
 from .registry import Registry, Tenant
+from .routing import Router, lookup_key
 from .session import TenantSession
 from .strategies import SharedStrategy, Strategy
 
@@ -102,15 +99,14 @@ class Tenancy:
         self.engine: Engine = create_engine(
             self.url.set(drivername=f"postgresql+{DRIVER_NAME}"), **self._engine_options
         )
-        self.engine.dialect.binder = self._binding  # type: ignore[attr-defined]
         self._async_engine: AsyncEngine | None = None
         self._admin_engine: Engine | None = None
         self._async_admin_engine: AsyncEngine | None = None
         self.registry = Registry(_plain_url(self.url), ttl=registry_ttl, listen=registry_listen)
         self._strategies: dict[str, Strategy] = {"shared": SharedStrategy()}
-        self._bindings: dict[tuple[uuid.UUID, str], bytes] = {}
-        self._main_binds: dict[tuple[uuid.UUID, bool], Engine] = {}
-        self._role_checked = False
+        self.router = Router(self)
+        self._binder: Binder = self.router.binding
+        self.engine.dialect.binder = self._binder  # type: ignore[attr-defined]
         _active = weakref.ref(self)
 
     # -- engines ----------------------------------------------------------------------------
@@ -122,7 +118,7 @@ class Tenancy:
             engine = create_async_engine(
                 self.url.set(drivername=f"postgresql+{DRIVER_NAME}"), **self._engine_options
             )
-            engine.sync_engine.dialect.binder = self._binding  # type: ignore[attr-defined]
+            engine.sync_engine.dialect.binder = self._binder  # type: ignore[attr-defined]
             self._async_engine = engine
         return self._async_engine
 
@@ -140,17 +136,9 @@ class Tenancy:
             self._async_admin_engine = create_async_engine(_plain_url(self.admin_url))
         return self._async_admin_engine
 
-    def _main_bind(self, tenant: Tenant, *, async_: bool) -> Engine:
-        """A per-tenant view of the main engine, so that one Session holds one connection (and one
-        binding) per tenant instead of reusing a connection bound to another tenant."""
-        key = (tenant.id, async_)
-        bind = self._main_binds.get(key)
-        if bind is None:
-            base = self.async_engine.sync_engine if async_ else self.engine
-            if len(self._main_binds) > 10_000:
-                self._main_binds.clear()
-            bind = self._main_binds[key] = base.execution_options(sqla_tenancy_tenant=str(tenant.id))
-        return bind
+    def _main_engine(self, *, async_: bool) -> Engine:
+        """The main database's application engine (sync, or the async engine's sync_engine)."""
+        return self.async_engine.sync_engine if async_ else self.engine
 
     # -- sessions ---------------------------------------------------------------------------
 
@@ -175,43 +163,18 @@ class Tenancy:
     # -- resolution (hot path: every transaction begin) ---------------------------------------
 
     def resolve(self, ref: str | uuid.UUID | Tenant | None) -> Tenant:
-        """The active tenant for ``ref`` (the default tenant when ``None``), checked usable."""
-        if not self._role_checked:
-            self._check_app_role()
-        if ref is None:
-            if self.default_tenant is None:
-                raise TenantRequired()
-            ref = self.default_tenant
-        tenant = self.registry.get(_lookup_key(ref))
-        if tenant.status != "active":
-            if tenant.status == "suspended":
-                raise TenantSuspended(tenant.slug)
-            raise TenantNotFound(ref if not isinstance(ref, Tenant) else ref.slug)
-        return tenant
-
-    def _binding(self) -> bytes | None:
-        if ctx.current_platform_reason() is not None:
-            return None
-        tenant = self.resolve(ctx.current_tenant_ref())
-        key = (tenant.id, tenant.strategy)
-        statement = self._bindings.get(key)
-        if statement is None:
-            statement = self._bindings[key] = self._strategy(tenant).binding(self, tenant)
-        return statement
+        """The active tenant for ``ref`` (the default tenant when ``None``), checked usable:
+        :class:`TenantRequired`, :class:`TenantNotFound` or :class:`TenantSuspended` otherwise."""
+        return self.router.resolve(ref)
 
     def identity_token(self) -> str:
         """The identity-map token of the current context: the tenant's id, or ``"platform"``."""
-        if ctx.current_platform_reason() is not None:
-            return "platform"
-        return str(self.resolve(ctx.current_tenant_ref()).id)
+        return self.router.current().token
 
     def bind_for_current(self, *, async_: bool = False) -> Engine:
         """The engine a session uses now: the admin engine in :func:`platform_context`, else the
         active tenant's placement."""
-        if ctx.current_platform_reason() is not None:
-            return self.async_admin_engine.sync_engine if async_ else self.admin_engine
-        tenant = self.resolve(ctx.current_tenant_ref())
-        return self._strategy(tenant).engine(self, tenant, async_=async_)
+        return self.router.current().engine(async_)
 
     def _strategy(self, tenant: Tenant) -> Strategy:
         try:
@@ -223,6 +186,7 @@ class Tenancy:
             ) from None
 
     def _check_app_role(self) -> None:
+        """Refuse an application role that row-level security would not restrain."""
         rows = self.registry._query(
             "select rolsuper, rolbypassrls from pg_roles where rolname = current_user", ()
         )
@@ -234,13 +198,12 @@ class Tenancy:
                 "isolate tenants. Connect `url` as a NOSUPERUSER NOBYPASSRLS role (keep the "
                 "privileged one for admin_url), or pass allow_bypassrls=True in development."
             )
-        self._role_checked = True
 
     # -- registry API -----------------------------------------------------------------------
 
     def get_tenant(self, slug_or_id: str | uuid.UUID | Tenant) -> Tenant:
         """The tenant with this slug or id, whatever its status; :class:`TenantNotFound` if none."""
-        return self.registry.get(_lookup_key(slug_or_id))
+        return self.registry.get(lookup_key(slug_or_id))
 
     def list_tenants(self) -> list[Tenant]:
         """Every tenant, whatever its status, oldest first (not cached)."""
@@ -296,7 +259,7 @@ class Tenancy:
         return self._update(slug, "status = :value", "active")
 
     def _update(self, slug: str, assignment: str, value: object) -> Tenant:
-        key = _lookup_key(slug)
+        key = lookup_key(slug)
         with self.admin_engine.begin() as admin:
             row = admin.execute(
                 text(
@@ -315,7 +278,7 @@ class Tenancy:
 
     def delete_tenant(self, slug: str) -> None:
         """Delete the tenant's data, storage and registry row."""
-        tenant = self.get_tenant(_lookup_key(slug))
+        tenant = self.get_tenant(lookup_key(slug))
         if tenant.is_default:
             raise TenancyError("The default tenant cannot be deleted.")
         with self.admin_engine.begin() as admin:
@@ -354,17 +317,3 @@ class Tenancy:
         self._async_engine = self._async_admin_engine = None
         self.dispose()
 
-
-def _lookup_key(ref: str | uuid.UUID | Tenant) -> str | uuid.UUID:
-    if isinstance(ref, Tenant):
-        return ref.id
-    if isinstance(ref, uuid.UUID):
-        return ref
-    if isinstance(ref, str):
-        if len(ref) == 36 and ref.count("-") == 4:
-            try:
-                return uuid.UUID(ref)
-            except ValueError:
-                pass
-        return ref
-    raise InvalidTenantSlug(f"A tenant is named by a slug, a UUID or a Tenant, not {type(ref).__name__}")

@@ -58,4 +58,4 @@ class SharedStrategy:
         return tenant_binding(tenant)
 
     def engine(self, tenancy: Tenancy, tenant: Tenant, *, async_: bool) -> Engine:
-        return tenancy._main_bind(tenant, async_=async_)
+        return tenancy._main_engine(async_=async_)

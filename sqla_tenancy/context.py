@@ -36,6 +36,7 @@ log = logging.getLogger("sqla_tenancy.platform")
 P = ParamSpec("P")
 R = TypeVar("R")
 
+
 class _Scope:
     """One entry of the context: a tenant reference or a platform (cross-tenant) scope."""
 

@@ -150,4 +150,3 @@ def lookup_key(ref: str | uuid.UUID | Tenant) -> str | uuid.UUID:
                 pass
         return ref
     raise InvalidTenantSlug(f"A tenant is named by a slug, a UUID or a Tenant, not {type(ref).__name__}")
-

@@ -316,4 +316,3 @@ class Tenancy:
             await self._async_admin_engine.dispose()
         self._async_engine = self._async_admin_engine = None
         self.dispose()
-

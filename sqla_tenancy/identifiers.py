@@ -19,13 +19,17 @@ __all__ = [
     "quote_literal",
     "role_name",
     "schema_name",
+    "validate_prefix",
     "validate_slug",
 ]
 
 #: PostgreSQL truncates identifiers longer than this many bytes.
 MAX_IDENTIFIER_BYTES = 63
-#: The longest prefix/suffix sqla-tenancy adds to a slug (``tenant_`` + slug + ``_fdw``).
-_LONGEST_DECORATION = len("tenant_") + len("_owner")
+#: Longest ``name_prefix``: derived names are ``<prefix>_<slug>[_<purpose>]``.
+MAX_PREFIX_LENGTH = 16
+PREFIX_PATTERN = re.compile(rf"^[a-z][a-z0-9_]{{0,{MAX_PREFIX_LENGTH - 1}}}$")
+#: The longest decoration added to a slug (``<prefix>_`` + slug + ``_owner``).
+_LONGEST_DECORATION = MAX_PREFIX_LENGTH + 1 + len("_owner")
 #: Longest slug, chosen so that every derived identifier fits in 63 bytes.
 MAX_SLUG_LENGTH = 40
 
@@ -86,21 +90,34 @@ def validate_slug(slug: object, *, allow_default: str | None = None) -> str:
     return slug
 
 
-def schema_name(slug: str) -> str:
-    """The schema a schema-placement tenant lives in."""
-    return f"tenant_{validate_slug(slug)}"
+def validate_prefix(prefix: str) -> str:
+    """Check a ``name_prefix`` (see :class:`Tenancy`): short, lower-case, starts with a letter."""
+    if not isinstance(prefix, str) or not PREFIX_PATTERN.match(prefix):
+        raise InvalidTenantSlug(
+            f"name_prefix {prefix!r} is not valid: 1 to {MAX_PREFIX_LENGTH} lower-case letters, "
+            "digits or '_', starting with a letter."
+        )
+    return prefix
 
 
-def database_name(slug: str) -> str:
-    """The database a database-placement tenant lives in."""
-    return f"tenant_{validate_slug(slug)}"
+def schema_name(slug: str, prefix: str = "tenant") -> str:
+    """The schema a schema-placement tenant lives in (``tenant_acme``)."""
+    return f"{validate_prefix(prefix)}_{validate_slug(slug)}"
 
 
-def role_name(slug: str, purpose: str) -> str:
-    """A per-tenant role name, e.g. ``tenant_acme_app`` or ``tenant_acme_fdw``."""
+def database_name(slug: str, prefix: str = "tenant") -> str:
+    """The database a database-placement tenant lives in (``tenant_acme``)."""
+    return f"{validate_prefix(prefix)}_{validate_slug(slug)}"
+
+
+def role_name(slug: str, purpose: str, prefix: str = "tenant") -> str:
+    """A per-tenant role name, e.g. ``tenant_acme_app`` or ``tenant_acme_fdw``.
+
+    Roles and databases are cluster-wide: applications sharing a cluster need distinct prefixes.
+    """
     if purpose not in {"app", "fdw", "owner"}:
         raise ValueError(f"unknown role purpose {purpose!r}")
-    return f"tenant_{validate_slug(slug)}_{purpose}"
+    return f"{validate_prefix(prefix)}_{validate_slug(slug)}_{purpose}"
 
 
 def quote_ident(name: str) -> str:

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import json
 import logging
 import uuid
 import weakref
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 from sqlalchemy import Engine, MetaData, Table, create_engine, text
@@ -26,11 +28,11 @@ from .errors import (
     TenantNotFound,
     UnsafeRoleError,
 )
-from .identifiers import validate_slug
+from .identifiers import validate_prefix, validate_slug
 from .registry import Registry, Tenant
 from .routing import Router, lookup_key
 from .session import TenantSession
-from .strategies import SharedStrategy, Strategy
+from .strategies import SchemaStrategy, SharedStrategy, Strategy
 
 __all__ = ["Tenancy", "active_tenancy"]
 
@@ -67,6 +69,9 @@ class Tenancy:
     :param allow_bypassrls: accept an application role that bypasses RLS (development only).
     :param engine_options: keyword arguments for the application engine (pool size, echo, ...).
     :param registry_ttl: seconds a cached registry entry is trusted without a notification.
+    :param name_prefix: the prefix of every schema, database and role name derived from a slug
+        (``tenant`` gives ``tenant_acme``, ``tenant_acme_app``). Roles and databases are
+        cluster-wide, so applications sharing a cluster need distinct prefixes.
     :param registry_listen: keep a LISTEN connection so that registry changes made by other
         processes arrive within a second; with False only ``registry_ttl`` bounds staleness.
     """
@@ -83,6 +88,7 @@ class Tenancy:
         engine_options: dict[str, Any] | None = None,
         registry_ttl: float = 5.0,
         registry_listen: bool = True,
+        name_prefix: str = "tenant",
     ) -> None:
         global _active
         self.url = make_url(url)
@@ -103,8 +109,11 @@ class Tenancy:
         self._admin_engine: Engine | None = None
         self._async_admin_engine: AsyncEngine | None = None
         self.registry = Registry(_plain_url(self.url), ttl=registry_ttl, listen=registry_listen)
-        self._strategies: dict[str, Strategy] = {"shared": SharedStrategy()}
+        self.name_prefix = validate_prefix(name_prefix)
+        self._strategies: dict[str, Strategy] = {"shared": SharedStrategy(), "schema": SchemaStrategy()}
         self.router = Router(self)
+        #: Test hook: called with each provisioning step's name; raise to simulate a failure.
+        self._fault_injector: Callable[[str], None] | None = None
         self._binder: Binder = self.router.binding
         self.engine.dialect.binder = self._binder  # type: ignore[attr-defined]
         _active = weakref.ref(self)
@@ -219,7 +228,13 @@ class Tenancy:
         install(self)
 
     def create_tenant(self, slug: str, *, strategy: str = "shared", name: str | None = None) -> Tenant:
-        """Register and provision a tenant. Nothing is left behind if any step fails."""
+        """Register and provision a tenant; returns it active.
+
+        ``strategy`` is the placement: ``"shared"`` (rows in the main database's tables, guarded
+        by RLS) or ``"schema"`` (a schema of its own in the main database). The registry row and
+        every object of the placement are created in one transaction, so a failure at any step
+        leaves nothing behind (:class:`ProvisioningError`) and the same call can simply be retried.
+        """
         validate_slug(slug)
         if strategy not in self._strategies:
             raise ProvisioningError(
@@ -227,24 +242,44 @@ class Tenancy:
             )
         placement = self._strategies[strategy]
         with self.admin_engine.begin() as admin:
+            # Two processes creating the same slug: the second waits, then sees the first's row.
+            admin.execute(text("select pg_advisory_xact_lock(hashtext('sqla_tenancy:' || :s))"), {"s": slug})
             exists = admin.execute(text("select 1 from tenancy.tenants where slug = :s"), {"s": slug}).first()
             if exists:
                 raise ProvisioningError(f"Tenant {slug!r} exists already.")
+            self._step("register")
             row = admin.execute(
                 text(
                     "insert into tenancy.tenants (slug, name, strategy, status) "
-                    "values (:slug, :name, :strategy, 'active') "
-                    "returning id, slug, name, strategy, status, created_at, is_default, location"
+                    "values (:slug, :name, :strategy, 'provisioning') returning id, created_at"
                 ),
                 {"slug": slug, "name": name or slug, "strategy": strategy},
             ).one()
             tenant = Tenant(
-                id=row.id, slug=row.slug, name=row.name, strategy=row.strategy, status=row.status,
-                created_at=row.created_at, is_default=row.is_default, location=dict(row.location),
+                id=row.id, slug=slug, name=name or slug, strategy=strategy, status="active",
+                created_at=row.created_at,
             )  # fmt: skip
-            placement.provision(self, tenant, admin=admin)
+            try:
+                location = placement.provision(self, tenant, admin=admin)
+                self._step("activate")
+            except TenancyError:
+                raise
+            except Exception as exc:
+                raise ProvisioningError(
+                    f"Provisioning tenant {slug!r} ({strategy}) failed and was rolled back: {exc}"
+                ) from exc
+            admin.execute(
+                text("update tenancy.tenants set status = 'active', location = :loc where id = :id"),
+                {"loc": json.dumps(location), "id": tenant.id},
+            )
+        tenant = dataclasses.replace(tenant, location=location)
         log.info("created tenant %s (%s)", slug, strategy)
         return tenant
+
+    def _step(self, name: str) -> None:
+        """Provisioning checkpoint; tests inject failures here (``_fault_injector``)."""
+        if self._fault_injector is not None:
+            self._fault_injector(name)
 
     def update_tenant(self, slug: str, *, name: str) -> Tenant:
         """Rename a tenant (its display name; the slug is permanent)."""

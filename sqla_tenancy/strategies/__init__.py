@@ -7,6 +7,7 @@ tenant's ``strategy`` column.
 from __future__ import annotations
 
 from .base import Strategy
+from .schema import SchemaStrategy
 from .shared import SharedStrategy
 
-__all__ = ["SharedStrategy", "Strategy"]
+__all__ = ["SchemaStrategy", "SharedStrategy", "Strategy"]

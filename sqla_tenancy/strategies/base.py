@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from sqlalchemy import Connection
 from sqlalchemy.engine import Engine
@@ -23,8 +23,11 @@ class Strategy(Protocol):
 
     name: str
 
-    def provision(self, tenancy: Tenancy, tenant: Tenant, *, admin: Connection) -> None:
-        """Create the tenant's storage. ``admin`` is in the transaction that inserts the tenant."""
+    def provision(self, tenancy: Tenancy, tenant: Tenant, *, admin: Connection) -> dict[str, Any]:
+        """Create the tenant's storage; return what the registry keeps as its ``location``.
+
+        ``admin`` is in the transaction that inserts the tenant's registry row. Call
+        ``tenancy._step(name)`` before each step (fault-injection tests rely on it)."""
 
     def deprovision(self, tenancy: Tenancy, tenant: Tenant, *, admin: Connection) -> None:
         """Remove the tenant's data and storage. ``admin`` is in the deleting transaction."""

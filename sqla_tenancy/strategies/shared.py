@@ -3,9 +3,10 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from collections.abc import Iterable
+from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import Connection, text
+from sqlalchemy import Connection, Table, text
 from sqlalchemy.engine import Engine
 
 from ..identifiers import quote_ident, quote_literal
@@ -15,7 +16,7 @@ if TYPE_CHECKING:
     from ..registry import Tenant
     from ..tenancy import Tenancy
 
-__all__ = ["SharedStrategy", "tenant_binding"]
+__all__ = ["SharedStrategy", "delete_tenant_rows", "tenant_binding"]
 
 
 def tenant_binding(tenant: Tenant) -> bytes:
@@ -23,12 +24,27 @@ def tenant_binding(tenant: Tenant) -> bytes:
     return f"SET LOCAL {TENANT_SETTING} = {quote_literal(str(tenant.id))}".encode()
 
 
+def delete_tenant_rows(tenant: Tenant, tables: Iterable[Table], *, admin: Connection) -> None:
+    """Delete ``tenant``'s rows from every tenant-scoped table among ``tables`` (children first)."""
+    # Bind the admin transaction to the tenant as well, so RLS confines the deletes even when the
+    # admin role does not bypass it.
+    admin.exec_driver_sql(tenant_binding(tenant).decode())
+    for table in tables:
+        column = tenant_column_name(table)
+        if column is None:
+            continue
+        admin.execute(
+            text(f"DELETE FROM {qualified_name(table)} WHERE {quote_ident(column)} = :tid"),
+            {"tid": tenant.id},
+        )
+
+
 class SharedStrategy:
     """Rows in the main database, isolated by RLS on ``tenant_id``."""
 
     name = "shared"
 
-    def provision(self, tenancy: Tenancy, tenant: Tenant, *, admin: Connection) -> None:
+    def provision(self, tenancy: Tenancy, tenant: Tenant, *, admin: Connection) -> dict[str, Any]:
         # The tables exist already (install() / migrations); a shared tenant is only a registry
         # row. Refuse when a tenant table in the main database cannot be isolated by RLS.
         unscoped = [t.fullname for t in tenancy.tenant_tables() if not is_tenant_scoped(t)]
@@ -40,19 +56,10 @@ class SharedStrategy:
                 f"{', '.join(sorted(unscoped))} do(es) not: add the TenantScoped mixin, move the "
                 "table to an infrastructure schema, or give this tenant another strategy."
             )
+        return {}
 
     def deprovision(self, tenancy: Tenancy, tenant: Tenant, *, admin: Connection) -> None:
-        # Bind the admin transaction to the tenant as well, so RLS confines the deletes even
-        # when the admin role does not bypass it.
-        admin.exec_driver_sql(tenant_binding(tenant).decode())
-        for table in reversed(tenancy.metadata.sorted_tables):
-            column = tenant_column_name(table)
-            if column is None:
-                continue
-            admin.execute(
-                text(f"DELETE FROM {qualified_name(table)} WHERE {quote_ident(column)} = :tid"),
-                {"tid": tenant.id},
-            )
+        delete_tenant_rows(tenant, reversed(tenancy.metadata.sorted_tables), admin=admin)
 
     def binding(self, tenancy: Tenancy, tenant: Tenant) -> bytes:
         return tenant_binding(tenant)

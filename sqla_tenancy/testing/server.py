@@ -33,6 +33,7 @@ class TestServer:
     app_password: str = field(default_factory=lambda: secrets.token_urlsafe(12))
     admin_password: str = field(default_factory=lambda: secrets.token_urlsafe(12))
     _databases: list[str] = field(default_factory=list)
+    _prefixes: dict[str, set[str]] = field(default_factory=dict)
     _engine: Engine | None = None
 
     __test__ = False  # not a test class, despite the name
@@ -99,7 +100,35 @@ class TestServer:
         self._databases.append(name)
         return name
 
+    def name_prefix(self, database: str) -> str:
+        """A fresh ``name_prefix`` for a Tenancy on ``database``; its roles go with the database."""
+        prefix = f"t{secrets.token_hex(4)}"
+        self._prefixes.setdefault(database, set()).add(prefix)
+        return prefix
+
     def drop_database(self, name: str) -> None:
+        """Drop the database, and the cluster-wide roles and databases its tenants created."""
+        for prefix in self._prefixes.pop(name, set()):
+            with self.superuser.connect() as conn:
+                databases = (
+                    conn.exec_driver_sql(
+                        "select datname from pg_database where datname like %(p)s", {"p": prefix + "\\_%"}
+                    )
+                    .scalars()
+                    .all()
+                )
+                roles = (
+                    conn.exec_driver_sql(
+                        "select rolname from pg_roles where rolname like %(p)s", {"p": prefix + "\\_%"}
+                    )
+                    .scalars()
+                    .all()
+                )
+            for database in databases:
+                self.execute(f"DROP DATABASE IF EXISTS {quote_ident(database)} WITH (FORCE)")
+            self.execute(f"DROP DATABASE IF EXISTS {quote_ident(name)} WITH (FORCE)")
+            for role in roles:
+                self.execute(f"DROP ROLE IF EXISTS {quote_ident(role)}")
         self.execute(f"DROP DATABASE IF EXISTS {quote_ident(name)} WITH (FORCE)")
         if name in self._databases:
             self._databases.remove(name)

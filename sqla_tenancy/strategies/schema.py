@@ -1,0 +1,163 @@
+"""Schema placement: each tenant has a schema of its own in the main database, and a NOLOGIN role
+that may use that schema and the infrastructure schemas, nothing else.
+
+Each transaction binds, transaction-locally, ``search_path`` to the tenant's schema only (no
+``public`` fallback: a table missing there is an error, never somebody else's table), the role to
+the tenant's role (so schema privileges are a second line of defence under routing), and
+``app.current_tenant_id`` (so RLS on infrastructure tables applies as for shared tenants).
+
+Provisioning runs the DDL of the tenant tables directly, from a template compiled once per
+process: no migration replay and no catalog scan, so its cost does not grow with the fleet.
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import TYPE_CHECKING, Any
+
+from sqlalchemy import Connection, create_mock_engine
+from sqlalchemy.engine import Engine
+
+from ..errors import ProvisioningError
+from ..identifiers import quote_ident, quote_literal, role_name, schema_name
+from ..registry import REGISTRY_SCHEMA
+from ..rls import TENANT_SETTING, enable_rls_ddl, is_tenant_scoped
+from .shared import delete_tenant_rows
+
+if TYPE_CHECKING:
+    from ..registry import Tenant
+    from ..tenancy import Tenancy
+
+__all__ = ["SchemaStrategy", "tenant_ddl_template"]
+
+
+def tenant_ddl_template(tenancy: Tenancy) -> str:
+    """The DDL creating every tenant table (types, sequences, indexes, RLS included), unqualified,
+    as one multi-statement script: run it with ``search_path`` set to the tenant's schema."""
+    tables = tenancy.tenant_tables()
+    qualified = sorted(t.fullname for t in tables if t.schema is not None)
+    if qualified:
+        raise ProvisioningError(
+            f"Schema tenants need their tables unqualified (schema=None), but {', '.join(qualified)} "
+            "name a schema: move them to an infrastructure schema or drop the explicit schema."
+        )
+    statements: list[str] = []
+    dialect = tenancy.engine.dialect
+
+    def collect(sql: Any, *args: Any, **kwargs: Any) -> None:
+        statements.append(str(sql.compile(dialect=dialect)).strip())
+
+    mock = create_mock_engine("postgresql+psycopg://", collect)
+    tenancy.metadata.create_all(mock, tables=tables, checkfirst=False)
+    # tenant_id stays meaningful in every placement: RLS on the tenant-scoped tables here too.
+    for table in tables:
+        if is_tenant_scoped(table):
+            statements += [
+                stmt
+                for stmt in enable_rls_ddl(table, function_schema=REGISTRY_SCHEMA)
+                if not stmt.startswith("DROP POLICY")
+            ]
+    return ";\n".join(statements)
+
+
+class SchemaStrategy:
+    """A schema and a role per tenant, in the main database."""
+
+    name = "schema"
+
+    def __init__(self) -> None:
+        self._templates: dict[int, str] = {}
+        self._lock = threading.Lock()
+
+    def _template(self, tenancy: Tenancy) -> str:
+        key = id(tenancy.metadata)
+        with self._lock:
+            if key not in self._templates:
+                self._templates[key] = tenant_ddl_template(tenancy)
+            return self._templates[key]
+
+    def names(self, tenancy: Tenancy, slug: str) -> tuple[str, str]:
+        """The tenant's schema and role."""
+        return schema_name(slug, tenancy.name_prefix), role_name(slug, "app", tenancy.name_prefix)
+
+    def provision(self, tenancy: Tenancy, tenant: Tenant, *, admin: Connection) -> dict[str, Any]:
+        schema, role = self.names(tenancy, tenant.slug)
+        s, r = quote_ident(schema), quote_ident(role)
+        exists = admin.exec_driver_sql("select 1 from pg_roles where rolname = %(r)s", {"r": role}).first()
+        if exists:
+            raise ProvisioningError(
+                f"Role {role!r} exists already (roles are cluster-wide: is another application "
+                "on this cluster using the same name_prefix?). Give Tenancy a distinct "
+                "name_prefix, or drop the leftover role."
+            )
+        tenancy._step("schema")
+        _run(admin, f"CREATE SCHEMA {s}")
+        tenancy._step("tables")
+        template = self._template(tenancy)
+        if template:
+            # Unqualified names land in the first schema of the path; public stays reachable for
+            # extension types during DDL only.
+            _run(admin, f"SET LOCAL search_path = {s}, public;\n{template};\nSET LOCAL search_path = DEFAULT")
+        tenancy._step("role")
+        grants = [
+            f"CREATE ROLE {r} NOLOGIN NOSUPERUSER NOBYPASSRLS NOCREATEDB NOCREATEROLE",
+            f"GRANT USAGE ON SCHEMA {s} TO {r}",
+            f"GRANT SELECT, INSERT, UPDATE, DELETE ON ALL TABLES IN SCHEMA {s} TO {r}",
+            f"GRANT USAGE, SELECT ON ALL SEQUENCES IN SCHEMA {s} TO {r}",
+            f"GRANT USAGE ON SCHEMA {REGISTRY_SCHEMA} TO {r}",
+        ]
+        for infra in sorted(tenancy.infrastructure_schemas):
+            i = quote_ident(infra)
+            grants += [
+                f"GRANT USAGE ON SCHEMA {i} TO {r}",
+                f"GRANT SELECT, INSERT, UPDATE, DELETE ON ALL TABLES IN SCHEMA {i} TO {r}",
+                f"GRANT USAGE, SELECT ON ALL SEQUENCES IN SCHEMA {i} TO {r}",
+            ]
+        _run(admin, ";\n".join(grants))
+        tenancy._step("membership")
+        app_role = tenancy.url.username
+        assert app_role
+        # PostgreSQL 16+: membership only for SET ROLE, without inheriting the tenant's privileges.
+        option = " WITH INHERIT FALSE" if (admin.dialect.server_version_info or (0,)) >= (16,) else ""
+        _run(admin, f"GRANT {r} TO {quote_ident(app_role)}{option}")
+        return {"schema": schema, "role": role}
+
+    def deprovision(self, tenancy: Tenancy, tenant: Tenant, *, admin: Connection) -> None:
+        schema, role = self.names(tenancy, tenant.slug)
+        s, r = quote_ident(schema), quote_ident(role)
+        delete_tenant_rows(tenant, reversed(tenancy.infrastructure_tables()), admin=admin)
+        statements = [f"DROP SCHEMA IF EXISTS {s} CASCADE"]
+        for other in sorted({*tenancy.infrastructure_schemas, REGISTRY_SCHEMA}):
+            o = quote_ident(other)
+            statements += [
+                f"REVOKE ALL ON ALL TABLES IN SCHEMA {o} FROM {r}",
+                f"REVOKE ALL ON ALL SEQUENCES IN SCHEMA {o} FROM {r}",
+                f"REVOKE ALL ON SCHEMA {o} FROM {r}",
+            ]
+        statements.append(f"DROP ROLE IF EXISTS {r}")
+        exists = admin.exec_driver_sql("select 1 from pg_roles where rolname = %(r)s", {"r": role}).first()
+        if not exists:
+            statements = [statements[0]]
+        _run(admin, ";\n".join(statements))
+
+    def binding(self, tenancy: Tenancy, tenant: Tenant) -> bytes:
+        schema, role = self.names(tenancy, tenant.slug)
+        return (
+            f"SET LOCAL search_path = {quote_ident(schema)}; "
+            f"SET LOCAL ROLE {quote_ident(role)}; "
+            f"SET LOCAL {TENANT_SETTING} = {quote_literal(str(tenant.id))}"
+        ).encode()
+
+    def engine(self, tenancy: Tenancy, tenant: Tenant, *, async_: bool) -> Engine:
+        return tenancy._main_engine(async_=async_)
+
+
+def _run(admin: Connection, script: str) -> None:
+    """Send a (multi-statement) script in one round trip, inside the admin transaction."""
+    driver = admin.connection.dbapi_connection
+    assert driver is not None
+    cursor = driver.cursor()
+    try:
+        cursor.execute(script.encode())
+    finally:
+        cursor.close()

@@ -6,9 +6,11 @@ import asyncio
 import dataclasses
 import json
 import logging
+import os
 import uuid
 import weakref
 from collections.abc import Callable, Iterable
+from pathlib import Path
 from typing import Any
 
 from sqlalchemy import Engine, MetaData, Table, create_engine, text
@@ -321,6 +323,14 @@ class Tenancy:
             admin.execute(text("delete from tenancy.tenants where id = :id"), {"id": tenant.id})
         self.registry.invalidate([tenant.id])
         log.info("deleted tenant %s", tenant.slug)
+
+    def export_tenant(self, slug: str, path: str | os.PathLike[str], *, pg_dump: str | None = None) -> Path:
+        """Write one tenant's data to ``path`` as a SQL script that restores into an empty database
+        with ``psql``; no row of another tenant is in it. See :mod:`sqla_tenancy.export`."""
+        from .export import export_tenant
+
+        tenant = self.get_tenant(lookup_key(slug))
+        return export_tenant(self, tenant, Path(path), pg_dump=Path(pg_dump) if pg_dump else None)
 
     # -- teardown ---------------------------------------------------------------------------
 

@@ -8,9 +8,9 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from sqlalchemy import Connection, text
+from sqlalchemy import Connection, Table, text
 
-from .identifiers import quote_ident
+from .identifiers import quote_ident, quote_literal
 from .registry import NOTIFY_CHANNEL, REGISTRY_SCHEMA, registry_metadata
 from .rls import current_tenant_function_ddl, enable_rls_ddl, is_tenant_scoped, qualified_name
 
@@ -43,6 +43,39 @@ def registry_ddl() -> list[str]:
     ]
 
 
+FILL_SERIAL_DDL = f"""
+CREATE OR REPLACE FUNCTION {REGISTRY_SCHEMA}.fill_serial() RETURNS trigger
+LANGUAGE plpgsql AS $$
+BEGIN
+    -- postgres_fdw sends every column, NULL for those not given: apply the sequence here.
+    IF to_jsonb(NEW) -> TG_ARGV[0] = 'null'::jsonb THEN
+        NEW := jsonb_populate_record(NEW, jsonb_build_object(TG_ARGV[0], nextval(TG_ARGV[1]::regclass)));
+    END IF;
+    RETURN NEW;
+END $$
+"""
+
+
+def fill_serial_ddl(conn: Connection, table: Table) -> list[str]:
+    """Triggers giving an infrastructure table's serial columns their value when a foreign table
+    (a database tenant's) inserts NULL there: foreign tables do not apply remote defaults."""
+    statements = []
+    target = qualified_name(table)
+    for column in table.primary_key.columns:
+        sequence = conn.execute(
+            text("select pg_get_serial_sequence(:t, :c)"), {"t": target, "c": column.name}
+        ).scalar()
+        if sequence is None:
+            continue
+        trigger = quote_ident(f"tenancy_fill_{column.name}")
+        statements += [
+            f"DROP TRIGGER IF EXISTS {trigger} ON {target}",
+            f"CREATE TRIGGER {trigger} BEFORE INSERT ON {target} FOR EACH ROW EXECUTE FUNCTION "
+            f"{REGISTRY_SCHEMA}.fill_serial({quote_literal(column.name)}, {quote_literal(sequence)})",
+        ]
+    return statements
+
+
 def grant_statements(tenancy: Tenancy, role: str) -> list[str]:
     """What the application role needs in the main database, and nothing more."""
     r = quote_ident(role)
@@ -69,7 +102,8 @@ def install(tenancy: Tenancy) -> None:
 def _install(tenancy: Tenancy, conn: Connection) -> None:
     conn.exec_driver_sql(f"CREATE SCHEMA IF NOT EXISTS {REGISTRY_SCHEMA}")
     registry_metadata.create_all(conn, checkfirst=True)
-    for statement in current_tenant_function_ddl(REGISTRY_SCHEMA) + registry_ddl():
+    function = current_tenant_function_ddl(REGISTRY_SCHEMA, fdw_prefix=tenancy.name_prefix)
+    for statement in function + registry_ddl():
         conn.exec_driver_sql(statement)
     for schema in sorted({t.schema for t in tenancy.metadata.tables.values() if t.schema}):
         conn.exec_driver_sql(f"CREATE SCHEMA IF NOT EXISTS {quote_ident(schema)}")
@@ -78,6 +112,10 @@ def _install(tenancy: Tenancy, conn: Connection) -> None:
         if is_tenant_scoped(table):
             for statement in enable_rls_ddl(table, function_schema=REGISTRY_SCHEMA):
                 conn.exec_driver_sql(statement)
+    conn.exec_driver_sql(FILL_SERIAL_DDL)
+    for table in tenancy.infrastructure_tables():
+        for statement in fill_serial_ddl(conn, table):
+            conn.exec_driver_sql(statement)
     app_role = tenancy.url.username
     if app_role and app_role != tenancy.admin_url.username:
         for statement in grant_statements(tenancy, app_role):

@@ -10,6 +10,8 @@ NULL, the comparison is never true, and the table looks empty: fail closed.
 
 from __future__ import annotations
 
+import uuid
+
 from sqlalchemy import Table
 
 from .identifiers import quote_ident
@@ -19,6 +21,7 @@ __all__ = [
     "TENANT_ID_INFO_KEY",
     "current_tenant_function_ddl",
     "disable_rls_ddl",
+    "fdw_role_name",
     "enable_rls_ddl",
     "is_tenant_scoped",
     "policy_names",
@@ -33,14 +36,38 @@ TENANT_ID_INFO_KEY = "sqla_tenancy.tenant_id"
 _ACTIONS = ("select", "insert", "update", "delete")
 
 
-def current_tenant_function_ddl(schema: str = "tenancy") -> list[str]:
-    """``<schema>.current_tenant_id()``: the bound tenant's id, or NULL when none is bound."""
+def fdw_role_name(tenant_id: uuid.UUID, prefix: str) -> str:
+    """The login role a database tenant's postgres_fdw uses on the main database.
+
+    The tenant's id is part of the name, so the policy function can tell the tenant from the
+    session's identity: a role cannot rename itself, nor log in as another role.
+    """
+    return f"{prefix}_fdw_{tenant_id.hex}"
+
+
+def current_tenant_function_ddl(schema: str = "tenancy", *, fdw_prefix: str | None = None) -> list[str]:
+    """``<schema>.current_tenant_id()``: the bound tenant's id, or NULL when none is bound.
+
+    With ``fdw_prefix`` (the main database), a session logged in as a database tenant's FDW role
+    (see :func:`fdw_role_name`) gets *that role's* tenant, whatever ``app.current_tenant_id``
+    says: the setting is an ordinary GUC the session could change, its login identity is not.
+    Everyone else gets the transaction-local setting. Plain SQL, so the planner inlines it.
+    """
     s = quote_ident(schema)
+    setting = f"nullif(current_setting('{TENANT_SETTING}', true), '')::uuid"
+    if fdw_prefix is None:
+        body = f"SELECT {setting}"
+    else:
+        marker = f"{fdw_prefix}_fdw_"
+        body = (
+            f"SELECT CASE WHEN left(session_user::text, {len(marker)}) = '{marker}' "
+            f"THEN substr(session_user::text, {len(marker) + 1})::uuid ELSE {setting} END"
+        )
     return [
         f"""
         CREATE OR REPLACE FUNCTION {s}.current_tenant_id() RETURNS uuid
         LANGUAGE sql STABLE PARALLEL SAFE
-        AS $$ SELECT nullif(current_setting('{TENANT_SETTING}', true), '')::uuid $$
+        AS $$ {body} $$
         """,
     ]
 

@@ -51,6 +51,10 @@ class Route:
 
     def engine(self, async_: bool) -> Engine:
         """The (sync) engine for this route; the async engine's ``sync_engine`` when ``async_``."""
+        if self.strategy is not None and getattr(self.strategy, "per_tenant_engines", False):
+            # the engine cache decides (LRU): never pin an engine here
+            assert self.tenant is not None
+            return self.strategy.engine(self.tenancy, self.tenant, async_=async_)
         engine = self._engines.get(async_)
         if engine is None:
             if self.tenant is None or self.strategy is None:
@@ -64,6 +68,8 @@ class Route:
     def alternate(self, async_: bool) -> Engine:
         """A bind distinct from every other tenant's, for a session serving several tenants, so
         that it holds one connection (and one binding) per tenant."""
+        if self.strategy is not None and getattr(self.strategy, "per_tenant_engines", False):
+            return self.engine(async_)  # already distinct per tenant
         engine = self._alternates.get(async_)
         if engine is None:
             engine = self._alternates[async_] = self.engine(async_).execution_options(

@@ -3,17 +3,15 @@
 from __future__ import annotations
 
 import asyncio
-import dataclasses
-import json
 import logging
 import os
 import uuid
 import weakref
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import Engine, MetaData, Table, create_engine, text
+from sqlalchemy import Connection, Engine, MetaData, Table, create_engine, text
 from sqlalchemy.engine import URL, make_url
 from sqlalchemy.ext.asyncio import (
     AsyncEngine,
@@ -24,6 +22,7 @@ from sqlalchemy.ext.asyncio import (
 from sqlalchemy.orm import sessionmaker as orm_sessionmaker
 
 from .dialect import DRIVER_NAME, Binder
+from .engines import EngineCache
 from .errors import (
     ProvisioningError,
     TenancyError,
@@ -34,7 +33,7 @@ from .identifiers import validate_prefix, validate_slug
 from .registry import Registry, Tenant
 from .routing import Router, lookup_key
 from .session import TenantSession
-from .strategies import SchemaStrategy, SharedStrategy, Strategy
+from .strategies import DatabaseStrategy, SchemaStrategy, SharedStrategy, Strategy
 
 __all__ = ["Tenancy", "active_tenancy"]
 
@@ -74,6 +73,15 @@ class Tenancy:
     :param name_prefix: the prefix of every schema, database and role name derived from a slug
         (``tenant`` gives ``tenant_acme``, ``tenant_acme_app``). Roles and databases are
         cluster-wide, so applications sharing a cluster need distinct prefixes.
+    :param servers: other PostgreSQL servers database tenants may live on, by name: the URL of a
+        role there that may create databases and roles. ``"main"`` is the main database's server.
+    :param secret_key: the key per-tenant role passwords are derived from (HMAC-SHA256; the
+        passwords are stored nowhere). Needed by the database placement; defaults to
+        ``$SQLA_TENANCY_SECRET_KEY``. Keep it secret and stable: changing it locks tenants out.
+    :param tenant_pool_size: pool size of each database tenant's engine (``tenant_max_overflow``
+        more under load).
+    :param max_tenant_engines: how many database tenants' engines a process keeps (LRU).
+    :param max_tenant_connections: a process-wide budget of connections to tenant databases.
     :param registry_listen: keep a LISTEN connection so that registry changes made by other
         processes arrive within a second; with False only ``registry_ttl`` bounds staleness.
     """
@@ -91,6 +99,12 @@ class Tenancy:
         registry_ttl: float = 5.0,
         registry_listen: bool = True,
         name_prefix: str = "tenant",
+        servers: Mapping[str, str | URL] | None = None,
+        secret_key: str | bytes | None = None,
+        tenant_pool_size: int = 2,
+        tenant_max_overflow: int = 2,
+        max_tenant_engines: int = 50,
+        max_tenant_connections: int | None = None,
     ) -> None:
         global _active
         self.url = make_url(url)
@@ -112,7 +126,19 @@ class Tenancy:
         self._async_admin_engine: AsyncEngine | None = None
         self.registry = Registry(_plain_url(self.url), ttl=registry_ttl, listen=registry_listen)
         self.name_prefix = validate_prefix(name_prefix)
-        self._strategies: dict[str, Strategy] = {"shared": SharedStrategy(), "schema": SchemaStrategy()}
+        self._strategies: dict[str, Strategy] = {
+            "shared": SharedStrategy(),
+            "schema": SchemaStrategy(),
+            "database": DatabaseStrategy(),
+        }
+        self.servers: dict[str, URL] = {"main": self.admin_url}
+        for server_name, server_url in (servers or {}).items():
+            self.servers[server_name] = make_url(server_url).set(drivername="postgresql+psycopg")
+        self._secret = secret_key.encode() if isinstance(secret_key, str) else secret_key
+        self._tenant_engine_options = {"pool_size": tenant_pool_size, "max_overflow": tenant_max_overflow}
+        self.tenant_engines = EngineCache(
+            max_engines=max_tenant_engines, max_connections=max_tenant_connections
+        )
         self.router = Router(self)
         #: Test hook: called with each provisioning step's name; raise to simulate a failure.
         self._fault_injector: Callable[[str], None] | None = None
@@ -151,6 +177,73 @@ class Tenancy:
         """The main database's application engine (sync, or the async engine's sync_engine)."""
         return self.async_engine.sync_engine if async_ else self.engine
 
+    def server_admin_url(self, server: str) -> URL:
+        """The admin URL of a server database tenants can be placed on (``"main"`` included)."""
+        try:
+            return self.servers[server]
+        except KeyError:
+            raise ProvisioningError(
+                f"Unknown server {server!r}; configured: {', '.join(sorted(self.servers))}. "
+                "Pass servers={name: admin_url} to Tenancy."
+            ) from None
+
+    def secret(self) -> bytes:
+        """The key tenant role passwords are derived from."""
+        key = self._secret or os.environ.get("SQLA_TENANCY_SECRET_KEY", "").encode()
+        if len(key) < 16:
+            raise ProvisioningError(
+                "Database tenants need a secret key of at least 16 bytes to derive their role "
+                "passwords: pass Tenancy(secret_key=...) or set SQLA_TENANCY_SECRET_KEY."
+            )
+        return key
+
+    def _tenant_engine(self, tenant: Tenant, url: URL, *, async_: bool) -> Engine:
+        """A database tenant's engine, from the LRU cache."""
+
+        def make() -> Engine:
+            options = {**self._engine_options, **self._tenant_engine_options}
+            if async_:
+                engine = create_async_engine(url, **options).sync_engine
+            else:
+                engine = create_engine(url, **options)
+            engine.dialect.binder = self._binder  # type: ignore[attr-defined]
+            return engine
+
+        return self.tenant_engines.get((tenant.id, async_), make)
+
+    def connect(self) -> Connection:
+        """A Core connection to the active tenant's placement (its own database for a database
+        tenant; the main database otherwise), bound per transaction like a session's."""
+        return self.bind_for_current().connect()
+
+    def prepare_server(self, superuser_url: str | URL, server: str = "main") -> None:
+        """One-time set-up, as a superuser, of a server for database tenants: a template database
+        (``<name_prefix>_template``, owned by the admin role) with postgres_fdw installed and the
+        admin role allowed to use it. Idempotent."""
+        from .strategies.database import DatabaseStrategy
+
+        strategy = self._strategies["database"]
+        assert isinstance(strategy, DatabaseStrategy)
+        strategy.prepare_server(self, make_url(superuser_url).set(drivername="postgresql+psycopg"), server)
+
+    def refresh_foreign_schemas(self, tenant: str | uuid.UUID | Tenant | None = None) -> list[Tenant]:
+        """Re-import the infrastructure schemas into every database tenant (or just ``tenant``), so
+        that added, dropped and renamed columns and new tables are seen. Idempotent; each tenant is
+        refreshed in one transaction. Returns the tenants refreshed."""
+        from .strategies.database import DatabaseStrategy
+
+        strategy = self._strategies["database"]
+        assert isinstance(strategy, DatabaseStrategy)
+        if tenant is not None:
+            targets = [self.get_tenant(tenant)]
+        else:
+            targets = [t for t in self.list_tenants() if t.strategy == "database" and t.status == "active"]
+        for target in targets:
+            if target.strategy != "database":
+                raise TenancyError(f"Tenant {target.slug!r} is not a database tenant.")
+            strategy.import_foreign_schemas(self, target)
+        return targets
+
     # -- sessions ---------------------------------------------------------------------------
 
     def sessionmaker(self, **kw: Any) -> orm_sessionmaker[TenantSession]:
@@ -186,6 +279,15 @@ class Tenancy:
         """The engine a session uses now: the admin engine in :func:`platform_context`, else the
         active tenant's placement."""
         return self.router.current().engine(async_)
+
+    def strategy_named(self, name: str) -> Strategy:
+        """The placement strategy called ``name`` (:class:`ProvisioningError` if unknown)."""
+        try:
+            return self._strategies[name]
+        except KeyError:
+            raise ProvisioningError(
+                f"Unknown strategy {name!r}; choose one of {', '.join(sorted(self._strategies))}."
+            ) from None
 
     def _strategy(self, tenant: Tenant) -> Strategy:
         try:
@@ -229,54 +331,20 @@ class Tenancy:
 
         install(self)
 
-    def create_tenant(self, slug: str, *, strategy: str = "shared", name: str | None = None) -> Tenant:
+    def create_tenant(
+        self, slug: str, *, strategy: str = "shared", name: str | None = None, server: str | None = None
+    ) -> Tenant:
         """Register and provision a tenant; returns it active.
 
         ``strategy`` is the placement: ``"shared"`` (rows in the main database's tables, guarded
-        by RLS) or ``"schema"`` (a schema of its own in the main database). The registry row and
-        every object of the placement are created in one transaction, so a failure at any step
-        leaves nothing behind (:class:`ProvisioningError`) and the same call can simply be retried.
+        by RLS), ``"schema"`` (a schema of its own in the main database) or ``"database"`` (a
+        database of its own, on the main cluster or on ``server``, one of the ``servers`` given to
+        Tenancy). A failure at any step leaves nothing behind (:class:`ProvisioningError`) and
+        the same call can simply be retried. See :mod:`sqla_tenancy.lifecycle`.
         """
-        validate_slug(slug)
-        if strategy not in self._strategies:
-            raise ProvisioningError(
-                f"Unknown strategy {strategy!r}; choose one of {', '.join(sorted(self._strategies))}."
-            )
-        placement = self._strategies[strategy]
-        with self.admin_engine.begin() as admin:
-            # Two processes creating the same slug: the second waits, then sees the first's row.
-            admin.execute(text("select pg_advisory_xact_lock(hashtext('sqla_tenancy:' || :s))"), {"s": slug})
-            exists = admin.execute(text("select 1 from tenancy.tenants where slug = :s"), {"s": slug}).first()
-            if exists:
-                raise ProvisioningError(f"Tenant {slug!r} exists already.")
-            self._step("register")
-            row = admin.execute(
-                text(
-                    "insert into tenancy.tenants (slug, name, strategy, status) "
-                    "values (:slug, :name, :strategy, 'provisioning') returning id, created_at"
-                ),
-                {"slug": slug, "name": name or slug, "strategy": strategy},
-            ).one()
-            tenant = Tenant(
-                id=row.id, slug=slug, name=name or slug, strategy=strategy, status="active",
-                created_at=row.created_at,
-            )  # fmt: skip
-            try:
-                location = placement.provision(self, tenant, admin=admin)
-                self._step("activate")
-            except TenancyError:
-                raise
-            except Exception as exc:
-                raise ProvisioningError(
-                    f"Provisioning tenant {slug!r} ({strategy}) failed and was rolled back: {exc}"
-                ) from exc
-            admin.execute(
-                text("update tenancy.tenants set status = 'active', location = :loc where id = :id"),
-                {"loc": json.dumps(location), "id": tenant.id},
-            )
-        tenant = dataclasses.replace(tenant, location=location)
-        log.info("created tenant %s (%s)", slug, strategy)
-        return tenant
+        from .lifecycle import create_tenant
+
+        return create_tenant(self, slug, strategy=strategy, name=name, server=server)
 
     def _step(self, name: str) -> None:
         """Provisioning checkpoint; tests inject failures here (``_fault_injector``)."""
@@ -313,16 +381,16 @@ class Tenancy:
         self.registry.invalidate([row.id])
         return self.get_tenant(row.id)
 
-    def delete_tenant(self, slug: str) -> None:
-        """Delete the tenant's data, storage and registry row."""
-        tenant = self.get_tenant(lookup_key(slug))
-        if tenant.is_default:
-            raise TenancyError("The default tenant cannot be deleted.")
-        with self.admin_engine.begin() as admin:
-            self._strategy(tenant).deprovision(self, tenant, admin=admin)
-            admin.execute(text("delete from tenancy.tenants where id = :id"), {"id": tenant.id})
-        self.registry.invalidate([tenant.id])
-        log.info("deleted tenant %s", tenant.slug)
+    def delete_tenant(self, slug: str, *, keep_infrastructure_rows: bool = False) -> None:
+        """Delete the tenant's data, storage, roles and registry row; nothing is left behind.
+
+        ``keep_infrastructure_rows=True`` keeps the tenant's rows in the infrastructure tables
+        (e.g. users, for an audit trail)."""
+        from .lifecycle import delete_tenant
+
+        delete_tenant(
+            self, self.get_tenant(lookup_key(slug)), keep_infrastructure_rows=keep_infrastructure_rows
+        )
 
     def export_tenant(self, slug: str, path: str | os.PathLike[str], *, pg_dump: str | None = None) -> Path:
         """Write one tenant's data to ``path`` as a SQL script that restores into an empty database
@@ -349,6 +417,7 @@ class Tenancy:
                     asyncio.run(engine.dispose())
             self._async_engine = self._async_admin_engine = None
         self.registry.close()
+        self.tenant_engines.clear()
         self.engine.dispose()
         if self._admin_engine is not None:
             self._admin_engine.dispose()

@@ -15,6 +15,7 @@ from sqlalchemy import delete, exc, func, insert, select, text, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from sqla_tenancy import Tenancy, TenancyError, Tenant, tenant_context
+from sqla_tenancy.testing import TestServer
 
 from .models import Project, Task, User
 
@@ -31,7 +32,9 @@ class IsolationSuite:
     placement: str
 
     @pytest.fixture
-    def world(self, tenancy: Tenancy) -> Iterator[World]:
+    def world(self, tenancy: Tenancy, tenancy_server: TestServer) -> Iterator[World]:
+        if self.placement == "database":
+            tenancy.prepare_server(tenancy_server.superuser_url)
         a = tenancy.create_tenant("acme", strategy=self.placement)
         b = tenancy.create_tenant("globex", strategy=self.placement)
         maker = tenancy.sessionmaker()
@@ -115,16 +118,15 @@ class IsolationSuite:
             assert project.tenant_id == world.b.id
 
     def test_core_connection_is_bound_per_transaction(self, world: World) -> None:
-        with world.tenancy.engine.connect() as conn:
-            with tenant_context(world.a):
-                assert conn.execute(text("select count(*) from projects")).scalar() == 3
+        for tenant, count in ((world.a, 3), (world.b, 2), (world.a, 3)):
+            with tenant_context(tenant), world.tenancy.connect() as conn:
+                assert conn.execute(text("select count(*) from projects")).scalar() == count
                 conn.commit()
-            with tenant_context(world.b):
-                assert conn.execute(text("select count(*) from projects")).scalar() == 2
+                assert conn.execute(text("select count(*) from projects")).scalar() == count
                 conn.rollback()
 
     def test_core_insert_for_other_tenant_is_refused(self, world: World) -> None:
-        with tenant_context(world.b), world.tenancy.engine.connect() as conn:
+        with tenant_context(world.b), world.tenancy.connect() as conn:
             with pytest.raises(exc.ProgrammingError, match="row-level security"):
                 conn.execute(insert(Project).values(name="x", tenant_id=world.a.id))
 
@@ -203,3 +205,7 @@ class TestSharedPlacement(IsolationSuite):
 
 class TestSchemaPlacement(IsolationSuite):
     placement = "schema"
+
+
+class TestDatabasePlacement(IsolationSuite):
+    placement = "database"

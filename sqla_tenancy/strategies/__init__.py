@@ -7,7 +7,8 @@ tenant's ``strategy`` column.
 from __future__ import annotations
 
 from .base import Strategy
+from .database import DatabaseStrategy
 from .schema import SchemaStrategy
 from .shared import SharedStrategy
 
-__all__ = ["SchemaStrategy", "SharedStrategy", "Strategy"]
+__all__ = ["DatabaseStrategy", "SchemaStrategy", "SharedStrategy", "Strategy"]

@@ -22,15 +22,27 @@ class Strategy(Protocol):
     """
 
     name: str
+    #: provisioning runs inside the transaction that inserts the registry row (else: journaled)
+    transactional: bool
+    #: each tenant has engines of its own (else: the main engine, bound per transaction)
+    per_tenant_engines: bool
 
-    def provision(self, tenancy: Tenancy, tenant: Tenant, *, admin: Connection) -> dict[str, Any]:
+    def provision(self, tenancy: Tenancy, tenant: Tenant, *, admin: Connection | None) -> dict[str, Any]:
         """Create the tenant's storage; return what the registry keeps as its ``location``.
 
-        ``admin`` is in the transaction that inserts the tenant's registry row. Call
+        ``admin`` is in the transaction that inserts the tenant's registry row (None for
+        non-transactional strategies, which manage their own connections). Call
         ``tenancy._step(name)`` before each step (fault-injection tests rely on it)."""
 
-    def deprovision(self, tenancy: Tenancy, tenant: Tenant, *, admin: Connection) -> None:
-        """Remove the tenant's data and storage. ``admin`` is in the deleting transaction."""
+    def deprovision(
+        self, tenancy: Tenancy, tenant: Tenant, *, admin: Connection | None, keep_infrastructure_rows: bool
+    ) -> None:
+        """Remove the tenant's data and storage (and, unless kept, its infrastructure rows).
+        ``admin`` is in the deleting transaction (None for non-transactional strategies)."""
+
+    def compensate(self, tenancy: Tenancy, tenant: Tenant) -> None:
+        """Idempotently remove whatever a failed provisioning left (non-transactional strategies;
+        transactional ones roll back instead and do nothing here)."""
 
     def binding(self, tenancy: Tenancy, tenant: Tenant) -> bytes:
         """The transaction-local statements that bind a transaction to ``tenant``."""

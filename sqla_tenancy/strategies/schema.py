@@ -64,6 +64,8 @@ class SchemaStrategy:
     """A schema and a role per tenant, in the main database."""
 
     name = "schema"
+    transactional = True
+    per_tenant_engines = False
 
     def __init__(self) -> None:
         self._templates: dict[int, str] = {}
@@ -80,7 +82,8 @@ class SchemaStrategy:
         """The tenant's schema and role."""
         return schema_name(slug, tenancy.name_prefix), role_name(slug, "app", tenancy.name_prefix)
 
-    def provision(self, tenancy: Tenancy, tenant: Tenant, *, admin: Connection) -> dict[str, Any]:
+    def provision(self, tenancy: Tenancy, tenant: Tenant, *, admin: Connection | None) -> dict[str, Any]:
+        assert admin is not None
         schema, role = self.names(tenancy, tenant.slug)
         s, r = quote_ident(schema), quote_ident(role)
         exists = admin.exec_driver_sql("select 1 from pg_roles where rolname = %(r)s", {"r": role}).first()
@@ -122,10 +125,14 @@ class SchemaStrategy:
         _run(admin, f"GRANT {r} TO {quote_ident(app_role)}{option}")
         return {"schema": schema, "role": role}
 
-    def deprovision(self, tenancy: Tenancy, tenant: Tenant, *, admin: Connection) -> None:
+    def deprovision(
+        self, tenancy: Tenancy, tenant: Tenant, *, admin: Connection | None, keep_infrastructure_rows: bool
+    ) -> None:
+        assert admin is not None
         schema, role = self.names(tenancy, tenant.slug)
         s, r = quote_ident(schema), quote_ident(role)
-        delete_tenant_rows(tenant, reversed(tenancy.infrastructure_tables()), admin=admin)
+        if not keep_infrastructure_rows:
+            delete_tenant_rows(tenant, reversed(tenancy.infrastructure_tables()), admin=admin)
         statements = [f"DROP SCHEMA IF EXISTS {s} CASCADE"]
         for other in sorted({*tenancy.infrastructure_schemas, REGISTRY_SCHEMA}):
             o = quote_ident(other)
@@ -139,6 +146,9 @@ class SchemaStrategy:
         if not exists:
             statements = [statements[0]]
         _run(admin, ";\n".join(statements))
+
+    def compensate(self, tenancy: Tenancy, tenant: Tenant) -> None:
+        """Nothing to do: provisioning is transactional."""
 
     def binding(self, tenancy: Tenancy, tenant: Tenant) -> bytes:
         schema, role = self.names(tenancy, tenant.slug)

@@ -43,8 +43,10 @@ class SharedStrategy:
     """Rows in the main database, isolated by RLS on ``tenant_id``."""
 
     name = "shared"
+    transactional = True
+    per_tenant_engines = False
 
-    def provision(self, tenancy: Tenancy, tenant: Tenant, *, admin: Connection) -> dict[str, Any]:
+    def provision(self, tenancy: Tenancy, tenant: Tenant, *, admin: Connection | None) -> dict[str, Any]:
         # The tables exist already (install() / migrations); a shared tenant is only a registry
         # row. Refuse when a tenant table in the main database cannot be isolated by RLS.
         unscoped = [t.fullname for t in tenancy.tenant_tables() if not is_tenant_scoped(t)]
@@ -58,8 +60,18 @@ class SharedStrategy:
             )
         return {}
 
-    def deprovision(self, tenancy: Tenancy, tenant: Tenant, *, admin: Connection) -> None:
-        delete_tenant_rows(tenant, reversed(tenancy.metadata.sorted_tables), admin=admin)
+    def deprovision(
+        self, tenancy: Tenancy, tenant: Tenant, *, admin: Connection | None, keep_infrastructure_rows: bool
+    ) -> None:
+        assert admin is not None
+        tables = tenancy.tenant_tables()
+        if not keep_infrastructure_rows:
+            tables += tenancy.infrastructure_tables()
+        order = {t: i for i, t in enumerate(tenancy.metadata.sorted_tables)}
+        delete_tenant_rows(tenant, sorted(tables, key=order.__getitem__, reverse=True), admin=admin)
+
+    def compensate(self, tenancy: Tenancy, tenant: Tenant) -> None:
+        """Nothing to do: provisioning is transactional."""
 
     def binding(self, tenancy: Tenancy, tenant: Tenant) -> bytes:
         return tenant_binding(tenant)

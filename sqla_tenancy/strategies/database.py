@@ -1,0 +1,377 @@
+"""Database placement: each tenant has a database of its own, on the main cluster or on another
+server, reaching the main database's infrastructure tables as postgres_fdw foreign tables.
+
+Per tenant:
+
+* a login role for the application, allowed to connect to that database only (``CONNECT`` is
+  revoked from ``PUBLIC`` on tenant databases);
+* the database, cloned from a template database that holds the tenant tables (with their RLS),
+  the ``tenancy.current_tenant_id()`` function and the postgres_fdw extension;
+* on the main database, an FDW login role, NOBYPASSRLS, with privileges on the infrastructure
+  schemas only. Its name carries the tenant's id, and the main database's
+  ``tenancy.current_tenant_id()`` derives the tenant from that login identity: setting
+  ``app.current_tenant_id`` through the foreign server changes nothing;
+* in the tenant database: a foreign server for the main database, user mappings that log in as the
+  FDW role with its password (clusters that require passwords need it), and ``IMPORT FOREIGN
+  SCHEMA`` of each infrastructure schema into a schema of the same name.
+
+Passwords are derived from ``Tenancy(secret_key=...)`` with HMAC-SHA256 and stored nowhere: not in
+the registry, not in logs (PostgreSQL keeps the SCRAM verifier, and the user mapping the FDW
+role's password, which only the mapping's owner and superusers can read).
+
+``CREATE DATABASE`` cannot run in a transaction, so provisioning is a journal: the registry row
+(status ``provisioning``, with every name it will create) is committed first; each step is
+idempotent; on failure, or when a crashed attempt is found on retry, one idempotent clean-up
+removes whatever exists of the tenant and the row.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import logging
+import os
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from sqlalchemy import Connection, create_engine, text
+from sqlalchemy.engine import URL, Engine
+from sqlalchemy.pool import NullPool as _NullPool
+
+from ..dialect import DRIVER_NAME
+from ..errors import ProvisioningError
+from ..identifiers import database_name, quote_ident, quote_literal, role_name
+from ..registry import REGISTRY_SCHEMA
+from ..rls import (
+    TENANT_ID_INFO_KEY,
+    TENANT_SETTING,
+    current_tenant_function_ddl,
+    fdw_role_name,
+    is_tenant_scoped,
+)
+from .schema import tenant_ddl_template
+from .shared import delete_tenant_rows
+
+if TYPE_CHECKING:
+    from ..registry import Tenant
+    from ..tenancy import Tenancy
+
+__all__ = ["DatabaseStrategy", "derive_password", "scram_verifier"]
+
+log = logging.getLogger(__name__)
+
+FOREIGN_SERVER = "tenancy_main"
+
+
+def derive_password(secret: bytes, role: str) -> str:
+    """The password of a per-tenant role: HMAC-SHA256 of the role name under the secret key."""
+    digest = hmac.new(secret, f"sqla-tenancy:{role}".encode(), hashlib.sha256).digest()
+    return base64.urlsafe_b64encode(digest).decode().rstrip("=")
+
+
+@dataclass(frozen=True)
+class Names:
+    server: str
+    database: str
+    app_role: str
+    fdw_role: str
+    template: str
+
+    def location(self) -> dict[str, Any]:
+        return {"server": self.server, "database": self.database, "role": self.app_role,
+                "fdw_role": self.fdw_role}  # fmt: skip
+
+
+class DatabaseStrategy:
+    """A database per tenant, with the infrastructure reached through postgres_fdw."""
+
+    name = "database"
+    transactional = False
+    per_tenant_engines = True
+
+    # -- names and connections --------------------------------------------------------------
+
+    def names(self, tenancy: Tenancy, tenant: Tenant, server: str | None = None) -> Names:
+        server = server or tenant.location.get("server") or "main"
+        return Names(
+            server=server,
+            database=database_name(tenant.slug, tenancy.name_prefix),
+            app_role=role_name(tenant.slug, "app", tenancy.name_prefix),
+            fdw_role=fdw_role_name(tenant.id, tenancy.name_prefix),
+            template=f"{tenancy.name_prefix}_template",
+        )
+
+    def _admin(self, tenancy: Tenancy, server: str, database: str | None = None) -> Engine:
+        url = tenancy.server_admin_url(server)
+        if database is not None:
+            url = url.set(database=database)
+        return create_engine(url, isolation_level="AUTOCOMMIT", poolclass=_NullPool)
+
+    def app_url(self, tenancy: Tenancy, tenant: Tenant) -> URL:
+        names = self.names(tenancy, tenant)
+        base = tenancy.server_admin_url(names.server)
+        return base.set(
+            drivername=f"postgresql+{DRIVER_NAME}",
+            username=names.app_role,
+            password=derive_password(tenancy.secret(), names.app_role),
+            database=names.database,
+        )
+
+    # -- template -----------------------------------------------------------------------------
+
+    def prepare_server(self, tenancy: Tenancy, superuser_url: URL, server: str) -> None:
+        """One-time, superuser-only set-up of a server: the template database with postgres_fdw."""
+        template = f"{tenancy.name_prefix}_template"
+        admin_role = tenancy.server_admin_url(server).username
+        assert admin_role
+        su = create_engine(superuser_url, isolation_level="AUTOCOMMIT", poolclass=_NullPool)
+        try:
+            with su.connect() as conn:
+                exists = conn.execute(
+                    text("select 1 from pg_database where datname = :d"), {"d": template}
+                ).first()
+                if not exists:
+                    conn.exec_driver_sql(
+                        f"CREATE DATABASE {quote_ident(template)} OWNER {quote_ident(admin_role)}"
+                    )
+                conn.exec_driver_sql(f"REVOKE ALL ON DATABASE {quote_ident(template)} FROM PUBLIC")
+        finally:
+            su.dispose()
+        su = create_engine(superuser_url.set(database=template), isolation_level="AUTOCOMMIT",
+                           poolclass=_NullPool)  # fmt: skip
+        try:
+            with su.connect() as conn:
+                conn.exec_driver_sql("CREATE EXTENSION IF NOT EXISTS postgres_fdw")
+                conn.exec_driver_sql(
+                    f"GRANT USAGE ON FOREIGN DATA WRAPPER postgres_fdw TO {quote_ident(admin_role)}"
+                )
+        finally:
+            su.dispose()
+        self.refresh_template(tenancy, server)
+
+    def refresh_template(self, tenancy: Tenancy, server: str) -> None:
+        """(Re)create the tenant tables and the policy function in the template database."""
+        template = f"{tenancy.name_prefix}_template"
+        engine = self._admin(tenancy, server, template)
+        try:
+            with engine.begin() as conn:
+                has_fdw = conn.execute(
+                    text("select 1 from pg_extension where extname = 'postgres_fdw'")
+                ).first()
+                if not has_fdw:
+                    raise ProvisioningError(
+                        f"The template database {template!r} on server {server!r} lacks postgres_fdw. "
+                        "Run tenancy.prepare_server(superuser_url) once (it needs a superuser)."
+                    )
+                conn.exec_driver_sql(f"CREATE SCHEMA IF NOT EXISTS {REGISTRY_SCHEMA}")
+                for statement in current_tenant_function_ddl(REGISTRY_SCHEMA):
+                    conn.exec_driver_sql(statement)
+                have = set(
+                    conn.execute(
+                        text("select tablename from pg_tables where schemaname = 'public'")
+                    ).scalars()
+                )
+                if not have:
+                    script = tenant_ddl_template(tenancy)
+                    if script:
+                        _script(conn, f"SET LOCAL search_path = public;\n{script}")
+        finally:
+            engine.dispose()
+
+    # -- provisioning -------------------------------------------------------------------------
+
+    def provision(
+        self, tenancy: Tenancy, tenant: Tenant, *, admin: Connection | None = None
+    ) -> dict[str, Any]:
+        names = self.names(tenancy, tenant)
+        secret = tenancy.secret()
+        main = tenancy.server_admin_url("main")
+        server_engine = self._admin(tenancy, names.server)
+        try:
+            tenancy._step("template")
+            self.refresh_template(tenancy, names.server)
+            tenancy._step("app_role")
+            with server_engine.connect() as conn:
+                _create_role(conn, names.app_role, derive_password(secret, names.app_role))
+            tenancy._step("database")
+            with server_engine.connect() as conn:
+                conn.exec_driver_sql(
+                    f"CREATE DATABASE {quote_ident(names.database)} TEMPLATE {quote_ident(names.template)} "
+                    f"OWNER {quote_ident(main.username or '')}"
+                    if names.server == "main"
+                    else f"CREATE DATABASE {quote_ident(names.database)} TEMPLATE "
+                    f"{quote_ident(names.template)}"
+                )
+                conn.exec_driver_sql(f"REVOKE ALL ON DATABASE {quote_ident(names.database)} FROM PUBLIC")
+                database, app_role = quote_ident(names.database), quote_ident(names.app_role)
+                conn.exec_driver_sql(f"GRANT CONNECT ON DATABASE {database} TO {app_role}")
+        finally:
+            server_engine.dispose()
+        tenancy._step("fdw_role")
+        with tenancy.admin_engine.begin() as conn:
+            _create_role(conn, names.fdw_role, derive_password(secret, names.fdw_role))
+            main_db, fdw_role = quote_ident(main.database or ""), quote_ident(names.fdw_role)
+            conn.exec_driver_sql(f"GRANT CONNECT ON DATABASE {main_db} TO {fdw_role}")
+            _script(conn, ";\n".join(_infrastructure_grants(tenancy, names.fdw_role)))
+        tenancy._step("fdw")
+        self.import_foreign_schemas(tenancy, tenant, names=names, create_server=True)
+        return names.location()
+
+    def import_foreign_schemas(
+        self, tenancy: Tenancy, tenant: Tenant, *, names: Names | None = None, create_server: bool = False
+    ) -> None:
+        """(Re)import every infrastructure schema into the tenant's database, in one transaction,
+        so tenant queries never see a half-refreshed schema."""
+        names = names or self.names(tenancy, tenant)
+        main = tenancy.url
+        secret = tenancy.secret()
+        engine = self._admin(tenancy, names.server, names.database)
+        admin_role = tenancy.server_admin_url(names.server).username or ""
+        try:
+            with engine.begin() as conn:
+                statements = []
+                if create_server:
+                    statements += [
+                        f"CREATE SERVER IF NOT EXISTS {FOREIGN_SERVER} FOREIGN DATA WRAPPER postgres_fdw "
+                        f"OPTIONS (host {quote_literal(main.host or 'localhost')}, "
+                        f"port {quote_literal(str(main.port or 5432))}, "
+                        f"dbname {quote_literal(main.database or '')})",
+                    ]
+                    password = derive_password(secret, names.fdw_role)
+                    for local in (names.app_role, admin_role):
+                        statements.append(
+                            f"CREATE USER MAPPING IF NOT EXISTS FOR {quote_ident(local)} SERVER "
+                            f"{FOREIGN_SERVER} OPTIONS (user {quote_literal(names.fdw_role)}, "
+                            f"password {quote_literal(password)})"
+                        )
+                    app = quote_ident(names.app_role)
+                    statements += [
+                        f"GRANT USAGE ON SCHEMA public TO {app}",
+                        f"GRANT SELECT, INSERT, UPDATE, DELETE ON ALL TABLES IN SCHEMA public TO {app}",
+                        f"GRANT USAGE, SELECT ON ALL SEQUENCES IN SCHEMA public TO {app}",
+                        f"GRANT USAGE ON SCHEMA {REGISTRY_SCHEMA} TO {app}",
+                    ]
+                for schema in sorted(tenancy.infrastructure_schemas):
+                    s = quote_ident(schema)
+                    statements += [
+                        f"DROP SCHEMA IF EXISTS {s} CASCADE",
+                        f"CREATE SCHEMA {s}",
+                        f"IMPORT FOREIGN SCHEMA {s} FROM SERVER {FOREIGN_SERVER} INTO {s}",
+                        f"GRANT USAGE ON SCHEMA {s} TO {quote_ident(names.app_role)}",
+                        f"GRANT SELECT, INSERT, UPDATE, DELETE ON ALL TABLES IN SCHEMA {s} "
+                        f"TO {quote_ident(names.app_role)}",
+                    ]
+                _script(conn, ";\n".join(statements))
+                # Foreign tables do not apply the remote defaults: the tenant's id is this database's
+                # constant; serial ids are filled on the main side by a trigger (see installer).
+                for table in tenancy.infrastructure_tables():
+                    if is_tenant_scoped(table):
+                        column = next(c for c in table.columns if c.info.get(TENANT_ID_INFO_KEY))
+                        conn.exec_driver_sql(
+                            f"ALTER FOREIGN TABLE {quote_ident(table.schema or 'public')}."
+                            f"{quote_ident(table.name)} ALTER COLUMN {quote_ident(column.name)} "
+                            f"SET DEFAULT {quote_literal(str(tenant.id))}::uuid"
+                        )
+        finally:
+            engine.dispose()
+
+    def compensate(self, tenancy: Tenancy, tenant: Tenant) -> None:
+        """Remove whatever exists of the tenant's storage and roles (idempotent)."""
+        names = self.names(tenancy, tenant)
+        tenancy.tenant_engines.discard(lambda key: key[0] == tenant.id)  # type: ignore[index]
+        server_engine = self._admin(tenancy, names.server)
+        try:
+            with server_engine.connect() as conn:
+                conn.exec_driver_sql(f"DROP DATABASE IF EXISTS {quote_ident(names.database)} WITH (FORCE)")
+                conn.exec_driver_sql(f"DROP ROLE IF EXISTS {quote_ident(names.app_role)}")
+        finally:
+            server_engine.dispose()
+        with tenancy.admin_engine.begin() as conn:
+            exists = conn.execute(
+                text("select 1 from pg_roles where rolname = :r"), {"r": names.fdw_role}
+            ).first()
+            if exists:
+                r = quote_ident(names.fdw_role)
+                statements = [f"REVOKE ALL ON DATABASE {quote_ident(tenancy.url.database or '')} FROM {r}"]
+                for schema in sorted({*tenancy.infrastructure_schemas, REGISTRY_SCHEMA}):
+                    s = quote_ident(schema)
+                    statements += [
+                        f"REVOKE ALL ON ALL TABLES IN SCHEMA {s} FROM {r}",
+                        f"REVOKE ALL ON ALL SEQUENCES IN SCHEMA {s} FROM {r}",
+                        f"REVOKE ALL ON SCHEMA {s} FROM {r}",
+                    ]
+                statements.append(f"DROP ROLE {r}")
+                _script(conn, ";\n".join(statements))
+
+    def deprovision(
+        self, tenancy: Tenancy, tenant: Tenant, *, admin: Connection | None, keep_infrastructure_rows: bool
+    ) -> None:
+        if not keep_infrastructure_rows:
+            with tenancy.admin_engine.begin() as conn:
+                delete_tenant_rows(tenant, reversed(tenancy.infrastructure_tables()), admin=conn)
+        self.compensate(tenancy, tenant)
+
+    # -- routing ------------------------------------------------------------------------------
+
+    def binding(self, tenancy: Tenancy, tenant: Tenant) -> bytes:
+        # The pool serves this tenant only; the setting is for RLS on the tenant's own tables.
+        return f"SET LOCAL {TENANT_SETTING} = {quote_literal(str(tenant.id))}".encode()
+
+    def engine(self, tenancy: Tenancy, tenant: Tenant, *, async_: bool) -> Engine:
+        return tenancy._tenant_engine(tenant, self.app_url(tenancy, tenant), async_=async_)
+
+
+def _infrastructure_grants(tenancy: Tenancy, role: str) -> list[str]:
+    r = quote_ident(role)
+    statements = [f"GRANT USAGE ON SCHEMA {REGISTRY_SCHEMA} TO {r}"]
+    for schema in sorted(tenancy.infrastructure_schemas):
+        s = quote_ident(schema)
+        statements += [
+            f"GRANT USAGE ON SCHEMA {s} TO {r}",
+            f"GRANT SELECT, INSERT, UPDATE, DELETE ON ALL TABLES IN SCHEMA {s} TO {r}",
+            f"GRANT USAGE, SELECT ON ALL SEQUENCES IN SCHEMA {s} TO {r}",
+        ]
+    return statements
+
+
+def _create_role(conn: Connection, role: str, password: str) -> None:
+    exists = conn.execute(text("select 1 from pg_roles where rolname = :r"), {"r": role}).first()
+    if exists:
+        raise ProvisioningError(
+            f"Role {role!r} exists already (roles are cluster-wide: is another application on this "
+            "cluster using the same name_prefix?). Give Tenancy a distinct name_prefix, or drop it."
+        )
+    # Only a SCRAM verifier goes over the wire (and into any server log), never the password.
+    _script(
+        conn,
+        f"CREATE ROLE {quote_ident(role)} LOGIN NOSUPERUSER NOBYPASSRLS NOCREATEDB NOCREATEROLE "
+        f"NOINHERIT PASSWORD {quote_literal(scram_verifier(password))}",
+    )
+
+
+def scram_verifier(password: str, *, iterations: int = 4096) -> str:
+    """The ``SCRAM-SHA-256$...`` verifier PostgreSQL stores for ``password`` (RFC 5802/7677).
+
+    Derived passwords are ASCII, so SASLprep leaves them unchanged.
+    """
+    salt = os.urandom(16)
+    salted = hashlib.pbkdf2_hmac("sha256", password.encode(), salt, iterations)
+    client_key = hmac.new(salted, b"Client Key", hashlib.sha256).digest()
+    stored_key = hashlib.sha256(client_key).digest()
+    server_key = hmac.new(salted, b"Server Key", hashlib.sha256).digest()
+    b64 = base64.b64encode
+    return (
+        f"SCRAM-SHA-256${iterations}:{b64(salt).decode()}"
+        f"${b64(stored_key).decode()}:{b64(server_key).decode()}"
+    )
+
+
+def _script(conn: Connection, script: str) -> None:
+    driver = conn.connection.dbapi_connection
+    assert driver is not None
+    cursor = driver.cursor()
+    try:
+        cursor.execute(script.encode())
+    finally:
+        cursor.close()

@@ -10,6 +10,7 @@ connections still checked out keep working until they are returned, then close. 
 from __future__ import annotations
 
 import threading
+import weakref
 from collections import OrderedDict
 from collections.abc import Callable, Hashable
 from dataclasses import dataclass
@@ -55,6 +56,7 @@ class EngineCache:
         self._hits = self._misses = self._evictions = 0
         self._open = self._peak = 0
         self._count_lock = threading.Lock()
+        self._retired: weakref.WeakSet[Engine] = weakref.WeakSet()
 
     def get(self, key: Hashable, factory: Callable[[], Engine]) -> Engine:
         """The engine for ``key``, made by ``factory`` (a sync Engine, or an AsyncEngine's
@@ -74,7 +76,7 @@ class EngineCache:
                 evicted.append(self._engines.popitem(last=False)[1])
                 self._evictions += 1
         for old in evicted:
-            old.dispose()
+            self._retire(old)
         return engine
 
     def discard(self, predicate: Callable[[Hashable], bool]) -> None:
@@ -83,7 +85,12 @@ class EngineCache:
             keys = [k for k in self._engines if predicate(k)]
             engines = [self._engines.pop(k) for k in keys]
         for engine in engines:
-            engine.dispose()
+            self._retire(engine)
+
+    def _retire(self, engine: Engine) -> None:
+        """Close the idle connections now, and the checked-out ones as they come back."""
+        self._retired.add(engine)
+        engine.pool.dispose()
 
     def stats(self) -> EngineStats:
         with self._lock:
@@ -113,6 +120,11 @@ class EngineCache:
                 self._open += 1
                 self._peak = max(self._peak, self._open)
             return connection
+
+        @event.listens_for(engine, "checkin")
+        def _checkin(dbapi_connection: Any, record: Any) -> None:
+            if engine in self._retired:
+                record.invalidate()
 
         @event.listens_for(engine, "close")
         def _closed(dbapi_connection: Any, record: Any) -> None:

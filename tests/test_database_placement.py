@@ -1,0 +1,304 @@
+"""What only the database placement has: the FDW architecture, its security, provisioning journal,
+foreign-schema refresh, the engine cache and placement on another server."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterator
+
+import psycopg
+import pytest
+from sqlalchemy import create_engine, exc, func, select, text
+from sqlalchemy.engine import URL
+
+from sqla_tenancy import ProvisioningError, Tenancy, tenant_context
+from sqla_tenancy.rls import fdw_role_name
+from sqla_tenancy.strategies.database import derive_password
+from sqla_tenancy.testing import TemporaryCluster, TestServer
+
+from .conftest import SECRET
+from .models import INFRASTRUCTURE, Base, Project, Task, User
+
+
+@pytest.fixture
+def dbt(tenancy: Tenancy, tenancy_server: TestServer) -> Iterator[Tenancy]:
+    tenancy.prepare_server(tenancy_server.superuser_url)
+    for slug in ("acme", "globex"):
+        tenancy.create_tenant(slug, strategy="database")
+        with tenant_context(slug), tenancy.sessionmaker()() as s:
+            project = Project(name=f"{slug}-p")
+            s.add(project)
+            s.flush()
+            s.add_all([Task(project_id=project.id, title=f"{slug}-t"), User(email=f"x@{slug}.test")])
+            s.commit()
+    yield tenancy
+
+
+def catalog(t: Tenancy) -> dict[str, set[str]]:
+    with t.admin_engine.connect() as conn:
+        return {
+            "databases": set(conn.execute(text("select datname from pg_database")).scalars()),
+            "roles": set(conn.execute(text("select rolname from pg_roles")).scalars()),
+            "tenants": set(conn.execute(text("select slug from tenancy.tenants")).scalars()),
+        }
+
+
+def psycopg_kwargs(url: URL, *, user: str, password: str, dbname: str) -> dict[str, object]:
+    return {"host": url.host, "port": url.port, "user": user, "password": password, "dbname": dbname}
+
+
+def test_fdw_role_cannot_choose_its_tenant(dbt: Tenancy) -> None:
+    acme, globex = dbt.get_tenant("acme"), dbt.get_tenant("globex")
+    role = fdw_role_name(acme.id, dbt.name_prefix)
+    kwargs = psycopg_kwargs(dbt.url, user=role, password=derive_password(SECRET.encode(), role),
+                            dbname=dbt.url.database or "")  # fmt: skip
+    with psycopg.connect(**kwargs) as conn:  # type: ignore[arg-type]
+        conn.execute(f"set app.current_tenant_id = '{globex.id}'")
+        assert conn.execute("select email from auth.users").fetchall() == [("x@acme.test",)]
+        conn.execute("select set_config('app.current_tenant_id', %s, false)", (str(globex.id),))
+        assert conn.execute("select count(*) from auth.users").fetchone() == (1,)
+        with pytest.raises(psycopg.errors.InsufficientPrivilege, match="row-level security"):
+            conn.execute("insert into auth.users (email, tenant_id) values ('evil', %s)", (globex.id,))
+        conn.rollback()
+        with pytest.raises(psycopg.errors.InsufficientPrivilege):
+            conn.execute("select * from tenancy.tenants")
+        conn.rollback()
+        with pytest.raises(psycopg.errors.InsufficientPrivilege):
+            conn.execute("select * from public.projects")
+
+
+def test_fdw_role_is_nobypassrls_and_not_superuser(dbt: Tenancy) -> None:
+    role = fdw_role_name(dbt.get_tenant("acme").id, dbt.name_prefix)
+    with dbt.admin_engine.connect() as conn:
+        row = conn.execute(
+            text("select rolsuper, rolbypassrls, rolcanlogin from pg_roles where rolname = :r"), {"r": role}
+        ).one()
+    assert tuple(row) == (False, False, True)
+
+
+def test_infrastructure_through_foreign_tables(dbt: Tenancy) -> None:
+    acme = dbt.get_tenant("acme")
+    with tenant_context("acme"), dbt.sessionmaker()() as s:
+        user = s.scalars(select(User)).one()
+        assert (user.email, user.tenant_id) == ("x@acme.test", acme.id)
+        new = User(email="second@acme.test")
+        s.add(new)
+        s.flush()
+        assert new.id is not None and new.id != user.id
+        s.commit()
+        # one query joining a tenant table and an infrastructure table
+        rows = s.execute(
+            text(
+                "select p.name, u.email from projects p join auth.users u on u.tenant_id = p.tenant_id "
+                "order by u.email"
+            )  # fmt: skip
+        ).all()
+        assert rows == [("acme-p", "second@acme.test"), ("acme-p", "x@acme.test")]
+    with dbt.admin_engine.connect() as conn:  # the rows live in the main database
+        assert conn.execute(text("select count(*) from auth.users where tenant_id = :t"),
+                            {"t": acme.id}).scalar() == 2  # fmt: skip
+
+
+def test_a_transaction_over_both_databases_is_atomic(dbt: Tenancy) -> None:
+    with tenant_context("acme"), dbt.sessionmaker()() as s:
+        s.add_all([Project(name="rolled-back"), User(email="rolled@back.test")])
+        s.flush()
+        s.rollback()
+        s.add_all([Project(name="kept"), User(email="kept@acme.test")])
+        s.commit()
+    with tenant_context("acme"), dbt.sessionmaker()() as s:
+        assert sorted(s.scalars(select(Project.name))) == ["acme-p", "kept"]
+        assert sorted(s.scalars(select(User.email))) == ["kept@acme.test", "x@acme.test"]
+
+
+def test_where_clauses_are_pushed_down(dbt: Tenancy) -> None:
+    with tenant_context("acme"), dbt.connect() as conn:
+        plan = "\n".join(
+            conn.execute(
+                text("explain verbose select id from auth.users where email = 'x@acme.test'")
+            ).scalars()
+        )
+    assert "Foreign Scan" in plan
+    remote = next(line for line in plan.splitlines() if "Remote SQL" in line)
+    assert "WHERE" in remote and "x@acme.test" in remote
+
+
+def test_tenant_role_cannot_connect_to_another_tenants_database(dbt: Tenancy) -> None:
+    acme_role = f"{dbt.name_prefix}_acme_app"
+    kwargs = psycopg_kwargs(dbt.url, user=acme_role, password=derive_password(SECRET.encode(), acme_role),
+                            dbname=f"{dbt.name_prefix}_globex")  # fmt: skip
+    with pytest.raises(psycopg.OperationalError, match="permission denied for database"):
+        psycopg.connect(**kwargs)  # type: ignore[arg-type]
+    kwargs["dbname"] = dbt.url.database or ""
+    with pytest.raises(psycopg.OperationalError, match="permission denied for database"):
+        psycopg.connect(**kwargs)  # type: ignore[arg-type]
+
+
+def test_no_plaintext_password_in_registry_or_logs(
+    tenancy: Tenancy, tenancy_server: TestServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    tenancy.prepare_server(tenancy_server.superuser_url)
+    with caplog.at_level(logging.DEBUG):
+        acme = tenancy.create_tenant("acme", strategy="database")
+    secrets = [derive_password(SECRET.encode(), r)
+               for r in (f"{tenancy.name_prefix}_acme_app", fdw_role_name(acme.id, tenancy.name_prefix))]  # fmt: skip
+    with tenancy.admin_engine.connect() as conn:
+        row = conn.execute(text("select t::text from tenancy.tenants t where slug = 'acme'")).scalar()
+    for secret in secrets:
+        assert secret not in (row or "")
+        assert secret not in caplog.text
+
+
+STEPS = ["register", "template", "app_role", "database", "fdw_role", "fdw", "activate"]
+
+
+def test_all_steps_are_exercised(tenancy: Tenancy, tenancy_server: TestServer) -> None:
+    tenancy.prepare_server(tenancy_server.superuser_url)
+    seen: list[str] = []
+    tenancy._fault_injector = seen.append
+    tenancy.create_tenant("acme", strategy="database")
+    assert seen == STEPS
+
+
+@pytest.mark.parametrize("step", STEPS)
+def test_failure_at_any_step_leaves_nothing(tenancy: Tenancy, tenancy_server: TestServer, step: str) -> None:
+    tenancy.prepare_server(tenancy_server.superuser_url)
+
+    def inject(name: str) -> None:
+        if name == step:
+            raise RuntimeError(f"injected failure at {name}")
+
+    before = catalog(tenancy)
+    tenancy._fault_injector = inject
+    with pytest.raises((ProvisioningError, RuntimeError), match="injected"):
+        tenancy.create_tenant("acme", strategy="database")
+    assert catalog(tenancy) == before
+    tenancy._fault_injector = None
+    tenancy.create_tenant("acme", strategy="database")
+    with tenant_context("acme"), tenancy.sessionmaker()() as s:
+        assert s.scalars(select(Project)).all() == []
+
+
+def test_retry_cleans_up_after_a_crashed_attempt(tenancy: Tenancy, tenancy_server: TestServer) -> None:
+    tenancy.prepare_server(tenancy_server.superuser_url)
+    before = catalog(tenancy)
+
+    def crash(name: str) -> None:
+        if name == "fdw":
+            raise KeyboardInterrupt  # not an Exception: like a process being stopped
+
+    tenancy._fault_injector = crash
+    with pytest.raises(KeyboardInterrupt):
+        tenancy.create_tenant("acme", strategy="database")
+    assert catalog(tenancy) == before  # BaseException still runs the clean-up
+    tenancy._fault_injector = None
+    # a crash that left the journal row and a database behind (as a killed process would)
+    with tenancy.admin_engine.begin() as conn:
+        conn.execute(text("insert into tenancy.tenants (slug, name, strategy, status, location) values "
+                          "('acme', 'acme', 'database', 'provisioning', '{\"server\": \"main\"}')"))  # fmt: skip
+    tenancy_server.execute(
+        f'create database "{tenancy.name_prefix}_acme" owner "{tenancy_server.admin_role}"'
+    )
+    tenancy.create_tenant("acme", strategy="database")
+    assert catalog(tenancy)["databases"] - before["databases"] == {f"{tenancy.name_prefix}_acme"}
+
+
+def test_delete_leaves_nothing(dbt: Tenancy) -> None:
+    acme = dbt.get_tenant("acme")
+    before = catalog(dbt)
+    dbt.delete_tenant("acme")
+    after = catalog(dbt)
+    assert before["databases"] - after["databases"] == {f"{dbt.name_prefix}_acme"}
+    assert before["roles"] - after["roles"] == {
+        f"{dbt.name_prefix}_acme_app",
+        fdw_role_name(acme.id, dbt.name_prefix),
+    }
+    assert before["tenants"] - after["tenants"] == {"acme"}
+    with dbt.admin_engine.connect() as conn:
+        assert conn.execute(text("select count(*) from auth.users where tenant_id = :t"),
+                            {"t": acme.id}).scalar() == 0  # fmt: skip
+    with tenant_context("globex"), dbt.sessionmaker()() as s:
+        assert s.scalars(select(User.email)).all() == ["x@globex.test"]
+
+
+def test_delete_can_keep_infrastructure_rows(dbt: Tenancy) -> None:
+    acme = dbt.get_tenant("acme")
+    dbt.delete_tenant("acme", keep_infrastructure_rows=True)
+    with dbt.admin_engine.connect() as conn:
+        assert conn.execute(text("select count(*) from auth.users where tenant_id = :t"),
+                            {"t": acme.id}).scalar() == 1  # fmt: skip
+
+
+def test_refresh_foreign_schemas_follows_infrastructure_changes(dbt: Tenancy) -> None:
+    with dbt.admin_engine.begin() as conn:
+        conn.execute(text("alter table auth.users add column nickname text"))
+        conn.execute(text("alter table auth.users rename column email to mail"))
+    with tenant_context("acme"), dbt.connect() as conn:
+        with pytest.raises(exc.DBAPIError):  # the foreign table still has the old shape
+            conn.execute(text("select email from auth.users")).all()
+    refreshed = dbt.refresh_foreign_schemas()
+    assert sorted(t.slug for t in refreshed) == ["acme", "globex"]
+    dbt.refresh_foreign_schemas("acme")  # idempotent
+    with tenant_context("acme"), dbt.connect() as conn:
+        assert conn.execute(text("select mail, nickname from auth.users")).all() == [("x@acme.test", None)]
+        conn.execute(text("insert into auth.users (mail, nickname) values ('n@acme.test', 'n')"))
+        conn.commit()
+    with tenant_context("globex"), dbt.connect() as conn:
+        assert conn.execute(text("select mail from auth.users")).scalars().all() == ["x@globex.test"]
+
+
+def test_engine_cache_is_bounded_and_counts(tenancy_factory: Callable[..., Tenancy],
+                                            tenancy_server: TestServer) -> None:  # fmt: skip
+    t = tenancy_factory(Base.metadata, infrastructure_schemas=INFRASTRUCTURE, secret_key=SECRET,
+                        max_tenant_engines=2, tenant_pool_size=1, tenant_max_overflow=0)  # fmt: skip
+    t.install()
+    t.prepare_server(tenancy_server.superuser_url)
+    for slug in ("t1", "t2", "t3"):
+        t.create_tenant(slug, strategy="database")
+    maker = t.sessionmaker()
+    with tenant_context("t1"), t.connect() as held:  # a connection checked out across the eviction
+        held.execute(text("select 1"))
+        for slug in ("t2", "t3", "t2", "t3"):
+            with tenant_context(slug), maker() as s:
+                assert s.scalar(select(func.count()).select_from(Project)) == 0
+        stats = t.tenant_engines.stats()
+        assert stats.engines == 2 and stats.evictions >= 1 and stats.hits >= 1
+        assert held.execute(text("select count(*) from projects")).scalar() == 0  # still works
+    assert t.tenant_engines.stats().open_connections <= 2
+
+
+def test_tenant_on_another_server(tenancy: Tenancy, tenancy_server: TestServer) -> None:
+    with TemporaryCluster() as eu:
+        su = create_engine(eu.url(), isolation_level="AUTOCOMMIT")
+        with su.connect() as conn:
+            conn.exec_driver_sql("create role eu_admin login createdb createrole password 'eu-admin-pw'")
+        su.dispose()
+        eu_admin = eu.url(user="eu_admin", password="eu-admin-pw")
+        remote = Tenancy(tenancy.url, admin_url=tenancy.admin_url, metadata=Base.metadata,
+                         infrastructure_schemas=INFRASTRUCTURE, secret_key=SECRET,
+                         name_prefix=tenancy.name_prefix, servers={"eu": eu_admin})  # fmt: skip
+        try:
+            remote.prepare_server(eu.url(), server="eu")
+            remote.create_tenant("faraway", strategy="database", server="eu")
+            with tenant_context("faraway"), remote.sessionmaker()() as s:
+                s.add_all([Project(name="far"), User(email="far@eu.test")])
+                s.commit()
+                assert s.execute(text("select inet_server_port()")).scalar() == eu.port
+                assert s.scalars(select(User.email)).all() == ["far@eu.test"]
+            with tenancy.admin_engine.connect() as conn:  # infrastructure stayed in the main database
+                assert (
+                    conn.execute(text("select count(*) from auth.users where email = 'far@eu.test'")).scalar()
+                    == 1
+                )
+            with pytest.raises(ProvisioningError, match="Unknown server"):
+                remote.create_tenant("nowhere", strategy="database", server="mars")
+            remote.delete_tenant("faraway")
+            with create_engine(eu.url()).connect() as conn:
+                assert (
+                    conn.execute(
+                        text("select count(*) from pg_database where datname like '%faraway%'")
+                    ).scalar()
+                    == 0
+                )
+        finally:
+            remote.dispose()

@@ -85,10 +85,21 @@ def _pg_dump_schema(tenancy: Tenancy, tenant: Tenant, out: IO[str], pg_dump: Pat
     url = tenancy.admin_url
     env = {**os.environ, "PGPASSWORD": url.password or ""}
     command = [
-        str(pg_dump), "--schema", schema, "--no-owner", "--no-privileges", "--format=plain",
-        "--host", url.host or "localhost", "--port", str(url.port or 5432),
-        "--username", url.username or "", "--dbname", url.database or "",
-    ]  # fmt: skip
+        str(pg_dump),
+        "--schema",
+        schema,
+        "--no-owner",
+        "--no-privileges",
+        "--format=plain",
+        "--host",
+        url.host or "localhost",
+        "--port",
+        str(url.port or 5432),
+        "--username",
+        url.username or "",
+        "--dbname",
+        url.database or "",
+    ]
     proc = subprocess.run(command, env=env, capture_output=True, text=True, timeout=3600)
     if proc.returncode != 0:
         raise TenancyError(f"pg_dump failed for tenant {tenant.slug!r}: {proc.stderr.strip()}")

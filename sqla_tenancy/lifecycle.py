@@ -83,8 +83,15 @@ def _register(
         ),
         {"slug": slug, "name": name or slug, "strategy": strategy, "loc": json.dumps(location)},
     ).one()
-    return Tenant(id=row.id, slug=slug, name=name or slug, strategy=strategy, status="active",
-                  created_at=row.created_at, location=location)  # fmt: skip
+    return Tenant(
+        id=row.id,
+        slug=slug,
+        name=name or slug,
+        strategy=strategy,
+        status="active",
+        created_at=row.created_at,
+        location=location,
+    )
 
 
 def _provision(
@@ -118,8 +125,15 @@ def _leftover(admin: Connection, slug: str) -> Tenant | None:
     ).first()
     if row is None or row.status != "provisioning":
         return None
-    return Tenant(id=row.id, slug=slug, name=row.name, strategy=row.strategy, status=row.status,
-                  created_at=row.created_at, location=dict(row.location))  # fmt: skip
+    return Tenant(
+        id=row.id,
+        slug=slug,
+        name=row.name,
+        strategy=row.strategy,
+        status=row.status,
+        created_at=row.created_at,
+        location=dict(row.location),
+    )
 
 
 def _clean_up(tenancy: Tenancy, placement: Strategy, tenant: Tenant) -> None:
@@ -136,8 +150,9 @@ def delete_tenant(tenancy: Tenancy, tenant: Tenant, *, keep_infrastructure_rows:
     placement = tenancy.strategy_named(tenant.strategy)
     if placement.transactional:
         with tenancy.admin_engine.begin() as admin:
-            placement.deprovision(tenancy, tenant, admin=admin,
-                                  keep_infrastructure_rows=keep_infrastructure_rows)  # fmt: skip
+            placement.deprovision(
+                tenancy, tenant, admin=admin, keep_infrastructure_rows=keep_infrastructure_rows
+            )
             admin.execute(text("delete from tenancy.tenants where id = :id"), {"id": tenant.id})
     else:
         # Refused everywhere first (the notification reaches every process), then dismantled.

@@ -15,8 +15,13 @@ from .models import INFRASTRUCTURE, Base
 def watch_until_suspended(
     app_url: str, slug: str, ttl: float, listen: bool, ready: Any, go: Any, out: Any, limit: float
 ) -> None:
-    tenancy = Tenancy(app_url, metadata=Base.metadata, infrastructure_schemas=INFRASTRUCTURE,
-                      registry_ttl=ttl, registry_listen=listen)  # fmt: skip
+    tenancy = Tenancy(
+        app_url,
+        metadata=Base.metadata,
+        infrastructure_schemas=INFRASTRUCTURE,
+        registry_ttl=ttl,
+        registry_listen=listen,
+    )
     try:
         with tenant_context(slug), tenancy.engine.connect() as conn:
             conn.execute(text("select 1"))  # the tenant is now cached in this process

@@ -164,16 +164,20 @@ def test_platform_context_uses_the_admin_engine(single: Tenancy) -> None:
 def test_superuser_application_role_is_refused(tenancy_server: TestServer, tenancy_database: str) -> None:
     url = tenancy_server.superuser_url.set(database=tenancy_database)
     admin = tenancy_server.url(tenancy_database, role="admin")
-    unsafe = Tenancy(url, metadata=Base.metadata, admin_url=admin,
-                     infrastructure_schemas=INFRASTRUCTURE)  # fmt: skip
+    unsafe = Tenancy(url, metadata=Base.metadata, admin_url=admin, infrastructure_schemas=INFRASTRUCTURE)
     try:
         unsafe.install()
         with unsafe.engine.connect() as conn, pytest.raises(UnsafeRoleError, match="superuser"):
             conn.execute(text("select 1"))
     finally:
         unsafe.dispose()
-    allowed = Tenancy(url, metadata=Base.metadata, admin_url=admin, allow_bypassrls=True,
-                      infrastructure_schemas=INFRASTRUCTURE)  # fmt: skip
+    allowed = Tenancy(
+        url,
+        metadata=Base.metadata,
+        admin_url=admin,
+        allow_bypassrls=True,
+        infrastructure_schemas=INFRASTRUCTURE,
+    )
     try:
         with allowed.engine.connect() as conn:
             assert conn.execute(text("select 1")).scalar() == 1

@@ -50,8 +50,9 @@ def psycopg_kwargs(url: URL, *, user: str, password: str, dbname: str) -> dict[s
 def test_fdw_role_cannot_choose_its_tenant(dbt: Tenancy) -> None:
     acme, globex = dbt.get_tenant("acme"), dbt.get_tenant("globex")
     role = fdw_role_name(acme.id, dbt.name_prefix)
-    kwargs = psycopg_kwargs(dbt.url, user=role, password=derive_password(SECRET.encode(), role),
-                            dbname=dbt.url.database or "")  # fmt: skip
+    kwargs = psycopg_kwargs(
+        dbt.url, user=role, password=derive_password(SECRET.encode(), role), dbname=dbt.url.database or ""
+    )
     with psycopg.connect(**kwargs) as conn:  # type: ignore[arg-type]
         conn.execute(f"set app.current_tenant_id = '{globex.id}'")
         assert conn.execute("select email from auth.users").fetchall() == [("x@acme.test",)]
@@ -91,12 +92,16 @@ def test_infrastructure_through_foreign_tables(dbt: Tenancy) -> None:
             text(
                 "select p.name, u.email from projects p join auth.users u on u.tenant_id = p.tenant_id "
                 "order by u.email"
-            )  # fmt: skip
+            )
         ).all()
         assert rows == [("acme-p", "second@acme.test"), ("acme-p", "x@acme.test")]
     with dbt.admin_engine.connect() as conn:  # the rows live in the main database
-        assert conn.execute(text("select count(*) from auth.users where tenant_id = :t"),
-                            {"t": acme.id}).scalar() == 2  # fmt: skip
+        assert (
+            conn.execute(
+                text("select count(*) from auth.users where tenant_id = :t"), {"t": acme.id}
+            ).scalar()
+            == 2
+        )
 
 
 def test_a_transaction_over_both_databases_is_atomic(dbt: Tenancy) -> None:
@@ -125,8 +130,12 @@ def test_where_clauses_are_pushed_down(dbt: Tenancy) -> None:
 
 def test_tenant_role_cannot_connect_to_another_tenants_database(dbt: Tenancy) -> None:
     acme_role = f"{dbt.name_prefix}_acme_app"
-    kwargs = psycopg_kwargs(dbt.url, user=acme_role, password=derive_password(SECRET.encode(), acme_role),
-                            dbname=f"{dbt.name_prefix}_globex")  # fmt: skip
+    kwargs = psycopg_kwargs(
+        dbt.url,
+        user=acme_role,
+        password=derive_password(SECRET.encode(), acme_role),
+        dbname=f"{dbt.name_prefix}_globex",
+    )
     with pytest.raises(psycopg.OperationalError, match="permission denied for database"):
         psycopg.connect(**kwargs)  # type: ignore[arg-type]
     kwargs["dbname"] = dbt.url.database or ""
@@ -140,8 +149,10 @@ def test_no_plaintext_password_in_registry_or_logs(
     tenancy.prepare_server(tenancy_server.superuser_url)
     with caplog.at_level(logging.DEBUG):
         acme = tenancy.create_tenant("acme", strategy="database")
-    secrets = [derive_password(SECRET.encode(), r)
-               for r in (f"{tenancy.name_prefix}_acme_app", fdw_role_name(acme.id, tenancy.name_prefix))]  # fmt: skip
+    secrets = [
+        derive_password(SECRET.encode(), r)
+        for r in (f"{tenancy.name_prefix}_acme_app", fdw_role_name(acme.id, tenancy.name_prefix))
+    ]
     with tenancy.admin_engine.connect() as conn:
         row = conn.execute(text("select t::text from tenancy.tenants t where slug = 'acme'")).scalar()
     for secret in secrets:
@@ -194,8 +205,12 @@ def test_retry_cleans_up_after_a_crashed_attempt(tenancy: Tenancy, tenancy_serve
     tenancy._fault_injector = None
     # a crash that left the journal row and a database behind (as a killed process would)
     with tenancy.admin_engine.begin() as conn:
-        conn.execute(text("insert into tenancy.tenants (slug, name, strategy, status, location) values "
-                          "('acme', 'acme', 'database', 'provisioning', '{\"server\": \"main\"}')"))  # fmt: skip
+        conn.execute(
+            text(
+                "insert into tenancy.tenants (slug, name, strategy, status, location) values "
+                "('acme', 'acme', 'database', 'provisioning', '{\"server\": \"main\"}')"
+            )
+        )
     tenancy_server.execute(
         f'create database "{tenancy.name_prefix}_acme" owner "{tenancy_server.admin_role}"'
     )
@@ -215,8 +230,12 @@ def test_delete_leaves_nothing(dbt: Tenancy) -> None:
     }
     assert before["tenants"] - after["tenants"] == {"acme"}
     with dbt.admin_engine.connect() as conn:
-        assert conn.execute(text("select count(*) from auth.users where tenant_id = :t"),
-                            {"t": acme.id}).scalar() == 0  # fmt: skip
+        assert (
+            conn.execute(
+                text("select count(*) from auth.users where tenant_id = :t"), {"t": acme.id}
+            ).scalar()
+            == 0
+        )
     with tenant_context("globex"), dbt.sessionmaker()() as s:
         assert s.scalars(select(User.email)).all() == ["x@globex.test"]
 
@@ -225,8 +244,12 @@ def test_delete_can_keep_infrastructure_rows(dbt: Tenancy) -> None:
     acme = dbt.get_tenant("acme")
     dbt.delete_tenant("acme", keep_infrastructure_rows=True)
     with dbt.admin_engine.connect() as conn:
-        assert conn.execute(text("select count(*) from auth.users where tenant_id = :t"),
-                            {"t": acme.id}).scalar() == 1  # fmt: skip
+        assert (
+            conn.execute(
+                text("select count(*) from auth.users where tenant_id = :t"), {"t": acme.id}
+            ).scalar()
+            == 1
+        )
 
 
 def test_refresh_foreign_schemas_follows_infrastructure_changes(dbt: Tenancy) -> None:
@@ -247,10 +270,17 @@ def test_refresh_foreign_schemas_follows_infrastructure_changes(dbt: Tenancy) ->
         assert conn.execute(text("select mail from auth.users")).scalars().all() == ["x@globex.test"]
 
 
-def test_engine_cache_is_bounded_and_counts(tenancy_factory: Callable[..., Tenancy],
-                                            tenancy_server: TestServer) -> None:  # fmt: skip
-    t = tenancy_factory(Base.metadata, infrastructure_schemas=INFRASTRUCTURE, secret_key=SECRET,
-                        max_tenant_engines=2, tenant_pool_size=1, tenant_max_overflow=0)  # fmt: skip
+def test_engine_cache_is_bounded_and_counts(
+    tenancy_factory: Callable[..., Tenancy], tenancy_server: TestServer
+) -> None:
+    t = tenancy_factory(
+        Base.metadata,
+        infrastructure_schemas=INFRASTRUCTURE,
+        secret_key=SECRET,
+        max_tenant_engines=2,
+        tenant_pool_size=1,
+        tenant_max_overflow=0,
+    )
     t.install()
     t.prepare_server(tenancy_server.superuser_url)
     for slug in ("t1", "t2", "t3"):
@@ -274,9 +304,15 @@ def test_tenant_on_another_server(tenancy: Tenancy, tenancy_server: TestServer) 
             conn.exec_driver_sql("create role eu_admin login createdb createrole password 'eu-admin-pw'")
         su.dispose()
         eu_admin = eu.url(user="eu_admin", password="eu-admin-pw")
-        remote = Tenancy(tenancy.url, admin_url=tenancy.admin_url, metadata=Base.metadata,
-                         infrastructure_schemas=INFRASTRUCTURE, secret_key=SECRET,
-                         name_prefix=tenancy.name_prefix, servers={"eu": eu_admin})  # fmt: skip
+        remote = Tenancy(
+            tenancy.url,
+            admin_url=tenancy.admin_url,
+            metadata=Base.metadata,
+            infrastructure_schemas=INFRASTRUCTURE,
+            secret_key=SECRET,
+            name_prefix=tenancy.name_prefix,
+            servers={"eu": eu_admin},
+        )
         try:
             remote.prepare_server(eu.url(), server="eu")
             remote.create_tenant("faraway", strategy="database", server="eu")

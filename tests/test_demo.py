@@ -9,8 +9,9 @@ import sys
 
 def test_demo_runs_on_its_own_postgres() -> None:
     env = {k: v for k, v in os.environ.items() if k != "DATABASE_URL"}
-    proc = subprocess.run([sys.executable, "-m", "sqla_tenancy.demo"], capture_output=True,
-                          text=True, timeout=120, env=env)  # fmt: skip
+    proc = subprocess.run(
+        [sys.executable, "-m", "sqla_tenancy.demo"], capture_output=True, text=True, timeout=120, env=env
+    )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "[acme] ORM sees ['giant magnet', 'rocket skates']" in proc.stdout
     assert "[globex] ORM sees ['doomsday device']" in proc.stdout

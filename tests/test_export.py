@@ -32,10 +32,27 @@ def restore(server: TestServer, dump: Path) -> str:
     database = server.create_database()
     url = server.superuser_url
     proc = subprocess.run(
-        [str(find_bindir() / "psql"), "-X", "-q", "-v", "ON_ERROR_STOP=1", "-f", str(dump),
-         "-h", url.host or "", "-p", str(url.port), "-U", url.username or "", "-d", database],
-        env={**os.environ, "PGPASSWORD": url.password or ""}, capture_output=True, text=True,
-    )  # fmt: skip
+        [
+            str(find_bindir() / "psql"),
+            "-X",
+            "-q",
+            "-v",
+            "ON_ERROR_STOP=1",
+            "-f",
+            str(dump),
+            "-h",
+            url.host or "",
+            "-p",
+            str(url.port),
+            "-U",
+            url.username or "",
+            "-d",
+            database,
+        ],
+        env={**os.environ, "PGPASSWORD": url.password or ""},
+        capture_output=True,
+        text=True,
+    )
     assert proc.returncode == 0, proc.stderr
     return database
 

@@ -26,11 +26,27 @@ def test_valid_slugs(slug: str) -> None:
 @pytest.mark.parametrize(
     "slug",
     [
-        "", "Acme", "1acme", "_acme", "acme-eu", "acme eu", "acme;drop", 'ac"me', "ä",
-        "a" * (MAX_SLUG_LENGTH + 1), "default", "postgres", "template0", "template1", "public",
-        "information_schema", "tenancy", "pg_catalog", "pg_anything",
+        "",
+        "Acme",
+        "1acme",
+        "_acme",
+        "acme-eu",
+        "acme eu",
+        "acme;drop",
+        'ac"me',
+        "ä",
+        "a" * (MAX_SLUG_LENGTH + 1),
+        "default",
+        "postgres",
+        "template0",
+        "template1",
+        "public",
+        "information_schema",
+        "tenancy",
+        "pg_catalog",
+        "pg_anything",
     ],
-)  # fmt: skip
+)
 def test_invalid_or_reserved_slugs(slug: str) -> None:
     with pytest.raises(InvalidTenantSlug):
         validate_slug(slug)

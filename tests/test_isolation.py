@@ -175,8 +175,7 @@ class IsolationSuite:
 
     def test_forged_setting_inside_the_transaction_cannot_reach_an_unknown_tenant(self, world: World) -> None:
         with tenant_context(world.a), world.Session() as s:
-            s.execute(text("select set_config('app.current_tenant_id', :t, true)"),
-                      {"t": str(uuid.uuid4())})  # fmt: skip
+            s.execute(text("select set_config('app.current_tenant_id', :t, true)"), {"t": str(uuid.uuid4())})
             assert s.scalar(select(func.count()).select_from(Project)) == 0
 
     async def test_async_session_is_isolated(self, world: World) -> None:

@@ -81,8 +81,7 @@ def _watch(tenancy: Tenancy, *, ttl: float, listen: bool, limit: float) -> float
     mp = multiprocessing.get_context("spawn")
     ready, go, out = mp.Event(), mp.Event(), mp.Queue()
     url = tenancy.url.render_as_string(hide_password=False)
-    child = mp.Process(target=watch_until_suspended,
-                       args=(url, "acme", ttl, listen, ready, go, out, limit))  # fmt: skip
+    child = mp.Process(target=watch_until_suspended, args=(url, "acme", ttl, listen, ready, go, out, limit))
     child.start()
     try:
         assert ready.wait(60), "the probe process did not start"

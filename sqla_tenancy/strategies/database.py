@@ -79,8 +79,12 @@ class Names:
     template: str
 
     def location(self) -> dict[str, Any]:
-        return {"server": self.server, "database": self.database, "role": self.app_role,
-                "fdw_role": self.fdw_role}  # fmt: skip
+        return {
+            "server": self.server,
+            "database": self.database,
+            "role": self.app_role,
+            "fdw_role": self.fdw_role,
+        }
 
 
 class DatabaseStrategy:
@@ -138,8 +142,9 @@ class DatabaseStrategy:
                 conn.exec_driver_sql(f"REVOKE ALL ON DATABASE {quote_ident(template)} FROM PUBLIC")
         finally:
             su.dispose()
-        su = create_engine(superuser_url.set(database=template), isolation_level="AUTOCOMMIT",
-                           poolclass=_NullPool)  # fmt: skip
+        su = create_engine(
+            superuser_url.set(database=template), isolation_level="AUTOCOMMIT", poolclass=_NullPool
+        )
         try:
             with su.connect() as conn:
                 conn.exec_driver_sql("CREATE EXTENSION IF NOT EXISTS postgres_fdw")

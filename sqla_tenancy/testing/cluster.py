@@ -167,10 +167,18 @@ class TemporaryCluster:
                 os.chown(path, info.pw_uid, info.pw_gid)
         self.port = self.port or _free_port()
         self._run(
-            "initdb", "-D", str(self.datadir), "-U", self.superuser, f"--pwfile={pwfile}",
-            "--auth-local=scram-sha-256", "--auth-host=scram-sha-256", "--encoding=UTF8",
-            "--locale=C", "--no-sync",
-        )  # fmt: skip
+            "initdb",
+            "-D",
+            str(self.datadir),
+            "-U",
+            self.superuser,
+            f"--pwfile={pwfile}",
+            "--auth-local=scram-sha-256",
+            "--auth-host=scram-sha-256",
+            "--encoding=UTF8",
+            "--locale=C",
+            "--no-sync",
+        )
         pwfile.unlink()
         conf = {
             "listen_addresses": "'127.0.0.1'",

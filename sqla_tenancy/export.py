@@ -3,7 +3,8 @@
 The file is a plain SQL script for ``psql`` that restores into an empty database:
 
 * a preamble creating ``tenancy.current_tenant_id()`` (the tables' defaults and policies call it);
-* for a **schema** tenant, ``pg_dump`` of the tenant's schema;
+* for a **schema** tenant, ``pg_dump`` of the tenant's schema; for a **database** tenant,
+  ``pg_dump`` of its database's tenant tables (not the foreign tables, server or user mappings);
 * for a **shared** tenant, the tenant tables of the main database (their DDL and only this
   tenant's rows);
 * for every placement, this tenant's rows of the tenant-scoped infrastructure tables.
@@ -15,6 +16,7 @@ the tenant, so no row of another tenant can reach the file even if the admin rol
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
 from collections.abc import Iterable
@@ -63,9 +65,9 @@ def export_tenant(tenancy: Tenancy, tenant: Tenant, path: Path, *, pg_dump: Path
         for statement in current_tenant_function_ddl(REGISTRY_SCHEMA):
             out.write(statement.strip() + ";\n")
         out.write("\n")
-        if tenant.strategy == "schema":
+        if tenant.strategy in ("schema", "database"):
             out.flush()
-            _pg_dump_schema(tenancy, tenant, out, pg_dump or find_pg_dump())
+            _pg_dump(tenancy, tenant, out, pg_dump or find_pg_dump())
             tables: list[Table] = []
         elif tenant.strategy == "shared":
             tables = [t for t in tenancy.tenant_tables() if is_tenant_scoped(t)]
@@ -78,11 +80,19 @@ def export_tenant(tenancy: Tenancy, tenant: Tenant, path: Path, *, pg_dump: Path
     return path
 
 
-def _pg_dump_schema(tenancy: Tenancy, tenant: Tenant, out: IO[str], pg_dump: Path) -> None:
-    schema = tenant.location.get("schema")
-    if not schema:
-        raise TenancyError(f"tenant {tenant.slug!r} has no schema recorded in the registry")
-    url = tenancy.admin_url
+def _pg_dump(tenancy: Tenancy, tenant: Tenant, out: IO[str], pg_dump: Path) -> None:
+    """``pg_dump`` of the tenant's schema, or of its database's ``public`` schema (the foreign
+    schemas, the foreign server and the user mappings, which hold a password, stay out)."""
+    if tenant.strategy == "schema":
+        schema = tenant.location.get("schema")
+        url = tenancy.admin_url
+    else:
+        schema = "public"
+        url = tenancy.server_admin_url(tenant.location.get("server", "main")).set(
+            database=tenant.location.get("database")
+        )
+    if not schema or not url.database:
+        raise TenancyError(f"tenant {tenant.slug!r} has no location recorded in the registry")
     env = {**os.environ, "PGPASSWORD": url.password or ""}
     command = [
         str(pg_dump),
@@ -103,8 +113,9 @@ def _pg_dump_schema(tenancy: Tenancy, tenant: Tenant, out: IO[str], pg_dump: Pat
     proc = subprocess.run(command, env=env, capture_output=True, text=True, timeout=3600)
     if proc.returncode != 0:
         raise TenancyError(f"pg_dump failed for tenant {tenant.slug!r}: {proc.stderr.strip()}")
+    # Restorable into any database, whose public schema exists already.
+    out.write(re.sub(r"(?m)^CREATE SCHEMA (?!IF NOT EXISTS)", "CREATE SCHEMA IF NOT EXISTS ", proc.stdout))
     # pg_dump empties search_path for the session; later statements qualify every name.
-    out.write(proc.stdout)
     out.write("\nSELECT pg_catalog.set_config('search_path', '', false);\n\n")
 
 

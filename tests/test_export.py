@@ -57,10 +57,12 @@ def restore(server: TestServer, dump: Path) -> str:
     return database
 
 
-@pytest.mark.parametrize("placement", ["shared", "schema"])
+@pytest.mark.parametrize("placement", ["shared", "schema", "database"])
 def test_export_restores_exactly_one_tenants_rows(
     tenancy: Tenancy, tenancy_server: TestServer, tmp_path: Path, placement: str
 ) -> None:
+    if placement == "database":
+        tenancy.prepare_server(tenancy_server.superuser_url)
     seed(tenancy, placement)
     acme = tenancy.get_tenant("acme")
     globex = tenancy.get_tenant("globex")
@@ -69,8 +71,9 @@ def test_export_restores_exactly_one_tenants_rows(
     content = dump.read_text()
     assert "globex" not in content
     assert str(globex.id) not in content
+    assert "USER MAPPING" not in content and "password" not in content.lower()
 
-    with tenant_context("acme"), tenancy.engine.connect() as conn:
+    with tenant_context("acme"), tenancy.connect() as conn:
         expected = {
             "projects": conn.execute(text("select id, name, tenant_id from projects order by id")).all(),
             "tasks": conn.execute(text("select id, title, project_id from tasks order by id")).all(),

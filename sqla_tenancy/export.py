@@ -19,6 +19,7 @@ import os
 import re
 import shutil
 import subprocess
+import tempfile
 from collections.abc import Iterable
 from datetime import datetime, timezone
 from pathlib import Path
@@ -80,6 +81,9 @@ def export_tenant(tenancy: Tenancy, tenant: Tenant, path: Path, *, pg_dump: Path
     return path
 
 
+_CREATE_SCHEMA = re.compile(r"^CREATE SCHEMA (?!IF NOT EXISTS)")
+
+
 def _pg_dump(tenancy: Tenancy, tenant: Tenant, out: IO[str], pg_dump: Path) -> None:
     """``pg_dump`` of the tenant's schema, or of its database's ``public`` schema (the foreign
     schemas, the foreign server and the user mappings, which hold a password, stay out)."""
@@ -110,11 +114,22 @@ def _pg_dump(tenancy: Tenancy, tenant: Tenant, out: IO[str], pg_dump: Path) -> N
         "--dbname",
         url.database or "",
     ]
-    proc = subprocess.run(command, env=env, capture_output=True, text=True, timeout=3600)
+    # Streamed line by line: a large tenant's dump never sits in memory.
+    with (
+        tempfile.TemporaryFile("w+") as errors,
+        subprocess.Popen(
+            command, env=env, stdout=subprocess.PIPE, stderr=errors, text=True, encoding="utf-8"
+        ) as proc,
+    ):
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            # Restorable into any database, whose public schema exists already.
+            out.write(_CREATE_SCHEMA.sub("CREATE SCHEMA IF NOT EXISTS ", line))
+        proc.wait()
+        errors.seek(0)
+        error = errors.read()
     if proc.returncode != 0:
-        raise TenancyError(f"pg_dump failed for tenant {tenant.slug!r}: {proc.stderr.strip()}")
-    # Restorable into any database, whose public schema exists already.
-    out.write(re.sub(r"(?m)^CREATE SCHEMA (?!IF NOT EXISTS)", "CREATE SCHEMA IF NOT EXISTS ", proc.stdout))
+        raise TenancyError(f"pg_dump failed for tenant {tenant.slug!r}: {error.strip()}")
     # pg_dump empties search_path for the session; later statements qualify every name.
     out.write("\nSELECT pg_catalog.set_config('search_path', '', false);\n\n")
 

@@ -17,7 +17,7 @@ from .rls import current_tenant_function_ddl, enable_rls_ddl, is_tenant_scoped, 
 if TYPE_CHECKING:
     from .tenancy import Tenancy
 
-__all__ = ["grant_statements", "install", "registry_ddl"]
+__all__ = ["grant_statements", "install", "registry_ddl", "tenants_group", "tenants_group_grants"]
 
 #: Advisory lock key serialising install() and other DDL of the tenancy schema.
 INSTALL_LOCK_KEY = 0x5_1A7E_7A11
@@ -92,6 +92,39 @@ def grant_statements(tenancy: Tenancy, role: str) -> list[str]:
     return statements
 
 
+def tenants_group(tenancy: Tenancy) -> str:
+    """The NOLOGIN group role holding what every per-tenant role (a schema tenant's role, a
+    database tenant's FDW role) may do with the infrastructure. Members inherit it; new tables get
+    it through default privileges, so tenants created earlier are not left without access."""
+    return f"{tenancy.name_prefix}_tenants"
+
+
+def tenants_group_grants(tenancy: Tenancy) -> list[str]:
+    """Idempotent: read every infrastructure table, write the tenant-scoped ones (RLS confines the
+    writes to the member's own tenant); global tables stay read-only for tenants."""
+    group = tenants_group(tenancy)
+    g, literal = quote_ident(group), quote_literal(group)
+    statements = [
+        f"DO $$ BEGIN IF NOT EXISTS (SELECT FROM pg_roles WHERE rolname = {literal}) THEN "
+        f"CREATE ROLE {g} NOLOGIN; END IF; END $$",
+        f"GRANT CONNECT ON DATABASE {quote_ident(tenancy.admin_url.database or '')} TO {g}",
+        f"GRANT USAGE ON SCHEMA {REGISTRY_SCHEMA} TO {g}",
+    ]
+    for schema in sorted(tenancy.infrastructure_schemas):
+        s = quote_ident(schema)
+        statements += [
+            f"GRANT USAGE ON SCHEMA {s} TO {g}",
+            f"GRANT SELECT ON ALL TABLES IN SCHEMA {s} TO {g}",
+            f"GRANT USAGE, SELECT ON ALL SEQUENCES IN SCHEMA {s} TO {g}",
+            f"ALTER DEFAULT PRIVILEGES IN SCHEMA {s} GRANT SELECT ON TABLES TO {g}",
+            f"ALTER DEFAULT PRIVILEGES IN SCHEMA {s} GRANT USAGE, SELECT ON SEQUENCES TO {g}",
+        ]
+    for table in tenancy.infrastructure_tables():
+        if is_tenant_scoped(table):
+            statements.append(f"GRANT INSERT, UPDATE, DELETE ON {qualified_name(table)} TO {g}")
+    return statements
+
+
 def install(tenancy: Tenancy) -> None:
     with tenancy.admin_engine.begin() as conn:
         conn.execute(text("select pg_advisory_xact_lock(:k)"), {"k": INSTALL_LOCK_KEY})
@@ -116,6 +149,8 @@ def _install(tenancy: Tenancy, conn: Connection) -> None:
     for table in tenancy.infrastructure_tables():
         for statement in fill_serial_ddl(conn, table):
             conn.exec_driver_sql(statement)
+    for statement in tenants_group_grants(tenancy):
+        conn.exec_driver_sql(statement)
     app_role = tenancy.url.username
     if app_role and app_role != tenancy.admin_url.username:
         for statement in grant_statements(tenancy, app_role):

@@ -30,6 +30,8 @@ __all__ = ["create_tenant", "delete_tenant"]
 log = logging.getLogger("sqla_tenancy.lifecycle")
 
 _LOCK = "select pg_advisory_xact_lock(hashtext('sqla_tenancy:' || :s))"
+_SESSION_LOCK = "select pg_advisory_lock(hashtext('sqla_tenancy:provision:' || :s))"
+_SESSION_UNLOCK = "select pg_advisory_unlock(hashtext('sqla_tenancy:provision:' || :s))"
 
 
 def create_tenant(
@@ -48,20 +50,30 @@ def create_tenant(
             location = _provision(tenancy, placement, tenant, admin)
             _activate(admin, tenant, location)
     else:
-        with tenancy.admin_engine.begin() as admin:
-            leftover = _leftover(admin, slug)
-        if leftover is not None:
-            log.warning("cleaning up an interrupted provisioning of tenant %s", slug)
-            _clean_up(tenancy, tenancy.strategy_named(leftover.strategy), leftover)
-        with tenancy.admin_engine.begin() as admin:
-            tenant = _register(tenancy, admin, slug, name, strategy, location)
-        try:
-            location = _provision(tenancy, placement, tenant, None)
-            with tenancy.admin_engine.begin() as admin:
-                _activate(admin, tenant, location)
-        except BaseException:
-            _clean_up(tenancy, placement, tenant)
-            raise
+        # Held for the whole journaled provisioning: a concurrent attempt for the same slug waits
+        # here, so a 'provisioning' row seen below can only be a crashed attempt's (a crashed
+        # process's session, and its lock, are gone).
+        with tenancy.admin_engine.connect() as guard:
+            guard.execute(text(_SESSION_LOCK), {"s": slug})
+            guard.commit()
+            try:
+                with tenancy.admin_engine.begin() as admin:
+                    leftover = _leftover(admin, slug)
+                if leftover is not None:
+                    log.warning("cleaning up an interrupted provisioning of tenant %s", slug)
+                    _clean_up(tenancy, tenancy.strategy_named(leftover.strategy), leftover)
+                with tenancy.admin_engine.begin() as admin:
+                    tenant = _register(tenancy, admin, slug, name, strategy, location)
+                try:
+                    location = _provision(tenancy, placement, tenant, None)
+                    with tenancy.admin_engine.begin() as admin:
+                        _activate(admin, tenant, location)
+                except BaseException:
+                    _clean_up(tenancy, placement, tenant)
+                    raise
+            finally:
+                guard.execute(text(_SESSION_UNLOCK), {"s": slug})
+                guard.commit()
     tenancy.registry.invalidate([tenant.id])
     log.info("created tenant %s (%s)", slug, strategy)
     return dataclasses.replace(tenant, location=location)
@@ -111,10 +123,18 @@ def _provision(
 
 
 def _activate(admin: Connection, tenant: Tenant, location: dict[str, Any]) -> None:
-    admin.execute(
-        text("update tenancy.tenants set status = 'active', location = :loc where id = :id"),
+    result = admin.execute(
+        text(
+            "update tenancy.tenants set status = 'active', location = :loc "
+            "where id = :id and status = 'provisioning'"
+        ),
         {"loc": json.dumps(location), "id": tenant.id},
     )
+    if result.rowcount != 1:
+        raise ProvisioningError(
+            f"The registry row of tenant {tenant.slug!r} changed while it was being provisioned "
+            "(deleted by another process?); its provisioning was undone."
+        )
 
 
 def _leftover(admin: Connection, slug: str) -> Tenant | None:

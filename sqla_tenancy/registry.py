@@ -221,10 +221,14 @@ class Registry:
             for attempt in (1, 2):
                 conn = self._conn
                 if conn is None or conn.closed:
-                    conn = self._conn = psycopg.connect(autocommit=True, **conninfo_kwargs(self._url))
+                    # No server-side prepared statements: they would not survive a transaction-mode
+                    # pooler between look-ups.
+                    conn = self._conn = psycopg.connect(
+                        autocommit=True, prepare_threshold=None, **conninfo_kwargs(self._url)
+                    )
                 try:
                     return conn.execute(sql, params).fetchall()
-                except psycopg.OperationalError:
+                except (psycopg.OperationalError, psycopg.InternalError):
                     self._conn = None
                     conn.close()
                     if attempt == 2:

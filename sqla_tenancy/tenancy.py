@@ -82,6 +82,10 @@ class Tenancy:
         more under load).
     :param max_tenant_engines: how many database tenants' engines a process keeps (LRU).
     :param max_tenant_connections: a process-wide budget of connections to tenant databases.
+    :param registry_url: where registry look-ups and the LISTEN connection go (default ``url``).
+        Behind a transaction-mode pooler, give a direct URL of the application role here: LISTEN
+        needs a session of its own, and look-ups made while the pooler's server connections are
+        all held by waiting transactions would wait forever.
     :param registry_listen: keep a LISTEN connection so that registry changes made by other
         processes arrive within a second; with False only ``registry_ttl`` bounds staleness.
     """
@@ -98,6 +102,7 @@ class Tenancy:
         engine_options: dict[str, Any] | None = None,
         registry_ttl: float = 5.0,
         registry_listen: bool = True,
+        registry_url: str | URL | None = None,
         name_prefix: str = "tenant",
         servers: Mapping[str, str | URL] | None = None,
         secret_key: str | bytes | None = None,
@@ -124,7 +129,11 @@ class Tenancy:
         self._async_engine: AsyncEngine | None = None
         self._admin_engine: Engine | None = None
         self._async_admin_engine: AsyncEngine | None = None
-        self.registry = Registry(_plain_url(self.url), ttl=registry_ttl, listen=registry_listen)
+        self.registry = Registry(
+            _plain_url(make_url(registry_url) if registry_url is not None else self.url),
+            ttl=registry_ttl,
+            listen=registry_listen,
+        )
         self.name_prefix = validate_prefix(name_prefix)
         self._strategies: dict[str, Strategy] = {
             "shared": SharedStrategy(),
@@ -237,7 +246,11 @@ class Tenancy:
         if tenant is not None:
             targets = [self.get_tenant(tenant)]
         else:
-            targets = [t for t in self.list_tenants() if t.strategy == "database" and t.status == "active"]
+            targets = [
+                t
+                for t in self.list_tenants()
+                if t.strategy == "database" and t.status in ("active", "suspended")
+            ]
         for target in targets:
             if target.strategy != "database":
                 raise TenancyError(f"Tenant {target.slug!r} is not a database tenant.")

@@ -86,6 +86,9 @@ def test_infrastructure_through_foreign_tables(dbt: Tenancy) -> None:
         s.add(new)
         s.flush()
         assert new.id is not None and new.id != user.id
+        # remote defaults: the sequence (main-side trigger) and now() (copied onto the foreign table)
+        s.refresh(new)
+        assert new.created_at is not None and new.tenant_id == acme.id
         s.commit()
         # one query joining a tenant table and an infrastructure table
         rows = s.execute(
@@ -256,6 +259,8 @@ def test_refresh_foreign_schemas_follows_infrastructure_changes(dbt: Tenancy) ->
     with dbt.admin_engine.begin() as conn:
         conn.execute(text("alter table auth.users add column nickname text"))
         conn.execute(text("alter table auth.users rename column email to mail"))
+        conn.execute(text("create table auth.notices (id serial primary key, body text)"))
+        conn.execute(text("insert into auth.notices (body) values ('maintenance tonight')"))
     with tenant_context("acme"), dbt.connect() as conn:
         with pytest.raises(exc.DBAPIError):  # the foreign table still has the old shape
             conn.execute(text("select email from auth.users")).all()
@@ -265,6 +270,8 @@ def test_refresh_foreign_schemas_follows_infrastructure_changes(dbt: Tenancy) ->
     with tenant_context("acme"), dbt.connect() as conn:
         assert conn.execute(text("select mail, nickname from auth.users")).all() == [("x@acme.test", None)]
         conn.execute(text("insert into auth.users (mail, nickname) values ('n@acme.test', 'n')"))
+        # a table created after the tenant: readable (global tables are read-only for tenants)
+        assert conn.execute(text("select body from auth.notices")).scalars().all() == ["maintenance tonight"]
         conn.commit()
     with tenant_context("globex"), dbt.connect() as conn:
         assert conn.execute(text("select mail from auth.users")).scalars().all() == ["x@globex.test"]
@@ -338,3 +345,30 @@ def test_tenant_on_another_server(tenancy: Tenancy, tenancy_server: TestServer) 
                 )
         finally:
             remote.dispose()
+
+
+def test_concurrent_creation_of_one_slug(tenancy: Tenancy, tenancy_server: TestServer) -> None:
+    import threading
+
+    tenancy.prepare_server(tenancy_server.superuser_url)
+    before = catalog(tenancy)
+    outcomes: list[str] = []
+
+    def attempt() -> None:
+        try:
+            tenancy.create_tenant("acme", strategy="database")
+            outcomes.append("created")
+        except ProvisioningError as error:
+            outcomes.append("exists" if "exists already" in str(error) else repr(error))
+
+    threads = [threading.Thread(target=attempt) for _ in range(3)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert sorted(outcomes) == ["created", "exists", "exists"]
+    after = catalog(tenancy)
+    assert after["databases"] - before["databases"] == {f"{tenancy.name_prefix}_acme"}
+    assert after["tenants"] - before["tenants"] == {"acme"}
+    with tenant_context("acme"), tenancy.sessionmaker()() as s:
+        assert s.scalars(select(Project)).all() == []

@@ -35,20 +35,19 @@ import os
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import Connection, create_engine, text
+from sqlalchemy import Connection, create_engine, exc, text
 from sqlalchemy.engine import URL, Engine
 from sqlalchemy.pool import NullPool as _NullPool
 
 from ..dialect import DRIVER_NAME
 from ..errors import ProvisioningError
 from ..identifiers import database_name, quote_ident, quote_literal, role_name
+from ..installer import tenants_group, tenants_group_grants
 from ..registry import REGISTRY_SCHEMA
 from ..rls import (
-    TENANT_ID_INFO_KEY,
     TENANT_SETTING,
     current_tenant_function_ddl,
     fdw_role_name,
-    is_tenant_scoped,
 )
 from .schema import tenant_ddl_template
 from .shared import delete_tenant_rows
@@ -106,11 +105,16 @@ class DatabaseStrategy:
             template=f"{tenancy.name_prefix}_template",
         )
 
-    def _admin(self, tenancy: Tenancy, server: str, database: str | None = None) -> Engine:
+    def _admin(
+        self, tenancy: Tenancy, server: str, database: str | None = None, *, autocommit: bool = True
+    ) -> Engine:
+        """A short-lived admin engine on ``server`` (``CREATE DATABASE`` needs autocommit)."""
         url = tenancy.server_admin_url(server)
         if database is not None:
             url = url.set(database=database)
-        return create_engine(url, isolation_level="AUTOCOMMIT", poolclass=_NullPool)
+        if autocommit:
+            return create_engine(url, isolation_level="AUTOCOMMIT", poolclass=_NullPool)
+        return create_engine(url, poolclass=_NullPool)
 
     def app_url(self, tenancy: Tenancy, tenant: Tenant) -> URL:
         names = self.names(tenancy, tenant)
@@ -158,7 +162,7 @@ class DatabaseStrategy:
     def refresh_template(self, tenancy: Tenancy, server: str) -> None:
         """(Re)create the tenant tables and the policy function in the template database."""
         template = f"{tenancy.name_prefix}_template"
-        engine = self._admin(tenancy, server, template)
+        engine = self._admin(tenancy, server, template, autocommit=False)
         try:
             with engine.begin() as conn:
                 has_fdw = conn.execute(
@@ -215,10 +219,10 @@ class DatabaseStrategy:
             server_engine.dispose()
         tenancy._step("fdw_role")
         with tenancy.admin_engine.begin() as conn:
-            _create_role(conn, names.fdw_role, derive_password(secret, names.fdw_role))
-            main_db, fdw_role = quote_ident(main.database or ""), quote_ident(names.fdw_role)
-            conn.exec_driver_sql(f"GRANT CONNECT ON DATABASE {main_db} TO {fdw_role}")
-            _script(conn, ";\n".join(_infrastructure_grants(tenancy, names.fdw_role)))
+            _create_role(conn, names.fdw_role, derive_password(secret, names.fdw_role), inherit=True)
+            # CONNECT and the infrastructure privileges come with the tenants' group.
+            group = quote_ident(tenants_group(tenancy))
+            conn.exec_driver_sql(f"GRANT {group} TO {quote_ident(names.fdw_role)}")
         tenancy._step("fdw")
         self.import_foreign_schemas(tenancy, tenant, names=names, create_server=True)
         return names.location()
@@ -229,9 +233,13 @@ class DatabaseStrategy:
         """(Re)import every infrastructure schema into the tenant's database, in one transaction,
         so tenant queries never see a half-refreshed schema."""
         names = names or self.names(tenancy, tenant)
-        main = tenancy.url
+        with tenancy.admin_engine.begin() as conn:  # new infrastructure tables: grant them first
+            _script(conn, ";\n".join(tenants_group_grants(tenancy)))
+        # The admin URL reaches the main database directly (the application URL may go through a
+        # transaction pooler, which postgres_fdw's sessions must not).
+        main = tenancy.admin_url
         secret = tenancy.secret()
-        engine = self._admin(tenancy, names.server, names.database)
+        engine = self._admin(tenancy, names.server, names.database, autocommit=False)
         admin_role = tenancy.server_admin_url(names.server).username or ""
         try:
             with engine.begin() as conn:
@@ -268,18 +276,55 @@ class DatabaseStrategy:
                         f"TO {quote_ident(names.app_role)}",
                     ]
                 _script(conn, ";\n".join(statements))
-                # Foreign tables do not apply the remote defaults: the tenant's id is this database's
-                # constant; serial ids are filled on the main side by a trigger (see installer).
-                for table in tenancy.infrastructure_tables():
-                    if is_tenant_scoped(table):
-                        column = next(c for c in table.columns if c.info.get(TENANT_ID_INFO_KEY))
+                # Foreign tables do not apply the remote defaults: give them the portable ones.
+                for schema, table, column, expression in self._remote_defaults(tenancy, tenant):
+                    target = f"{quote_ident(schema)}.{quote_ident(table)}"
+                    conn.exec_driver_sql("SAVEPOINT tenancy_default")
+                    try:
                         conn.exec_driver_sql(
-                            f"ALTER FOREIGN TABLE {quote_ident(table.schema or 'public')}."
-                            f"{quote_ident(table.name)} ALTER COLUMN {quote_ident(column.name)} "
-                            f"SET DEFAULT {quote_literal(str(tenant.id))}::uuid"
+                            f"ALTER FOREIGN TABLE {target} ALTER COLUMN {quote_ident(column)} "
+                            f"SET DEFAULT {expression}"
                         )
+                    except exc.DBAPIError as error:
+                        conn.exec_driver_sql("ROLLBACK TO SAVEPOINT tenancy_default")
+                        log.warning(
+                            "no local default for %s.%s in tenant %s: %s",
+                            target,
+                            column,
+                            tenant.slug,
+                            error.orig,
+                        )
+                    else:
+                        conn.exec_driver_sql("RELEASE SAVEPOINT tenancy_default")
         finally:
             engine.dispose()
+
+    def _remote_defaults(self, tenancy: Tenancy, tenant: Tenant) -> list[tuple[str, str, str, str]]:
+        """The infrastructure columns' defaults, as the foreign tables should have them: the
+        policy function becomes this tenant's id; sequences are left to the main side's trigger
+        (``tenancy.fill_serial``), since a tenant database cannot call a remote ``nextval``."""
+        with tenancy.admin_engine.connect() as conn:
+            rows = conn.execute(
+                text(
+                    "select n.nspname, c.relname, a.attname, pg_get_expr(d.adbin, d.adrelid) "
+                    "from pg_attrdef d "
+                    "join pg_attribute a on a.attrelid = d.adrelid and a.attnum = d.adnum "
+                    "join pg_class c on c.oid = d.adrelid "
+                    "join pg_namespace n on n.oid = c.relnamespace "
+                    "where n.nspname = any(:schemas) and c.relkind in ('r', 'p') "
+                    "order by 1, 2, 3"
+                ),
+                {"schemas": sorted(tenancy.infrastructure_schemas)},
+            ).all()
+        tenant_literal = f"{quote_literal(str(tenant.id))}::uuid"
+        defaults = []
+        for schema, table, column, expression in rows:
+            if "nextval(" in expression:
+                continue
+            if "current_tenant_id()" in expression:
+                expression = tenant_literal
+            defaults.append((schema, table, column, expression))
+        return defaults
 
     def compensate(self, tenancy: Tenancy, tenant: Tenant) -> None:
         """Remove whatever exists of the tenant's storage and roles (idempotent)."""
@@ -293,21 +338,8 @@ class DatabaseStrategy:
         finally:
             server_engine.dispose()
         with tenancy.admin_engine.begin() as conn:
-            exists = conn.execute(
-                text("select 1 from pg_roles where rolname = :r"), {"r": names.fdw_role}
-            ).first()
-            if exists:
-                r = quote_ident(names.fdw_role)
-                statements = [f"REVOKE ALL ON DATABASE {quote_ident(tenancy.url.database or '')} FROM {r}"]
-                for schema in sorted({*tenancy.infrastructure_schemas, REGISTRY_SCHEMA}):
-                    s = quote_ident(schema)
-                    statements += [
-                        f"REVOKE ALL ON ALL TABLES IN SCHEMA {s} FROM {r}",
-                        f"REVOKE ALL ON ALL SEQUENCES IN SCHEMA {s} FROM {r}",
-                        f"REVOKE ALL ON SCHEMA {s} FROM {r}",
-                    ]
-                statements.append(f"DROP ROLE {r}")
-                _script(conn, ";\n".join(statements))
+            # its only privileges come from the group membership, which DROP ROLE removes
+            conn.exec_driver_sql(f"DROP ROLE IF EXISTS {quote_ident(names.fdw_role)}")
 
     def deprovision(
         self, tenancy: Tenancy, tenant: Tenant, *, admin: Connection | None, keep_infrastructure_rows: bool
@@ -327,20 +359,7 @@ class DatabaseStrategy:
         return tenancy._tenant_engine(tenant, self.app_url(tenancy, tenant), async_=async_)
 
 
-def _infrastructure_grants(tenancy: Tenancy, role: str) -> list[str]:
-    r = quote_ident(role)
-    statements = [f"GRANT USAGE ON SCHEMA {REGISTRY_SCHEMA} TO {r}"]
-    for schema in sorted(tenancy.infrastructure_schemas):
-        s = quote_ident(schema)
-        statements += [
-            f"GRANT USAGE ON SCHEMA {s} TO {r}",
-            f"GRANT SELECT, INSERT, UPDATE, DELETE ON ALL TABLES IN SCHEMA {s} TO {r}",
-            f"GRANT USAGE, SELECT ON ALL SEQUENCES IN SCHEMA {s} TO {r}",
-        ]
-    return statements
-
-
-def _create_role(conn: Connection, role: str, password: str) -> None:
+def _create_role(conn: Connection, role: str, password: str, *, inherit: bool = False) -> None:
     exists = conn.execute(text("select 1 from pg_roles where rolname = :r"), {"r": role}).first()
     if exists:
         raise ProvisioningError(
@@ -351,7 +370,7 @@ def _create_role(conn: Connection, role: str, password: str) -> None:
     _script(
         conn,
         f"CREATE ROLE {quote_ident(role)} LOGIN NOSUPERUSER NOBYPASSRLS NOCREATEDB NOCREATEROLE "
-        f"NOINHERIT PASSWORD {quote_literal(scram_verifier(password))}",
+        f"{'INHERIT' if inherit else 'NOINHERIT'} PASSWORD {quote_literal(scram_verifier(password))}",
     )
 
 

@@ -20,6 +20,7 @@ from sqlalchemy.engine import Engine
 
 from ..errors import ProvisioningError
 from ..identifiers import quote_ident, quote_literal, role_name, schema_name
+from ..installer import tenants_group
 from ..registry import REGISTRY_SCHEMA
 from ..rls import TENANT_SETTING, enable_rls_ddl, is_tenant_scoped
 from .shared import delete_tenant_rows
@@ -103,19 +104,13 @@ class SchemaStrategy:
             _run(admin, f"SET LOCAL search_path = {s}, public;\n{template};\nSET LOCAL search_path = DEFAULT")
         tenancy._step("role")
         grants = [
-            f"CREATE ROLE {r} NOLOGIN NOSUPERUSER NOBYPASSRLS NOCREATEDB NOCREATEROLE",
+            f"CREATE ROLE {r} NOLOGIN NOSUPERUSER NOBYPASSRLS NOCREATEDB NOCREATEROLE INHERIT",
             f"GRANT USAGE ON SCHEMA {s} TO {r}",
             f"GRANT SELECT, INSERT, UPDATE, DELETE ON ALL TABLES IN SCHEMA {s} TO {r}",
             f"GRANT USAGE, SELECT ON ALL SEQUENCES IN SCHEMA {s} TO {r}",
-            f"GRANT USAGE ON SCHEMA {REGISTRY_SCHEMA} TO {r}",
+            # the infrastructure, through the group every tenant role belongs to
+            f"GRANT {quote_ident(tenants_group(tenancy))} TO {r}",
         ]
-        for infra in sorted(tenancy.infrastructure_schemas):
-            i = quote_ident(infra)
-            grants += [
-                f"GRANT USAGE ON SCHEMA {i} TO {r}",
-                f"GRANT SELECT, INSERT, UPDATE, DELETE ON ALL TABLES IN SCHEMA {i} TO {r}",
-                f"GRANT USAGE, SELECT ON ALL SEQUENCES IN SCHEMA {i} TO {r}",
-            ]
         _run(admin, ";\n".join(grants))
         tenancy._step("membership")
         app_role = tenancy.url.username
@@ -133,18 +128,7 @@ class SchemaStrategy:
         s, r = quote_ident(schema), quote_ident(role)
         if not keep_infrastructure_rows:
             delete_tenant_rows(tenant, reversed(tenancy.infrastructure_tables()), admin=admin)
-        statements = [f"DROP SCHEMA IF EXISTS {s} CASCADE"]
-        for other in sorted({*tenancy.infrastructure_schemas, REGISTRY_SCHEMA}):
-            o = quote_ident(other)
-            statements += [
-                f"REVOKE ALL ON ALL TABLES IN SCHEMA {o} FROM {r}",
-                f"REVOKE ALL ON ALL SEQUENCES IN SCHEMA {o} FROM {r}",
-                f"REVOKE ALL ON SCHEMA {o} FROM {r}",
-            ]
-        statements.append(f"DROP ROLE IF EXISTS {r}")
-        exists = admin.exec_driver_sql("select 1 from pg_roles where rolname = %(r)s", {"r": role}).first()
-        if not exists:
-            statements = [statements[0]]
+        statements = [f"DROP SCHEMA IF EXISTS {s} CASCADE", f"DROP ROLE IF EXISTS {r}"]
         _run(admin, ";\n".join(statements))
 
     def compensate(self, tenancy: Tenancy, tenant: Tenant) -> None:

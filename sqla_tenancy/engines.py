@@ -1,8 +1,10 @@
 """A bounded cache of per-tenant engines (database placement).
 
 Each database tenant gets a small pool of its own; at most ``max_engines`` engines are kept, least
-recently used first out. An evicted engine is disposed at once: its idle connections close, and
-connections still checked out keep working until they are returned, then close. An optional
+recently used first out. An evicted engine's idle connections close at once, and
+connections still checked out keep working until they are returned, then close. The evicted Engine
+object itself is kept (without connections) in a larger LRU, so that bringing the tenant back does
+not pay SQLAlchemy's per-engine first-connect set-up again. An optional
 ``max_connections`` budget bounds the physical connections open across all tenant engines
 (evicted ones included): a new connection waits for one to close, up to ``budget_timeout``.
 """
@@ -57,6 +59,9 @@ class EngineCache:
         self._open = self._peak = 0
         self._count_lock = threading.Lock()
         self._retired: weakref.WeakSet[Engine] = weakref.WeakSet()
+        #: evicted engines, connections closed, kept for a cheap revival (LRU, 10x max_engines)
+        self._dormant: OrderedDict[Hashable, Engine] = OrderedDict()
+        self.max_dormant = 10 * max_engines
 
     def get(self, key: Hashable, factory: Callable[[], Engine]) -> Engine:
         """The engine for ``key``, made by ``factory`` (a sync Engine, or an AsyncEngine's
@@ -68,15 +73,31 @@ class EngineCache:
                 self._hits += 1
                 return engine
             self._misses += 1
-            engine = factory()
+            # An evicted engine keeps its (initialised) dialect: reviving it spares the dialect's
+            # first-connect round trips; only its connections were closed.
+            engine = self._dormant.pop(key, None)
+        if engine is None:
+            engine = factory()  # outside the lock: other tenants' look-ups go on meanwhile
             self._instrument(engine)
+        with self._lock:
+            current = self._engines.get(key)
+            if current is not None:  # another thread made it meanwhile
+                self._dormant[key] = engine
+                self._retired.add(engine)
+                return current
+            self._retired.discard(engine)
             self._engines[key] = engine
             evicted = []
             while len(self._engines) > self.max_engines:
-                evicted.append(self._engines.popitem(last=False)[1])
+                old_key, old = self._engines.popitem(last=False)
+                evicted.append(old)
+                self._dormant[old_key] = old
+                self._retired.add(old)
                 self._evictions += 1
+            while len(self._dormant) > self.max_dormant:
+                self._dormant.popitem(last=False)
         for old in evicted:
-            self._retire(old)
+            old.pool.dispose()  # idle connections close now, checked-out ones as they return
         return engine
 
     def discard(self, predicate: Callable[[Hashable], bool]) -> None:
@@ -84,6 +105,8 @@ class EngineCache:
         with self._lock:
             keys = [k for k in self._engines if predicate(k)]
             engines = [self._engines.pop(k) for k in keys]
+            for key in [k for k in self._dormant if predicate(k)]:
+                del self._dormant[key]
         for engine in engines:
             self._retire(engine)
 
@@ -98,6 +121,7 @@ class EngineCache:
         return EngineStats(engines, self._hits, self._misses, self._evictions, self._open, self._peak)
 
     def clear(self) -> None:
+        """Dispose every engine (on :meth:`Tenancy.dispose`)."""
         self.discard(lambda key: True)
 
     # -- connection accounting ------------------------------------------------------------------

@@ -93,6 +93,9 @@ class DatabaseStrategy:
     transactional = False
     per_tenant_engines = True
 
+    def __init__(self) -> None:
+        self._templates_ready: set[tuple[int, str]] = set()
+
     # -- names and connections --------------------------------------------------------------
 
     def names(self, tenancy: Tenancy, tenant: Tenant, server: str | None = None) -> Names:
@@ -195,25 +198,20 @@ class DatabaseStrategy:
     ) -> dict[str, Any]:
         names = self.names(tenancy, tenant)
         secret = tenancy.secret()
-        main = tenancy.server_admin_url("main")
+        tenancy._step("template")
+        key = (id(tenancy), names.server)
+        if key not in self._templates_ready:  # once per process and server (migrations refresh it)
+            self.refresh_template(tenancy, names.server)
+            self._templates_ready.add(key)
         server_engine = self._admin(tenancy, names.server)
         try:
-            tenancy._step("template")
-            self.refresh_template(tenancy, names.server)
-            tenancy._step("app_role")
-            with server_engine.connect() as conn:
+            with server_engine.connect() as conn:  # one connection for both steps
+                tenancy._step("app_role")
                 _create_role(conn, names.app_role, derive_password(secret, names.app_role))
-            tenancy._step("database")
-            with server_engine.connect() as conn:
-                conn.exec_driver_sql(
-                    f"CREATE DATABASE {quote_ident(names.database)} TEMPLATE {quote_ident(names.template)} "
-                    f"OWNER {quote_ident(main.username or '')}"
-                    if names.server == "main"
-                    else f"CREATE DATABASE {quote_ident(names.database)} TEMPLATE "
-                    f"{quote_ident(names.template)}"
-                )
-                conn.exec_driver_sql(f"REVOKE ALL ON DATABASE {quote_ident(names.database)} FROM PUBLIC")
+                tenancy._step("database")
                 database, app_role = quote_ident(names.database), quote_ident(names.app_role)
+                conn.exec_driver_sql(f"CREATE DATABASE {database} TEMPLATE {quote_ident(names.template)}")
+                conn.exec_driver_sql(f"REVOKE ALL ON DATABASE {database} FROM PUBLIC")
                 conn.exec_driver_sql(f"GRANT CONNECT ON DATABASE {database} TO {app_role}")
         finally:
             server_engine.dispose()

@@ -119,6 +119,7 @@ def conninfo_kwargs(url: URL) -> dict[str, Any]:
         "password": url.password,
         "dbname": url.database,
     }
+    kwargs["application_name"] = "sqla-tenancy-registry"  # recognisable in pg_stat_activity
     kwargs.update({k: v for k, v in url.query.items() if isinstance(v, str)})
     return {k: v for k, v in kwargs.items() if v is not None}
 

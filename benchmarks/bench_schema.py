@@ -1,0 +1,599 @@
+"""What schema placement costs: provisioning a fleet, one transaction, and a growing catalog.
+
+Every tenant here is a *schema* tenant (``create_tenant(slug, strategy="schema")``): a schema of its
+own holding the three tenant tables (``projects``, ``tasks`` -> ``projects``, ``comments`` ->
+``tasks``, each tenant-scoped with row-level security and a couple of indexes), and a NOLOGIN role
+that may use that schema and the infrastructure schema ``auth`` (a tenant-scoped ``users`` table).
+Three parts, selectable with ``--parts``:
+
+``provision``
+    N tenants (``--tenants``, default 2000) created one after another, each ``create_tenant`` timed
+    with ``perf_counter``. The table shows the median and p90 per bucket of tenants (1-10, 11-100,
+    101-500, 501-1000, 1001-2000, ...), then the overall median and p90, the median over the first
+    500, the total, median(last bucket) / median(11-100) (1.0: provisioning does not slow down as
+    the fleet grows), and the least-squares trend over the second half of the fleet, in ms per
+    1000 tenants (0: flat), which a slow start on a fresh cluster cannot mask.
+``select``
+    The one-SELECT transaction (open a session, one primary-key SELECT, commit, close) for one
+    schema tenant, timed as ``benchmarks/bench_binding.py`` does (warm-up, interleaved rounds whose
+    order rotates, median of per-round means, ratio to ``limit``, median of per-round ratios):
+
+    ``tenancy``
+        a :class:`TenantSession` inside ``tenant_context(<tenant>)``: ``BEGIN; SET LOCAL
+        search_path ...; SET LOCAL ROLE ...; SET LOCAL app.current_tenant_id ...`` in one query.
+    ``limit``
+        a plain ``Session`` on a plain ``postgresql+psycopg`` engine of the same application role
+        whose connections are bound once, at connect time, by startup options
+        (``-c role=<tenant role> -c search_path=<tenant schema> -c app.current_tenant_id=<uuid>``):
+        the same role, schema and RLS work with no per-transaction binding cost.
+
+    Sync, and async unless ``--no-async``. With ``provision`` it runs once the whole fleet exists.
+``catalog``
+    The same two variants, sync, measured once when 10 tenant schemas exist and again when N exist:
+    does a query on one tenant get slower as the catalog grows? With ``provision`` the fleet is
+    shared: the "10" figure is taken after the 10th tenant, before the rest are provisioned. The
+    two figures are a while apart, so besides each variant's N/10 ratio the table gives the change
+    of the paired tenancy/limit ratio, which a drift of machine load does not move.
+
+Run::
+
+    python benchmarks/bench_schema.py                       # everything, 2000 tenants
+    python benchmarks/bench_schema.py --quick               # smoke run for CI (< 20 s)
+    python benchmarks/bench_schema.py --parts select --rounds 50 --per-round 400
+    python benchmarks/bench_schema.py --parts provision,catalog --tenants 5000
+
+The server is a throwaway PostgreSQL cluster (``sqla_tenancy.testing.TestServer``), or the superuser
+DSN in ``$SQLA_TENANCY_TEST_DSN``. This is a benchmark, not a test: it asserts nothing about timings.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import gc
+import statistics
+import sys
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import (
+    Boolean,
+    DateTime,
+    Engine,
+    ForeignKey,
+    Index,
+    Text,
+    create_engine,
+    exc,
+    func,
+    select,
+    text,
+)
+from sqlalchemy.engine import URL
+from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker, create_async_engine
+from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
+
+from sqla_tenancy import Tenancy, Tenant, TenantScoped, tenant_context
+from sqla_tenancy.identifiers import quote_ident
+from sqla_tenancy.testing import TestServer
+
+PARTS = ("provision", "select", "catalog")
+VARIANTS = ("tenancy", "limit")
+SETTING = "app.current_tenant_id"
+#: Rows in the measured tenant's ``projects`` table.
+ROWS = 1000
+#: Buckets of the provisioning table (1-based tenant numbers, inclusive).
+BUCKETS = ((1, 10), (11, 100), (101, 500), (501, 1000), (1001, 2000))
+#: The catalog part's small fleet.
+SMALL_FLEET = 10
+#: The goal the provisioning figures are read against (ms per tenant).
+PROVISION_GOAL_MS = 25.0
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class Project(TenantScoped, Base):
+    __tablename__ = "projects"
+    __table_args__ = (Index("projects_name_idx", "name"),)
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    name: Mapped[str] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
+
+
+class Task(TenantScoped, Base):
+    __tablename__ = "tasks"
+    __table_args__ = (Index("tasks_project_done_idx", "project_id", "done"),)
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    project_id: Mapped[int] = mapped_column(ForeignKey("projects.id", ondelete="CASCADE"), index=True)
+    title: Mapped[str] = mapped_column(Text)
+    done: Mapped[bool] = mapped_column(Boolean, server_default=text("false"))
+
+
+class Comment(TenantScoped, Base):
+    __tablename__ = "comments"
+    __table_args__ = (Index("comments_task_created_idx", "task_id", "created_at"),)
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    task_id: Mapped[int] = mapped_column(ForeignKey("tasks.id", ondelete="CASCADE"), index=True)
+    body: Mapped[str] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
+
+
+class User(TenantScoped, Base):
+    """Infrastructure: kept once, in the main database's ``auth`` schema."""
+
+    __tablename__ = "users"
+    __table_args__ = (Index("users_email_idx", "email", unique=True), {"schema": "auth"})
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    email: Mapped[str] = mapped_column(Text)
+
+
+INFRASTRUCTURE = ("auth",)
+
+
+# -- set-up ---------------------------------------------------------------------------------
+
+
+@dataclass
+class Fleet:
+    """The schema tenants created so far, in order, with what each ``create_tenant`` took."""
+
+    server: TestServer
+    database: str
+    tenancy: Tenancy
+    tenants: list[Tenant] = field(default_factory=list)
+    times_ms: list[float] = field(default_factory=list)
+    pks: list[int] = field(default_factory=list)
+
+    @property
+    def app_url(self) -> URL:
+        return self.server.url(self.database)
+
+    @property
+    def target(self) -> Tenant:
+        """The tenant every query is made for (the first one)."""
+        return self.tenants[0]
+
+    @property
+    def other(self) -> Tenant:
+        return self.tenants[1]
+
+    def grow(self, size: int) -> None:
+        """Create tenants, one after another, until there are ``size``."""
+        create = self.tenancy.create_tenant
+        perf = time.perf_counter
+        for number in range(len(self.tenants) + 1, size + 1):
+            slug = f"t{number:05d}"
+            start = perf()
+            tenant = create(slug, strategy="schema")
+            elapsed = perf() - start
+            self.tenants.append(tenant)
+            self.times_ms.append(elapsed * 1000)
+
+    def populate(self) -> None:
+        """``ROWS`` projects in the measured tenant, one in the other; statistics up to date."""
+        maker = self.tenancy.sessionmaker()
+        with tenant_context(self.target.slug), maker() as s:
+            projects = [Project(name=f"project-{i}") for i in range(ROWS)]
+            s.add_all(projects)
+            s.commit()
+            self.pks = [p.id for p in projects]
+        with tenant_context(self.other.slug), maker() as s:
+            s.add(Project(name="other"))
+            s.commit()
+        schema = quote_ident(self.target.location["schema"])
+        self.server.execute(f"ANALYZE {schema}.projects", database=self.database)
+
+
+def limit_connect_args(tenant: Tenant) -> dict[str, Any]:
+    """Startup options binding a connection to the tenant for its whole life (role included:
+    PostgreSQL accepts ``role`` as a startup setting when the login role may SET ROLE to it)."""
+    role, schema = tenant.location["role"], tenant.location["schema"]
+    return {"options": f"-c role={role} -c search_path={schema} -c {SETTING}={tenant.id}"}
+
+
+def server_version(server: TestServer) -> str:
+    with server.superuser.connect() as conn:
+        return str(conn.exec_driver_sql("select current_setting('server_version')").scalar_one())
+
+
+# -- checks ---------------------------------------------------------------------------------
+
+
+@dataclass
+class Seen:
+    """What one variant's transaction saw, for :func:`check_seen`."""
+
+    user: str
+    schema: str
+    own_row: bool
+    rows: int
+    other_schema_refused: bool
+
+
+def check_seen(name: str, fleet: Fleet, seen: Seen) -> None:
+    """Both variants run as the tenant's role, in its schema, under RLS, and cannot read another
+    tenant's schema: otherwise the comparison would be meaningless."""
+    expected = (fleet.target.location["role"], fleet.target.location["schema"], True, ROWS, True)
+    got = (seen.user, seen.schema, seen.own_row, seen.rows, seen.other_schema_refused)
+    if got != expected:
+        raise SystemExit(
+            f"{name}: the binding is not what the benchmark assumes: "
+            f"(role, schema, own row, rows, other schema refused) = {got}, expected {expected}"
+        )
+
+
+def _other_projects(fleet: Fleet) -> Any:
+    return text(f"select 1 from {quote_ident(fleet.other.location['schema'])}.projects limit 1")
+
+
+def see_sync(fleet: Fleet, maker: Callable[[], Session]) -> Seen:
+    with tenant_context(fleet.target.slug), maker() as s:
+        user, schema = s.execute(text("select current_user, current_schema()")).one()
+        own = s.get(Project, fleet.pks[0]) is not None
+        rows = s.scalar(select(func.count()).select_from(Project)) or 0
+        try:
+            s.execute(_other_projects(fleet))
+            refused = False
+        except exc.ProgrammingError:
+            refused = True
+    return Seen(user, schema, own, rows, refused)
+
+
+async def see_async(fleet: Fleet, maker: async_sessionmaker[AsyncSession]) -> Seen:
+    with tenant_context(fleet.target.slug):
+        async with maker() as s:
+            user, schema = (await s.execute(text("select current_user, current_schema()"))).one()
+            own = await s.get(Project, fleet.pks[0]) is not None
+            rows = await s.scalar(select(func.count()).select_from(Project)) or 0
+            try:
+                await s.execute(_other_projects(fleet))
+                refused = False
+            except exc.ProgrammingError:
+                refused = True
+    return Seen(user, schema, own, rows, refused)
+
+
+# -- timing ---------------------------------------------------------------------------------
+
+
+@dataclass
+class Results:
+    """Per variant, the mean µs per transaction of each round."""
+
+    per_round: dict[str, list[float]] = field(default_factory=lambda: {v: [] for v in VARIANTS})
+
+    def median(self, variant: str) -> float:
+        return statistics.median(self.per_round[variant])
+
+    def ratio(self, variant: str) -> float:
+        return self.median(variant) / self.median("limit")
+
+    def paired(self, variant: str) -> float:
+        pairs = zip(self.per_round[variant], self.per_round["limit"], strict=True)
+        return statistics.median(v / lim for v, lim in pairs)
+
+
+def order_for(round_no: int) -> list[str]:
+    shift = round_no % len(VARIANTS)
+    return list(VARIANTS[shift:] + VARIANTS[:shift])
+
+
+@dataclass(frozen=True)
+class Timing:
+    rounds: int
+    per_round: int
+    warmup: int
+
+
+SyncTx = Callable[[int], None]
+AsyncTx = Callable[[int], Awaitable[None]]
+
+
+def sync_tx(maker: Callable[[], Session], slug: str) -> SyncTx:
+    def tx(pk: int) -> None:
+        with tenant_context(slug), maker() as s:
+            s.get(Project, pk)
+            s.commit()
+
+    return tx
+
+
+def plain_sync_tx(maker: Callable[[], Session]) -> SyncTx:
+    def tx(pk: int) -> None:
+        with maker() as s:
+            s.get(Project, pk)
+            s.commit()
+
+    return tx
+
+
+def run_sync(fleet: Fleet, timing: Timing) -> Results:
+    """Both variants, checked, warmed up, then timed in interleaved rounds."""
+    tenancy_maker = fleet.tenancy.sessionmaker()
+    limit_engine: Engine = create_engine(fleet.app_url, connect_args=limit_connect_args(fleet.target))
+    try:
+        limit_maker = sessionmaker(limit_engine)
+        check_seen("tenancy", fleet, see_sync(fleet, tenancy_maker))
+        check_seen("limit", fleet, see_sync(fleet, limit_maker))
+        variants: dict[str, SyncTx] = {
+            "tenancy": sync_tx(tenancy_maker, fleet.target.slug),
+            "limit": plain_sync_tx(limit_maker),
+        }
+        pks = fleet.pks
+        for tx in variants.values():
+            for i in range(timing.warmup):
+                tx(pks[i % len(pks)])
+        results = Results()
+        perf = time.perf_counter_ns
+        for round_no in range(timing.rounds):
+            base = round_no * timing.per_round
+            batch = [pks[(base + i) % len(pks)] for i in range(timing.per_round)]
+            for variant in order_for(round_no):
+                tx = variants[variant]
+                gc.collect()
+                start = perf()
+                for pk in batch:
+                    tx(pk)
+                elapsed = perf() - start
+                results.per_round[variant].append(elapsed / timing.per_round / 1000)
+        return results
+    finally:
+        limit_engine.dispose()
+
+
+async def run_async(fleet: Fleet, timing: Timing) -> Results:
+    """As :func:`run_sync`, with ``AsyncSession``. Disposes the Tenancy's async engines, which
+    belong to this event loop."""
+    tenancy_maker = fleet.tenancy.async_sessionmaker()
+    limit_engine: AsyncEngine = create_async_engine(
+        fleet.app_url, connect_args=limit_connect_args(fleet.target)
+    )
+    limit_maker = async_sessionmaker(limit_engine)
+    slug = fleet.target.slug
+
+    async def tenancy_tx(pk: int) -> None:
+        with tenant_context(slug):
+            async with tenancy_maker() as s:
+                await s.get(Project, pk)
+                await s.commit()
+
+    async def limit_tx(pk: int) -> None:
+        async with limit_maker() as s:
+            await s.get(Project, pk)
+            await s.commit()
+
+    variants: dict[str, AsyncTx] = {"tenancy": tenancy_tx, "limit": limit_tx}
+    try:
+        check_seen("async tenancy", fleet, await see_async(fleet, tenancy_maker))
+        check_seen("async limit", fleet, await see_async(fleet, limit_maker))
+        pks = fleet.pks
+        for tx in variants.values():
+            for i in range(timing.warmup):
+                await tx(pks[i % len(pks)])
+        results = Results()
+        perf = time.perf_counter_ns
+        for round_no in range(timing.rounds):
+            base = round_no * timing.per_round
+            batch = [pks[(base + i) % len(pks)] for i in range(timing.per_round)]
+            for variant in order_for(round_no):
+                tx = variants[variant]
+                gc.collect()
+                start = perf()
+                for pk in batch:
+                    await tx(pk)
+                elapsed = perf() - start
+                results.per_round[variant].append(elapsed / timing.per_round / 1000)
+        return results
+    finally:
+        await limit_engine.dispose()
+        await fleet.tenancy.dispose_async()
+
+
+# -- reports --------------------------------------------------------------------------------
+
+
+def p90(values: Sequence[float]) -> float:
+    if len(values) < 2:
+        return values[0]
+    return statistics.quantiles(values, n=10, method="inclusive")[-1]
+
+
+def buckets_reached(count: int) -> list[tuple[int, int]]:
+    """The buckets holding tenants 1..count (the last one cut at count; beyond 2000, one more)."""
+    reached = [(lo, min(hi, count)) for lo, hi in BUCKETS if lo <= count]
+    if count > BUCKETS[-1][1]:
+        reached.append((BUCKETS[-1][1] + 1, count))
+    return reached
+
+
+def print_provisioning(times_ms: Sequence[float]) -> list[str]:
+    count = len(times_ms)
+    print(f"\nprovision: {count} schema tenants created one after another, ms per create_tenant")
+    print(f"  {'tenants':<11} {'count':>6} {'median':>8} {'p90':>8} {'min':>8} {'max':>8}")
+    medians: dict[tuple[int, int], float] = {}
+    for lo, hi in buckets_reached(count):
+        values = times_ms[lo - 1 : hi]
+        medians[lo, hi] = statistics.median(values)
+        print(
+            f"  {f'{lo}-{hi}':<11} {len(values):>6} {medians[lo, hi]:8.2f} {p90(values):8.2f} "
+            f"{min(values):8.2f} {max(values):8.2f}"
+        )
+    overall = statistics.median(times_ms)
+    print(
+        f"  {'all':<11} {count:>6} {overall:8.2f} {p90(times_ms):8.2f} "
+        f"{min(times_ms):8.2f} {max(times_ms):8.2f}"
+    )
+    first = times_ms[:500]
+    print(f"  creating {len(first)} tenants: median {statistics.median(first):.2f} ms per tenant")
+    print(f"  total: {sum(times_ms) / 1000:.1f} s for {count} tenants")
+    last = max(medians)
+    summary = [
+        f"provision median {overall:.1f} ms, {last[0]}-{last[1]} {medians[last]:.1f} ms "
+        f"(goal <= {PROVISION_GOAL_MS:.0f})"
+    ]
+    if (11, 100) in medians and last[0] > 11:
+        flat = medians[last] / medians[11, 100]
+        print(f"  flatness: median({last[0]}-{last[1]}) / median(11-100) = {flat:.3f}")
+        summary.append(f"flatness {flat:.3f}")
+    # The bucket ratio can hide growth behind a slow start (a fresh cluster's first relations
+    # are the dearest on some file systems): the trend over the second half shows it.
+    lo = max(SMALL_FLEET + 1, count // 2 + 1)
+    if count - lo >= 10:
+        slope = statistics.linear_regression(range(lo, count + 1), times_ms[lo - 1 :]).slope
+        print(f"  trend over tenants {lo}-{count}: {slope * 1000:+.1f} ms per 1000 tenants (least squares)")
+        summary.append(f"trend {slope * 1000:+.1f} ms/1000 tenants")
+    return summary
+
+
+def print_select(title: str, results: Results, timing: Timing) -> None:
+    print(f"\n{title}: {timing.rounds} rounds x {timing.per_round} transactions, median of per-round means")
+    print(f"  {'variant':<8} {'µs/tx':>9} {'ratio':>7} {'paired':>7} {'min µs':>9} {'max µs':>9}")
+    for variant in VARIANTS:
+        values = results.per_round[variant]
+        print(
+            f"  {variant:<8} {results.median(variant):9.1f} {results.ratio(variant):7.3f} "
+            f"{results.paired(variant):7.3f} {min(values):9.1f} {max(values):9.1f}"
+        )
+
+
+def print_catalog(small: Results, large: Results, size: int, timing: Timing) -> list[str]:
+    print(f"\ncatalog: the one-SELECT transaction with {SMALL_FLEET} and with {size} tenant schemas")
+    print(f"  sync, {timing.rounds} rounds x {timing.per_round} transactions, median of per-round means")
+    print(f"  {'schemas':>8} {'tenancy µs':>11} {'limit µs':>9} {'tenancy/limit':>14} {'paired':>7}")
+    for schemas, results in ((SMALL_FLEET, small), (size, large)):
+        print(
+            f"  {schemas:>8} {results.median('tenancy'):11.1f} {results.median('limit'):9.1f} "
+            f"{results.ratio('tenancy'):14.3f} {results.paired('tenancy'):7.3f}"
+        )
+    growth = {v: large.median(v) / small.median(v) for v in VARIANTS}
+    # The two figures are taken a while apart, so a change of machine load moves both variants:
+    # the paired ratio's change is the part due to the tenancy binding alone.
+    relative = large.paired("tenancy") / small.paired("tenancy")
+    print(
+        f"  {size} / {SMALL_FLEET} schemas: tenancy {growth['tenancy']:.3f}, limit {growth['limit']:.3f}, "
+        f"tenancy relative to limit (paired) {relative:.3f}"
+    )
+    return [
+        f"catalog tenancy {size}/{SMALL_FLEET} = {growth['tenancy']:.3f} ({relative:.3f} relative to limit)"
+    ]
+
+
+# -- main -----------------------------------------------------------------------------------
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
+    parser.add_argument("--tenants", type=int, default=None, help="fleet size N (default 2000)")
+    parser.add_argument("--rounds", type=int, default=None, help="timed rounds (default 30)")
+    parser.add_argument(
+        "--per-round", type=int, default=None, help="transactions per variant a round (default 200)"
+    )
+    parser.add_argument("--warmup", type=int, default=None, help="warm-up transactions per variant")
+    parser.add_argument(
+        "--parts",
+        default=",".join(PARTS),
+        help=f"comma-separated parts to run (default {','.join(PARTS)})",
+    )
+    parser.add_argument("--quick", action="store_true", help="a small fleet, short rounds: CI smoke run")
+    parser.add_argument("--no-async", action="store_true", help="skip the async select benchmark")
+    args = parser.parse_args(argv)
+    parts = [p.strip() for p in args.parts.split(",") if p.strip()]
+    unknown = sorted(set(parts) - set(PARTS))
+    if unknown or not parts:
+        parser.error(f"--parts: choose among {', '.join(PARTS)} (got {args.parts!r})")
+    args.parts = [p for p in PARTS if p in parts]
+    if args.tenants is None:
+        args.tenants = 150 if args.quick else 2000
+    if args.rounds is None:
+        args.rounds = 3 if args.quick else 30
+    if args.per_round is None:
+        args.per_round = 50 if args.quick else 200
+    if args.warmup is None:
+        args.warmup = 50 if args.quick else 300
+    if args.rounds < 1 or args.per_round < 1 or args.warmup < 0:
+        parser.error("--rounds and --per-round must be positive, --warmup non-negative")
+    minimum = SMALL_FLEET + 1 if "catalog" in args.parts else 2
+    if args.tenants < minimum:
+        parser.error(f"--tenants must be at least {minimum} for these parts")
+    return args
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    parts: list[str] = args.parts
+    timing = Timing(args.rounds, args.per_round, args.warmup)
+    started = time.monotonic()
+    server = TestServer.start()
+    tenancy: Tenancy | None = None
+    try:
+        database = server.create_database()
+        tenancy = Tenancy(
+            server.url(database),
+            admin_url=server.url(database, role="admin"),
+            metadata=Base.metadata,
+            infrastructure_schemas=INFRASTRUCTURE,
+            name_prefix=server.name_prefix(database),
+        )
+        tenancy.install()
+        fleet = Fleet(server, database, tenancy)
+        size = args.tenants if {"provision", "catalog"} & set(parts) else 2
+        print(
+            f"sqla-tenancy schema placement benchmark: PostgreSQL {server_version(server)}, "
+            f"python {sys.version.split()[0]}, "
+            f"{'$SQLA_TENANCY_TEST_DSN' if server.cluster is None else 'temporary cluster'}"
+        )
+        print(
+            f"parts {','.join(parts)}; fleet {size} schema tenants (3 tenant tables with RLS, "
+            f"infrastructure schema auth); role {server.app_role} (NOSUPERUSER NOBYPASSRLS)"
+        )
+        summary: list[str] = []
+        small: Results | None = None
+        if "catalog" in parts:
+            fleet.grow(SMALL_FLEET)
+            fleet.populate()
+            small = run_sync(fleet, timing)
+        fleet.grow(size)
+        if not fleet.pks and {"select", "catalog"} & set(parts):
+            fleet.populate()
+        if "provision" in parts:
+            summary += print_provisioning(fleet.times_ms)
+        large = run_sync(fleet, timing) if small is not None else None
+        if "select" in parts:
+            print(
+                f"\n(select: tenant {fleet.target.slug}, {ROWS} rows, {len(fleet.tenants)} tenant "
+                "schemas; limit = plain engine, options -c role/search_path/app.current_tenant_id)"
+            )
+            sync = large if large is not None else run_sync(fleet, timing)
+            # With the catalog part, its N-schema measurement is this one: no need to repeat it.
+            shared = " (also the catalog part's large-fleet figure)" if large is not None else ""
+            print_select(f"select sync{shared}", sync, timing)
+            summary.append(f"sync tenancy/limit = {sync.ratio('tenancy'):.3f}")
+            if not args.no_async:
+                async_ = asyncio.run(run_async(fleet, timing))
+                print_select("select async", async_, timing)
+                summary.append(f"async tenancy/limit = {async_.ratio('tenancy'):.3f}")
+        if small is not None and large is not None:
+            summary += print_catalog(small, large, len(fleet.tenants), timing)
+        print()
+        print("  ".join(summary))
+        print(f"(total {time.monotonic() - started:.1f} s)")
+        return 0
+    finally:
+        try:
+            if tenancy is not None:
+                tenancy.dispose()
+        finally:
+            server.stop()
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

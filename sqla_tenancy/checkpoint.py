@@ -1,0 +1,466 @@
+"""The checkpoint: every request proves which tenant it may act for before it reaches a view.
+
+A request is admitted for a tenant in one of three ways:
+
+* **A bearer token** (``Authorization: Bearer <jwt>``), the "passport": verified by a
+  :class:`JWTVerifier` (signature with the configured key and algorithms only, ``exp``/``nbf``,
+  ``aud``/``iss`` when configured). Its tenant claim (``tenant`` by default; slug or UUID) names the
+  tenant the bearer belongs to. When the request also targets a tenant (header, subdomain, path),
+  both must be the same tenant, compared by id, or the answer is 403 and no query runs.
+* **The tenant's access key** (``X-Tenant-Access-Key: <uuid>``), for anonymous access to a tenant's
+  public data: a per-tenant public UUID kept in ``tenancy.tenants.access_key``, compared in
+  constant time. It routes; it does not authenticate a person. Such requests are marked
+  :attr:`Admission.is_anonymous`.
+* **Nothing**, when the checkpoint is built with ``require_auth=False`` (single-tenant apps, public
+  sites): the request proceeds for the tenant it targets, anonymously.
+
+What each refusal looks like (JSON ``{"error": <code>, "detail": <text>}``):
+
+* invalid bearer token (signature, algorithm, expiry, audience, issuer, format): 401
+  ``invalid_token``; decided before any tenant is looked up;
+* token valid, targeting another tenant than its claim (or carrying no claim): 403 ``tenant_mismatch``;
+* token valid, its own tenant unknown (e.g. deleted since): 404 ``tenant_not_found``;
+* token or access key valid, tenant suspended: 403 ``tenant_suspended``;
+* no tenant named and no default tenant: 400 ``tenant_required``;
+* **unauthenticated** (no token; access key missing, wrong or for an unknown tenant): 401
+  ``unauthorized``, with the same body whether the tenant exists or not, so that anonymous callers
+  cannot enumerate tenants.
+
+With ``require_auth=False`` an unauthenticated request without an access key is answered like a
+request whose identity is not in question (see :mod:`sqla_tenancy.resolvers`): unknown 404,
+suspended 403.
+
+TODO: anonymous requests (:attr:`Admission.is_anonymous`) currently run with the same database role
+as authenticated ones; a low-privilege role for them (``SET LOCAL ROLE`` in the tenant binding) is
+planned. Until then, applications must check ``is_anonymous`` themselves before serving private
+data.
+"""
+
+from __future__ import annotations
+
+import hmac
+import logging
+import uuid
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING, Any, Literal
+
+from sqlalchemy import text
+
+from .errors import TenancyError, TenantNotFound
+from .registry import REGISTRY_SCHEMA, Tenant
+from .resolvers import (
+    DEFAULT_RESOLVERS,
+    RequestRejected,
+    RequestView,
+    TenantResolver,
+    UnknownTenant,
+    default_reference,
+    ensure_usable,
+    lookup_tenant,
+    normalize_reference,
+    resolve_reference,
+    resolve_tenant,
+)
+from .routing import lookup_key
+
+if TYPE_CHECKING:
+    from .tenancy import Tenancy
+
+__all__ = [
+    "Admission",
+    "AuthenticationRequired",
+    "Checkpoint",
+    "CheckpointConfigError",
+    "InvalidToken",
+    "JWTVerifier",
+    "TenantMismatch",
+    "admit",
+    "bearer_token",
+    "get_access_key",
+    "rotate_access_key",
+    "verify_access_key",
+]
+
+log = logging.getLogger(__name__)
+
+#: Signature families; a verifier accepts algorithms of one family only (no algorithm confusion).
+_FAMILIES = {
+    **dict.fromkeys(("HS256", "HS384", "HS512"), "hmac"),
+    **dict.fromkeys(("RS256", "RS384", "RS512", "PS256", "PS384", "PS512"), "rsa"),
+    **dict.fromkeys(("ES256", "ES256K", "ES384", "ES512", "ES521"), "ec"),
+    "EdDSA": "okp",
+}
+#: RFC 7518 section 3.2: an HMAC key at least as long as the hash output.
+_HMAC_MIN_BYTES = {"HS256": 32, "HS384": 48, "HS512": 64}
+_MAX_TOKEN_LENGTH = 8192
+_DUMMY_KEY = uuid.uuid4().bytes
+
+
+# -- errors ---------------------------------------------------------------------------------------
+
+
+class CheckpointConfigError(TenancyError, ValueError):
+    """The checkpoint or verifier is configured in a way that would be unsafe or unusable."""
+
+
+class AuthenticationRequired(RequestRejected):
+    """An unauthenticated request may not proceed (401).
+
+    The client is told the same thing whatever the reason (no credential, wrong access key, unknown
+    tenant), so that it cannot learn which tenants exist; the reason is in ``str(exc)`` for logs.
+    """
+
+    status = 401
+    code = "unauthorized"
+    DETAIL = "Authenticate with a bearer token, or present the tenant's access key."
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason, detail=self.DETAIL)
+
+    @property
+    def headers(self) -> dict[str, str]:
+        return {"WWW-Authenticate": "Bearer"}
+
+
+class InvalidToken(RequestRejected):
+    """The bearer token failed verification (401): bad signature or algorithm, expired, not yet
+    valid, wrong audience or issuer, or malformed."""
+
+    status = 401
+    code = "invalid_token"
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(f"Bearer token rejected: {reason}", detail="The bearer token is not valid.")
+
+    @property
+    def headers(self) -> dict[str, str]:
+        return {"WWW-Authenticate": 'Bearer error="invalid_token"'}
+
+
+class TenantMismatch(RequestRejected):
+    """The verified token belongs to another tenant than the one the request targets (403)."""
+
+    status = 403
+    code = "tenant_mismatch"
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason, detail="This token does not grant access to the requested tenant.")
+
+
+# -- token verification -----------------------------------------------------------------------------
+
+
+def _import_jwt() -> Any:
+    try:
+        import jwt
+    except ImportError:  # pragma: no cover - depends on the installation
+        raise CheckpointConfigError(
+            "Bearer-token verification needs PyJWT: pip install 'sqla-tenancy[jwt]'."
+        ) from None
+    return jwt
+
+
+class JWTVerifier:
+    """Verifies bearer tokens with explicitly configured keys and algorithms (PyJWT).
+
+    :param key: the HMAC secret (``HS*``, at least as many bytes as the hash) or the public key
+        (``RS*``/``PS*``/``ES*``/``EdDSA``; PEM text or a ``cryptography`` key; a private key is
+        reduced to its public half).
+    :param keys: instead of ``key``, keys by ``kid`` (key rotation): a token must name one of them in
+        its header.
+    :param algorithms: the accepted algorithms, all of one family; ``none`` is never accepted. A
+        token's header cannot choose another family, so a public key is never used as an HMAC
+        secret (algorithm confusion).
+    :param audience: when given, the ``aud`` claim must match; when not, tokens carrying ``aud`` are
+        refused (they were issued for some other service).
+    :param issuer: when given, the ``iss`` claim must match.
+    :param leeway: seconds of clock skew tolerated for ``exp``, ``nbf`` and ``iat``.
+    :param require: claims that must be present (``exp`` by default: no token lives forever).
+    """
+
+    def __init__(
+        self,
+        key: Any = None,
+        *,
+        algorithms: Sequence[str],
+        keys: Mapping[str, Any] | None = None,
+        audience: str | Sequence[str] | None = None,
+        issuer: str | None = None,
+        leeway: float = 0.0,
+        require: Sequence[str] = ("exp",),
+    ) -> None:
+        self._jwt = _import_jwt()
+        if isinstance(algorithms, str):
+            raise CheckpointConfigError(f"algorithms must be a list, e.g. [{algorithms!r}]")
+        self.algorithms = list(algorithms)
+        if not self.algorithms:
+            raise CheckpointConfigError("JWTVerifier needs at least one algorithm, e.g. ['HS256'].")
+        unknown = [a for a in self.algorithms if a not in _FAMILIES]
+        if unknown:
+            raise CheckpointConfigError(
+                f"Algorithm(s) {unknown} are not accepted (never 'none'); choose from "
+                f"{', '.join(sorted(_FAMILIES))}."
+            )
+        families = {_FAMILIES[a] for a in self.algorithms}
+        if len(families) != 1:
+            raise CheckpointConfigError(
+                f"Algorithms {self.algorithms} mix signature families ({', '.join(sorted(families))}); "
+                "a verifier takes one family, so that a token cannot pick how its key is used. "
+                "Use one verifier per key type."
+            )
+        if (key is None) == (keys is None):
+            raise CheckpointConfigError("Give JWTVerifier either key=... or keys={kid: key, ...}.")
+        self._key = self._prepare(key) if key is not None else None
+        self._keys = {kid: self._prepare(k) for kid, k in keys.items()} if keys is not None else None
+        if self._keys is not None and not self._keys:
+            raise CheckpointConfigError("keys={} holds no key.")
+        self.audience = audience
+        self.issuer = issuer
+        self.leeway = float(leeway)
+        self.require = list(require)
+
+    def _prepare(self, key: Any) -> Any:
+        jwt = self._jwt
+        if isinstance(key, str | bytes) and _FAMILIES[self.algorithms[0]] == "hmac":
+            secret = key.encode() if isinstance(key, str) else key
+            shortest = max(_HMAC_MIN_BYTES[a] for a in self.algorithms)
+            if len(secret) < shortest:
+                raise CheckpointConfigError(
+                    f"The HMAC secret is {len(secret)} bytes; {'/'.join(self.algorithms)} needs at "
+                    f"least {shortest} random bytes (e.g. secrets.token_bytes({shortest}))."
+                )
+        try:
+            prepared = jwt.get_algorithm_by_name(self.algorithms[0]).prepare_key(key)
+        except (jwt.PyJWTError, ValueError, TypeError) as exc:
+            raise CheckpointConfigError(
+                f"The key does not suit {self.algorithms[0]}: {exc}. Give an HMAC secret for HS*, "
+                "or the issuer's public key (PEM) for RS*/PS*/ES*/EdDSA."
+            ) from exc
+        public_key = getattr(prepared, "public_key", None)
+        return public_key() if callable(public_key) else prepared
+
+    def verify(self, token: str) -> dict[str, Any]:
+        """The token's claims; :class:`InvalidToken` if anything about it is wrong."""
+        jwt = self._jwt
+        if len(token) > _MAX_TOKEN_LENGTH:
+            raise InvalidToken(f"token longer than {_MAX_TOKEN_LENGTH} characters")
+        try:
+            if self._keys is not None:
+                kid = jwt.get_unverified_header(token).get("kid")
+                key = self._keys.get(kid) if isinstance(kid, str) else None
+                if key is None:
+                    raise InvalidToken(f"unknown key id {kid!r}")
+            else:
+                key = self._key
+            required = [*self.require]
+            if self.audience is not None:
+                required.append("aud")
+            if self.issuer is not None:
+                required.append("iss")
+            claims: dict[str, Any] = jwt.decode(
+                token,
+                key,
+                algorithms=self.algorithms,
+                audience=self.audience,
+                issuer=self.issuer,
+                leeway=self.leeway,
+                options={"require": required},
+            )
+        except jwt.PyJWTError as exc:
+            raise InvalidToken(f"{type(exc).__name__}: {exc}") from None
+        except (ValueError, TypeError) as exc:  # malformed input deep in a key library
+            raise InvalidToken(f"malformed token ({type(exc).__name__})") from None
+        return claims
+
+
+def bearer_token(request: RequestView) -> str | None:
+    """The token of an ``Authorization: Bearer`` header; ``None`` for no header or another scheme."""
+    value = request.header("authorization")
+    if value is None:
+        return None
+    scheme, _, token = value.strip().partition(" ")
+    if scheme.lower() != "bearer":
+        return None
+    token = token.strip()
+    if not token:
+        raise InvalidToken("empty bearer token")
+    return token
+
+
+# -- access keys ----------------------------------------------------------------------------------
+
+
+def _key_clause(key: str | uuid.UUID) -> str:
+    return "id = :key" if isinstance(key, uuid.UUID) else "slug = :key"
+
+
+def _fetch_access_key(tenancy: Tenancy, key: str | uuid.UUID) -> uuid.UUID | None:
+    with tenancy.admin_engine.connect() as conn:
+        value = conn.execute(
+            text(f"select access_key from {REGISTRY_SCHEMA}.tenants where {_key_clause(key)}"),
+            {"key": key},
+        ).scalar()
+    return value if isinstance(value, uuid.UUID) else None
+
+
+def get_access_key(tenancy: Tenancy, tenant: str | uuid.UUID | Tenant) -> uuid.UUID:
+    """The tenant's current access key (to hand to its public front end); :class:`TenantNotFound`
+    if there is no such tenant."""
+    value = _fetch_access_key(tenancy, lookup_key(tenant))
+    if value is None:
+        raise TenantNotFound(tenant)
+    return value
+
+
+def verify_access_key(tenancy: Tenancy, tenant: str | uuid.UUID | Tenant, presented: str) -> bool:
+    """True when ``presented`` is the tenant's access key. Constant-time; an unknown tenant or a
+    malformed key gives ``False`` after the same work as a wrong key."""
+    try:
+        candidate = uuid.UUID(presented.strip()).bytes
+    except (ValueError, AttributeError):
+        candidate = b""
+    stored = _fetch_access_key(tenancy, lookup_key(tenant))
+    matches = hmac.compare_digest(candidate, stored.bytes if stored is not None else _DUMMY_KEY)
+    return matches and stored is not None
+
+
+def rotate_access_key(tenancy: Tenancy, slug: str | uuid.UUID | Tenant) -> uuid.UUID:
+    """Give the tenant a new random access key, effective immediately in every process (keys are
+    not cached); returns it. :class:`TenantNotFound` if there is no such tenant."""
+    key = lookup_key(slug)
+    with tenancy.admin_engine.begin() as conn:
+        value = conn.execute(
+            text(
+                f"update {REGISTRY_SCHEMA}.tenants set access_key = gen_random_uuid(), "
+                f"updated_at = now() where {_key_clause(key)} returning access_key"
+            ),
+            {"key": key},
+        ).scalar()
+    if not isinstance(value, uuid.UUID):
+        raise TenantNotFound(slug)
+    log.info("rotated the access key of tenant %s", slug)
+    return value
+
+
+# -- admission ------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Admission:
+    """Why a request may act for ``tenant``: what the integrations keep for the request."""
+
+    tenant: Tenant
+    #: "token" (a verified bearer token), "access_key" (the tenant's public key) or "none"
+    credential: Literal["token", "access_key", "none"]
+    #: the verified token's claims (``None`` unless ``credential == "token"``)
+    claims: Mapping[str, Any] | None = None
+
+    @property
+    def is_anonymous(self) -> bool:
+        """True unless a verified token identified the caller (access key or no credential)."""
+        return self.credential != "token"
+
+
+class Checkpoint:
+    """Authenticates requests and refuses those whose identity and target tenant disagree.
+
+    :param verifier: verifies bearer tokens (``None``: the ``Authorization`` header is ignored).
+    :param tenant_claim: the token claim that names the bearer's tenant (slug or UUID).
+    :param access_key_header: the header carrying a tenant's access key (``None``: not accepted).
+    :param require_auth: refuse requests with neither a token nor an access key (401). With False
+        they proceed for the tenant they target, anonymously.
+    """
+
+    def __init__(
+        self,
+        *,
+        verifier: JWTVerifier | None = None,
+        tenant_claim: str = "tenant",
+        access_key_header: str | None = "X-Tenant-Access-Key",
+        require_auth: bool = True,
+    ) -> None:
+        if verifier is None and access_key_header is None and require_auth:
+            raise CheckpointConfigError(
+                "This checkpoint could admit no request: give a verifier, an access_key_header, "
+                "or require_auth=False."
+            )
+        self.verifier = verifier
+        self.tenant_claim = tenant_claim
+        self.access_key_header = access_key_header
+        self.require_auth = require_auth
+
+    def admit(
+        self, tenancy: Tenancy, request: RequestView, resolvers: Sequence[TenantResolver] = DEFAULT_RESOLVERS
+    ) -> Admission:
+        """The admission of ``request``, or the :class:`RequestRejected` to answer it with."""
+        token = bearer_token(request) if self.verifier is not None else None
+        if token is not None:
+            assert self.verifier is not None
+            claims = self.verifier.verify(token)
+            return self._admit_bearer(tenancy, replace(request, claims=claims), resolvers, claims)
+        ref = resolve_reference(request, resolvers)
+        target = ref if ref is not None else default_reference(tenancy)
+        presented = request.header(self.access_key_header) if self.access_key_header else None
+        if presented is not None:
+            if not verify_access_key(tenancy, _registry_key(tenancy, target), presented):
+                raise AuthenticationRequired(f"wrong access key, or no tenant {target!r}")
+            try:
+                tenant = lookup_tenant(tenancy, target)
+            except UnknownTenant:  # deleted in between
+                raise AuthenticationRequired(f"no tenant {target!r}") from None
+            return Admission(ensure_usable(tenant), "access_key")
+        if self.require_auth:
+            raise AuthenticationRequired("neither a bearer token nor an access key")
+        return Admission(ensure_usable(lookup_tenant(tenancy, target)), "none")
+
+    def _admit_bearer(
+        self,
+        tenancy: Tenancy,
+        request: RequestView,
+        resolvers: Sequence[TenantResolver],
+        claims: Mapping[str, Any],
+    ) -> Admission:
+        claim = claims.get(self.tenant_claim)
+        if not isinstance(claim, str) or not claim.strip():
+            raise TenantMismatch(f"the token has no {self.tenant_claim!r} claim naming a tenant")
+        claim = claim.strip()
+        ref = resolve_reference(request, resolvers)
+        target = ref if ref is not None else default_reference(tenancy)
+        try:
+            own = lookup_tenant(tenancy, claim)
+        except UnknownTenant:
+            if _registry_key(tenancy, target) == _registry_key(tenancy, claim):
+                raise UnknownTenant(target) from None
+            raise TenantMismatch(
+                f"the token's tenant {claim!r} does not exist; the request targets {target!r}"
+            ) from None
+        # Compare by id without looking the target up: a bearer learns nothing about other tenants.
+        if _registry_key(tenancy, target) not in (own.id, own.slug):
+            raise TenantMismatch(f"the token is for tenant {own.slug!r}; the request targets {target!r}")
+        return Admission(ensure_usable(own), "token", claims)
+
+
+def _registry_key(tenancy: Tenancy, ref: str) -> str | uuid.UUID:
+    """The registry key a client reference stands for; malformed references stay as given (they
+    match no tenant)."""
+    key = normalize_reference(tenancy, ref)
+    return key if key is not None else ref
+
+
+def admit(
+    tenancy: Tenancy,
+    request: RequestView,
+    *,
+    checkpoint: Checkpoint | None,
+    resolvers: Sequence[TenantResolver] = DEFAULT_RESOLVERS,
+) -> Admission:
+    """Resolve and check one request, framework-neutrally (the integrations call this).
+
+    With ``checkpoint=None`` nothing is authenticated: the request gets the tenant it names (for
+    applications that authenticate elsewhere); the admission is then marked anonymous.
+    Raises a :class:`RequestRejected` carrying the status and body to answer with.
+    """
+    if checkpoint is None:
+        return Admission(resolve_tenant(tenancy, request, resolvers), "none")
+    return checkpoint.admit(tenancy, request, resolvers)

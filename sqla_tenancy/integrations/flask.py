@@ -1,0 +1,214 @@
+"""Flask: resolve and check the tenant of every request, serve it inside its tenant's context.
+
+::
+
+    tenancy = Tenancy(url, metadata=Base.metadata)
+    ext = TenancyFlask(
+        app,
+        tenancy=tenancy,
+        checkpoint=Checkpoint(verifier=JWTVerifier(secret, algorithms=["HS256"])),
+    )
+
+    @app.get("/projects")
+    def projects():
+        return [p.name for p in ext.session.scalars(select(Project))]
+
+    @app.get("/health")
+    @ext.exempt
+    def health():  # no tenant resolution, no checkpoint
+        return "ok"
+
+Before each request (ahead of the application's own ``before_request`` hooks; CORS preflights and
+exempt views aside) the extension resolves the tenant and runs the checkpoint; a refusal is answered
+with a JSON error (see :mod:`sqla_tenancy.checkpoint` for the statuses) and the view never runs.
+Otherwise the request runs inside ``tenant_context(tenant)``, which ``teardown_request`` leaves, also
+when the view raised, after closing the request's session (:attr:`TenancyFlask.session`). A streamed
+body is produced after teardown: wrap it with :meth:`TenancyFlask.stream` to keep the tenant.
+
+For Flask-SQLAlchemy's ``db.session``, see :mod:`sqla_tenancy.integrations.flask_sqlalchemy`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from typing import Any, AnyStr, TypeVar
+
+from flask import Flask, Response, current_app, g, request, stream_with_context
+
+from ..checkpoint import Admission, Checkpoint, admit
+from ..context import tenant_context
+from ..registry import Tenant
+from ..resolvers import DEFAULT_RESOLVERS, RequestRejected, RequestView, TenantResolver
+from ..session import TenantSession
+from ..tenancy import Tenancy
+from . import IntegrationError
+
+__all__ = ["EXTENSION_KEY", "TenancyFlask", "flask_request_view"]
+
+log = logging.getLogger(__name__)
+
+#: Where the extension registers itself in ``app.extensions``.
+EXTENSION_KEY = "sqla_tenancy"
+_G_KEY = "_sqla_tenancy"
+_EXEMPT_ATTR = "_sqla_tenancy_exempt"
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+class _RequestState:
+    """What the extension keeps on ``flask.g`` for one request."""
+
+    __slots__ = ("admission", "context", "session")
+
+    def __init__(self) -> None:
+        self.admission: Admission | None = None
+        self.context: tenant_context | None = None
+        self.session: TenantSession | None = None
+
+
+def flask_request_view() -> RequestView:
+    """The current Flask request, as the resolvers see it."""
+    return RequestView.from_pairs(request.method, request.path, request.host, request.headers.items())
+
+
+class TenancyFlask:
+    """The Flask extension: one per application (or shared by several, via :meth:`init_app`).
+
+    :param tenancy: the application's :class:`Tenancy`.
+    :param checkpoint: authenticates requests (:class:`~sqla_tenancy.checkpoint.Checkpoint`).
+        Required; pass ``None`` explicitly when the application authenticates by other means and
+        any caller may name any tenant.
+    :param resolvers: where to find the tenant a request targets, tried in order (default: the
+        ``X-Tenant-ID`` header, then the token's ``tenant`` claim).
+    :param exempt_endpoints: endpoints served without tenant resolution (``static`` by default);
+        see also :meth:`exempt`.
+    """
+
+    def __init__(
+        self,
+        app: Flask | None = None,
+        *,
+        tenancy: Tenancy,
+        checkpoint: Checkpoint | None,
+        resolvers: Sequence[TenantResolver] | None = None,
+        exempt_endpoints: Iterable[str] = ("static",),
+    ) -> None:
+        self.tenancy = tenancy
+        self.checkpoint = checkpoint
+        self.resolvers: tuple[TenantResolver, ...] = tuple(resolvers or DEFAULT_RESOLVERS)
+        self.exempt_endpoints = frozenset(exempt_endpoints)
+        self._sessionmaker = tenancy.sessionmaker()
+        if app is not None:
+            self.init_app(app)
+
+    def init_app(self, app: Flask) -> None:
+        """Install the request hooks on ``app``."""
+        app.extensions[EXTENSION_KEY] = self
+        # First of all before_request hooks: the application's own may already query.
+        app.before_request_funcs.setdefault(None, []).insert(0, self._before_request)
+        app.teardown_request(self._teardown_request)
+
+    @staticmethod
+    def exempt(view: F) -> F:
+        """Decorator: serve this view without tenant resolution or checkpoint (health checks,
+        login). Its queries get the default tenant, or fail with TenantRequired."""
+        setattr(view, _EXEMPT_ATTR, True)
+        return view
+
+    # -- per-request API --------------------------------------------------------------------
+
+    @property
+    def admission(self) -> Admission | None:
+        """How the current request was admitted; ``None`` on an exempt route."""
+        state: _RequestState | None = g.get(_G_KEY)
+        return state.admission if state is not None else None
+
+    @property
+    def tenant(self) -> Tenant:
+        """The current request's tenant."""
+        admission = self.admission
+        if admission is None:
+            raise IntegrationError(
+                f"No tenant for {request.path}: the route is exempt from tenant resolution, or "
+                "TenancyFlask is not installed on this app (TenancyFlask(app, ...) or init_app)."
+            )
+        return admission.tenant
+
+    @property
+    def session(self) -> TenantSession:
+        """The request's :class:`TenantSession`, created on first use and closed at teardown."""
+        state: _RequestState | None = g.get(_G_KEY)
+        if state is None:
+            raise IntegrationError(
+                "TenancyFlask is not installed on this app, or this is not a request: "
+                "TenancyFlask(app, ...) or ext.init_app(app)."
+            )
+        if state.session is None:
+            state.session = self._sessionmaker()
+        return state.session
+
+    def stream(self, chunks: Iterable[AnyStr]) -> Iterator[AnyStr]:
+        """Wrap a streamed response body so that it is produced inside the request's tenant
+        context (and, through ``stream_with_context``, its request context).
+
+        Flask tears a request down before the server iterates a streamed body, so without this a
+        generator would run with no tenant. The request's :attr:`session` is closed by then: open a
+        session inside the generator (``with ext.tenancy.sessionmaker()() as session:``).
+        """
+        tenant_id = self.tenant.id
+
+        def produce() -> Iterator[AnyStr]:
+            with tenant_context(tenant_id):
+                yield from chunks
+
+        return stream_with_context(produce())
+
+    # -- hooks ------------------------------------------------------------------------------
+
+    def _is_exempt(self) -> bool:
+        endpoint = request.endpoint
+        if endpoint is None:
+            return False
+        if endpoint in self.exempt_endpoints:
+            return True
+        return bool(getattr(current_app.view_functions.get(endpoint), _EXEMPT_ATTR, False))
+
+    def _before_request(self) -> Response | None:
+        state = _RequestState()
+        setattr(g, _G_KEY, state)
+        if request.routing_exception is not None or self._is_exempt():
+            return None  # Flask answers unknown URLs itself; exempt views get no tenant
+        view = flask_request_view()
+        if view.is_cors_preflight:
+            return None
+        try:
+            admission = admit(self.tenancy, view, checkpoint=self.checkpoint, resolvers=self.resolvers)
+        except RequestRejected as exc:
+            log.info("%s %s refused with %d: %s", request.method, request.path, exc.status, exc)
+            return _error_response(exc)
+        context = tenant_context(admission.tenant.id)
+        context.__enter__()
+        state.admission = admission
+        state.context = context
+        return None
+
+    def _teardown_request(self, exc: BaseException | None) -> None:
+        state: _RequestState | None = g.pop(_G_KEY, None)
+        if state is None:
+            return
+        try:
+            if state.session is not None:
+                state.session.close()
+        finally:
+            if state.context is not None:
+                state.context.__exit__(None, None, None)
+
+
+def _error_response(exc: RequestRejected) -> Response:
+    response = current_app.response_class(
+        json.dumps(exc.body()), status=exc.status, mimetype="application/json"
+    )
+    response.headers.update(exc.headers)
+    return response

@@ -1,0 +1,335 @@
+"""Which tenant a request targets: resolvers that read it from the request, and the decision of
+what an unusable answer means, taken before any database connection is checked out.
+
+Resolvers are framework-neutral: they read a :class:`RequestView` (method, path, host, headers and,
+once the checkpoint verified a bearer token, its claims) and return a tenant *reference* (a slug or
+a UUID string) or ``None`` when the request carries nothing they understand. They are tried in
+order; the first that yields a reference wins:
+
+* :class:`HeaderResolver`: a header, ``X-Tenant-ID`` by default;
+* :class:`SubdomainResolver`: the label in front of a base domain (``acme.example.com``);
+* :class:`PathPrefixResolver`: the path segment after a prefix (``/t/acme/projects``);
+* :class:`ClaimResolver`: a claim of the verified bearer token (``tenant`` by default).
+
+:func:`resolve_tenant` turns the reference into a :class:`Tenant` through the registry's cache and
+gives each unusable outcome its own :class:`RequestRejected`, decided before the application's pool
+is touched:
+
+* no reference, and the Tenancy has a default tenant: the default tenant serves the request;
+* no reference and no default tenant: 400 ``tenant_required`` (:class:`TenantNotResolved`);
+* an unknown or malformed reference: 404 ``tenant_not_found`` (:class:`UnknownTenant`);
+* a suspended tenant: 403 ``tenant_suspended`` (:class:`TenantUnavailable`).
+
+Those are the outcomes for requests whose identity is not in question. The checkpoint
+(:mod:`sqla_tenancy.checkpoint`) adds authentication on top and, for unauthenticated requests, folds
+"unknown" and "not yours" into one response so that they do not reveal which tenants exist.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol
+
+from .errors import InvalidTenantSlug, TenancyError, TenantNotFound
+from .identifiers import validate_slug
+from .registry import Tenant
+from .routing import lookup_key
+
+if TYPE_CHECKING:
+    from .tenancy import Tenancy
+
+__all__ = [
+    "DEFAULT_RESOLVERS",
+    "ClaimResolver",
+    "HeaderResolver",
+    "PathPrefixResolver",
+    "RequestRejected",
+    "RequestView",
+    "SubdomainResolver",
+    "TenantNotResolved",
+    "TenantResolver",
+    "TenantUnavailable",
+    "UnknownTenant",
+    "default_reference",
+    "ensure_usable",
+    "lookup_tenant",
+    "normalize_reference",
+    "resolve_reference",
+    "resolve_tenant",
+]
+
+#: Longer references are refused without asking the registry (a slug is at most 40 characters).
+_MAX_REFERENCE_LENGTH = 64
+
+
+# -- outcomes -------------------------------------------------------------------------------------
+
+
+class RequestRejected(TenancyError):
+    """A request may not proceed; carries the HTTP answer the integrations send.
+
+    ``str(exc)`` is the detailed reason, for logs; ``detail`` is what the client is told, which may
+    say less (see :class:`~sqla_tenancy.checkpoint.AuthenticationRequired`).
+    """
+
+    status: ClassVar[int] = 400
+    code: ClassVar[str] = "bad_request"
+
+    def __init__(self, reason: str, *, detail: str | None = None) -> None:
+        super().__init__(reason)
+        self.detail = detail if detail is not None else reason
+
+    @property
+    def headers(self) -> dict[str, str]:
+        """Extra response headers (``WWW-Authenticate`` for 401 answers)."""
+        return {}
+
+    def body(self) -> dict[str, str]:
+        """The JSON body of the response: ``{"error": <code>, "detail": <detail>}``."""
+        return {"error": self.code, "detail": self.detail}
+
+
+class TenantNotResolved(RequestRejected):
+    """No resolver found a tenant in the request and the Tenancy has no default tenant (400)."""
+
+    status = 400
+    code = "tenant_required"
+
+    def __init__(self, reason: str | None = None) -> None:
+        super().__init__(
+            reason
+            or "The request names no tenant and no default tenant is configured: send the tenant "
+            "(e.g. the X-Tenant-ID header) or configure Tenancy(default_tenant=...)."
+        )
+
+
+class UnknownTenant(RequestRejected):
+    """The request names a tenant the registry does not know, or not in a usable form (404)."""
+
+    status = 404
+    code = "tenant_not_found"
+
+    def __init__(self, ref: object) -> None:
+        self.ref = ref
+        super().__init__(f"No tenant {ref!r} in the registry.", detail="Unknown tenant.")
+
+
+class TenantUnavailable(RequestRejected):
+    """The tenant exists but is suspended: no query may run for it until it is resumed (403)."""
+
+    status = 403
+    code = "tenant_suspended"
+
+    def __init__(self, slug: str) -> None:
+        self.slug = slug
+        super().__init__(
+            f"Tenant {slug!r} is suspended; `tenancy.resume_tenant({slug!r})` lifts it.",
+            detail="This tenant is suspended.",
+        )
+
+
+# -- the request, as resolvers see it ---------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class RequestView:
+    """The parts of an HTTP request that tenant resolution reads, whatever the framework.
+
+    ``headers`` are keyed by lower-case name; repeated headers are joined with ``", "`` (so two
+    different ``X-Tenant-ID`` values never silently resolve to one of them). ``claims`` are the
+    verified bearer token's claims, filled in by the checkpoint (``None``: no verified token).
+    """
+
+    method: str
+    path: str
+    host: str
+    headers: Mapping[str, str] = field(default_factory=dict)
+    claims: Mapping[str, Any] | None = None
+
+    @classmethod
+    def from_pairs(
+        cls, method: str, path: str, host: str | None, headers: Iterable[tuple[str, str]]
+    ) -> RequestView:
+        """Build a view from header (name, value) pairs in any case, repeats allowed. ``host``
+        defaults to the ``Host`` header."""
+        joined: dict[str, str] = {}
+        for name, value in headers:
+            key = name.lower()
+            joined[key] = f"{joined[key]}, {value}" if key in joined else value
+        return cls(method=method.upper(), path=path, host=host or joined.get("host", ""), headers=joined)
+
+    def header(self, name: str) -> str | None:
+        """The header's value (case-insensitive name), or ``None``."""
+        return self.headers.get(name.lower())
+
+    @property
+    def is_cors_preflight(self) -> bool:
+        """A browser's CORS preflight (``OPTIONS`` with ``Access-Control-Request-Method``): it never
+        carries credentials, so the integrations let it through without a tenant."""
+        return self.method == "OPTIONS" and "access-control-request-method" in self.headers
+
+
+class TenantResolver(Protocol):
+    """Reads a tenant reference (slug or UUID string) from a request, or ``None`` if it has none."""
+
+    def __call__(self, request: RequestView, /) -> str | None: ...
+
+
+def _clean(value: str | None) -> str | None:
+    if value is None:
+        return None
+    value = value.strip()
+    return value or None
+
+
+class HeaderResolver:
+    """The tenant named in a request header (``X-Tenant-ID`` by default), by slug or UUID."""
+
+    def __init__(self, header: str = "X-Tenant-ID") -> None:
+        self.header = header
+
+    def __call__(self, request: RequestView, /) -> str | None:
+        return _clean(request.header(self.header))
+
+    def __repr__(self) -> str:
+        return f"HeaderResolver({self.header!r})"
+
+
+class SubdomainResolver:
+    """The tenant named by the host's label(s) in front of ``base_domain``.
+
+    ``acme.example.com`` gives ``acme`` for ``base_domain="example.com"``; the bare base domain, a
+    host outside it and the labels in ``ignore`` (``www`` by default) give ``None``. Several labels
+    (``a.b.example.com``) are returned as they are and so resolve to no tenant: a malformed host
+    must not fall back to the default tenant.
+    """
+
+    def __init__(self, base_domain: str, *, ignore: Iterable[str] = ("www",)) -> None:
+        self.suffix = "." + base_domain.strip(".").lower()
+        self.ignore = frozenset(label.lower() for label in ignore)
+
+    def __call__(self, request: RequestView, /) -> str | None:
+        host = request.host.lower().rstrip(".")
+        if host.startswith("["):  # an IPv6 literal is never a tenant's host
+            return None
+        host = host.rsplit(":", 1)[0] if ":" in host else host
+        if not host.endswith(self.suffix):
+            return None
+        label = host[: -len(self.suffix)]
+        if not label or label in self.ignore:
+            return None
+        return label
+
+    def __repr__(self) -> str:
+        return f"SubdomainResolver({self.suffix[1:]!r})"
+
+
+class PathPrefixResolver:
+    """The path segment right after ``prefix``: ``/t/acme/projects`` gives ``acme``.
+
+    The path is not rewritten: routes still declare the segment (``/t/<tenant>/projects``).
+    """
+
+    def __init__(self, prefix: str = "/t/") -> None:
+        self.prefix = "/" + prefix.strip("/") + "/"
+
+    def __call__(self, request: RequestView, /) -> str | None:
+        if not request.path.startswith(self.prefix):
+            return None
+        return _clean(request.path[len(self.prefix) :].split("/", 1)[0])
+
+    def __repr__(self) -> str:
+        return f"PathPrefixResolver({self.prefix!r})"
+
+
+class ClaimResolver:
+    """The tenant named by a claim of the verified bearer token (``tenant`` by default).
+
+    Only the checkpoint verifies tokens, so without one (or without a token) this yields nothing.
+    Put it last to let an explicit header or host win, and the checkpoint refuse a mismatch.
+    """
+
+    def __init__(self, claim: str = "tenant") -> None:
+        self.claim = claim
+
+    def __call__(self, request: RequestView, /) -> str | None:
+        if request.claims is None:
+            return None
+        value = request.claims.get(self.claim)
+        return _clean(value) if isinstance(value, str) else None
+
+    def __repr__(self) -> str:
+        return f"ClaimResolver({self.claim!r})"
+
+
+#: Used by the integrations when no resolvers are given: a header, then the token's claim.
+DEFAULT_RESOLVERS: tuple[TenantResolver, ...] = (HeaderResolver(), ClaimResolver())
+
+
+# -- resolution -----------------------------------------------------------------------------------
+
+
+def resolve_reference(request: RequestView, resolvers: Sequence[TenantResolver]) -> str | None:
+    """The first reference a resolver yields, or ``None``."""
+    for resolver in resolvers:
+        ref = resolver(request)
+        if ref is not None:
+            return ref
+    return None
+
+
+def normalize_reference(tenancy: Tenancy, ref: str) -> str | uuid.UUID | None:
+    """The registry key for a client-supplied reference, or ``None`` if it cannot name a tenant
+    (so that garbage never reaches the registry)."""
+    if len(ref) > _MAX_REFERENCE_LENGTH:
+        return None
+    key = lookup_key(ref)
+    if isinstance(key, uuid.UUID):
+        return key
+    try:
+        return validate_slug(key, allow_default=tenancy.default_tenant)
+    except InvalidTenantSlug:
+        return None
+
+
+def lookup_tenant(tenancy: Tenancy, ref: str) -> Tenant:
+    """The tenant a client-supplied reference names, whatever its status; :class:`UnknownTenant`
+    if the reference is malformed or unknown. Uses the registry's cache, not a connection of the
+    application's pool."""
+    key = normalize_reference(tenancy, ref)
+    if key is None:
+        raise UnknownTenant(ref)
+    try:
+        return tenancy.get_tenant(key)
+    except TenantNotFound:
+        raise UnknownTenant(ref) from None
+
+
+def ensure_usable(tenant: Tenant) -> Tenant:
+    """``tenant`` if queries may run for it: :class:`TenantUnavailable` when it is suspended,
+    :class:`UnknownTenant` while it is still being provisioned or deleted."""
+    if tenant.status == "active":
+        return tenant
+    if tenant.status == "suspended":
+        raise TenantUnavailable(tenant.slug)
+    raise UnknownTenant(tenant.slug)
+
+
+def default_reference(tenancy: Tenancy) -> str:
+    """The default tenant's slug; :class:`TenantNotResolved` when the Tenancy has none."""
+    if tenancy.default_tenant is None:
+        raise TenantNotResolved()
+    return tenancy.default_tenant
+
+
+def resolve_tenant(tenancy: Tenancy, request: RequestView, resolvers: Sequence[TenantResolver]) -> Tenant:
+    """The usable tenant the request targets (the default tenant when it names none).
+
+    Raises :class:`TenantNotResolved` (400), :class:`UnknownTenant` (404) or
+    :class:`TenantUnavailable` (403). No authentication happens here: use
+    :func:`sqla_tenancy.checkpoint.admit` for that.
+    """
+    ref = resolve_reference(request, resolvers)
+    return ensure_usable(lookup_tenant(tenancy, ref if ref is not None else default_reference(tenancy)))

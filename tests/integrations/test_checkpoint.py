@@ -1,0 +1,267 @@
+"""The checkpoint in-process: token verification, the decision table, access keys."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import json
+import time
+import uuid
+from typing import Any
+
+import jwt
+import pytest
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
+
+from sqla_tenancy import TenantNotFound
+from sqla_tenancy.checkpoint import (
+    AuthenticationRequired,
+    Checkpoint,
+    CheckpointConfigError,
+    InvalidToken,
+    JWTVerifier,
+    TenantMismatch,
+    admit,
+    get_access_key,
+    rotate_access_key,
+    verify_access_key,
+)
+from sqla_tenancy.resolvers import (
+    HeaderResolver,
+    RequestView,
+    TenantNotResolved,
+    TenantUnavailable,
+    UnknownTenant,
+)
+
+from .conftest import SECRET, World, make_token
+
+
+def request(tenant: str | None = None, *, token: str | None = None, key: str | None = None) -> RequestView:
+    headers = []
+    if tenant is not None:
+        headers.append(("X-Tenant-ID", tenant))
+    if token is not None:
+        headers.append(("Authorization", f"Bearer {token}"))
+    if key is not None:
+        headers.append(("X-Tenant-Access-Key", key))
+    return RequestView.from_pairs("GET", "/projects", "api.example.com", headers)
+
+
+@pytest.fixture(scope="module")
+def rsa_key() -> rsa.RSAPrivateKey:
+    return rsa.generate_private_key(public_exponent=65537, key_size=2048)
+
+
+def public_pem(key: Any) -> bytes:
+    return key.public_key().public_bytes(
+        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+
+
+# -- verifier configuration -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"algorithms": ["none"]}, "not accepted"),
+        ({"algorithms": ["HS256", "none"]}, "not accepted"),
+        ({"algorithms": []}, "at least one"),
+        ({"algorithms": "HS256"}, "must be a list"),
+        ({"algorithms": ["HS256", "RS256"]}, "mix signature families"),
+        ({"algorithms": ["HS256"], "key": None}, "either key"),
+        ({"algorithms": ["HS256"], "key": "short"}, "at least 32"),
+        ({"algorithms": ["HS512"], "key": SECRET}, "at least 64"),
+    ],
+)
+def test_unsafe_verifier_configurations_are_refused(kwargs: dict[str, Any], message: str) -> None:
+    kwargs.setdefault("key", SECRET)
+    with pytest.raises(CheckpointConfigError, match=message):
+        JWTVerifier(**kwargs)
+
+
+def test_a_public_key_cannot_be_configured_as_an_hmac_secret(rsa_key: rsa.RSAPrivateKey) -> None:
+    with pytest.raises(CheckpointConfigError, match="does not suit HS256"):
+        JWTVerifier(public_pem(rsa_key), algorithms=["HS256"])
+
+
+def test_a_key_of_the_wrong_type_is_refused(rsa_key: rsa.RSAPrivateKey) -> None:
+    with pytest.raises(CheckpointConfigError, match="does not suit ES256"):
+        JWTVerifier(public_pem(rsa_key), algorithms=["ES256"])
+
+
+def test_a_checkpoint_that_could_admit_nobody_is_refused() -> None:
+    with pytest.raises(CheckpointConfigError, match="could admit no request"):
+        Checkpoint(access_key_header=None)
+
+
+# -- verification -----------------------------------------------------------------------------------
+
+
+def test_rs256_tokens_verify_with_the_public_key(rsa_key: rsa.RSAPrivateKey) -> None:
+    token = jwt.encode({"tenant": "acme", "exp": time.time() + 60}, rsa_key, algorithm="RS256")
+    assert JWTVerifier(public_pem(rsa_key), algorithms=["RS256"]).verify(token)["tenant"] == "acme"
+    # a private key is reduced to its public half
+    assert JWTVerifier(rsa_key, algorithms=["RS256", "PS256"]).verify(token)["tenant"] == "acme"
+
+
+def test_algorithm_confusion_is_refused(rsa_key: rsa.RSAPrivateKey) -> None:
+    """An HS256 token whose 'secret' is the (public) RSA key must not verify."""
+
+    def b64(data: bytes) -> bytes:
+        return base64.urlsafe_b64encode(data).rstrip(b"=")
+
+    pem = public_pem(rsa_key)
+    signing_input = (
+        b64(json.dumps({"alg": "HS256", "typ": "JWT"}).encode())
+        + b"."
+        + b64(json.dumps({"tenant": "acme", "exp": time.time() + 60}).encode())
+    )
+    forged = (signing_input + b"." + b64(hmac.new(pem, signing_input, hashlib.sha256).digest())).decode()
+    with pytest.raises(InvalidToken, match="InvalidAlgorithmError"):
+        JWTVerifier(pem, algorithms=["RS256"]).verify(forged)
+
+
+def test_es256_tokens_verify() -> None:
+    key = ec.generate_private_key(ec.SECP256R1())
+    token = jwt.encode({"tenant": "acme", "exp": time.time() + 60}, key, algorithm="ES256")
+    assert JWTVerifier(public_pem(key), algorithms=["ES256"]).verify(token)["tenant"] == "acme"
+
+
+def test_keys_by_kid_allow_rotation() -> None:
+    old, new = SECRET, SECRET[::-1]
+    verifier = JWTVerifier(keys={"2024": old, "2025": new}, algorithms=["HS256"])
+    assert verifier.verify(make_token(key=new, headers={"kid": "2025"}))["tenant"] == "acme"
+    assert verifier.verify(make_token(key=old, headers={"kid": "2024"}))["tenant"] == "acme"
+    with pytest.raises(InvalidToken, match="InvalidSignatureError"):
+        verifier.verify(make_token(key=old, headers={"kid": "2025"}))
+    with pytest.raises(InvalidToken, match="unknown key id"):
+        verifier.verify(make_token(key=new, headers={"kid": "2026"}))
+    with pytest.raises(InvalidToken, match="unknown key id"):
+        verifier.verify(make_token(key=new))
+
+
+def test_leeway_tolerates_small_clock_skew() -> None:
+    token = make_token(expires_in=-5)
+    with pytest.raises(InvalidToken, match="ExpiredSignatureError"):
+        JWTVerifier(SECRET, algorithms=["HS256"]).verify(token)
+    assert JWTVerifier(SECRET, algorithms=["HS256"], leeway=30).verify(token)["tenant"] == "acme"
+
+
+def test_audience_issuer_and_expiry_are_enforced() -> None:
+    verifier = JWTVerifier(SECRET, algorithms=["HS256"], audience="api", issuer="https://id.example.com")
+    assert verifier.verify(make_token(aud="api", iss="https://id.example.com"))
+    for token in (
+        make_token(aud="other", iss="https://id.example.com"),
+        make_token(aud="api", iss="https://evil.example.com"),
+        make_token(iss="https://id.example.com"),
+        make_token(aud="api"),
+        jwt.encode(
+            {"tenant": "acme", "aud": "api", "iss": "https://id.example.com"}, SECRET, algorithm="HS256"
+        ),
+    ):
+        with pytest.raises(InvalidToken):
+            verifier.verify(token)
+
+
+# -- the decision table -----------------------------------------------------------------------------
+
+
+def test_decisions_for_bearer_tokens(world: World) -> None:
+    checkpoint = Checkpoint(verifier=JWTVerifier(SECRET, algorithms=["HS256"]))
+    t = world.tenancy
+    admission = checkpoint.admit(t, request("acme", token=make_token("acme")))
+    assert (admission.tenant.slug, admission.credential, admission.is_anonymous) == ("acme", "token", False)
+    assert admission.claims is not None and admission.claims["sub"] == "user-1"
+    with pytest.raises(TenantMismatch):
+        checkpoint.admit(t, request("globex", token=make_token("acme")))
+    with pytest.raises(TenantMismatch):
+        checkpoint.admit(t, request("acme", token=make_token("ghost")))
+    with pytest.raises(UnknownTenant):
+        checkpoint.admit(t, request("ghost", token=make_token("ghost")))
+    with pytest.raises(TenantUnavailable):
+        checkpoint.admit(t, request("initech", token=make_token("initech")))
+    with pytest.raises(InvalidToken):
+        checkpoint.admit(t, RequestView.from_pairs("GET", "/", "h", [("Authorization", "Bearer ")]))
+    # another scheme is not a bearer token: the request is unauthenticated
+    with pytest.raises(AuthenticationRequired):
+        checkpoint.admit(
+            t, RequestView.from_pairs("GET", "/", "h", [("Authorization", "Basic dXNlcjpwdw==")])
+        )
+
+
+def test_a_request_naming_no_tenant_without_a_default_is_400(world: World) -> None:
+    tenancy = world.make_tenancy(default_tenant=None)
+    checkpoint = Checkpoint(verifier=JWTVerifier(SECRET, algorithms=["HS256"]))
+    header_only = [HeaderResolver()]
+    with pytest.raises(TenantNotResolved) as raised:
+        checkpoint.admit(tenancy, request(token=make_token("acme")), header_only)
+    assert (raised.value.status, raised.value.body()["error"]) == (400, "tenant_required")
+    with pytest.raises(TenantNotResolved):
+        checkpoint.admit(tenancy, request(key=world.access_keys["acme"]))
+    with pytest.raises(TenantNotResolved):
+        admit(tenancy, request(), checkpoint=None)
+    # with the claim resolver (the default) the token names the tenant
+    assert checkpoint.admit(tenancy, request(token=make_token("acme"))).tenant.slug == "acme"
+
+
+def test_a_request_naming_no_tenant_gets_the_default_when_there_is_one(world: World) -> None:
+    admission = admit(world.tenancy, request(), checkpoint=None)
+    assert (admission.tenant.slug, admission.credential) == ("default", "none")
+    keyed = Checkpoint().admit(world.tenancy, request(key=world.access_keys["default"]))
+    assert (keyed.tenant.slug, keyed.is_anonymous) == ("default", True)
+
+
+def test_without_a_checkpoint_only_resolution_applies(world: World) -> None:
+    assert admit(world.tenancy, request("globex"), checkpoint=None).tenant.slug == "globex"
+    with pytest.raises(UnknownTenant) as unknown:
+        admit(world.tenancy, request("nosuchtenant"), checkpoint=None)
+    assert unknown.value.status == 404
+    with pytest.raises(TenantUnavailable) as suspended:
+        admit(world.tenancy, request("initech"), checkpoint=None)
+    assert suspended.value.status == 403
+    with pytest.raises(UnknownTenant):
+        admit(world.tenancy, request("x" * 500), checkpoint=None)
+
+
+def test_a_checkpoint_without_verifier_ignores_bearer_tokens(world: World) -> None:
+    checkpoint = Checkpoint()
+    with pytest.raises(AuthenticationRequired):
+        checkpoint.admit(world.tenancy, request("acme", token=make_token("acme")))
+    keyed = checkpoint.admit(world.tenancy, request("acme", key=world.access_keys["acme"]))
+    assert keyed.credential == "access_key"
+
+
+def test_refusals_tell_logs_more_than_clients(world: World) -> None:
+    with pytest.raises(AuthenticationRequired) as raised:
+        Checkpoint().admit(world.tenancy, request("acme", key=str(uuid.uuid4())))
+    assert "acme" in str(raised.value)
+    assert "acme" not in json.dumps(raised.value.body())
+
+
+# -- access keys ------------------------------------------------------------------------------------
+
+
+def test_rotating_an_access_key_retires_the_old_one(world: World) -> None:
+    world.tenancy.create_tenant("umbrella")
+    old = get_access_key(world.tenancy, "umbrella")
+    assert verify_access_key(world.tenancy, "umbrella", str(old))
+    new = rotate_access_key(world.tenancy, "umbrella")
+    assert new != old and get_access_key(world.tenancy, "umbrella") == new
+    assert not verify_access_key(world.tenancy, "umbrella", str(old))
+    assert verify_access_key(world.tenancy, "umbrella", str(new).upper())
+    with pytest.raises(AuthenticationRequired):
+        Checkpoint().admit(world.tenancy, request("umbrella", key=str(old)))
+    assert Checkpoint().admit(world.tenancy, request("umbrella", key=str(new))).tenant.slug == "umbrella"
+
+
+def test_access_key_functions_on_unknown_tenants(world: World) -> None:
+    assert not verify_access_key(world.tenancy, "nosuchtenant", str(uuid.uuid4()))
+    assert not verify_access_key(world.tenancy, "acme", "not-a-uuid")
+    with pytest.raises(TenantNotFound):
+        rotate_access_key(world.tenancy, "nosuchtenant")
+    with pytest.raises(TenantNotFound):
+        get_access_key(world.tenancy, uuid.uuid4())

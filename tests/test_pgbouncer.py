@@ -1,0 +1,357 @@
+"""Behind PgBouncer in transaction pooling, nothing of a tenant survives its transaction.
+
+With ``pool_mode = transaction`` every client transaction borrows whichever server connection is
+idle, and PgBouncer runs no reset query between clients. Many clients interleaving transactions of
+different tenants over a few server connections are the harshest test of the claim that the tenant
+binding (``search_path``, role, ``app.current_tenant_id``) is transaction-local: anything left at
+session level would surface in another client's transaction, on another tenant's rows.
+
+Requires Debian's ``pgbouncer`` binary; the PostgreSQL server is the run's test server.
+"""
+
+from __future__ import annotations
+
+import random
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import pytest
+from sqlalchemy import exc, insert, select, text
+
+from sqla_tenancy import Tenancy, Tenant, platform_context, tenant_context
+from sqla_tenancy.identifiers import quote_ident
+from sqla_tenancy.testing import TestServer
+from sqla_tenancy.testing.pgbouncer import PgBouncer
+
+from .models import INFRASTRUCTURE, Base, Project
+
+if not PgBouncer.available():
+    pytest.skip(
+        "the pgbouncer binary is not installed (Debian: apt-get install pgbouncer)", allow_module_level=True
+    )
+
+POOL = 3  # PgBouncer's server connections for the application role
+SHARED = ("alpha", "bravo")
+SCHEMA = ("charlie", "delta")
+SLUGS = SHARED + SCHEMA
+THREADS = 16
+TRANSACTIONS = 40  # per thread
+PROBE = (
+    "select current_setting('app.current_tenant_id', true), current_user, current_schema(), pg_backend_pid()"
+)
+
+
+@dataclass
+class Expected:
+    """What a transaction of one tenant must see of its binding, and where its rows live."""
+
+    tenant: Tenant
+    user: str
+    schema: str
+
+
+@dataclass
+class Bounced:
+    tenancy: Tenancy
+    bouncer: PgBouncer
+    server: TestServer
+    database: str
+    expected: dict[str, Expected]
+    seeded: dict[str, set[str]] = field(default_factory=dict)
+
+
+@pytest.fixture
+def bounced(tenancy_server: TestServer, tenancy_database: str) -> Iterator[Bounced]:
+    """An installed Tenancy whose application engine reaches PostgreSQL only through PgBouncer
+    (transaction pooling, ``POOL`` server connections), with two shared and two schema tenants."""
+    direct = tenancy_server.url(tenancy_database)
+    assert direct.host is not None and direct.port is not None
+    with PgBouncer(
+        direct.host,
+        direct.port,
+        databases=[tenancy_database],
+        users={tenancy_server.app_role: tenancy_server.app_password},
+        pool_size=POOL,
+        # Spread transactions over every server connection instead of PgBouncer's default LIFO
+        # reuse: the more tenants each server connection serves in turn, the harsher the test.
+        # A short query_wait_timeout turns a pool deadlock into a quick failure instead of a hang.
+        settings={"server_round_robin": "1", "query_wait_timeout": "15"},
+    ) as bouncer:
+        tenancy = Tenancy(
+            bouncer.url(tenancy_database, user=tenancy_server.app_role, password=tenancy_server.app_password),
+            metadata=Base.metadata,
+            admin_url=tenancy_server.url(tenancy_database, role="admin"),  # direct, not pooled
+            infrastructure_schemas=INFRASTRUCTURE,
+            # PgBouncer 1.18 does not track protocol-level prepared statements across server
+            # connections: psycopg must not prepare any. Many more client connections than
+            # PgBouncer has server connections.
+            engine_options={
+                "pool_size": THREADS,
+                "max_overflow": 4,
+                "connect_args": {"prepare_threshold": None},
+            },
+            # The registry gets a direct connection, as the docs advise behind a transaction pooler:
+            # LISTEN needs a session of its own, and look-ups made mid-transaction must not wait
+            # for a pooled server connection. A tiny TTL makes such look-ups happen all the time.
+            registry_url=tenancy_server.url(tenancy_database),
+            registry_ttl=0.05,
+            name_prefix=tenancy_server.name_prefix(tenancy_database),
+        )
+        try:
+            tenancy.install()
+            expected: dict[str, Expected] = {}
+            for slug in SLUGS:
+                placement = "shared" if slug in SHARED else "schema"
+                tenant = tenancy.create_tenant(slug, strategy=placement)
+                if placement == "shared":
+                    expected[slug] = Expected(tenant, tenancy_server.app_role, "public")
+                else:
+                    expected[slug] = Expected(
+                        tenant, f"{tenancy.name_prefix}_{slug}_app", f"{tenancy.name_prefix}_{slug}"
+                    )
+            world = Bounced(tenancy, bouncer, tenancy_server, tenancy_database, expected)
+            maker = tenancy.sessionmaker()
+            for slug in SLUGS:
+                names = {f"{slug}-seed-{k}" for k in range(3)}
+                with tenant_context(slug), maker() as s:
+                    s.add_all(Project(name=n) for n in sorted(names))
+                    s.commit()
+                world.seeded[slug] = names
+            yield world
+        finally:
+            tenancy.dispose()
+
+
+class ServerConnections:
+    """Samples, directly on PostgreSQL, how many server connections the application role holds."""
+
+    def __init__(self, world: Bounced) -> None:
+        self._world = world
+        self._stop = threading.Event()
+        self.samples: list[int] = []
+        self._thread = threading.Thread(target=self._run, name="pg_stat_activity-monitor", daemon=True)
+
+    def _run(self) -> None:
+        sql = text(
+            # (backend_type and state are hidden from a role that is not pg_read_all_stats)
+            "select count(*) from pg_stat_activity where usename = :role and datname = :db "
+            "and application_name is distinct from 'sqla-tenancy-registry'"
+        )
+        params = {"role": self._world.server.app_role, "db": self._world.database}
+        with self._world.tenancy.admin_engine.connect() as conn:
+            while not self._stop.is_set():
+                self.samples.append(int(conn.execute(sql, params).scalar_one()))
+                conn.rollback()  # a fresh statistics snapshot for each sample
+                self._stop.wait(0.005)
+
+    def __enter__(self) -> ServerConnections:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self._stop.set()
+        self._thread.join(timeout=10)
+
+
+def test_interleaved_tenants_over_few_server_connections_never_mix(bounced: Bounced) -> None:
+    tenancy = bounced.tenancy
+    maker = tenancy.sessionmaker()
+    mismatches: list[str] = []
+    finished: list[int] = []
+    committed: dict[str, set[str]] = {slug: set() for slug in SLUGS}
+    served: dict[int, set[str]] = {}  # server backend pid -> tenants it served
+    lock = threading.Lock()
+    start = threading.Barrier(THREADS)
+
+    def check(n: int, i: int, slug: str, probe: tuple[object, ...], names: list[str], mine: set[str]) -> None:
+        want = bounced.expected[slug]
+        setting, user, schema, pid = probe
+        where = f"thread {n} transaction {i} ({slug})"
+        if setting != str(want.tenant.id):
+            mismatches.append(f"{where}: app.current_tenant_id = {setting!r}")
+        if user != want.user:
+            mismatches.append(f"{where}: current_user = {user!r}, expected {want.user!r}")
+        if schema != want.schema:
+            mismatches.append(f"{where}: current_schema() = {schema!r}, expected {want.schema!r}")
+        foreign = [name for name in names if not name.startswith(slug + "-")]
+        if foreign:
+            mismatches.append(f"{where}: sees other tenants' rows {foreign[:5]}")
+        if not mine <= set(names):
+            mismatches.append(f"{where}: misses its own committed rows {sorted(mine - set(names))[:5]}")
+        assert isinstance(pid, int)
+        with lock:
+            served.setdefault(pid, set()).add(slug)
+
+    def worker(n: int) -> None:
+        rng = random.Random(n)
+        order = list(SLUGS)
+        rng.shuffle(order)  # every thread cycles through the tenants in its own order
+        mine: dict[str, set[str]] = {slug: set() for slug in SLUGS}
+        try:
+            start.wait(timeout=30)
+            for i in range(TRANSACTIONS):
+                slug = order[i % len(order)]
+                name = f"{slug}-{n}-{i}"
+                fail = i % 7 == 3  # a statement fails mid-transaction, then rollback
+                roll_back = i % 5 == 4  # insert, then roll back
+                with tenant_context(slug):
+                    if (n + i) % 2:
+                        with maker() as s:
+                            probe = tuple(s.execute(text(PROBE)).one())
+                            names = list(s.scalars(select(Project.name)))
+                            check(n, i, slug, probe, names, mine[slug])
+                            s.add(Project(name=name))
+                            s.flush()
+                            if fail:
+                                try:
+                                    s.execute(text("select 1/0"))
+                                    mismatches.append(f"thread {n} transaction {i}: 1/0 did not fail")
+                                except exc.DBAPIError:
+                                    pass
+                            if fail or roll_back:
+                                s.rollback()
+                            else:
+                                s.commit()
+                                mine[slug].add(name)
+                    else:
+                        with tenancy.engine.connect() as conn:
+                            probe = tuple(conn.execute(text(PROBE)).one())
+                            names = list(conn.execute(select(Project.name)).scalars())
+                            check(n, i, slug, probe, names, mine[slug])
+                            conn.execute(insert(Project).values(name=name))
+                            if fail:
+                                try:
+                                    conn.execute(text("select 1/0"))
+                                    mismatches.append(f"thread {n} transaction {i}: 1/0 did not fail")
+                                except exc.DBAPIError:
+                                    pass
+                            if fail or roll_back:
+                                conn.rollback()
+                            else:
+                                conn.commit()
+                                mine[slug].add(name)
+            with lock:
+                for slug, own in mine.items():
+                    committed[slug] |= own
+                finished.append(n)
+        except Exception as error:  # noqa: BLE001 - reported after the join, with the others
+            mismatches.append(f"thread {n} crashed: {error!r}")
+
+    threads = [threading.Thread(target=worker, args=(n,), name=f"client-{n}") for n in range(THREADS)]
+    began = time.monotonic()
+    with ServerConnections(bounced) as monitor:
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(timeout=120)
+    elapsed = time.monotonic() - began
+
+    assert not [t.name for t in threads if t.is_alive()], "client threads still running"
+    assert mismatches == []
+    assert sorted(finished) == list(range(THREADS))
+
+    # PgBouncer multiplexed: 16 clients, at most POOL server connections, each serving several
+    # tenants in turn (slack of one for a server connection being replaced).
+    peak = max(monitor.samples, default=0)
+    assert 1 <= peak <= POOL + 1, monitor.samples
+    assert 1 <= len(served) <= POOL + 1, served
+    assert any(len(slugs) > 1 for slugs in served.values()), served
+    print(
+        f"\n{THREADS} threads x {TRANSACTIONS} transactions in {elapsed:.1f} s; peak server "
+        f"connections {peak} ({len(monitor.samples)} samples); backends {len(served)}"
+    )
+
+    # Every committed row is where its tenant's rows live, and nothing else is: checked through
+    # the admin engine, directly on PostgreSQL and bypassing row-level security.
+    total = sum(len(committed[s]) + len(bounced.seeded[s]) for s in SLUGS)
+    found = 0
+    with tenancy.admin_engine.connect() as admin:
+        public = admin.execute(text("select tenant_id, name from public.projects")).all()
+        by_tenant: dict[uuid.UUID, set[str]] = {}
+        for tenant_id, name in public:
+            by_tenant.setdefault(tenant_id, set()).add(name)
+        found += len(public)
+        assert set(by_tenant) <= {bounced.expected[s].tenant.id for s in SHARED}
+        for slug in SHARED:
+            rows = by_tenant.get(bounced.expected[slug].tenant.id, set())
+            assert rows == bounced.seeded[slug] | committed[slug], slug
+        for slug in SCHEMA:
+            want = bounced.expected[slug]
+            rows_ = admin.execute(
+                text(f"select tenant_id, name from {quote_ident(want.schema)}.projects")
+            ).all()
+            found += len(rows_)
+            assert {tenant_id for tenant_id, _ in rows_} == {want.tenant.id}, slug
+            assert {name for _, name in rows_} == bounced.seeded[slug] | committed[slug], slug
+    assert found == total
+    # 1 in 5 rolled back, 1 in 7 failed: the rest committed
+    per_thread = sum(1 for i in range(TRANSACTIONS) if i % 7 != 3 and i % 5 != 4)
+    assert found - 3 * len(SLUGS) == THREADS * per_thread
+
+
+def test_platform_reads_after_tenant_transactions_see_no_binding(bounced: Bounced) -> None:
+    """An unbound transaction on the application engine (platform context) borrows server
+    connections that just served tenants: it must find no tenant setting, the application role
+    itself and the default ``search_path``, and no tenant's rows."""
+    tenancy = bounced.tenancy
+    app_role = bounced.server.app_role
+    threads_n, rounds = 6, 30
+    mismatches: list[str] = []
+    finished: list[int] = []
+    tenant_pids: set[int] = set()
+    platform_pids: set[int] = set()
+    lock = threading.Lock()
+    start = threading.Barrier(threads_n)
+
+    def worker(n: int) -> None:
+        try:
+            start.wait(timeout=30)
+            for i in range(rounds):
+                slug = SLUGS[(n + i) % len(SLUGS)]
+                with tenant_context(slug), tenancy.engine.connect() as conn:
+                    setting, _, _, pid = conn.execute(text(PROBE)).one()
+                    if setting != str(bounced.expected[slug].tenant.id):
+                        mismatches.append(f"thread {n} round {i} ({slug}): setting {setting!r}")
+                    conn.commit()
+                with lock:
+                    tenant_pids.add(pid)
+                with platform_context("check"), tenancy.engine.connect() as conn:
+                    setting, user, path, schema, pid = conn.execute(
+                        text(
+                            "select current_setting('app.current_tenant_id', true), current_user, "
+                            "current_setting('search_path'), current_schema(), pg_backend_pid()"
+                        )
+                    ).one()
+                    visible = conn.execute(text("select count(*) from public.projects")).scalar_one()
+                    conn.commit()
+                where = f"thread {n} round {i} (after {slug})"
+                if setting not in (None, ""):
+                    mismatches.append(f"{where}: app.current_tenant_id = {setting!r}")
+                if user != app_role:
+                    mismatches.append(f"{where}: current_user = {user!r}")
+                if path != '"$user", public' or schema != "public":
+                    mismatches.append(f"{where}: search_path = {path!r}, current_schema() = {schema!r}")
+                if visible != 0:
+                    mismatches.append(f"{where}: {visible} tenant rows visible unbound")
+                with lock:
+                    platform_pids.add(pid)
+            with lock:
+                finished.append(n)
+        except Exception as error:  # noqa: BLE001 - reported after the join
+            mismatches.append(f"thread {n} crashed: {error!r}")
+
+    threads = [threading.Thread(target=worker, args=(n,)) for n in range(threads_n)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=60)
+
+    assert not [t.name for t in threads if t.is_alive()], "threads still running"
+    assert mismatches == []
+    assert sorted(finished) == list(range(threads_n))
+    # the platform reads really ran on the server connections the tenants had used
+    assert len(platform_pids) >= 2 and platform_pids <= tenant_pids, (platform_pids, tenant_pids)
+    assert len(tenant_pids) <= POOL + 1

@@ -163,6 +163,7 @@ class Fixture:
             infrastructure_schemas=INFRASTRUCTURE,
             secret_key=SECRET,
             name_prefix=self.prefix,
+            create_database_strategy=self.tenancy.create_database_strategy,
             **options,
         )
 
@@ -700,6 +701,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--warmup", type=int, default=None, help="warm-up look-ups per variant (300)")
     parser.add_argument("--users", type=int, default=None, help="users rows per look-up tenant (5000)")
     parser.add_argument("--quick", action="store_true", help="a short smoke run for CI (< 60 s)")
+    parser.add_argument(
+        "--create-strategy",
+        choices=["file_copy", "wal_log"],
+        default=None,
+        help="Tenancy(create_database_strategy=...) (default: the server's)",
+    )
     args = parser.parse_args(argv)
     parts = [p.strip() for p in args.parts.split(",") if p.strip()]
     unknown = sorted(set(parts) - set(PARTS))
@@ -742,6 +749,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             infrastructure_schemas=INFRASTRUCTURE,
             secret_key=SECRET,
             name_prefix=prefix,
+            create_database_strategy=args.create_strategy,
         )
         tenancy.install()
         start = time.perf_counter()

@@ -372,3 +372,23 @@ def test_concurrent_creation_of_one_slug(tenancy: Tenancy, tenancy_server: TestS
     assert after["tenants"] - before["tenants"] == {"acme"}
     with tenant_context("acme"), tenancy.sessionmaker()() as s:
         assert s.scalars(select(Project)).all() == []
+
+
+def test_create_database_strategy_file_copy(
+    tenancy_factory: Callable[..., Tenancy], tenancy_server: TestServer
+) -> None:
+    with pytest.raises(Exception, match="create_database_strategy"):
+        tenancy_factory(Base.metadata, create_database_strategy="rsync")
+    t = tenancy_factory(
+        Base.metadata,
+        infrastructure_schemas=INFRASTRUCTURE,
+        secret_key=SECRET,
+        create_database_strategy="file_copy",
+    )
+    t.install()
+    t.prepare_server(tenancy_server.superuser_url)
+    t.create_tenant("acme", strategy="database")
+    with tenant_context("acme"), t.sessionmaker()() as s:
+        s.add(Project(name="copied"))
+        s.commit()
+        assert s.scalars(select(Project.name)).all() == ["copied"]

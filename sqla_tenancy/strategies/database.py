@@ -210,7 +210,11 @@ class DatabaseStrategy:
                 _create_role(conn, names.app_role, derive_password(secret, names.app_role))
                 tenancy._step("database")
                 database, app_role = quote_ident(names.database), quote_ident(names.app_role)
-                conn.exec_driver_sql(f"CREATE DATABASE {database} TEMPLATE {quote_ident(names.template)}")
+                strategy = tenancy.create_database_strategy
+                option = f" STRATEGY = {strategy.upper()}" if strategy else ""
+                conn.exec_driver_sql(
+                    f"CREATE DATABASE {database} TEMPLATE {quote_ident(names.template)}{option}"
+                )
                 conn.exec_driver_sql(f"REVOKE ALL ON DATABASE {database} FROM PUBLIC")
                 conn.exec_driver_sql(f"GRANT CONNECT ON DATABASE {database} TO {app_role}")
         finally:

@@ -11,7 +11,20 @@ if TYPE_CHECKING:
     from ..registry import Tenant
     from ..tenancy import Tenancy
 
-__all__ = ["Strategy"]
+__all__ = ["Strategy", "run_script"]
+
+
+def run_script(conn: Connection, script: str) -> None:
+    """Send a multi-statement script in one round trip (simple query protocol, no parameters),
+    inside ``conn``'s transaction, bypassing SQLAlchemy's statement logging (scripts may carry
+    role passwords' verifiers)."""
+    driver = conn.connection.dbapi_connection
+    assert driver is not None
+    cursor = driver.cursor()
+    try:
+        cursor.execute(script.encode())
+    finally:
+        cursor.close()
 
 
 class Strategy(Protocol):

@@ -49,6 +49,7 @@ from ..rls import (
     current_tenant_function_ddl,
     fdw_role_name,
 )
+from .base import run_script
 from .schema import tenant_ddl_template
 from .shared import delete_tenant_rows
 
@@ -187,7 +188,7 @@ class DatabaseStrategy:
                 if not have:
                     script = tenant_ddl_template(tenancy)
                     if script:
-                        _script(conn, f"SET LOCAL search_path = public;\n{script}")
+                        run_script(conn, f"SET LOCAL search_path = public;\n{script}")
         finally:
             engine.dispose()
 
@@ -236,7 +237,7 @@ class DatabaseStrategy:
         so tenant queries never see a half-refreshed schema."""
         names = names or self.names(tenancy, tenant)
         with tenancy.admin_engine.begin() as conn:  # new infrastructure tables: grant them first
-            _script(conn, ";\n".join(tenants_group_grants(tenancy)))
+            run_script(conn, ";\n".join(tenants_group_grants(tenancy)))
         # The admin URL reaches the main database directly (the application URL may go through a
         # transaction pooler, which postgres_fdw's sessions must not).
         main = tenancy.admin_url
@@ -277,7 +278,7 @@ class DatabaseStrategy:
                         f"GRANT SELECT, INSERT, UPDATE, DELETE ON ALL TABLES IN SCHEMA {s} "
                         f"TO {quote_ident(names.app_role)}",
                     ]
-                _script(conn, ";\n".join(statements))
+                run_script(conn, ";\n".join(statements))
                 # Foreign tables do not apply the remote defaults: give them the portable ones.
                 for schema, table, column, expression in self._remote_defaults(tenancy, tenant):
                     target = f"{quote_ident(schema)}.{quote_ident(table)}"
@@ -369,7 +370,7 @@ def _create_role(conn: Connection, role: str, password: str, *, inherit: bool = 
             "cluster using the same name_prefix?). Give Tenancy a distinct name_prefix, or drop it."
         )
     # Only a SCRAM verifier goes over the wire (and into any server log), never the password.
-    _script(
+    run_script(
         conn,
         f"CREATE ROLE {quote_ident(role)} LOGIN NOSUPERUSER NOBYPASSRLS NOCREATEDB NOCREATEROLE "
         f"{'INHERIT' if inherit else 'NOINHERIT'} PASSWORD {quote_literal(scram_verifier(password))}",
@@ -391,13 +392,3 @@ def scram_verifier(password: str, *, iterations: int = 4096) -> str:
         f"SCRAM-SHA-256${iterations}:{b64(salt).decode()}"
         f"${b64(stored_key).decode()}:{b64(server_key).decode()}"
     )
-
-
-def _script(conn: Connection, script: str) -> None:
-    driver = conn.connection.dbapi_connection
-    assert driver is not None
-    cursor = driver.cursor()
-    try:
-        cursor.execute(script.encode())
-    finally:
-        cursor.close()

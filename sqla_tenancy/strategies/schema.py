@@ -23,6 +23,7 @@ from ..identifiers import quote_ident, quote_literal, role_name, schema_name
 from ..installer import tenants_group
 from ..registry import REGISTRY_SCHEMA
 from ..rls import TENANT_SETTING, enable_rls_ddl, is_tenant_scoped
+from .base import run_script
 from .shared import delete_tenant_rows
 
 if TYPE_CHECKING:
@@ -95,13 +96,15 @@ class SchemaStrategy:
                 "name_prefix, or drop the leftover role."
             )
         tenancy._step("schema")
-        _run(admin, f"CREATE SCHEMA {s}")
+        run_script(admin, f"CREATE SCHEMA {s}")
         tenancy._step("tables")
         template = self._template(tenancy)
         if template:
             # Unqualified names land in the first schema of the path; public stays reachable for
             # extension types during DDL only.
-            _run(admin, f"SET LOCAL search_path = {s}, public;\n{template};\nSET LOCAL search_path = DEFAULT")
+            run_script(
+                admin, f"SET LOCAL search_path = {s}, public;\n{template};\nSET LOCAL search_path = DEFAULT"
+            )
         tenancy._step("role")
         grants = [
             f"CREATE ROLE {r} NOLOGIN NOSUPERUSER NOBYPASSRLS NOCREATEDB NOCREATEROLE INHERIT",
@@ -111,13 +114,13 @@ class SchemaStrategy:
             # the infrastructure, through the group every tenant role belongs to
             f"GRANT {quote_ident(tenants_group(tenancy))} TO {r}",
         ]
-        _run(admin, ";\n".join(grants))
+        run_script(admin, ";\n".join(grants))
         tenancy._step("membership")
         app_role = tenancy.url.username
         assert app_role
         # PostgreSQL 16+: membership only for SET ROLE, without inheriting the tenant's privileges.
         option = " WITH INHERIT FALSE" if (admin.dialect.server_version_info or (0,)) >= (16,) else ""
-        _run(admin, f"GRANT {r} TO {quote_ident(app_role)}{option}")
+        run_script(admin, f"GRANT {r} TO {quote_ident(app_role)}{option}")
         return {"schema": schema, "role": role}
 
     def deprovision(
@@ -129,7 +132,7 @@ class SchemaStrategy:
         if not keep_infrastructure_rows:
             delete_tenant_rows(tenant, reversed(tenancy.infrastructure_tables()), admin=admin)
         statements = [f"DROP SCHEMA IF EXISTS {s} CASCADE", f"DROP ROLE IF EXISTS {r}"]
-        _run(admin, ";\n".join(statements))
+        run_script(admin, ";\n".join(statements))
 
     def compensate(self, tenancy: Tenancy, tenant: Tenant) -> None:
         """Nothing to do: provisioning is transactional."""
@@ -144,14 +147,3 @@ class SchemaStrategy:
 
     def engine(self, tenancy: Tenancy, tenant: Tenant, *, async_: bool) -> Engine:
         return tenancy._main_engine(async_=async_)
-
-
-def _run(admin: Connection, script: str) -> None:
-    """Send a (multi-statement) script in one round trip, inside the admin transaction."""
-    driver = admin.connection.dbapi_connection
-    assert driver is not None
-    cursor = driver.cursor()
-    try:
-        cursor.execute(script.encode())
-    finally:
-        cursor.close()

@@ -18,12 +18,13 @@ from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import Connection, create_mock_engine
 from sqlalchemy.engine import Engine
+from sqlalchemy.schema import CreateIndex
 
 from ..errors import ProvisioningError
 from ..identifiers import quote_ident, quote_literal, role_name, schema_name
 from ..installer import tenants_group
 from ..registry import REGISTRY_SCHEMA
-from ..rls import TENANT_SETTING, enable_rls_ddl, is_tenant_scoped
+from ..rls import TENANT_ID_INFO_KEY, TENANT_SETTING, enable_rls_ddl, is_tenant_scoped
 from .base import run_script
 from .shared import delete_tenant_rows
 
@@ -48,6 +49,10 @@ def tenant_ddl_template(tenancy: Tenancy) -> str:
     dialect = tenancy.engine.dialect
 
     def collect(sql: Any, *args: Any, **kwargs: Any) -> None:
+        # An index on tenant_id alone is useless where every row has the same tenant (and each
+        # index is one more file to create per tenant).
+        if isinstance(sql, CreateIndex) and all(c.info.get(TENANT_ID_INFO_KEY) for c in sql.element.columns):
+            return
         statements.append(str(sql.compile(dialect=dialect)).strip())
 
     mock = create_mock_engine("postgresql+psycopg://", collect)

@@ -392,3 +392,34 @@ def test_create_database_strategy_file_copy(
         s.add(Project(name="copied"))
         s.commit()
         assert s.scalars(select(Project.name)).all() == ["copied"]
+
+
+def test_connection_budget_is_respected(
+    tenancy_factory: Callable[..., Tenancy], tenancy_server: TestServer
+) -> None:
+    from sqla_tenancy import TenancyError
+
+    t = tenancy_factory(
+        Base.metadata,
+        infrastructure_schemas=INFRASTRUCTURE,
+        secret_key=SECRET,
+        tenant_pool_size=1,
+        tenant_max_overflow=1,
+        max_tenant_connections=2,
+    )
+    t.install()
+    t.prepare_server(tenancy_server.superuser_url)
+    for slug in ("b1", "b2", "b3"):
+        t.create_tenant(slug, strategy="database")
+    t.tenant_engines.budget_timeout = 0.5
+    with tenant_context("b1"), t.connect() as one, tenant_context("b2"), t.connect() as two:
+        one.execute(text("select 1"))
+        two.execute(text("select 1"))
+        assert t.tenant_engines.stats().open_connections == 2
+        with pytest.raises(TenancyError, match="in use"), tenant_context("b3"), t.connect():
+            pass  # the third connection waits for the budget, then gives up
+    # closed connections free the budget (here: the pools are disposed)
+    t.tenant_engines.clear()
+    with tenant_context("b3"), t.connect() as three:
+        assert three.execute(text("select 1")).scalar() == 1
+    assert t.tenant_engines.stats().peak_connections <= 2

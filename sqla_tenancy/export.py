@@ -82,6 +82,12 @@ def export_tenant(tenancy: Tenancy, tenant: Tenant, path: Path, *, pg_dump: Path
 
 
 _CREATE_SCHEMA = re.compile(r"^CREATE SCHEMA (?!IF NOT EXISTS)")
+_NEWER_SETTINGS = {
+    "SET transaction_timeout = 0;": (
+        "SELECT pg_catalog.set_config('transaction_timeout', '0', false) "
+        "WHERE current_setting('server_version_num')::int >= 170000;\n"
+    ),
+}
 
 
 def _pg_dump(tenancy: Tenancy, tenant: Tenant, out: IO[str], pg_dump: Path) -> None:
@@ -124,7 +130,12 @@ def _pg_dump(tenancy: Tenancy, tenant: Tenant, out: IO[str], pg_dump: Path) -> N
         assert proc.stdout is not None
         for line in proc.stdout:
             # Restorable into any database, whose public schema exists already.
-            out.write(_CREATE_SCHEMA.sub("CREATE SCHEMA IF NOT EXISTS ", line))
+            line = _CREATE_SCHEMA.sub("CREATE SCHEMA IF NOT EXISTS ", line)
+            # A newer pg_dump sets parameters an older server does not know: keep them conditional.
+            version_bound = _NEWER_SETTINGS.get(line.strip())
+            if version_bound is not None:
+                line = version_bound
+            out.write(line)
         proc.wait()
         errors.seek(0)
         error = errors.read()

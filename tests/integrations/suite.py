@@ -82,29 +82,33 @@ class CheckpointSuite:
     #: routes answering with the tenant's projects
     project_paths: ClassVar[Sequence[str]] = ("/projects",)
 
+    @classmethod
     def _server(
-        self, world: World, checkpoint: Checkpoint, resolvers: Sequence[TenantResolver] | None = None
-    ):
-        app = type(self).build(world.tenancy, checkpoint, resolvers=resolvers)
-        return type(self).serve(app)
+        cls, world: World, checkpoint: Checkpoint, resolvers: Sequence[TenantResolver] | None = None
+    ) -> LiveServer:
+        app = cls.build(world.tenancy, checkpoint, resolvers=resolvers)
+        return cls.serve(app)
 
     @pytest.fixture(scope="class")
-    def strict(self, world: World) -> Iterator[httpx.Client]:
-        server = self._server(world, strict_checkpoint())
+    @classmethod
+    def strict(cls, world: World) -> Iterator[httpx.Client]:
+        server = cls._server(world, strict_checkpoint())
         with server.client() as client:
             yield client
         server.stop()
 
     @pytest.fixture(scope="class")
-    def open_(self, world: World) -> Iterator[httpx.Client]:
-        server = self._server(world, open_checkpoint())
+    @classmethod
+    def open_(cls, world: World) -> Iterator[httpx.Client]:
+        server = cls._server(world, open_checkpoint())
         with server.client() as client:
             yield client
         server.stop()
 
     @pytest.fixture(scope="class")
-    def by_path(self, world: World) -> Iterator[httpx.Client]:
-        server = self._server(
+    @classmethod
+    def by_path(cls, world: World) -> Iterator[httpx.Client]:
+        server = cls._server(
             world, strict_checkpoint(), resolvers=[PathPrefixResolver("/t/"), ClaimResolver()]
         )
         with server.client() as client:

@@ -403,7 +403,10 @@ class Checkpoint:
         target = ref if ref is not None else default_reference(tenancy)
         presented = request.header(self.access_key_header) if self.access_key_header else None
         if presented is not None:
-            if not verify_access_key(tenancy, _registry_key(tenancy, target), presented):
+            key = normalize_reference(tenancy, target)
+            # Malformed input is refused without a query: the client learns nothing it did not
+            # send, and random strings cannot tie up the admin pool.
+            if key is None or not _is_uuid(presented) or not verify_access_key(tenancy, key, presented):
                 raise AuthenticationRequired(f"wrong access key, or no tenant {target!r}")
             try:
                 tenant = lookup_tenant(tenancy, target)
@@ -446,6 +449,14 @@ def _registry_key(tenancy: Tenancy, ref: str) -> str | uuid.UUID:
     match no tenant)."""
     key = normalize_reference(tenancy, ref)
     return key if key is not None else ref
+
+
+def _is_uuid(value: str) -> bool:
+    try:
+        uuid.UUID(value.strip())
+    except (ValueError, AttributeError):
+        return False
+    return True
 
 
 def admit(

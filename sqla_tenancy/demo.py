@@ -31,7 +31,7 @@ class Project(TenantScoped, Base):
 
 def run(out: Callable[[str], object] = print) -> int:
     """Run the demonstration, reporting each step through ``out``; returns an exit status."""
-    server = TestServer.start(os.environ.get("DATABASE_URL"))
+    server = TestServer.start(os.environ.get("DATABASE_URL"), use_test_dsn=False)
     tenancy: Tenancy | None = None
     try:
         database = server.create_database()

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import uuid
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import Column, text
 from sqlalchemy.dialects.postgresql import UUID
@@ -12,15 +12,19 @@ from sqlalchemy.orm import Mapped, declared_attr, mapped_column
 from .errors import TenantRequired
 from .rls import TENANT_ID_INFO_KEY
 
+if TYPE_CHECKING:
+    from .tenancy import Tenancy
+
 __all__ = ["TenantScoped", "active_tenant_id", "tenant_id_column"]
 
 
-def active_tenant_id() -> uuid.UUID:
-    """The id of the tenant queries would run for now (the default tenant when none is active)."""
+def active_tenant_id(tenancy: Tenancy | None = None) -> uuid.UUID:
+    """The id of the tenant queries would run for now (the default tenant when none is active),
+    resolved with ``tenancy`` (by default the process's most recent Tenancy)."""
     from . import context
     from .tenancy import active_tenancy
 
-    tenancy = active_tenancy()
+    tenancy = tenancy or active_tenancy()
     if tenancy is None:
         raise RuntimeError("no Tenancy has been created in this process")
     if context.current_platform_reason() is not None:
@@ -31,8 +35,10 @@ def active_tenant_id() -> uuid.UUID:
     return tenancy.resolve(context.current_tenant_ref()).id
 
 
-def _column_default(_context: Any = None) -> uuid.UUID:
-    return active_tenant_id()
+def _column_default(context: Any) -> uuid.UUID:
+    # The Tenancy whose engine runs the insert: right even with several Tenancy objects.
+    ref = getattr(getattr(context, "dialect", None), "tenancy_ref", None)
+    return active_tenant_id(ref() if ref is not None else None)
 
 
 def tenant_id_column(name: str = "tenant_id") -> Column[uuid.UUID]:

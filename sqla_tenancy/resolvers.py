@@ -53,6 +53,7 @@ __all__ = [
     "TenantUnavailable",
     "UnknownTenant",
     "default_reference",
+    "default_resolvers",
     "ensure_usable",
     "lookup_tenant",
     "normalize_reference",
@@ -333,3 +334,12 @@ def resolve_tenant(tenancy: Tenancy, request: RequestView, resolvers: Sequence[T
     """
     ref = resolve_reference(request, resolvers)
     return ensure_usable(lookup_tenant(tenancy, ref if ref is not None else default_reference(tenancy)))
+
+
+def default_resolvers(checkpoint: Any = None) -> tuple[TenantResolver, ...]:
+    """:data:`DEFAULT_RESOLVERS`, with the claim resolver reading the checkpoint's tenant claim
+    (so ``Checkpoint(tenant_claim="org")`` needs no resolver of its own)."""
+    claim = getattr(checkpoint, "tenant_claim", None)
+    if claim is None or claim == "tenant":
+        return DEFAULT_RESOLVERS
+    return (HeaderResolver(), ClaimResolver(claim))

@@ -20,6 +20,7 @@ from sqlalchemy.ext.asyncio import (
     create_async_engine,
 )
 from sqlalchemy.orm import sessionmaker as orm_sessionmaker
+from sqlalchemy.util import greenlet_spawn
 
 from .dialect import DRIVER_NAME, Binder
 from .engines import EngineCache
@@ -161,6 +162,7 @@ class Tenancy:
         self._fault_injector: Callable[[str], None] | None = None
         self._binder: Binder = self.router.binding
         self.engine.dialect.binder = self._binder  # type: ignore[attr-defined]
+        self.engine.dialect.tenancy_ref = weakref.ref(self)  # type: ignore[attr-defined]
         _active = weakref.ref(self)
 
     # -- engines ----------------------------------------------------------------------------
@@ -173,6 +175,7 @@ class Tenancy:
                 self.url.set(drivername=f"postgresql+{DRIVER_NAME}"), **self._engine_options
             )
             engine.sync_engine.dialect.binder = self._binder  # type: ignore[attr-defined]
+            engine.sync_engine.dialect.tenancy_ref = weakref.ref(self)  # type: ignore[attr-defined]
             self._async_engine = engine
         return self._async_engine
 
@@ -224,6 +227,7 @@ class Tenancy:
             else:
                 engine = create_engine(url, **options)
             engine.dialect.binder = self._binder  # type: ignore[attr-defined]
+            engine.dialect.tenancy_ref = weakref.ref(self)  # type: ignore[attr-defined]
             return engine
 
         return self.tenant_engines.get((tenant.id, async_), make)
@@ -426,28 +430,32 @@ class Tenancy:
     def dispose(self) -> None:
         """Close every pool and the registry listener.
 
-        From async code prefer :meth:`dispose_async`; called outside an event loop, this disposes
-        the async engines too.
+        From async code use :meth:`dispose_async` (this raises inside a running event loop when
+        async engines exist, rather than leave their connections half-closed).
         """
-        pending = [e for e in (self._async_engine, self._async_admin_engine) if e is not None]
-        if pending:
+        if self._async_engine is not None or self._async_admin_engine is not None:
             try:
                 asyncio.get_running_loop()
             except RuntimeError:
-                for engine in pending:
-                    asyncio.run(engine.dispose())
-            self._async_engine = self._async_admin_engine = None
-        self.registry.close()
-        self.tenant_engines.clear()
-        self.engine.dispose()
-        if self._admin_engine is not None:
-            self._admin_engine.dispose()
+                asyncio.run(self.dispose_async())
+                return
+            raise TenancyError("Inside an event loop, call `await tenancy.dispose_async()` instead.")
+        self._dispose_sync()
 
     async def dispose_async(self) -> None:
-        """Dispose the async engines, then everything :meth:`dispose` closes."""
+        """Dispose the async engines (tenant databases' included), then everything else."""
+        # Async pools must close their connections inside SQLAlchemy's greenlet bridge.
+        await greenlet_spawn(self.tenant_engines.clear)
         if self._async_engine is not None:
             await self._async_engine.dispose()
         if self._async_admin_engine is not None:
             await self._async_admin_engine.dispose()
         self._async_engine = self._async_admin_engine = None
-        self.dispose()
+        self._dispose_sync()
+
+    def _dispose_sync(self) -> None:
+        self.registry.close()
+        self.tenant_engines.clear()
+        self.engine.dispose()
+        if self._admin_engine is not None:
+            self._admin_engine.dispose()

@@ -423,3 +423,42 @@ def test_connection_budget_is_respected(
     with tenant_context("b3"), t.connect() as three:
         assert three.execute(text("select 1")).scalar() == 1
     assert t.tenant_engines.stats().peak_connections <= 2
+
+
+async def test_dispose_async_closes_database_tenants_async_connections(dbt: Tenancy) -> None:
+    maker = dbt.async_sessionmaker()
+    with tenant_context("acme"):
+        async with maker() as s:
+            assert (await s.scalars(select(Project.name))).all() == ["acme-p"]
+    await dbt.dispose_async()
+    with create_engine(dbt.admin_url).connect() as conn:
+        left = conn.execute(
+            text("select count(*) from pg_stat_activity where usename = :r"),
+            {"r": f"{dbt.name_prefix}_acme_app"},
+        ).scalar()
+    assert left == 0
+
+
+def test_two_tenancies_in_one_process_fill_tenant_id_from_their_own(
+    tenancy_factory: Callable[..., Tenancy], tenancy_server: TestServer
+) -> None:
+    first = tenancy_factory(Base.metadata, infrastructure_schemas=INFRASTRUCTURE)
+    first.install()
+    acme = first.create_tenant("acme")
+    other_db = tenancy_server.create_database()
+    second = Tenancy(
+        tenancy_server.url(other_db),
+        admin_url=tenancy_server.url(other_db, role="admin"),
+        metadata=Base.metadata,
+        infrastructure_schemas=INFRASTRUCTURE,
+        name_prefix=tenancy_server.name_prefix(other_db),
+    )
+    try:
+        second.install()  # created last: the process's "active" Tenancy
+        with tenant_context(acme.id), first.sessionmaker()() as s:
+            s.add(Project(name="from-first"))
+            s.commit()
+            assert s.scalars(select(Project.tenant_id)).all() == [acme.id]
+    finally:
+        second.dispose()
+        tenancy_server.drop_database(other_db)

@@ -5,14 +5,17 @@ mkdocstrings' Sphinx parser reads the ``:param:`` fields but leaves inline roles
 so ``:class:`Tenancy``` would show up verbatim. This extension rewrites each role before the
 docstrings are parsed:
 
-- a role naming something the reference page renders (a name in ``sqla_tenancy.__all__`` or
-  ``sqla_tenancy.testing.__all__``, or a public member of one of those classes) becomes an
-  autorefs cross-reference to it;
+- a role naming something the reference page renders (one of the modules in
+  :data:`PUBLIC_MODULES`, a name in its ``__all__``, or a public member of one of those classes)
+  becomes an autorefs cross-reference to it;
 - anything else (private modules, constants, SQLAlchemy classes) becomes inline code, so the build
   never meets an unresolvable link.
 
-It also turns the reST literal-block marker ``text::`` into ``text:`` (the indented block below it
-already renders as code in Markdown).
+It also turns the reST literal-block marker ``text::`` into ``text:``, and drops a ``::`` standing
+alone on its line (the indented block below it already renders as code in Markdown).
+
+Adding a module to :data:`PUBLIC_MODULES` means ``docs/reference.md`` must render it, with every
+name of its ``__all__``: otherwise the links made here have no target and the strict build fails.
 
 Only the documentation build loads this file (see ``mkdocs.yml``); the package does not.
 """
@@ -27,10 +30,19 @@ import griffe
 
 PACKAGE = "sqla_tenancy"
 #: Modules whose ``__all__`` the reference page renders, with the path it renders them under.
-PUBLIC_MODULES = ("", "testing")
+PUBLIC_MODULES = (
+    "",
+    "testing",
+    "resolvers",
+    "checkpoint",
+    "integrations",
+    "integrations.flask",
+    "integrations.flask_sqlalchemy",
+    "integrations.asgi",
+)
 
 _ROLE = re.compile(r":(?:py:)?(?P<role>[a-z]+):`(?P<target>[^`]+)`")
-_LITERAL_MARKER = re.compile(r"(?m)(\S)::$|[ \t]+::$")
+_LITERAL_MARKER = re.compile(r"(?m)(\S)::$|[ \t]+::$|^::$")
 
 
 def _public_paths(pkg: griffe.Module) -> dict[str, str]:

@@ -48,7 +48,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from ..checkpoint import Admission, Checkpoint, admit
 from ..context import tenant_context
 from ..registry import Tenant
-from ..resolvers import DEFAULT_RESOLVERS, RequestRejected, RequestView, TenantResolver
+from ..resolvers import RequestRejected, RequestView, TenantResolver, default_resolvers
 from ..session import TenantSession
 from ..tenancy import Tenancy
 from . import IntegrationError
@@ -118,7 +118,9 @@ class TenancyMiddleware:
         self.app = app
         self.tenancy = tenancy
         self.checkpoint = checkpoint
-        self.resolvers: tuple[TenantResolver, ...] = tuple(resolvers or DEFAULT_RESOLVERS)
+        self.resolvers: tuple[TenantResolver, ...] = (
+            default_resolvers(checkpoint) if resolvers is None else tuple(resolvers)
+        )
         self.exempt_paths = tuple(p.rstrip("/") or "/" for p in exempt_paths)
         self._sessionmaker = tenancy.sessionmaker()
         self._async_sessionmaker = tenancy.async_sessionmaker()

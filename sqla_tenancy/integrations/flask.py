@@ -40,7 +40,7 @@ from flask import Flask, Response, current_app, g, request, stream_with_context
 from ..checkpoint import Admission, Checkpoint, admit
 from ..context import tenant_context
 from ..registry import Tenant
-from ..resolvers import DEFAULT_RESOLVERS, RequestRejected, RequestView, TenantResolver
+from ..resolvers import RequestRejected, RequestView, TenantResolver, default_resolvers
 from ..session import TenantSession
 from ..tenancy import Tenancy
 from . import IntegrationError
@@ -97,7 +97,9 @@ class TenancyFlask:
     ) -> None:
         self.tenancy = tenancy
         self.checkpoint = checkpoint
-        self.resolvers: tuple[TenantResolver, ...] = tuple(resolvers or DEFAULT_RESOLVERS)
+        self.resolvers: tuple[TenantResolver, ...] = (
+            default_resolvers(checkpoint) if resolvers is None else tuple(resolvers)
+        )
         self.exempt_endpoints = frozenset(exempt_endpoints)
         self._sessionmaker = tenancy.sessionmaker()
         if app is not None:

@@ -39,10 +39,10 @@ class TestServer:
     __test__ = False  # not a test class, despite the name
 
     @classmethod
-    def start(cls, dsn: str | None = None) -> TestServer:
-        """On the server of ``dsn`` (a superuser URL), else of ``$SQLA_TENANCY_TEST_DSN``, else on
-        a new temporary cluster."""
-        dsn = dsn or os.environ.get(DSN_ENV)
+    def start(cls, dsn: str | None = None, *, use_test_dsn: bool = True) -> TestServer:
+        """On the server of ``dsn`` (a superuser URL), else of ``$SQLA_TENANCY_TEST_DSN`` (unless
+        ``use_test_dsn`` is False, as for demos), else on a new temporary cluster."""
+        dsn = dsn or (os.environ.get(DSN_ENV) if use_test_dsn else None)
         if dsn:
             url = make_url(dsn)
             if url.drivername == "postgresql":

@@ -35,14 +35,14 @@ from __future__ import annotations
 import argparse
 import asyncio
 import gc
-import statistics
 import sys
 import time
 import uuid
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
+from interleaved import Results
 from sqlalchemy import Engine, Text, create_engine, event, select
 from sqlalchemy.engine import URL
 from sqlalchemy.ext.asyncio import (
@@ -123,39 +123,6 @@ def add_naive_binding(engine: Engine, tenant_id: uuid.UUID) -> None:
 # -- timing ---------------------------------------------------------------------------------
 
 
-@dataclass
-class Results:
-    """Per variant, the mean µs per transaction of each round."""
-
-    per_round: dict[str, list[float]] = field(default_factory=lambda: {v: [] for v in VARIANTS})
-
-    def median(self, variant: str) -> float:
-        return statistics.median(self.per_round[variant])
-
-    def ratio(self, variant: str) -> float:
-        return self.median(variant) / self.median("limit")
-
-    def paired(self, variant: str) -> float:
-        pairs = zip(self.per_round[variant], self.per_round["limit"], strict=True)
-        return statistics.median(v / lim for v, lim in pairs)
-
-
-def order_for(round_no: int) -> list[str]:
-    shift = round_no % len(VARIANTS)
-    return list(VARIANTS[shift:] + VARIANTS[:shift])
-
-
-def print_table(title: str, results: Results, rounds: int, per_round: int) -> None:
-    print(f"\n{title}: {rounds} rounds x {per_round} transactions, median of per-round means")
-    print(f"  {'variant':<8} {'µs/tx':>9} {'ratio':>7} {'paired':>7} {'min µs':>9} {'max µs':>9}")
-    for variant in VARIANTS:
-        values = results.per_round[variant]
-        print(
-            f"  {variant:<8} {results.median(variant):9.1f} {results.ratio(variant):7.3f} "
-            f"{results.paired(variant):7.3f} {min(values):9.1f} {max(values):9.1f}"
-        )
-
-
 # -- sync -----------------------------------------------------------------------------------
 
 SyncTx = Callable[[int], None]
@@ -228,12 +195,12 @@ def run_sync(fx: Fixture, rounds: int, per_round: int, warmup: int) -> Results:
         for tx in variants.values():
             for i in range(warmup):
                 tx(pks[i % len(pks)])
-        results = Results()
+        results = Results(VARIANTS, "limit")
         perf = time.perf_counter_ns
         for round_no in range(rounds):
             base = round_no * per_round
             batch = [pks[(base + i) % len(pks)] for i in range(per_round)]
-            for variant in order_for(round_no):
+            for variant in results.order(round_no):
                 tx = variants[variant]
                 gc.collect()
                 start = perf()
@@ -284,12 +251,12 @@ async def run_async(fx: Fixture, rounds: int, per_round: int, warmup: int) -> Re
         for tx in variants.values():
             for i in range(warmup):
                 await tx(pks[i % len(pks)])
-        results = Results()
+        results = Results(VARIANTS, "limit")
         perf = time.perf_counter_ns
         for round_no in range(rounds):
             base = round_no * per_round
             batch = [pks[(base + i) % len(pks)] for i in range(per_round)]
-            for variant in order_for(round_no):
+            for variant in results.order(round_no):
                 tx = variants[variant]
                 gc.collect()
                 start = perf()
@@ -377,11 +344,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         summary: list[str] = []
         if not args.no_sync:
             sync = run_sync(fx, args.rounds, args.per_round, args.warmup)
-            print_table("sync", sync, args.rounds, args.per_round)
+            sync.print_table("sync", args.rounds, args.per_round)
             summary.append(f"sync tenancy/limit = {sync.ratio('tenancy'):.3f}")
         if not args.no_async:
             async_ = asyncio.run(run_async(fx, args.rounds, args.per_round, args.warmup))
-            print_table("async", async_, args.rounds, args.per_round)
+            async_.print_table("async", args.rounds, args.per_round)
             summary.append(f"async tenancy/limit = {async_.ratio('tenancy'):.3f}")
         print()
         print("  ".join(summary))

@@ -83,6 +83,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import psycopg
+from interleaved import Results
 from sqlalchemy import Engine, Text, func, insert, select, text
 from sqlalchemy.engine import URL
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
@@ -319,23 +320,6 @@ Tx = Callable[[int], None]
 
 
 @dataclass
-class LookupResults:
-    """Per variant, the mean µs per transaction of each round."""
-
-    per_round: dict[str, list[float]] = field(default_factory=lambda: {v: [] for v in LOOKUP_VARIANTS})
-
-    def median(self, variant: str) -> float:
-        return statistics.median(self.per_round[variant])
-
-    def ratio(self, variant: str) -> float:
-        return self.median(variant) / self.median("main")
-
-    def paired(self, variant: str) -> float:
-        pairs = zip(self.per_round[variant], self.per_round["main"], strict=True)
-        return statistics.median(v / m for v, m in pairs)
-
-
-@dataclass
 class LookupFixture:
     ids: dict[str, list[int]]  # per variant: the primary keys it looks up
     other_user: dict[str, int]  # per tenant slug: a users id of the other tenant
@@ -431,7 +415,7 @@ def fdw_connection_count(fx: Fixture) -> int:
         )
 
 
-def run_lookup(fx: Fixture, lf: LookupFixture, rounds: int, per_round: int, warmup: int) -> LookupResults:
+def run_lookup(fx: Fixture, lf: LookupFixture, rounds: int, per_round: int, warmup: int) -> Results:
     tenancy = fx.tenancy
     check_lookup(tenancy, lf)
     variants = lookup_variants(tenancy)
@@ -441,11 +425,10 @@ def run_lookup(fx: Fixture, lf: LookupFixture, rounds: int, per_round: int, warm
         for i in range(warmup):
             tx(ids[variant][i % len(ids[variant])])
     lf.fdw_connections = fdw_connection_count(fx)
-    results = LookupResults()
+    results = Results(LOOKUP_VARIANTS, "main")
     perf = time.perf_counter_ns
     for round_no in range(rounds):
-        shift = round_no % len(LOOKUP_VARIANTS)
-        for variant in LOOKUP_VARIANTS[shift:] + LOOKUP_VARIANTS[:shift]:
+        for variant in results.order(round_no):
             pool = ids[variant]
             base = round_no * per_round
             batch = [pool[(base + i) % len(pool)] for i in range(per_round)]
@@ -459,20 +442,14 @@ def run_lookup(fx: Fixture, lf: LookupFixture, rounds: int, per_round: int, warm
     return results
 
 
-def print_lookup(lf: LookupFixture, results: LookupResults, rounds: int, per_round: int, rows: int) -> None:
+def print_lookup(lf: LookupFixture, results: Results, rounds: int, per_round: int, rows: int) -> None:
     print(
         f"\nlookup: {rounds} rounds x {per_round} transactions, {rows} users rows per tenant, "
         "median of per-round means"
     )
     print(f"  fdw plan: {lf.remote_sql}")
     print(f"  postgres_fdw connections to the main database after warm-up: {lf.fdw_connections}")
-    print(f"  {'variant':<8} {'µs/tx':>9} {'ratio':>7} {'paired':>7} {'min µs':>9} {'max µs':>9}")
-    for variant in LOOKUP_VARIANTS:
-        values = results.per_round[variant]
-        print(
-            f"  {variant:<8} {results.median(variant):9.1f} {results.ratio(variant):7.3f} "
-            f"{results.paired(variant):7.3f} {min(values):9.1f} {max(values):9.1f}"
-        )
+    results.print_rows()
     ratio = results.ratio("fdw")
     verdict = "meets" if ratio <= LOOKUP_GOAL_RATIO else "MISSES"
     print(

@@ -59,6 +59,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
+from interleaved import Results
 from sqlalchemy import (
     Boolean,
     DateTime,
@@ -265,28 +266,6 @@ async def see_async(fleet: Fleet, maker: async_sessionmaker[AsyncSession]) -> Se
 # -- timing ---------------------------------------------------------------------------------
 
 
-@dataclass
-class Results:
-    """Per variant, the mean µs per transaction of each round."""
-
-    per_round: dict[str, list[float]] = field(default_factory=lambda: {v: [] for v in VARIANTS})
-
-    def median(self, variant: str) -> float:
-        return statistics.median(self.per_round[variant])
-
-    def ratio(self, variant: str) -> float:
-        return self.median(variant) / self.median("limit")
-
-    def paired(self, variant: str) -> float:
-        pairs = zip(self.per_round[variant], self.per_round["limit"], strict=True)
-        return statistics.median(v / lim for v, lim in pairs)
-
-
-def order_for(round_no: int) -> list[str]:
-    shift = round_no % len(VARIANTS)
-    return list(VARIANTS[shift:] + VARIANTS[:shift])
-
-
 @dataclass(frozen=True)
 class Timing:
     rounds: int
@@ -332,12 +311,12 @@ def run_sync(fleet: Fleet, timing: Timing) -> Results:
         for tx in variants.values():
             for i in range(timing.warmup):
                 tx(pks[i % len(pks)])
-        results = Results()
+        results = Results(VARIANTS, "limit")
         perf = time.perf_counter_ns
         for round_no in range(timing.rounds):
             base = round_no * timing.per_round
             batch = [pks[(base + i) % len(pks)] for i in range(timing.per_round)]
-            for variant in order_for(round_no):
+            for variant in results.order(round_no):
                 tx = variants[variant]
                 gc.collect()
                 start = perf()
@@ -379,12 +358,12 @@ async def run_async(fleet: Fleet, timing: Timing) -> Results:
         for tx in variants.values():
             for i in range(timing.warmup):
                 await tx(pks[i % len(pks)])
-        results = Results()
+        results = Results(VARIANTS, "limit")
         perf = time.perf_counter_ns
         for round_no in range(timing.rounds):
             base = round_no * timing.per_round
             batch = [pks[(base + i) % len(pks)] for i in range(timing.per_round)]
-            for variant in order_for(round_no):
+            for variant in results.order(round_no):
                 tx = variants[variant]
                 gc.collect()
                 start = perf()
@@ -455,14 +434,7 @@ def print_provisioning(times_ms: Sequence[float]) -> list[str]:
 
 
 def print_select(title: str, results: Results, timing: Timing) -> None:
-    print(f"\n{title}: {timing.rounds} rounds x {timing.per_round} transactions, median of per-round means")
-    print(f"  {'variant':<8} {'µs/tx':>9} {'ratio':>7} {'paired':>7} {'min µs':>9} {'max µs':>9}")
-    for variant in VARIANTS:
-        values = results.per_round[variant]
-        print(
-            f"  {variant:<8} {results.median(variant):9.1f} {results.ratio(variant):7.3f} "
-            f"{results.paired(variant):7.3f} {min(values):9.1f} {max(values):9.1f}"
-        )
+    results.print_table(title, timing.rounds, timing.per_round)
 
 
 def print_catalog(small: Results, large: Results, size: int, timing: Timing) -> list[str]:

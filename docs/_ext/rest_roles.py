@@ -39,6 +39,7 @@ PUBLIC_MODULES = (
     "integrations.flask",
     "integrations.flask_sqlalchemy",
     "integrations.asgi",
+    "integrations.celery",
 )
 
 _ROLE = re.compile(r":(?:py:)?(?P<role>[a-z]+):`(?P<target>[^`]+)`")

@@ -45,23 +45,26 @@ class ExampleAppSuite:
     def dispose(app: Any) -> None:
         """Nothing by default: an ASGI app's lifespan releases its resources."""
 
-    def _client(self, settings: Settings) -> Iterator[httpx.Client]:
-        app = type(self).create_app(settings)
-        server = type(self).serve(app)
+    @classmethod
+    def _client(cls, settings: Settings) -> Iterator[httpx.Client]:
+        app = cls.create_app(settings)
+        server = cls.serve(app)
         try:
             with server.client() as client:
                 yield client
         finally:
             server.stop()
-            type(self).dispose(app)
+            cls.dispose(app)
 
     @pytest.fixture(scope="class")
-    def client(self, world: DemoWorld) -> Iterator[httpx.Client]:
-        yield from self._client(world.settings)
+    @classmethod
+    def client(cls, world: DemoWorld) -> Iterator[httpx.Client]:
+        yield from cls._client(world.settings)
 
     @pytest.fixture(scope="class")
-    def no_dev_client(self, world: DemoWorld) -> Iterator[httpx.Client]:
-        yield from self._client(dataclasses.replace(world.settings, dev_tokens=False))
+    @classmethod
+    def no_dev_client(cls, world: DemoWorld) -> Iterator[httpx.Client]:
+        yield from cls._client(dataclasses.replace(world.settings, dev_tokens=False))
 
     # -- isolation across placements ------------------------------------------------------------
 

@@ -29,7 +29,17 @@ _current_scope = _scope.get
 class Route:
     """Where the current context's statements go, and how their transactions are bound."""
 
-    __slots__ = ("_alternates", "_engines", "binding", "key", "strategy", "tenancy", "tenant", "token")
+    __slots__ = (
+        "_alternates",
+        "_engines",
+        "_per_tenant",
+        "binding",
+        "key",
+        "strategy",
+        "tenancy",
+        "tenant",
+        "token",
+    )
 
     def __init__(
         self,
@@ -48,27 +58,28 @@ class Route:
         self.key: object = tenant.id if tenant is not None else "platform"
         self._engines: dict[bool, Engine] = {}
         self._alternates: dict[bool, Engine] = {}
+        # the engine cache decides for per-tenant engines (LRU): never pin one on the route
+        self._per_tenant = bool(strategy is not None and strategy.per_tenant_engines)
 
     def engine(self, async_: bool) -> Engine:
         """The (sync) engine for this route; the async engine's ``sync_engine`` when ``async_``."""
-        if self.strategy is not None and getattr(self.strategy, "per_tenant_engines", False):
-            # the engine cache decides (LRU): never pin an engine here
-            assert self.tenant is not None
-            return self.strategy.engine(self.tenancy, self.tenant, async_=async_)
         engine = self._engines.get(async_)
-        if engine is None:
-            if self.tenant is None or self.strategy is None:
-                admin = self.tenancy.async_admin_engine.sync_engine if async_ else self.tenancy.admin_engine
-                engine = admin
-            else:
-                engine = self.strategy.engine(self.tenancy, self.tenant, async_=async_)
-            self._engines[async_] = engine
+        if engine is not None:
+            return engine
+        if self._per_tenant:
+            assert self.tenant is not None and self.strategy is not None
+            return self.strategy.engine(self.tenancy, self.tenant, async_=async_)
+        if self.tenant is None or self.strategy is None:
+            engine = self.tenancy.async_admin_engine.sync_engine if async_ else self.tenancy.admin_engine
+        else:
+            engine = self.strategy.engine(self.tenancy, self.tenant, async_=async_)
+        self._engines[async_] = engine
         return engine
 
     def alternate(self, async_: bool) -> Engine:
         """A bind distinct from every other tenant's, for a session serving several tenants, so
         that it holds one connection (and one binding) per tenant."""
-        if self.strategy is not None and getattr(self.strategy, "per_tenant_engines", False):
+        if self._per_tenant:
             return self.engine(async_)  # already distinct per tenant
         engine = self._alternates.get(async_)
         if engine is None:

@@ -6,16 +6,10 @@ Tests that write add rows with unique names, so the demo data every test starts 
 
 from __future__ import annotations
 
-import asyncio
-import socket
-import threading
-import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Any
 
-import httpx
 import pytest
 from sqlalchemy import Engine, create_engine, text
 from sqlalchemy.pool import NullPool
@@ -107,61 +101,3 @@ def unique(prefix: str) -> str:
 
 
 # -- live servers -------------------------------------------------------------------------------------
-
-
-@dataclass
-class LiveServer:
-    base_url: str
-    stop: Callable[[], None]
-
-    def client(self) -> httpx.Client:
-        return httpx.Client(base_url=self.base_url, timeout=10.0)
-
-
-def _loopback_socket() -> socket.socket:
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.bind(("127.0.0.1", 0))
-    sock.listen(128)
-    return sock
-
-
-def serve_wsgi(app: Any) -> LiveServer:
-    """werkzeug's threaded server for a WSGI app, on a free loopback port, in a thread."""
-    from werkzeug.serving import make_server
-
-    sock = _loopback_socket()
-    server = make_server("127.0.0.1", sock.getsockname()[1], app, threaded=True, fd=sock.fileno())
-    thread = threading.Thread(target=server.serve_forever, name="example-wsgi", daemon=True)
-    thread.start()
-
-    def stop() -> None:
-        server.shutdown()
-        server.server_close()
-        sock.close()
-        thread.join(timeout=10)
-
-    return LiveServer(f"http://127.0.0.1:{server.port}", stop)
-
-
-def serve_asgi(app: Any) -> LiveServer:
-    """uvicorn for an ASGI app (lifespan on: its shutdown runs), on a free loopback port, in a thread."""
-    import uvicorn
-
-    sock = _loopback_socket()
-    server = uvicorn.Server(uvicorn.Config(app, lifespan="on", log_level="warning"))
-    thread = threading.Thread(
-        target=lambda: asyncio.run(server.serve(sockets=[sock])), name="example-asgi", daemon=True
-    )
-    thread.start()
-    deadline = time.monotonic() + 10
-    while not server.started:
-        if not thread.is_alive() or time.monotonic() > deadline:
-            raise RuntimeError("uvicorn did not start")
-        time.sleep(0.01)
-
-    def stop() -> None:
-        server.should_exit = True
-        thread.join(timeout=10)
-        sock.close()
-
-    return LiveServer(f"http://127.0.0.1:{sock.getsockname()[1]}", stop)

@@ -20,8 +20,9 @@ from sqlalchemy import text
 
 from examples.common import DEMO_TENANTS, Settings, first_user
 from examples.launch import curl_examples
+from tests.live_server import LiveServer
 
-from .conftest import DemoWorld, LiveServer, unique
+from .conftest import DemoWorld, unique
 
 SLUGS = ("acme", "globex", "default")
 SEEDED = {t.slug: list(t.projects) for t in DEMO_TENANTS}

@@ -8,8 +8,9 @@ import pytest
 pytest.importorskip("fastapi")
 
 from examples.fastapi_app import create_app
+from tests.live_server import serve_asgi
 
-from .conftest import DemoWorld, serve_asgi
+from .conftest import DemoWorld
 from .suite import ExampleAppSuite, assert_shutdown_releases_everything
 
 

@@ -7,8 +7,9 @@ import pytest
 pytest.importorskip("flask")
 
 from examples.flask_app import create_app, dispose_app
+from tests.live_server import serve_wsgi
 
-from .conftest import DemoWorld, serve_wsgi
+from .conftest import DemoWorld
 from .suite import ExampleAppSuite, assert_shutdown_releases_everything
 
 

@@ -21,8 +21,9 @@ from sqlalchemy import Engine, event
 from sqla_tenancy import Tenancy
 from sqla_tenancy.checkpoint import AuthenticationRequired, Checkpoint, JWTVerifier
 from sqla_tenancy.resolvers import ClaimResolver, PathPrefixResolver, TenantResolver
+from tests.live_server import LiveServer
 
-from .conftest import OTHER_SECRET, SECRET, SEEDS, LiveServer, World, bearer, make_token
+from .conftest import OTHER_SECRET, SECRET, SEEDS, World, bearer, make_token
 
 AppBuilder = Callable[..., Any]
 

@@ -9,8 +9,10 @@ from typing import ClassVar
 import httpx
 import pytest
 
+from tests.live_server import serve_asgi
+
 from .apps import fastapi_app
-from .conftest import World, bearer, make_token, serve_asgi
+from .conftest import World, bearer, make_token
 from .suite import CheckpointSuite
 
 pytest.importorskip("fastapi")

@@ -6,8 +6,10 @@ from typing import ClassVar
 
 import pytest
 
+from tests.live_server import serve_wsgi
+
 from .apps import flask_app
-from .conftest import World, serve_wsgi
+from .conftest import World
 from .suite import CheckpointSuite, strict_checkpoint
 
 pytest.importorskip("flask")

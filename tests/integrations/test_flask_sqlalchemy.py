@@ -10,9 +10,10 @@ import pytest
 from sqlalchemy import MetaData, Table, select
 
 from sqla_tenancy import tenant_context
+from tests.live_server import serve_wsgi
 
 from .apps import flask_sqlalchemy_app
-from .conftest import World, bearer, make_token, serve_wsgi
+from .conftest import World, bearer, make_token
 from .suite import assert_only, strict_checkpoint
 
 pytest.importorskip("flask_sqlalchemy")

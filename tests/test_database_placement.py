@@ -34,6 +34,18 @@ def dbt(tenancy: Tenancy, tenancy_server: TestServer) -> Iterator[Tenancy]:
     yield tenancy
 
 
+def database_tenants(
+    factory: Callable[..., Tenancy], server: TestServer, slugs: tuple[str, ...], **options: object
+) -> Tenancy:
+    """A Tenancy with its own options, installed, prepared, with a database tenant per slug."""
+    t = factory(Base.metadata, infrastructure_schemas=INFRASTRUCTURE, secret_key=SECRET, **options)
+    t.install()
+    t.prepare_server(server.superuser_url)
+    for slug in slugs:
+        t.create_tenant(slug, strategy="database")
+    return t
+
+
 def catalog(t: Tenancy) -> dict[str, set[str]]:
     with t.admin_engine.connect() as conn:
         return {
@@ -280,18 +292,14 @@ def test_refresh_foreign_schemas_follows_infrastructure_changes(dbt: Tenancy) ->
 def test_engine_cache_is_bounded_and_counts(
     tenancy_factory: Callable[..., Tenancy], tenancy_server: TestServer
 ) -> None:
-    t = tenancy_factory(
-        Base.metadata,
-        infrastructure_schemas=INFRASTRUCTURE,
-        secret_key=SECRET,
+    t = database_tenants(
+        tenancy_factory,
+        tenancy_server,
+        ("t1", "t2", "t3"),
         max_tenant_engines=2,
         tenant_pool_size=1,
         tenant_max_overflow=0,
     )
-    t.install()
-    t.prepare_server(tenancy_server.superuser_url)
-    for slug in ("t1", "t2", "t3"):
-        t.create_tenant(slug, strategy="database")
     maker = t.sessionmaker()
     with tenant_context("t1"), t.connect() as held:  # a connection checked out across the eviction
         held.execute(text("select 1"))
@@ -379,15 +387,7 @@ def test_create_database_strategy_file_copy(
 ) -> None:
     with pytest.raises(Exception, match="create_database_strategy"):
         tenancy_factory(Base.metadata, create_database_strategy="rsync")
-    t = tenancy_factory(
-        Base.metadata,
-        infrastructure_schemas=INFRASTRUCTURE,
-        secret_key=SECRET,
-        create_database_strategy="file_copy",
-    )
-    t.install()
-    t.prepare_server(tenancy_server.superuser_url)
-    t.create_tenant("acme", strategy="database")
+    t = database_tenants(tenancy_factory, tenancy_server, ("acme",), create_database_strategy="file_copy")
     with tenant_context("acme"), t.sessionmaker()() as s:
         s.add(Project(name="copied"))
         s.commit()
@@ -399,18 +399,14 @@ def test_connection_budget_is_respected(
 ) -> None:
     from sqla_tenancy import TenancyError
 
-    t = tenancy_factory(
-        Base.metadata,
-        infrastructure_schemas=INFRASTRUCTURE,
-        secret_key=SECRET,
+    t = database_tenants(
+        tenancy_factory,
+        tenancy_server,
+        ("b1", "b2", "b3"),
         tenant_pool_size=1,
         tenant_max_overflow=1,
         max_tenant_connections=2,
     )
-    t.install()
-    t.prepare_server(tenancy_server.superuser_url)
-    for slug in ("b1", "b2", "b3"):
-        t.create_tenant(slug, strategy="database")
     t.tenant_engines.budget_timeout = 0.5
     with tenant_context("b1"), t.connect() as one, tenant_context("b2"), t.connect() as two:
         one.execute(text("select 1"))

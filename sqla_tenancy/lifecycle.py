@@ -123,12 +123,14 @@ def _provision(
 
 
 def _activate(admin: Connection, tenant: Tenant, location: dict[str, Any]) -> None:
+    # A strategy reports the tenant stream revision the tenant was born at under "_revision".
+    revision = location.pop("_revision", None)
     result = admin.execute(
         text(
-            "update tenancy.tenants set status = 'active', location = :loc "
+            "update tenancy.tenants set status = 'active', location = :loc, revision = :rev "
             "where id = :id and status = 'provisioning'"
         ),
-        {"loc": json.dumps(location), "id": tenant.id},
+        {"loc": json.dumps(location), "id": tenant.id, "rev": revision},
     )
     if result.rowcount != 1:
         raise ProvisioningError(

@@ -68,6 +68,9 @@ tenants_table = Table(
     Column("is_default", Boolean, nullable=False, server_default="false"),
     Column("location", JSONB, nullable=False, server_default=text("'{}'::jsonb")),
     Column("access_key", UUID(as_uuid=True), nullable=False, server_default=func.gen_random_uuid()),
+    # A copy of the tenant stream's revision at the tenant's location (comma-separated heads), so
+    # that one query tells which tenants are behind; the location's own version table is the truth.
+    Column("revision", Text, nullable=True),
     Column("created_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
     Column("updated_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
     CheckConstraint(f"strategy in {STRATEGIES!r}", name="tenants_strategy_check"),
@@ -87,6 +90,8 @@ class Tenant:
     created_at: datetime
     is_default: bool = False
     location: dict[str, Any] = field(default_factory=dict, compare=False, hash=False)
+    #: the tenant migration stream's revision at the tenant's location (registry copy), if known
+    revision: str | None = field(default=None, compare=False, hash=False)
 
     @property
     def is_active(self) -> bool:
@@ -94,7 +99,7 @@ class Tenant:
         return self.status == "active"
 
 
-_COLUMNS = "id, slug, name, strategy, status, created_at, is_default, location"
+_COLUMNS = "id, slug, name, strategy, status, created_at, is_default, location, revision"
 
 
 def _row_to_tenant(row: tuple[Any, ...]) -> Tenant:
@@ -107,6 +112,7 @@ def _row_to_tenant(row: tuple[Any, ...]) -> Tenant:
         created_at=row[5],
         is_default=row[6],
         location=dict(row[7] or {}),
+        revision=row[8],
     )
 
 

@@ -1,0 +1,168 @@
+"""Where the tenant stream runs: the *locations* of a fleet and the tenants each one serves.
+
+* ``main``: the main database's tenant tables, serving the shared tenants and the default tenant
+  (one location, migrated once);
+* ``schema``: one per schema tenant (its schema in the main database);
+* ``database``: one per database tenant (its own database, on any server);
+* ``template``: the template database of each server that database tenants are cloned from, kept
+  at head so that new tenants are born at head.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Literal
+
+from sqlalchemy import create_engine, text
+from sqlalchemy.pool import NullPool
+
+from sqla_tenancy.errors import TenantNotFound
+from sqla_tenancy.registry import REGISTRY_SCHEMA, Tenant
+
+if TYPE_CHECKING:
+    from sqlalchemy import Connection
+
+    from sqla_tenancy.tenancy import Tenancy
+
+__all__ = ["Location", "main_location", "tenant_locations", "template_locations"]
+
+LocationKind = Literal["main", "schema", "database", "template"]
+#: tenants in these states are migrated (provisioning ones are born at head; deleting ones go)
+MIGRATED_STATUSES = ("active", "suspended")
+
+
+@dataclass(frozen=True)
+class Location:
+    """One place the tenant stream is applied, with the tenants whose registry copy follows it."""
+
+    kind: LocationKind
+    #: ``main``, a tenant's slug, or ``template@<server>``
+    name: str
+    tenants: tuple[Tenant, ...] = field(default=(), compare=False)
+    server: str = "main"
+    database: str | None = None
+    schema: str | None = None
+
+    @property
+    def version_schema(self) -> str:
+        """The schema holding the location's version table."""
+        return self.schema if self.kind == "schema" and self.schema else REGISTRY_SCHEMA
+
+    @property
+    def tenant(self) -> Tenant | None:
+        """The tenant this location belongs to alone (schema and database tenants)."""
+        return self.tenants[0] if self.kind in ("schema", "database") else None
+
+    @property
+    def revision(self) -> str | None:
+        """The registry's copy of the location's revision (the first tenant's; None if unknown)."""
+        return self.tenants[0].revision if self.tenants else None
+
+    def describe(self) -> str:
+        if self.kind == "main":
+            return "main database (shared and default tenants)"
+        if self.kind == "schema":
+            return f"tenant {self.name} (schema {self.schema})"
+        if self.kind == "database":
+            return f"tenant {self.name} (database {self.database} on {self.server})"
+        return f"template database {self.database} on {self.server}"
+
+
+def main_location(tenants: Iterable[Tenant]) -> Location:
+    shared = tuple(t for t in tenants if t.strategy == "shared" and t.status in MIGRATED_STATUSES)
+    return Location("main", "main", shared)
+
+
+def _location_of(tenant: Tenant) -> Location:
+    if tenant.strategy == "schema":
+        return Location("schema", tenant.slug, (tenant,), schema=tenant.location.get("schema"))
+    if tenant.strategy == "database":
+        return Location(
+            "database",
+            tenant.slug,
+            (tenant,),
+            server=tenant.location.get("server", "main"),
+            database=tenant.location.get("database"),
+        )
+    raise ValueError(f"tenant {tenant.slug!r} has no location of its own ({tenant.strategy})")
+
+
+def tenant_locations(
+    tenancy: Tenancy,
+    tenants: Sequence[Tenant] | None = None,
+    *,
+    only: Sequence[str] | None = None,
+    templates: bool = True,
+) -> list[Location]:
+    """Every location of the tenant stream, in the order a run visits them: the main database, the
+    template databases, then schema and database tenants oldest first.
+
+    ``only`` (slugs or ids) narrows the run to those tenants' locations (a shared tenant's is the
+    main database); templates are then left out. Unknown names raise :class:`TenantNotFound`.
+    """
+    tenants = list(tenants) if tenants is not None else tenancy.list_tenants()
+    live = [t for t in tenants if t.status in MIGRATED_STATUSES]
+    if only is not None:
+        by_key: dict[str, Tenant] = {}
+        for t in tenants:
+            by_key[t.slug] = t
+            by_key[str(t.id)] = t
+        chosen: list[Tenant] = []
+        for ref in only:
+            tenant = by_key.get(ref.strip())
+            if tenant is None:
+                raise TenantNotFound(ref)
+            if tenant.status not in MIGRATED_STATUSES:
+                raise TenantNotFound(f"{ref} (status {tenant.status})")
+            if tenant not in chosen:
+                chosen.append(tenant)
+        locations: list[Location] = []
+        if any(t.strategy == "shared" for t in chosen):
+            locations.append(main_location(live))
+        locations += [_location_of(t) for t in chosen if t.strategy != "shared"]
+        return locations
+    locations = [main_location(live)]
+    if templates:
+        locations += template_locations(tenancy)
+    locations += [_location_of(t) for t in live if t.strategy != "shared"]
+    return locations
+
+
+def template_locations(tenancy: Tenancy) -> list[Location]:
+    """The template databases that exist on the configured servers (``prepare_server`` creates
+    them); one catalog query per server."""
+    name = f"{tenancy.name_prefix}_template"
+    found = []
+    for server in sorted(tenancy.servers):
+        engine = create_engine(tenancy.server_admin_url(server), poolclass=NullPool)
+        try:
+            with engine.connect() as conn:
+                exists = conn.execute(text("select 1 from pg_database where datname = :d"), {"d": name}).first()
+        finally:
+            engine.dispose()
+        if exists:
+            found.append(Location("template", f"template@{server}", (), server=server, database=name))
+    return found
+
+
+def registry_ids(location: Location) -> list[uuid.UUID]:
+    return [t.id for t in location.tenants]
+
+
+def update_registry_copy(main: Connection, location: Location, revision: str | None) -> None:
+    """Write the location's revision into the registry rows of the tenants it serves (for the main
+    database: every shared tenant, including ones created since the run started)."""
+    if location.kind == "template":
+        return
+    if location.kind == "main":
+        main.execute(
+            text(f"update {REGISTRY_SCHEMA}.tenants set revision = :r where strategy = 'shared'"),
+            {"r": revision},
+        )
+    else:
+        main.execute(
+            text(f"update {REGISTRY_SCHEMA}.tenants set revision = :r where id = any(:ids)"),
+            {"r": revision, "ids": registry_ids(location)},
+        )

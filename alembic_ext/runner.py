@@ -1,0 +1,350 @@
+"""Apply one stream at one location, in one transaction, and keep the registry's copy in step.
+
+This is the unit of work of both ``alembic upgrade`` (through the ``env.py`` helper) and the fleet
+runner's worker processes. A location's migrations, its version row and (for the main database
+and schema tenants, which live in the main database) the registry's copy of its revision commit
+together; a database tenant's copy is written right after its own commit, and a copy left behind
+by a crash in between only makes the next run look at that tenant again.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import logging
+import time
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Literal
+
+from alembic.runtime.environment import EnvironmentContext
+from alembic.script import ScriptDirectory
+from sqlalchemy import Connection, Engine, create_engine, event, text
+from sqlalchemy.pool import NullPool
+
+from sqla_tenancy.identifiers import quote_ident, quote_literal
+from sqla_tenancy.installer import ensure_registry, finish_tables
+from sqla_tenancy.registry import REGISTRY_SCHEMA
+from sqla_tenancy.rls import TENANT_SETTING
+
+from .locations import Location, update_registry_copy
+from .versions import INFRASTRUCTURE, TENANT, VERSION_TABLES, format_revision, has_stream
+
+if TYPE_CHECKING:
+    from sqla_tenancy.tenancy import Tenancy
+
+__all__ = ["FLEET_LOCK", "LocationRunner", "Outcome", "fleet_lock", "tenant_lock"]
+
+log = logging.getLogger("alembic_ext")
+
+Command = Literal["upgrade", "downgrade", "stamp", "display"]
+
+#: Session advisory lock held by a migration run (the fleet runner's or a plain ``alembic`` one).
+FLEET_LOCK = "select pg_advisory_lock(hashtext('sqla_tenancy:migrate'))"
+FLEET_TRY_LOCK = "select pg_try_advisory_lock(hashtext('sqla_tenancy:migrate'))"
+FLEET_UNLOCK = "select pg_advisory_unlock(hashtext('sqla_tenancy:migrate'))"
+#: The lock provisioning holds for a slug (see sqla_tenancy.lifecycle): migrating a tenant waits
+#: for its provisioning to finish, and provisioning waits for its migration.
+TENANT_LOCK = "select pg_advisory_lock(hashtext('sqla_tenancy:provision:' || :s))"
+TENANT_UNLOCK = "select pg_advisory_unlock(hashtext('sqla_tenancy:provision:' || :s))"
+FLEET_HOLDER = (
+    "select a.pid, a.application_name, a.client_addr::text, a.backend_start "
+    "from pg_locks l join pg_stat_activity a on a.pid = l.pid "
+    "where l.locktype = 'advisory' and l.granted "
+    "and l.objid = (hashtext('sqla_tenancy:migrate')::bigint & 4294967295) limit 1"
+)
+
+
+@dataclass
+class Outcome:
+    """What happened at one location (one line of the fleet report)."""
+
+    location: str
+    kind: str
+    stream: str
+    before: str | None
+    after: str | None
+    seconds: float
+    status: Literal["upgraded", "unchanged", "failed", "not_run"]
+    error: str | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "location": self.location,
+            "kind": self.kind,
+            "stream": self.stream,
+            "before": self.before,
+            "after": self.after,
+            "duration_ms": round(self.seconds * 1000, 2),
+            "status": self.status,
+            "error": self.error,
+        }
+
+
+@contextmanager
+def fleet_lock(control: Connection, *, wait: bool) -> Iterator[None]:
+    """Hold the migration lock on ``control`` for the block. With ``wait=False`` a run that finds it
+    taken raises :class:`MigrationLocked` naming the holder; otherwise it waits (and says so)."""
+    from .errors import MigrationLocked
+
+    if not control.execute(text(FLEET_TRY_LOCK)).scalar():
+        holder = control.execute(text(FLEET_HOLDER)).first()
+        who = (
+            f"backend pid {holder.pid} ({holder.application_name or 'no application_name'}, "
+            f"connected since {holder.backend_start:%Y-%m-%d %H:%M:%S})"
+            if holder is not None
+            else "another session"
+        )
+        control.commit()
+        if not wait:
+            raise MigrationLocked(
+                f"Another migration run holds the fleet lock: {who}. Wait for it to finish, or "
+                "pass --wait to queue behind it."
+            )
+        log.warning("waiting for another migration run to finish: %s", who)
+        control.execute(text(FLEET_LOCK))
+    control.commit()
+    try:
+        yield
+    finally:
+        control.execute(text(FLEET_UNLOCK))
+        control.commit()
+
+
+@contextmanager
+def tenant_lock(control: Connection, slug: str) -> Iterator[None]:
+    """Serialise a tenant's migration with its provisioning (and deletion)."""
+    control.execute(text(TENANT_LOCK), {"s": slug})
+    control.commit()
+    try:
+        yield
+    finally:
+        control.execute(text(TENANT_UNLOCK), {"s": slug})
+        control.commit()
+
+
+_database: contextvars.ContextVar[str] = contextvars.ContextVar("alembic_ext_database")
+
+
+class LocationRunner:
+    """Runs one Alembic command at locations, through one :class:`EnvironmentContext`.
+
+    :param command: ``upgrade``, ``downgrade`` or ``stamp`` (with ``destination``), or
+        ``display`` (``alembic current`` and the like: ``display_fn`` is called per location).
+    :param configure_options: extra keyword arguments for ``EnvironmentContext.configure``.
+    """
+
+    def __init__(
+        self,
+        tenancy: Tenancy,
+        env: EnvironmentContext,
+        *,
+        command: Command,
+        destination: str | tuple[str, ...] | None = None,
+        display_fn: Callable[..., Any] | None = None,
+        configure_options: Mapping[str, Any] | None = None,
+    ) -> None:
+        self.tenancy = tenancy
+        self.env = env
+        self.script: ScriptDirectory = env.script
+        self.command = command
+        self.destination = destination
+        self.display_fn = display_fn
+        self.options = dict(configure_options or {})
+        self._engines: dict[str, Engine] = {}
+        self._lineage: dict[str, frozenset[str]] = {}
+
+    # -- connections --------------------------------------------------------------------------
+
+    def _server_engine(self, server: str) -> Engine:
+        """One engine per server whose connections go to the database named by ``_database``
+        (one dialect initialisation per server, not one per tenant database)."""
+        engine = self._engines.get(server)
+        if engine is None:
+            engine = create_engine(self.tenancy.server_admin_url(server), poolclass=NullPool)
+
+            @event.listens_for(engine, "do_connect")
+            def _pick_database(dialect: Any, conn_rec: Any, cargs: Any, cparams: dict[str, Any]) -> None:
+                cparams["dbname"] = _database.get()
+
+            self._engines[server] = engine
+        return engine
+
+    @contextmanager
+    def _connect(self, server: str, database: str) -> Iterator[Connection]:
+        token = _database.set(database)
+        try:
+            with self._server_engine(server).connect() as conn:
+                yield conn
+        finally:
+            _database.reset(token)
+
+    def dispose(self) -> None:
+        for engine in self._engines.values():
+            engine.dispose()
+        self._engines.clear()
+
+    # -- destinations -------------------------------------------------------------------------
+
+    def _stream_revisions(self, stream: str) -> frozenset[str]:
+        if stream not in self._lineage:
+            revisions = (
+                {r.revision for r in self.script.walk_revisions("base", f"{stream}@head")}
+                if has_stream(self.script, stream)
+                else set()
+            )
+            self._lineage[stream] = frozenset(revisions)
+        return self._lineage[stream]
+
+    def destination_for(self, stream: str, current: tuple[str, ...]) -> str | tuple[str, ...] | None:
+        """The command's destination translated for one stream (None: it names another stream's
+        revision, so there is nothing to do here)."""
+        dest = self.destination
+        if dest is None:
+            return None
+        if isinstance(dest, tuple):
+            picked = tuple(d for d in (self.destination_for_one(stream, d, current) for d in dest) if d)
+            return picked or None
+        return self.destination_for_one(stream, dest, current)
+
+    def destination_for_one(self, stream: str, dest: str, current: tuple[str, ...]) -> str | None:
+        if dest in ("head", "heads"):
+            return f"{stream}@head" if self._stream_revisions(stream) else None
+        if dest == "base":
+            return "base"
+        if dest[:1] in "+-" and dest[1:].isdigit():
+            return dest if current else f"{stream}@{dest}"
+        if "@" in dest:
+            label = dest.split("@", 1)[0]
+            return dest if label == stream else None
+        revision = self.script.get_revision(dest)
+        if revision is None or revision.revision not in self._stream_revisions(stream):
+            return None
+        return revision.revision
+
+    def _fn(self, stream: str) -> Callable[[Any, Any], Any]:
+        if self.command == "display":
+            assert self.display_fn is not None
+            return self.display_fn
+        script = self.script
+        command = self.command
+
+        def fn(rev: Any, context: Any) -> Any:
+            current = tuple(rev) if isinstance(rev, (tuple, list)) else ((rev,) if rev else ())
+            dest = self.destination_for(stream, current)
+            if dest is None:
+                return []
+            if command == "upgrade":
+                assert isinstance(dest, str)
+                return script._upgrade_revs(dest, rev)
+            if command == "downgrade":
+                assert isinstance(dest, str)
+                return script._downgrade_revs(dest, rev)
+            return script._stamp_revs(dest if isinstance(dest, tuple) else (dest,), rev)
+
+        return fn
+
+    # -- running ------------------------------------------------------------------------------
+
+    def _configure(self, conn: Connection, stream: str, version_schema: str) -> None:
+        self.env.configure(
+            connection=conn,
+            target_metadata=self.tenancy.metadata,
+            version_table=VERSION_TABLES[stream],
+            version_table_schema=version_schema,
+            transaction_per_migration=False,
+            fn=self._fn(stream),
+            **self.options,
+        )
+
+    def _apply(self, conn: Connection, stream: str, version_schema: str) -> tuple[str | None, str | None]:
+        self._configure(conn, stream, version_schema)
+        context = self.env.get_context()
+        before = format_revision(context.get_current_heads())
+        self.env.run_migrations()
+        return before, format_revision(context.get_current_heads())
+
+    def run_infrastructure(self, main: Connection) -> Outcome:
+        """The infrastructure stream on the main database (the ``tenancy`` schema first)."""
+        started = time.perf_counter()
+        with _transaction(main):
+            if self.command != "display":
+                ensure_registry(self.tenancy, main)
+                # the schemas Tenancy declares; the stream's revisions create what is in them
+                for schema in sorted(self.tenancy.infrastructure_schemas):
+                    main.exec_driver_sql(f"CREATE SCHEMA IF NOT EXISTS {quote_ident(schema)}")
+            before, after = self._apply(main, INFRASTRUCTURE, REGISTRY_SCHEMA)
+            if self.command != "display":
+                finish_tables(self.tenancy, main, self.tenancy.infrastructure_tables())
+        return _outcome("infrastructure", "main", INFRASTRUCTURE, before, after, started)
+
+    def run_tenant(self, main: Connection, location: Location, control: Connection | None = None) -> Outcome:
+        """The tenant stream at ``location``. ``main`` is a connection to the main database (the
+        location's own for the main database and schema tenants); database tenants' registry
+        copies go through ``control`` (default: ``main``)."""
+        started = time.perf_counter()
+        tenant = location.tenant
+        if location.kind in ("main", "schema"):
+            with _transaction(main):
+                if tenant is not None:
+                    main.exec_driver_sql(
+                        f"SET LOCAL search_path = {quote_ident(location.schema or '')}; "
+                        f"SET LOCAL {TENANT_SETTING} = {quote_literal(str(tenant.id))}"
+                    )
+                before, after = self._apply(main, TENANT, location.version_schema)
+                if self.command != "display":
+                    if location.kind == "main" and after != before:
+                        finish_tables(self.tenancy, main, self.tenancy.tenant_tables())
+                    if location.kind == "schema" and before is None and tenant is not None:
+                        # the tenant's role gets every table of its schema by default privileges
+                        table = f"{quote_ident(location.version_schema)}.{quote_ident(VERSION_TABLES[TENANT])}"
+                        role = tenant.location.get("role")
+                        if role:
+                            main.exec_driver_sql(f"REVOKE ALL ON {table} FROM {quote_ident(role)}")
+                    update_registry_copy(main, location, after)
+                if tenant is not None:  # a caller's outer transaction goes on unbound
+                    main.exec_driver_sql(f"SET LOCAL search_path TO DEFAULT; SET LOCAL {TENANT_SETTING} = ''")
+            return _outcome(location.name, location.kind, TENANT, before, after, started)
+        assert location.database is not None
+        with self._connect(location.server, location.database) as conn, _transaction(conn):
+            if tenant is not None:
+                conn.exec_driver_sql(f"SET LOCAL {TENANT_SETTING} = {quote_literal(str(tenant.id))}")
+            before, after = self._apply(conn, TENANT, location.version_schema)
+            role = tenant.location.get("role") if tenant is not None else None
+            if self.command != "display" and after != before and role:
+                app = quote_ident(role)
+                conn.exec_driver_sql(
+                    f"GRANT SELECT, INSERT, UPDATE, DELETE ON ALL TABLES IN SCHEMA public TO {app}; "
+                    f"GRANT USAGE, SELECT ON ALL SEQUENCES IN SCHEMA public TO {app}"
+                )
+        if self.command != "display" and location.kind == "database":
+            registry = control if control is not None else main
+            with _transaction(registry):
+                update_registry_copy(registry, location, after)
+        return _outcome(location.name, location.kind, TENANT, before, after, started)
+
+
+@contextmanager
+def _transaction(conn: Connection) -> Iterator[None]:
+    """A transaction on ``conn``; a savepoint when the caller's connection is already in one (a
+    Connection handed over in ``config.attributes``, whose transaction is the caller's)."""
+    if conn.in_transaction():
+        with conn.begin_nested():
+            yield
+    else:
+        with conn.begin():
+            yield
+
+
+def _outcome(
+    name: str, kind: str, stream: str, before: str | None, after: str | None, started: float
+) -> Outcome:
+    return Outcome(
+        name,
+        kind,
+        stream,
+        before,
+        after,
+        time.perf_counter() - started,
+        "upgraded" if after != before else "unchanged",
+    )

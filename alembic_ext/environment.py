@@ -65,14 +65,18 @@ def parse_selection(x: dict[str, str]) -> tuple[tuple[str, ...], list[str] | Non
     """The streams and tenants named by ``-x stream=...`` and ``-x tenant=...``."""
     unknown = sorted(set(x) - {"stream", "tenant"})
     if unknown:
-        raise MigrationError(f"Unknown -x option(s): {', '.join(unknown)}; use -x stream=... or -x tenant=....")
+        raise MigrationError(
+            f"Unknown -x option(s): {', '.join(unknown)}; use -x stream=... or -x tenant=...."
+        )
     only = [t.strip() for t in x["tenant"].split(",") if t.strip()] if "tenant" in x else None
     if "stream" in x:
         stream = x["stream"].strip()
         if stream not in STREAMS:
             raise MigrationError(f"-x stream={stream!r}: use 'infrastructure' or 'tenant'.")
         if only is not None and stream != TENANT:
-            raise MigrationError("-x tenant=... selects tenant locations; it cannot go with -x stream=infrastructure.")
+            raise MigrationError(
+                "-x tenant=... selects tenant locations; it cannot go with -x stream=infrastructure."
+            )
         return (stream,), only
     return ((TENANT,) if only is not None else STREAMS), only
 
@@ -133,7 +137,11 @@ def run_env(
 
 
 def _run(
-    runner: LocationRunner, main: Connection, control: Connection, streams: Sequence[str], only: list[str] | None
+    runner: LocationRunner,
+    main: Connection,
+    control: Connection,
+    streams: Sequence[str],
+    only: list[str] | None,
 ) -> None:
     tenancy = runner.tenancy
     say = runner.env.config.print_stdout if runner.command == "display" else None
@@ -188,11 +196,17 @@ def _run_offline(
             "Offline (--sql) mode writes the infrastructure stream only (-x stream=infrastructure): "
             "tenant locations each have their own version table; migrate them online."
         )
+    outer = env.context_opts.get("fn")
+    command = _COMMANDS.get(getattr(outer, "__name__", ""), "display")
+    runner = LocationRunner(
+        tenancy, env, command=command, destination=env.context_opts.get("destination_rev"), display_fn=outer
+    )
     env.configure(
         url=tenancy.admin_url,
         literal_binds=True,
         version_table=VERSION_TABLES[INFRASTRUCTURE],
         version_table_schema=REGISTRY_SCHEMA,
+        fn=runner.stream_fn(INFRASTRUCTURE),
         **options,
     )
     with env.begin_transaction():
@@ -231,21 +245,26 @@ def _autogenerate(
     # Autogenerate refuses to run unless the database is at every head of the script directory;
     # a location holds only its stream's heads, so give it both streams'.
     current = _current_heads(main, INFRASTRUCTURE) + _current_heads(main, TENANT)
-    default_schemas = {None, "public"}
     for index, stream in enumerate(streams):
+        # infrastructure: the declared schemas; tenant: the default schema only
+        wanted: set[str | None] = (
+            set(tenancy.infrastructure_schemas) if stream == INFRASTRUCTURE else {None, "public"}
+        )
+
+        def include_name(name: str | None, type_: str, parent: Any, wanted: set[str | None] = wanted) -> bool:
+            return name in wanted if type_ == "schema" else True
+
+        def include_object(
+            obj: Any,
+            name: str | None,
+            type_: str,
+            reflected: bool,
+            compare_to: Any,
+            wanted: set[str | None] = wanted,
+        ) -> bool:
+            return obj.schema in wanted if type_ == "table" else True
+
         infra = stream == INFRASTRUCTURE
-        schemas = tenancy.infrastructure_schemas
-
-        def include_name(name: str | None, type_: str, parent: Any, infra: bool = infra) -> bool:
-            if type_ == "schema":
-                return (name in schemas) if infra else (name in default_schemas)
-            return True
-
-        def include_object(obj: Any, name: str | None, type_: str, reflected: bool, compare_to: Any,
-                           infra: bool = infra) -> bool:
-            if type_ == "table":
-                return (obj.schema in schemas) if infra else (obj.schema in default_schemas)
-            return True
 
         hook = _Hook(tenancy, stream, streams, last=index == len(streams) - 1, user_hook=user_hook)
         env.configure(
@@ -277,9 +296,17 @@ class _Hook:
         last: bool,
         user_hook: Callable[..., Any] | None,
     ) -> None:
-        self.tenancy, self.stream, self.streams, self.last, self.user_hook = tenancy, stream, streams, last, user_hook
+        self.tenancy, self.stream, self.streams, self.last, self.user_hook = (
+            tenancy,
+            stream,
+            streams,
+            last,
+            user_hook,
+        )
 
-    def __call__(self, context: MigrationContext, revision: Any, directives: list[ops.MigrationScript]) -> None:
+    def __call__(
+        self, context: MigrationContext, revision: Any, directives: list[ops.MigrationScript]
+    ) -> None:
         script = directives[-1]
         upgrade, downgrade = script.upgrade_ops_list[-1], script.downgrade_ops_list[-1]
         assert context.connection is not None
@@ -296,7 +323,7 @@ def _split(context: MigrationContext, directives: list[ops.MigrationScript], str
     base = directives[0]
     pieces = [
         (stream, up, down)
-        for stream, up, down in zip(streams, base.upgrade_ops_list, base.downgrade_ops_list)
+        for stream, up, down in zip(streams, base.upgrade_ops_list, base.downgrade_ops_list, strict=False)
         if not up.is_empty()
     ]
     if not pieces:  # nothing changed: an empty revision, in the tenant stream unless narrowed
@@ -342,7 +369,7 @@ def rls_operations(conn: Connection, tenancy: Tenancy, stream: str) -> list[ops.
             "from pg_class c join pg_namespace n on n.oid = c.relnamespace "
             "where c.relkind in ('r', 'p') and n.nspname = any(:schemas)"
         ),
-        {"schemas": sorted({t.schema or default for t in tables})},
+        {"schemas": sorted({str(t.schema or default) for t in tables})},
     ).all()
     state = {(r[0], r[1]): (r[2], r[3], set(r[4])) for r in rows}
     result: list[ops.MigrateOperation] = []
@@ -352,7 +379,9 @@ def rls_operations(conn: Connection, tenancy: Tenancy, stream: str) -> list[ops.
         column = tenant_column_name(table)
         if column is not None and is_tenant_scoped(table):
             if found is None or not found[0] or not found[1] or not expected <= found[2]:
-                result.append(tenancy_ops.EnableTenantRLSOp(table.name, tenant_column=column, schema=table.schema))
+                result.append(
+                    tenancy_ops.EnableTenantRLSOp(table.name, tenant_column=column, schema=table.schema)
+                )
         elif found is not None and expected & found[2]:
             result.append(tenancy_ops.DisableTenantRLSOp(table.name, schema=table.schema))
     return result

@@ -200,12 +200,16 @@ def migrate_fleet(
                 if report.failed and not continue_on_error:
                     report.stopped = "a location failed (use continue_on_error to go on)"
                 if report.stopped is None and canary > 0:
-                    _run_batch(rest[:canary], jobs, app, config_path, revision, worker, report, on_outcome, False)
+                    _run_batch(
+                        rest[:canary], jobs, app, config_path, revision, worker, report, on_outcome, False
+                    )
                     rest = rest[canary:]
                     if report.failed:
                         report.stopped = f"the canary ({canary} tenant(s)) failed"
                 if report.stopped is None:
-                    _run_batch(rest, jobs, app, config_path, revision, worker, report, on_outcome, continue_on_error)
+                    _run_batch(
+                        rest, jobs, app, config_path, revision, worker, report, on_outcome, continue_on_error
+                    )
                     if report.failed and not continue_on_error:
                         report.stopped = "a location failed (use continue_on_error to go on)"
                 if report.stopped is not None:
@@ -213,7 +217,15 @@ def migrate_fleet(
                     for location in plan:
                         if location.name not in done:
                             report.outcomes.append(
-                                Outcome(location.name, location.kind, TENANT, location.revision, location.revision, 0.0, "not_run")
+                                Outcome(
+                                    location.name,
+                                    location.kind,
+                                    TENANT,
+                                    location.revision,
+                                    location.revision,
+                                    0.0,
+                                    "not_run",
+                                )
                             )
     report.seconds = time.perf_counter() - started
     if report_path is not None:
@@ -251,9 +263,7 @@ def _plan(
         {"statuses": list(MIGRATED_STATUSES)},
     ).all()
     control.commit()
-    tenants = [
-        Tenant(r[0], r[1], r[2], r[3], r[4], r[5], r[6], dict(r[7] or {}), r[8]) for r in rows
-    ]
+    tenants = [Tenant(r[0], r[1], r[2], r[3], r[4], r[5], r[6], dict(r[7] or {}), r[8]) for r in rows]
     plan = []
     for location in tenant_locations(tenancy, tenants, only=only):
         if location.kind == "template" or any(t.revision != target for t in location.tenants):
@@ -362,7 +372,9 @@ class _Worker:
             return self.runner.run_infrastructure(self.main)
         except Exception as exc:  # noqa: BLE001 - reported, not raised
             self._reset()
-            return Outcome("infrastructure", "main", INFRASTRUCTURE, None, None, 0.0, "failed", _describe(exc))
+            return Outcome(
+                "infrastructure", "main", INFRASTRUCTURE, None, None, 0.0, "failed", _describe(exc)
+            )
 
     def migrate(self, location: Location) -> Outcome:
         assert self.main is not None and self.control is not None
@@ -378,15 +390,31 @@ class _Worker:
                 ).first()
                 self.control.commit()
                 if current is None or current.status not in MIGRATED_STATUSES:
-                    return Outcome(location.name, location.kind, TENANT, tenant.revision, None,
-                                   time.perf_counter() - started, "not_run", "deleted during the run")
+                    return Outcome(
+                        location.name,
+                        location.kind,
+                        TENANT,
+                        tenant.revision,
+                        None,
+                        time.perf_counter() - started,
+                        "not_run",
+                        "deleted during the run",
+                    )
                 outcome = self.runner.run_tenant(self.main, location, self.control)
             outcome.seconds = time.perf_counter() - started  # waiting for the tenant's lock included
             return outcome
         except Exception as exc:  # noqa: BLE001 - one tenant's failure is reported, not raised
             self._reset()
-            return Outcome(location.name, location.kind, TENANT, location.revision, location.revision,
-                           time.perf_counter() - started, "failed", _describe(exc))
+            return Outcome(
+                location.name,
+                location.kind,
+                TENANT,
+                location.revision,
+                location.revision,
+                time.perf_counter() - started,
+                "failed",
+                _describe(exc),
+            )
 
     def _reset(self) -> None:
         """After a failure, make sure no connection is left in an aborted transaction."""

@@ -139,7 +139,9 @@ def template_locations(tenancy: Tenancy) -> list[Location]:
         engine = create_engine(tenancy.server_admin_url(server), poolclass=NullPool)
         try:
             with engine.connect() as conn:
-                exists = conn.execute(text("select 1 from pg_database where datname = :d"), {"d": name}).first()
+                exists = conn.execute(
+                    text("select 1 from pg_database where datname = :d"), {"d": name}
+                ).first()
         finally:
             engine.dispose()
         if exists:

@@ -45,7 +45,12 @@ class EnableTenantRLSOp(MigrateOperation):
 
     @classmethod
     def enable_tenant_rls(
-        cls, operations: Operations, table_name: str, *, tenant_column: str = "tenant_id", schema: str | None = None
+        cls,
+        operations: Operations,
+        table_name: str,
+        *,
+        tenant_column: str = "tenant_id",
+        schema: str | None = None,
     ) -> Any:
         """Enable and force row-level security on ``table_name``, with one tenant policy per action."""
         return operations.invoke(cls(table_name, tenant_column=tenant_column, schema=schema))
@@ -68,7 +73,12 @@ class DisableTenantRLSOp(MigrateOperation):
 
     @classmethod
     def disable_tenant_rls(
-        cls, operations: Operations, table_name: str, *, tenant_column: str = "tenant_id", schema: str | None = None
+        cls,
+        operations: Operations,
+        table_name: str,
+        *,
+        tenant_column: str = "tenant_id",
+        schema: str | None = None,
     ) -> Any:
         """Drop the tenant policies of ``table_name`` and disable row-level security on it."""
         return operations.invoke(cls(table_name, tenant_column=tenant_column, schema=schema))

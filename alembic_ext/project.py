@@ -165,7 +165,8 @@ def init_project(
     files: dict[Path, str] = {
         ini_path: _INI.format(directory=relative),
         root / "env.py": _ENV.format(
-            app=app, app_hint="None: read from $SQLA_TENANCY_APP" if app is None else "set by sqla-tenancy init"
+            app=app,
+            app_hint="None: read from $SQLA_TENANCY_APP" if app is None else "set by sqla-tenancy init",
         ),
         root / "script.py.mako": _SCRIPT,
     }
@@ -183,4 +184,3 @@ def init_project(
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(content)
     return list(files)
-

@@ -222,7 +222,8 @@ class LocationRunner:
             return None
         return revision.revision
 
-    def _fn(self, stream: str) -> Callable[[Any, Any], Any]:
+    def stream_fn(self, stream: str) -> Callable[[Any, Any], Any]:
+        """The migration function Alembic calls for ``stream`` (the command, translated)."""
         if self.command == "display":
             assert self.display_fn is not None
             return self.display_fn
@@ -253,7 +254,7 @@ class LocationRunner:
             version_table=VERSION_TABLES[stream],
             version_table_schema=version_schema,
             transaction_per_migration=False,
-            fn=self._fn(stream),
+            fn=self.stream_fn(stream),
             **self.options,
         )
 
@@ -297,7 +298,9 @@ class LocationRunner:
                         finish_tables(self.tenancy, main, self.tenancy.tenant_tables())
                     if location.kind == "schema" and before is None and tenant is not None:
                         # the tenant's role gets every table of its schema by default privileges
-                        table = f"{quote_ident(location.version_schema)}.{quote_ident(VERSION_TABLES[TENANT])}"
+                        table = (
+                            f"{quote_ident(location.version_schema)}.{quote_ident(VERSION_TABLES[TENANT])}"
+                        )
                         role = tenant.location.get("role")
                         if role:
                             main.exec_driver_sql(f"REVOKE ALL ON {table} FROM {quote_ident(role)}")

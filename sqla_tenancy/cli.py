@@ -60,9 +60,8 @@ def init(
     for path in written:
         typer.echo(f"created {path}")
     typer.echo(
-        "next: `alembic -c {0} upgrade head`, then `alembic -c {0} revision --autogenerate -m initial`".format(
-            config
-        )
+        f"next: `alembic -c {config} upgrade head`, then "
+        f"`alembic -c {config} revision --autogenerate -m initial`"
     )
 
 
@@ -83,8 +82,12 @@ def migrate(
     continue_on_error: Annotated[
         bool, typer.Option("--continue-on-error", help="Go on past failing tenants.")
     ] = False,
-    canary: Annotated[int, typer.Option(min=0, help="Migrate this many tenants first; stop if one fails.")] = 0,
-    wait: Annotated[bool, typer.Option("--wait", help="Wait for a running migration instead of exiting.")] = False,
+    canary: Annotated[
+        int, typer.Option(min=0, help="Migrate this many tenants first; stop if one fails.")
+    ] = 0,
+    wait: Annotated[
+        bool, typer.Option("--wait", help="Wait for a running migration instead of exiting.")
+    ] = False,
     report: Annotated[
         Optional[Path],  # noqa: UP045
         typer.Option(help="Write the per-tenant report as JSON here."),
@@ -165,7 +168,11 @@ def _summary(console: Console, result: object) -> None:
     if infra is not None:
         console.print(
             f"infrastructure: {infra.status} ({infra.before or 'base'} -> {infra.after or 'base'})"
-            + (f"; foreign tables refreshed in {result.refreshed_foreign_schemas} tenant(s)" if result.refreshed_foreign_schemas else "")
+            + (
+                f"; foreign tables refreshed in {result.refreshed_foreign_schemas} tenant(s)"
+                if result.refreshed_foreign_schemas
+                else ""
+            )
         )
     console.print(
         f"tenant stream -> {result.target}: {counts['upgraded']} upgraded, {counts['unchanged']} unchanged, "

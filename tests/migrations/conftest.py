@@ -45,7 +45,9 @@ class Project:
         script = ScriptDirectory.from_config(self.config())
         return [r.revision for r in script.get_revisions(f"{stream}@head") if r is not None]
 
-    def add_revision(self, stream: str, body: str, *, downgrade: str = "pass", message: str = "change") -> str:
+    def add_revision(
+        self, stream: str, body: str, *, downgrade: str = "pass", message: str = "change"
+    ) -> str:
         """Write a hand-made revision on top of ``stream``'s head; returns its id."""
         script = ScriptDirectory.from_config(self.config())
 
@@ -53,7 +55,11 @@ class Project:
             return textwrap.indent(textwrap.dedent(code).strip(), "    ").lstrip()
 
         created = script.generate_revision(
-            rev_id(), message, head=f"{stream}@head", refresh=True, upgrades=indented(body),
+            rev_id(),
+            message,
+            head=f"{stream}@head",
+            refresh=True,
+            upgrades=indented(body),
             downgrades=indented(downgrade),
         )
         assert created is not None

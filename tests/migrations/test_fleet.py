@@ -51,8 +51,14 @@ def fleet(migrated: Project) -> Project:
     """Shared, schema and database tenants, all born at the tenant stream's head."""
     t = migrated.tenancy
     t.prepare_server(migrated.server.superuser_url)
-    for slug, strategy in (("s1", "shared"), ("s2", "shared"), ("c1", "schema"), ("c2", "schema"),
-                           ("d1", "database"), ("d2", "database")):
+    for slug, strategy in (
+        ("s1", "shared"),
+        ("s2", "shared"),
+        ("c1", "schema"),
+        ("c2", "schema"),
+        ("d1", "database"),
+        ("d2", "database"),
+    ):
         t.create_tenant(slug, strategy=strategy)
     return migrated
 
@@ -66,7 +72,8 @@ def test_tenants_are_born_at_head(fleet: Project) -> None:
         # the tenant's own role cannot rewrite its version row
         role = fleet.tenancy.get_tenant("c1").location["role"]
         allowed = conn.execute(
-            text("select has_table_privilege(:r, :t, 'UPDATE')"), {"r": role, "t": f'"{schema}".alembic_tenant'}
+            text("select has_table_privilege(:r, :t, 'UPDATE')"),
+            {"r": role, "t": f'"{schema}".alembic_tenant'},
         ).scalar()
     assert stamped == head and allowed is False
 
@@ -90,8 +97,7 @@ def test_one_revision_reaches_every_location(fleet: Project, tmp_path: Path) -> 
     assert [(o.kind, o.status) for o in again.outcomes] == [("template", "unchanged")]
 
     # A database tenant created now is cloned from the upgraded template: born at the new head.
-    born = fleet.tenancy.create_tenant("d3", strategy="database")
-    assert born.revision is None or True  # the returned record predates activation
+    fleet.tenancy.create_tenant("d3", strategy="database")
     assert registry_revisions(fleet.tenancy)["d3"] == new
     assert "priority" in project_columns(fleet.tenancy, "d3")
 
@@ -129,10 +135,12 @@ def test_a_failing_tenant_keeps_its_revision_and_data(project: Project, tmp_path
 
     # Fix the migration; a re-run touches only the tenant that is still behind.
     path = next(Path(project.root, "migrations", "tenant").glob(f"*{revision}*.py"))
-    path.write_text(path.read_text().replace(
-        'op.add_column("projects", sa.Column("code", sa.Text()))',
-        'op.execute("ALTER TABLE projects ADD COLUMN IF NOT EXISTS code text")',
-    ))
+    path.write_text(
+        path.read_text().replace(
+            'op.add_column("projects", sa.Column("code", sa.Text()))',
+            'op.execute("ALTER TABLE projects ADD COLUMN IF NOT EXISTS code text")',
+        )
+    )
     rerun = migrate_fleet(APP, project.ini, jobs=2)
     assert rerun.ok
     assert [(o.location, o.status) for o in rerun.outcomes] == [(broken, "upgraded")]
@@ -146,7 +154,9 @@ def test_without_continue_on_error_the_run_stops(project: Project) -> None:
     for i in range(6):
         t.create_tenant(f"t{i}", strategy="schema")
     with t.admin_engine.begin() as conn:
-        conn.exec_driver_sql(f'ALTER TABLE "{t.get_tenant("t0").location["schema"]}".projects ADD COLUMN code int')
+        conn.exec_driver_sql(
+            f'ALTER TABLE "{t.get_tenant("t0").location["schema"]}".projects ADD COLUMN code int'
+        )
     project.add_revision(TENANT, 'op.add_column("projects", sa.Column("code", sa.Text()))')
     report = migrate_fleet(t, project.ini, jobs=1)
     assert [o.status for o in report.outcomes] == ["upgraded", "failed"] + ["not_run"] * 5
@@ -159,7 +169,9 @@ def test_canary_stops_the_run(project: Project) -> None:
     for i in range(8):
         t.create_tenant(f"t{i}", strategy="schema")
     with t.admin_engine.begin() as conn:
-        conn.exec_driver_sql(f'ALTER TABLE "{t.get_tenant("t1").location["schema"]}".projects ADD COLUMN code int')
+        conn.exec_driver_sql(
+            f'ALTER TABLE "{t.get_tenant("t1").location["schema"]}".projects ADD COLUMN code int'
+        )
     project.add_revision(TENANT, 'op.add_column("projects", sa.Column("code", sa.Text()))')
     report = migrate_fleet(APP, project.ini, jobs=2, canary=3, continue_on_error=True)
     statuses = {o.location: o.status for o in report.outcomes}
@@ -199,7 +211,9 @@ def test_a_tenant_being_provisioned_is_waited_for(fleet: Project) -> None:
 
         def release() -> None:
             time.sleep(1.0)
-            provisioning.exec_driver_sql("select pg_advisory_unlock(hashtext('sqla_tenancy:provision:' || 'c1'))")
+            provisioning.exec_driver_sql(
+                "select pg_advisory_unlock(hashtext('sqla_tenancy:provision:' || 'c1'))"
+            )
             provisioning.commit()
 
         releaser = threading.Thread(target=release)
@@ -224,5 +238,7 @@ def test_an_infrastructure_rename_leaves_no_broken_foreign_table(fleet: Project)
     for slug in ("d1", "d2"):
         with tenant_context(slug), fleet.tenancy.connect() as conn:
             conn.execute(text("insert into auth.users (email_address) values ('a@example.com')"))
-            assert conn.execute(text("select email_address from auth.users")).scalars().all() == ["a@example.com"]
+            assert conn.execute(text("select email_address from auth.users")).scalars().all() == [
+                "a@example.com"
+            ]
             conn.commit()

@@ -1,0 +1,89 @@
+"""The ``sqla-tenancy`` console script: init, and migrate with its summary, report and exit codes."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from alembic import command
+
+from alembic_ext.versions import TENANT
+
+from .conftest import APP, Project
+
+ROOT = Path(__file__).resolve().parents[2]
+SCRIPT = str(Path(sys.executable).parent / "sqla-tenancy")
+
+
+def cli(*args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "COLUMNS": "200"}
+    return subprocess.run([SCRIPT, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
+
+
+def test_init_creates_a_project_and_never_overwrites(tmp_path: Path) -> None:
+    result = cli("init", "db/migrations", "--app", "myapp.db:tenancy", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    env = (tmp_path / "db" / "migrations" / "env.py").read_text()
+    assert "load_app('myapp.db:tenancy')" in env and "run_env" in env
+    assert len(list((tmp_path / "db" / "migrations" / "infrastructure").glob("*_root.py"))) == 1
+    assert len(list((tmp_path / "db" / "migrations" / "tenant").glob("*_root.py"))) == 1
+    assert "%(here)s/db/migrations/tenant" in (tmp_path / "alembic.ini").read_text()
+    again = cli("init", "db/migrations", cwd=tmp_path)
+    assert again.returncode == 2 and "Not overwriting" in again.stderr
+
+
+def test_migrate_reports_failures_and_exits_non_zero(project: Project, tmp_path: Path) -> None:
+    command.upgrade(project.config(), "head")
+    t = project.tenancy
+    for i in range(4):
+        t.create_tenant(f"t{i}", strategy="schema")
+    with t.admin_engine.begin() as conn:
+        conn.exec_driver_sql(
+            f'ALTER TABLE "{t.get_tenant("t2").location["schema"]}".projects ADD COLUMN code int'
+        )
+    project.add_revision(TENANT, 'op.add_column("projects", sa.Column("code", sa.Text()))')
+    report = tmp_path / "report.json"
+    result = cli(
+        "migrate",
+        "--app",
+        APP,
+        "-c",
+        str(project.ini),
+        "--jobs",
+        "2",
+        "--continue-on-error",
+        "--report",
+        str(report),
+        "--no-progress",
+    )
+    assert result.returncode == 1, result.stderr
+    assert "4 upgraded" in result.stderr and "1 failed" in result.stderr  # main + 3 tenants
+    assert "t2" in result.stderr and "DuplicateColumn" in result.stderr
+    data = json.loads(report.read_text())
+    assert data["counts"]["failed"] == 1 and data["jobs"] == 2
+    [failed] = [loc for loc in data["locations"] if loc["status"] == "failed"]
+    assert failed["location"] == "t2" and failed["before"] == failed["after"]
+
+
+def test_migrate_exits_3_while_another_run_holds_the_lock(migrated: Project) -> None:
+    with migrated.tenancy.admin_engine.connect() as holder:
+        holder.exec_driver_sql("select pg_advisory_lock(hashtext('sqla_tenancy:migrate'))")
+        holder.commit()
+        result = cli("migrate", "--app", APP, "-c", str(migrated.ini), "--no-progress")
+    assert result.returncode == 3 and "Another migration run holds the fleet lock" in result.stderr
+
+
+def test_migrate_needs_an_app(project: Project, monkeypatch: object) -> None:
+    env = {k: v for k, v in os.environ.items() if k != "SQLA_TENANCY_APP"}
+    result = subprocess.run(
+        [SCRIPT, "migrate", "-c", str(project.ini)],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 2 and "--app module:attribute" in result.stderr

@@ -41,7 +41,7 @@ from sqla_tenancy.rls import is_tenant_scoped, policy_names, tenant_column_name
 from . import ops as tenancy_ops
 from .errors import MigrationError
 from .locations import tenant_locations
-from .runner import Command, LocationRunner, _transaction, fleet_lock, tenant_lock
+from .runner import Command, LocationRunner, _transaction, fleet_lock
 from .versions import INFRASTRUCTURE, STREAMS, TENANT, VERSION_TABLES, has_stream
 
 if TYPE_CHECKING:
@@ -158,12 +158,7 @@ def _run(
         for location in tenant_locations(tenancy, only=only):
             if say:
                 say(f"tenant stream, {location.describe()}:")
-            tenant = location.tenant
-            if tenant is not None and runner.command != "display":
-                with tenant_lock(control, tenant.slug):
-                    outcome = runner.run_tenant(main, location, control)
-            else:
-                outcome = runner.run_tenant(main, location, control)
+            outcome = runner.run_tenant(main, location, control)
             _log(location.describe(), outcome.before, outcome.after, outcome.seconds)
 
 

@@ -26,8 +26,9 @@ import multiprocessing
 import os
 import time
 import traceback
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -42,7 +43,7 @@ from sqla_tenancy.registry import REGISTRY_SCHEMA, Tenant
 
 from .errors import MigrationError
 from .locations import MIGRATED_STATUSES, Location, tenant_locations
-from .runner import LocationRunner, Outcome, fleet_lock, tenant_lock
+from .runner import LocationRunner, Outcome, fleet_lock
 from .versions import INFRASTRUCTURE, STREAMS, TENANT, format_revision, load_config, stream_heads
 
 if TYPE_CHECKING:
@@ -180,53 +181,56 @@ def migrate_fleet(
     target = _target(script, revision)
     report = FleetReport(target, jobs, datetime.now(timezone.utc).isoformat(timespec="seconds"))
     started = time.perf_counter()
-    with resolved.admin_engine.connect() as control, fleet_lock(control, wait=wait_for_lock):
-        with _Worker(resolved, cfg, revision) as worker:
-            if INFRASTRUCTURE in streams and tenants is None:
-                report.infrastructure = worker.infrastructure()
-                if report.infrastructure.status == "failed":
-                    report.stopped = "the infrastructure stream failed; tenants were not migrated"
-                elif report.infrastructure.status == "upgraded":
-                    report.refreshed_foreign_schemas = len(resolved.refresh_foreign_schemas())
-            if TENANT in streams and report.stopped is None:
-                plan = _plan(resolved, control, tenants, target, report)
-                if on_plan is not None:
-                    on_plan(len(plan))
-                # The main database and the templates first and here: everything else follows them.
-                first = [loc for loc in plan if loc.kind in ("main", "template")]
-                rest = [loc for loc in plan if loc.kind not in ("main", "template")]
-                for location in first:
-                    _record(report, worker.migrate(location), on_outcome)
+    with ExitStack() as stack:
+        control = stack.enter_context(resolved.admin_engine.connect())
+        stack.enter_context(fleet_lock(control, wait=wait_for_lock))
+        worker = stack.enter_context(_Worker(resolved, cfg, revision))
+        if INFRASTRUCTURE in streams and tenants is None:
+            report.infrastructure = worker.infrastructure()
+            if report.infrastructure.status == "failed":
+                report.stopped = "the infrastructure stream failed; tenants were not migrated"
+            elif report.infrastructure.status == "upgraded":
+                report.refreshed_foreign_schemas = len(resolved.refresh_foreign_schemas())
+        if TENANT in streams and report.stopped is None:
+            plan = _plan(resolved, control, tenants, target, report)
+            if on_plan is not None:
+                on_plan(len(plan))
+            # The main database and the templates first and here: everything else follows them.
+            first = [loc for loc in plan if loc.kind in ("main", "template")]
+            rest = [loc for loc in plan if loc.kind not in ("main", "template")]
+            pool = None
+            if jobs > 1 and len(rest) > 1:
+                # Started now, so that the workers import and connect while this process
+                # migrates the main database and the templates.
+                pool = stack.enter_context(_start_pool(min(jobs, len(rest)), app, config_path, revision))
+            for location in first:
+                _record(report, worker.migrate(location), on_outcome)
+            if report.failed and not continue_on_error:
+                report.stopped = "a location failed (use continue_on_error to go on)"
+            if report.stopped is None and canary > 0:
+                _run_batch(rest[:canary], pool, jobs, worker, report, on_outcome, False)
+                rest = rest[canary:]
+                if report.failed:
+                    report.stopped = f"the canary ({canary} tenant(s)) failed"
+            if report.stopped is None:
+                _run_batch(rest, pool, jobs, worker, report, on_outcome, continue_on_error)
                 if report.failed and not continue_on_error:
                     report.stopped = "a location failed (use continue_on_error to go on)"
-                if report.stopped is None and canary > 0:
-                    _run_batch(
-                        rest[:canary], jobs, app, config_path, revision, worker, report, on_outcome, False
-                    )
-                    rest = rest[canary:]
-                    if report.failed:
-                        report.stopped = f"the canary ({canary} tenant(s)) failed"
-                if report.stopped is None:
-                    _run_batch(
-                        rest, jobs, app, config_path, revision, worker, report, on_outcome, continue_on_error
-                    )
-                    if report.failed and not continue_on_error:
-                        report.stopped = "a location failed (use continue_on_error to go on)"
-                if report.stopped is not None:
-                    done = {o.location for o in report.outcomes}
-                    for location in plan:
-                        if location.name not in done:
-                            report.outcomes.append(
-                                Outcome(
-                                    location.name,
-                                    location.kind,
-                                    TENANT,
-                                    location.revision,
-                                    location.revision,
-                                    0.0,
-                                    "not_run",
-                                )
+            if report.stopped is not None:
+                done = {o.location for o in report.outcomes}
+                for location in plan:
+                    if location.name not in done:
+                        report.outcomes.append(
+                            Outcome(
+                                location.name,
+                                location.kind,
+                                TENANT,
+                                location.revision,
+                                location.revision,
+                                0.0,
+                                "not_run",
                             )
+                        )
     report.seconds = time.perf_counter() - started
     if report_path is not None:
         report.write(report_path)
@@ -275,12 +279,30 @@ def _plan(
     return plan
 
 
+@contextmanager
+def _start_pool(
+    jobs: int, app: str | None, config_path: str | None, revision: str
+) -> Iterator[ProcessPoolExecutor]:
+    pool = ProcessPoolExecutor(
+        max_workers=jobs,
+        mp_context=multiprocessing.get_context("spawn"),
+        initializer=_init_worker,
+        initargs=(app, config_path, revision),
+    )
+    with pool:
+        for _ in range(jobs):
+            pool.submit(_ready)
+        yield pool
+
+
+def _ready() -> bool:
+    return _worker is not None
+
+
 def _run_batch(
     locations: list[Location],
+    pool: ProcessPoolExecutor | None,
     jobs: int,
-    app: str | None,
-    config_path: str | None,
-    revision: str,
     worker: _Worker,
     report: FleetReport,
     callback: Callable[[Outcome], None] | None,
@@ -288,31 +310,24 @@ def _run_batch(
 ) -> None:
     if not locations:
         return
-    if jobs == 1 or len(locations) == 1:
+    if pool is None:
         for location in locations:
             _record(report, worker.migrate(location), callback)
             if report.failed and not continue_on_error:
                 return
         return
-    context = multiprocessing.get_context("spawn")
-    with ProcessPoolExecutor(
-        max_workers=min(jobs, len(locations)),
-        mp_context=context,
-        initializer=_init_worker,
-        initargs=(app, config_path, revision),
-    ) as pool:
-        pending: set[Future[Outcome]] = set()
-        queue = list(reversed(locations))
-        # Keep each worker busy with one location and one queued, so that a stop leaves little
-        # half-submitted work behind.
-        while queue or pending:
-            while queue and len(pending) < 2 * jobs and (continue_on_error or not report.failed):
-                pending.add(pool.submit(_migrate_in_worker, queue.pop()))
-            if not pending:
-                break
-            done, pending = wait(pending, return_when=FIRST_COMPLETED)
-            for future in done:
-                _record(report, future.result(), callback)
+    pending: set[Future[Outcome]] = set()
+    queue = list(reversed(locations))
+    # Keep each worker busy with one location and one queued, so that a stop leaves little
+    # half-submitted work behind.
+    while queue or pending:
+        while queue and len(pending) < 2 * jobs and (continue_on_error or not report.failed):
+            pending.add(pool.submit(_migrate_in_worker, queue.pop()))
+        if not pending:
+            break
+        done, pending = wait(pending, return_when=FIRST_COMPLETED)
+        for future in done:
+            _record(report, future.result(), callback)
 
 
 # -- workers --------------------------------------------------------------------------------------
@@ -380,27 +395,7 @@ class _Worker:
         assert self.main is not None and self.control is not None
         started = time.perf_counter()
         try:
-            tenant = location.tenant
-            if tenant is None:
-                return self.runner.run_tenant(self.main, location, self.control)
-            with tenant_lock(self.control, tenant.slug):
-                current = self.control.execute(
-                    text(f"select status, revision from {REGISTRY_SCHEMA}.tenants where id = :id"),
-                    {"id": tenant.id},
-                ).first()
-                self.control.commit()
-                if current is None or current.status not in MIGRATED_STATUSES:
-                    return Outcome(
-                        location.name,
-                        location.kind,
-                        TENANT,
-                        tenant.revision,
-                        None,
-                        time.perf_counter() - started,
-                        "not_run",
-                        "deleted during the run",
-                    )
-                outcome = self.runner.run_tenant(self.main, location, self.control)
+            outcome = self.runner.run_tenant(self.main, location, self.control)
             outcome.seconds = time.perf_counter() - started  # waiting for the tenant's lock included
             return outcome
         except Exception as exc:  # noqa: BLE001 - one tenant's failure is reported, not raised

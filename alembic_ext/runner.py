@@ -26,8 +26,9 @@ from sqla_tenancy.identifiers import quote_ident, quote_literal
 from sqla_tenancy.installer import ensure_registry, finish_tables
 from sqla_tenancy.registry import REGISTRY_SCHEMA
 from sqla_tenancy.rls import TENANT_SETTING
+from sqla_tenancy.strategies.database import template_lock_key
 
-from .locations import Location, update_registry_copy
+from .locations import MIGRATED_STATUSES, Location, update_registry_copy
 from .versions import INFRASTRUCTURE, TENANT, VERSION_TABLES, format_revision, has_stream
 
 if TYPE_CHECKING:
@@ -45,6 +46,7 @@ FLEET_TRY_LOCK = "select pg_try_advisory_lock(hashtext('sqla_tenancy:migrate'))"
 FLEET_UNLOCK = "select pg_advisory_unlock(hashtext('sqla_tenancy:migrate'))"
 #: The lock provisioning holds for a slug (see sqla_tenancy.lifecycle): migrating a tenant waits
 #: for its provisioning to finish, and provisioning waits for its migration.
+TENANT_LOCK_PREFIX = "sqla_tenancy:provision:"
 TENANT_LOCK = "select pg_advisory_lock(hashtext('sqla_tenancy:provision:' || :s))"
 TENANT_UNLOCK = "select pg_advisory_unlock(hashtext('sqla_tenancy:provision:' || :s))"
 FLEET_HOLDER = (
@@ -260,10 +262,9 @@ class LocationRunner:
 
     def _apply(self, conn: Connection, stream: str, version_schema: str) -> tuple[str | None, str | None]:
         self._configure(conn, stream, version_schema)
-        context = self.env.get_context()
-        before = format_revision(context.get_current_heads())
+        before = _read_revision(conn, version_schema, stream)
         self.env.run_migrations()
-        return before, format_revision(context.get_current_heads())
+        return before, _read_revision(conn, version_schema, stream)
 
     def run_infrastructure(self, main: Connection) -> Outcome:
         """The infrastructure stream on the main database (the ``tenancy`` schema first)."""
@@ -280,20 +281,30 @@ class LocationRunner:
         return _outcome("infrastructure", "main", INFRASTRUCTURE, before, after, started)
 
     def run_tenant(self, main: Connection, location: Location, control: Connection | None = None) -> Outcome:
-        """The tenant stream at ``location``. ``main`` is a connection to the main database (the
-        location's own for the main database and schema tenants); database tenants' registry
-        copies go through ``control`` (default: ``main``)."""
+        """The tenant stream at ``location``, under the tenant's provisioning lock (a tenant being
+        created or deleted is waited for; one deleted meanwhile is reported ``not_run``).
+
+        ``main`` is a connection to the main database (the location's own for the main database
+        and schema tenants); database tenants' locks and registry copies go through ``control``
+        (default: ``main``)."""
         started = time.perf_counter()
         tenant = location.tenant
+        writes = self.command != "display"
         if location.kind in ("main", "schema"):
             with _transaction(main):
                 if tenant is not None:
+                    # one round trip: the binding, and the lock held until this transaction ends
+                    key = quote_literal(TENANT_LOCK_PREFIX + tenant.slug)
+                    lock = f"SELECT pg_advisory_xact_lock(hashtext({key}))"
                     main.exec_driver_sql(
                         f"SET LOCAL search_path = {quote_ident(location.schema or '')}; "
-                        f"SET LOCAL {TENANT_SETTING} = {quote_literal(str(tenant.id))}"
+                        f"SET LOCAL {TENANT_SETTING} = {quote_literal(str(tenant.id))}; "
+                        + (lock if writes else "SELECT 1")
                     )
+                    if writes and not _still_there(main, location):
+                        return _gone(location, started)
                 before, after = self._apply(main, TENANT, location.version_schema)
-                if self.command != "display":
+                if writes:
                     if location.kind == "main" and after != before:
                         finish_tables(self.tenancy, main, self.tenancy.tenant_tables())
                     if location.kind == "schema" and before is None and tenant is not None:
@@ -308,7 +319,33 @@ class LocationRunner:
                 if tenant is not None:  # a caller's outer transaction goes on unbound
                     main.exec_driver_sql(f"SET LOCAL search_path TO DEFAULT; SET LOCAL {TENANT_SETTING} = ''")
             return _outcome(location.name, location.kind, TENANT, before, after, started)
+        registry = control if control is not None else main
+        if tenant is not None and writes:
+            with tenant_lock(registry, tenant.slug):
+                with _transaction(registry):
+                    if not _still_there(registry, location):
+                        return _gone(location, started)
+                return self._run_database(registry, location, started)
+        return self._run_database(registry, location, started)
+
+    def _run_database(self, registry: Connection, location: Location, started: float) -> Outcome:
+        if location.kind == "template" and self.command != "display":
+            # Provisioning clones the template under this lock: never while we are connected.
+            maintenance = self.tenancy.server_admin_url(location.server).database or "postgres"
+            key = template_lock_key(location.database or "")
+            with self._connect(location.server, maintenance) as guard:
+                guard.execute(text("select pg_advisory_lock(hashtext(:k))"), {"k": key})
+                guard.commit()
+                try:
+                    return self._run_database_locked(registry, location, started)
+                finally:
+                    guard.execute(text("select pg_advisory_unlock(hashtext(:k))"), {"k": key})
+                    guard.commit()
+        return self._run_database_locked(registry, location, started)
+
+    def _run_database_locked(self, registry: Connection, location: Location, started: float) -> Outcome:
         assert location.database is not None
+        tenant = location.tenant
         with self._connect(location.server, location.database) as conn, _transaction(conn):
             if tenant is not None:
                 conn.exec_driver_sql(f"SET LOCAL {TENANT_SETTING} = {quote_literal(str(tenant.id))}")
@@ -321,10 +358,41 @@ class LocationRunner:
                     f"GRANT USAGE, SELECT ON ALL SEQUENCES IN SCHEMA public TO {app}"
                 )
         if self.command != "display" and location.kind == "database":
-            registry = control if control is not None else main
             with _transaction(registry):
                 update_registry_copy(registry, location, after)
         return _outcome(location.name, location.kind, TENANT, before, after, started)
+
+
+def _read_revision(conn: Connection, schema: str, stream: str) -> str | None:
+    """The location's revision, read directly (``to_regclass`` rather than a catalog reflection:
+    it is on the path of every location of a fleet run)."""
+    table = f"{quote_ident(schema)}.{quote_ident(VERSION_TABLES[stream])}"
+    if conn.execute(text("select to_regclass(:t)"), {"t": table}).scalar() is None:
+        return None
+    return format_revision(conn.execute(text(f"select version_num from {table}")).scalars())
+
+
+def _still_there(conn: Connection, location: Location) -> bool:
+    """The tenant is still registered and migratable (read under its lock)."""
+    tenant = location.tenant
+    assert tenant is not None
+    status = conn.execute(
+        text(f"select status from {REGISTRY_SCHEMA}.tenants where id = :id"), {"id": tenant.id}
+    ).scalar()
+    return status in MIGRATED_STATUSES
+
+
+def _gone(location: Location, started: float) -> Outcome:
+    return Outcome(
+        location.name,
+        location.kind,
+        TENANT,
+        location.revision,
+        None,
+        time.perf_counter() - started,
+        "not_run",
+        "deleted during the run",
+    )
 
 
 @contextmanager

@@ -242,3 +242,42 @@ def test_an_infrastructure_rename_leaves_no_broken_foreign_table(fleet: Project)
                 "a@example.com"
             ]
             conn.commit()
+
+
+def test_a_tenant_deleted_while_waiting_is_not_migrated(fleet: Project) -> None:
+    t = fleet.tenancy
+    fleet.add_revision(TENANT, ADD_PRIORITY, downgrade=DROP_PRIORITY)
+    results = []
+    with t.admin_engine.connect() as holder:
+        holder.exec_driver_sql("select pg_advisory_lock(hashtext('sqla_tenancy:provision:' || 'c1'))")
+        holder.commit()
+        runner = threading.Thread(target=lambda: results.append(migrate_fleet(t, fleet.ini, tenants=["c1"])))
+        runner.start()
+        time.sleep(0.5)
+        with t.admin_engine.begin() as conn:  # what delete_tenant does first for a journaled tenant
+            conn.exec_driver_sql("update tenancy.tenants set status = 'deleting' where slug = 'c1'")
+        holder.exec_driver_sql("select pg_advisory_unlock(hashtext('sqla_tenancy:provision:' || 'c1'))")
+        holder.commit()
+        runner.join()
+    [outcome] = results[0].outcomes
+    assert outcome.status == "not_run" and outcome.error == "deleted during the run"
+    assert "priority" not in project_columns(t, "c1")
+
+
+def test_cloning_the_template_waits_for_its_migration(fleet: Project) -> None:
+    from sqla_tenancy.strategies.database import template_lock_key
+
+    t = fleet.tenancy
+    created = []
+    with t.admin_engine.connect() as holder:  # what the runner holds while migrating the template
+        key = template_lock_key(f"{t.name_prefix}_template")
+        holder.execute(text("select pg_advisory_lock(hashtext(:k))"), {"k": key})
+        holder.commit()
+        creator = threading.Thread(target=lambda: created.append(t.create_tenant("d9", strategy="database")))
+        creator.start()
+        time.sleep(0.7)
+        assert not created  # still waiting
+        holder.execute(text("select pg_advisory_unlock(hashtext(:k))"), {"k": key})
+        holder.commit()
+        creator.join(timeout=60)
+    assert created and created[0].slug == "d9"

@@ -94,6 +94,8 @@ class FleetReport:
     refreshed_foreign_schemas: int = 0
     #: locations whose registry copy was already at the target: not connected to
     skipped_at_target: int = 0
+    #: seconds from starting the worker processes until the last one was ready (0: none started)
+    worker_start_seconds: float = 0.0
     outcomes: list[Outcome] = field(default_factory=list)
     stopped: str | None = None
 
@@ -124,6 +126,7 @@ class FleetReport:
             "stopped": self.stopped,
             "infrastructure": self.infrastructure.as_dict() if self.infrastructure else None,
             "refreshed_foreign_schemas": self.refreshed_foreign_schemas,
+            "worker_start_seconds": round(self.worker_start_seconds, 3),
             "locations": [o.as_dict() for o in self.outcomes],
         }
 
@@ -202,7 +205,9 @@ def migrate_fleet(
             if jobs > 1 and len(rest) > 1:
                 # Started now, so that the workers import and connect while this process
                 # migrates the main database and the templates.
-                pool = stack.enter_context(_start_pool(min(jobs, len(rest)), app, config_path, revision))
+                pool = stack.enter_context(
+                    _start_pool(min(jobs, len(rest)), app, config_path, revision, report)
+                )
             for location in first:
                 _record(report, worker.migrate(location), on_outcome)
             if report.failed and not continue_on_error:
@@ -281,17 +286,22 @@ def _plan(
 
 @contextmanager
 def _start_pool(
-    jobs: int, app: str | None, config_path: str | None, revision: str
+    jobs: int, app: str | None, config_path: str | None, revision: str, report: FleetReport
 ) -> Iterator[ProcessPoolExecutor]:
+    started = time.perf_counter()
     pool = ProcessPoolExecutor(
         max_workers=jobs,
         mp_context=multiprocessing.get_context("spawn"),
         initializer=_init_worker,
         initargs=(app, config_path, revision),
     )
+
+    def ready(_: Future[bool]) -> None:
+        report.worker_start_seconds = max(report.worker_start_seconds, time.perf_counter() - started)
+
     with pool:
         for _ in range(jobs):
-            pool.submit(_ready)
+            pool.submit(_ready).add_done_callback(ready)
         yield pool
 
 
@@ -425,7 +435,8 @@ def _describe(exc: BaseException) -> str:
     frames = [
         f
         for f in traceback.extract_tb(exc.__traceback__)
-        if not any(part in f.filename for part in ("site-packages", "/alembic_ext/", "/sqla_tenancy/"))
+        if not f.filename.startswith("<")  # Alembic's generated op proxies
+        and not any(part in f.filename for part in ("site-packages", "/alembic_ext/", "/sqla_tenancy/"))
     ]
     origin = f" (at {Path(frames[-1].filename).name}:{frames[-1].lineno})" if frames else ""
     return f"{type(orig or exc).__name__}: {message[0] if message else ''}{origin}"

@@ -154,6 +154,7 @@ class LocationRunner:
         self.display_fn = display_fn
         self.options = dict(configure_options or {})
         self._engines: dict[str, Engine] = {}
+        self._seen: tuple[str | None, bool] | None = None
         self._lineage: dict[str, frozenset[str]] = {}
 
     # -- connections --------------------------------------------------------------------------
@@ -235,15 +236,20 @@ class LocationRunner:
         def fn(rev: Any, context: Any) -> Any:
             current = tuple(rev) if isinstance(rev, (tuple, list)) else ((rev,) if rev else ())
             dest = self.destination_for(stream, current)
+            steps: list[Any]
             if dest is None:
-                return []
-            if command == "upgrade":
+                steps = []
+            elif command == "upgrade":
                 assert isinstance(dest, str)
-                return script._upgrade_revs(dest, rev)
-            if command == "downgrade":
+                steps = list(script._upgrade_revs(dest, rev))
+            elif command == "downgrade":
                 assert isinstance(dest, str)
-                return script._downgrade_revs(dest, rev)
-            return script._stamp_revs(dest if isinstance(dest, tuple) else (dest,), rev)
+                steps = list(script._downgrade_revs(dest, rev))
+            else:
+                steps = list(script._stamp_revs(dest if isinstance(dest, tuple) else (dest,), rev))
+            # what the location was at (as Alembic just read it), and whether it moves
+            self._seen = (format_revision(current), bool(steps))
+            return steps
 
         return fn
 
@@ -261,10 +267,22 @@ class LocationRunner:
         )
 
     def _apply(self, conn: Connection, stream: str, version_schema: str) -> tuple[str | None, str | None]:
+        """Run the command at one location; its revision before and after. (Alembic reads the
+        version table itself; the migration function reports what it read, so that a location
+        costs no extra catalog look-up.)"""
         self._configure(conn, stream, version_schema)
-        before = _read_revision(conn, version_schema, stream)
+        if self.command == "display":
+            before = _read_revision(conn, version_schema, stream)
+            self.env.run_migrations()
+            return before, before
+        self._seen = None
         self.env.run_migrations()
-        return before, _read_revision(conn, version_schema, stream)
+        assert self._seen is not None, "Alembic did not call the migration function"
+        before, moved = self._seen
+        if not moved:
+            return before, before
+        table = f"{quote_ident(version_schema)}.{quote_ident(VERSION_TABLES[stream])}"
+        return before, format_revision(conn.execute(text(f"select version_num from {table}")).scalars())
 
     def run_infrastructure(self, main: Connection) -> Outcome:
         """The infrastructure stream on the main database (the ``tenancy`` schema first)."""
@@ -291,6 +309,7 @@ class LocationRunner:
         tenant = location.tenant
         writes = self.command != "display"
         if location.kind in ("main", "schema"):
+            nested = main.in_transaction()
             with _transaction(main):
                 if tenant is not None:
                     # one round trip: the binding, and the lock held until this transaction ends
@@ -316,7 +335,7 @@ class LocationRunner:
                         if role:
                             main.exec_driver_sql(f"REVOKE ALL ON {table} FROM {quote_ident(role)}")
                     update_registry_copy(main, location, after)
-                if tenant is not None:  # a caller's outer transaction goes on unbound
+                if tenant is not None and nested:  # a caller's outer transaction goes on unbound
                     main.exec_driver_sql(f"SET LOCAL search_path TO DEFAULT; SET LOCAL {TENANT_SETTING} = ''")
             return _outcome(location.name, location.kind, TENANT, before, after, started)
         registry = control if control is not None else main

@@ -195,6 +195,8 @@ def run_revision(fleet: Fleet, jobs: int, count: int, column: str) -> tuple[floa
     wall = time.perf_counter() - started
     upgraded = [o for o in report.outcomes if o.status == "upgraded" and o.kind not in ("main", "template")]
     assert report.ok and len(upgraded) == count, report.counts()
+    if report.worker_start_seconds:
+        print(f"  (--jobs {jobs}: worker processes ready after {report.worker_start_seconds:.2f} s)")
     return wall, statistics.median(o.seconds for o in upgraded)
 
 

@@ -123,7 +123,7 @@ def test_a_failing_tenant_keeps_its_revision_and_data(project: Project, tmp_path
     assert not report.ok
     [failed] = report.failed
     assert failed.location == broken and failed.before == before and failed.after == before
-    assert "DuplicateColumn" in (failed.error or "")
+    assert "DuplicateColumn" in (failed.error or "") and "_change.py:" in (failed.error or "")
     upgraded = {o.location for o in report.outcomes if o.status == "upgraded"}
     assert upgraded == {"main", *slugs} - {broken}
     revisions = registry_revisions(t)

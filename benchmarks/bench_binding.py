@@ -329,6 +329,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             server.url(database),
             admin_url=server.url(database, role="admin"),
             metadata=Base.metadata,
+            name_prefix=server.name_prefix(database),  # its roles are dropped with the database
         )
         tenancy.install()
         acme = tenancy.create_tenant(TENANT)

@@ -14,7 +14,7 @@ from .errors import (
     TenantSuspended,
     UnsafeRoleError,
 )
-from .models import TenantScoped, tenant_id_column
+from .models import TenantScoped, anonymous_readable, tenant_id_column
 from .registry import Tenant
 from .session import TenantSession
 from .tenancy import Tenancy
@@ -36,6 +36,7 @@ __all__ = [
     "TenantSession",
     "TenantSuspended",
     "UnsafeRoleError",
+    "anonymous_readable",
     "current_tenant",
     "platform_context",
     "run_in_context",

@@ -23,6 +23,7 @@ if TYPE_CHECKING:
     from .tenancy import Tenancy
 
 __all__ = [
+    "current_is_anonymous",
     "current_platform_reason",
     "current_tenant",
     "current_tenant_ref",
@@ -40,11 +41,29 @@ R = TypeVar("R")
 class _Scope:
     """One entry of the context: a tenant reference or a platform (cross-tenant) scope."""
 
-    __slots__ = ("platform_reason", "tenant")
+    __slots__ = ("key", "platform_reason", "tenant")
+
+    #: whether the tenant is served anonymously (see :class:`_AnonymousScope`)
+    anonymous = False
 
     def __init__(self, tenant: str | uuid.UUID | Tenant | None, platform_reason: str | None = None):
         self.tenant = tenant
         self.platform_reason = platform_reason
+        #: the routing memo's key: the reference itself, or (reference, "anonymous")
+        self.key: object = tenant
+
+
+class _AnonymousScope(_Scope):
+    """A tenant served anonymously (its own class keeps the common scope as cheap as before)."""
+
+    __slots__ = ()
+
+    anonymous = True
+
+    def __init__(self, tenant: str | uuid.UUID | Tenant) -> None:
+        self.tenant = tenant
+        self.platform_reason = None
+        self.key = (tenant, "anonymous")
 
 
 _scope: contextvars.ContextVar[_Scope | None] = contextvars.ContextVar("sqla_tenancy_scope", default=None)
@@ -58,16 +77,22 @@ class tenant_context:
     :class:`TenantSuspended`), before any SQL of that transaction is sent. Nests; the outer tenant
     is restored on exit, also on exceptions. (A class rather than a generator: it runs on every
     request.)
+
+    With ``anonymous=True`` the block acts for the tenant as an anonymous caller (a request
+    admitted with the tenant's access key, or with no credential): its transactions run as the
+    placement's low-privilege anonymous role, which may only read the tables opted in with
+    :func:`~sqla_tenancy.models.anonymous_readable` (see :mod:`sqla_tenancy.anonymous`). Its ORM
+    objects never share an identity map entry with the same tenant's full-privilege ones.
     """
 
     __slots__ = ("_scope", "_token")
 
-    def __init__(self, tenant: str | uuid.UUID | Tenant) -> None:
+    def __init__(self, tenant: str | uuid.UUID | Tenant, *, anonymous: bool = False) -> None:
         if not isinstance(tenant, (str, uuid.UUID, Tenant)):
             raise TypeError(
                 f"tenant_context() takes a slug, a uuid.UUID or a Tenant, not {type(tenant).__name__}"
             )
-        self._scope = _Scope(tenant)
+        self._scope = _AnonymousScope(tenant) if anonymous else _Scope(tenant)
         self._token: contextvars.Token[_Scope | None] | None = None
 
     def __enter__(self) -> None:
@@ -109,6 +134,12 @@ def current_tenant_ref() -> str | uuid.UUID | Tenant | None:
     """The reference passed to the innermost :func:`tenant_context`, unresolved."""
     scope = _scope.get()
     return None if scope is None else scope.tenant
+
+
+def current_is_anonymous() -> bool:
+    """Whether the innermost :func:`tenant_context` acts for its tenant anonymously."""
+    scope = _scope.get()
+    return scope is not None and scope.anonymous
 
 
 def current_platform_reason() -> str | None:

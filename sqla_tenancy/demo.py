@@ -40,6 +40,7 @@ def run(out: Callable[[str], object] = print) -> int:
             server.url(database),  # the application role: RLS applies to it
             admin_url=server.url(database, role="admin"),  # provisions tenants
             metadata=Base.metadata,
+            name_prefix=server.name_prefix(database),  # its cluster-wide roles go with the database
         )
         tenancy.install()
         acme = tenancy.create_tenant("acme", name="ACME Corp")

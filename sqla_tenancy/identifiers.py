@@ -111,11 +111,12 @@ def database_name(slug: str, prefix: str = "tenant") -> str:
 
 
 def role_name(slug: str, purpose: str, prefix: str = "tenant") -> str:
-    """A per-tenant role name, e.g. ``tenant_acme_app`` or ``tenant_acme_fdw``.
+    """A per-tenant role name, e.g. ``tenant_acme_app`` or ``tenant_acme_anon`` (the role of the
+    tenant's anonymous requests).
 
     Roles and databases are cluster-wide: applications sharing a cluster need distinct prefixes.
     """
-    if purpose not in {"app", "fdw", "owner"}:
+    if purpose not in {"app", "anon", "fdw", "owner"}:
         raise ValueError(f"unknown role purpose {purpose!r}")
     return f"{validate_prefix(prefix)}_{validate_slug(slug)}_{purpose}"
 

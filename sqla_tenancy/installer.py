@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING
 
 from sqlalchemy import Connection, Table, text
 
+from .anonymous import main_database_ddl
 from .identifiers import quote_ident, quote_literal
 from .registry import NOTIFY_CHANNEL, REGISTRY_SCHEMA, registry_metadata
 from .rls import current_tenant_function_ddl, enable_rls_ddl, is_tenant_scoped, qualified_name
@@ -161,6 +162,9 @@ def _install(tenancy: Tenancy, conn: Connection) -> None:
                 f"GRANT USAGE, SELECT ON ALL SEQUENCES IN SCHEMA {quote_ident(schema)} "
                 f"TO {quote_ident(app_role)}"
             )
+    # the anonymous requests' roles: SELECT on the opted-in tables only (sqla_tenancy.anonymous)
+    for statement in main_database_ddl(tenancy, tenancy.metadata.sorted_tables, app_role):
+        conn.exec_driver_sql(statement)
     if tenancy.default_tenant is not None:
         conn.execute(
             text(

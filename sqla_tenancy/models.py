@@ -9,13 +9,14 @@ from sqlalchemy import Column, text
 from sqlalchemy.dialects.postgresql import UUID
 from sqlalchemy.orm import Mapped, declared_attr, mapped_column
 
+from .anonymous import ANONYMOUS_INFO_KEY
 from .errors import TenantRequired
 from .rls import TENANT_ID_INFO_KEY
 
 if TYPE_CHECKING:
     from .tenancy import Tenancy
 
-__all__ = ["TenantScoped", "active_tenant_id", "tenant_id_column"]
+__all__ = ["TenantScoped", "active_tenant_id", "anonymous_readable", "tenant_id_column"]
 
 
 def active_tenant_id(tenancy: Tenancy | None = None) -> uuid.UUID:
@@ -69,3 +70,23 @@ class TenantScoped:
     def tenant_id(cls) -> Mapped[uuid.UUID]:
         kwargs = _column_kwargs()
         return mapped_column(kwargs.pop("type_"), **kwargs)
+
+
+def anonymous_readable(where: str | None = None) -> dict[str, Any]:
+    """``Table.info`` that lets anonymous requests (a tenant's access key, or no credential; see
+    :func:`~sqla_tenancy.tenant_context`'s ``anonymous``) read the table. Tables are private unless
+    opted in: the anonymous database role is refused every other table, and every write.
+
+    ``where`` is a SQL row filter (trusted: it is written into the policy as given), e.g.
+    ``"is_public"``; anonymous reads then see the rows the tenant's policies *and* the filter
+    allow. A filter needs row-level security, hence a tenant-scoped table. ::
+
+        class Project(TenantScoped, Base):
+            __tablename__ = "projects"
+            __table_args__ = {"info": anonymous_readable(where="is_public")}
+
+    The grants and policies are made by :meth:`Tenancy.install` and when tenants are provisioned.
+    """
+    if where is not None and (not isinstance(where, str) or not where.strip()):
+        raise ValueError("anonymous_readable(where=...) takes a non-empty SQL condition, e.g. 'is_public'")
+    return {ANONYMOUS_INFO_KEY: True if where is None else where}

@@ -20,7 +20,7 @@ if TYPE_CHECKING:
     from .strategies import Strategy
     from .tenancy import Tenancy
 
-__all__ = ["Route", "Router", "lookup_key"]
+__all__ = ["AnonymousRoute", "Route", "Router", "lookup_key"]
 
 
 _current_scope = _scope.get
@@ -89,6 +89,36 @@ class Route:
         return engine
 
 
+class AnonymousRoute(Route):
+    """The route of an anonymous scope: the tenant's placement, entered as its anonymous role
+    (see :mod:`sqla_tenancy.anonymous`).
+
+    Its key and identity token are its own (``"<tenant id>:anonymous"``), so a session holds the
+    anonymous and the full-privilege transactions of one tenant on separate connections, and
+    their objects in separate identity-map entries.
+    """
+
+    __slots__ = ("_distinct",)
+
+    def __init__(self, tenancy: Tenancy, tenant: Tenant, strategy: Strategy, binding: bytes) -> None:
+        super().__init__(tenancy, tenant, strategy, binding)
+        self.token = f"{tenant.id}:anonymous"
+        self.key = (tenant.id, "anonymous")
+        self._distinct: dict[bool, tuple[Engine, Engine]] = {}
+
+    def engine(self, async_: bool) -> Engine:
+        engine = super().engine(async_)
+        if not self._per_tenant:
+            return engine
+        # A database tenant's engine serves its full-privilege route too: anonymous transactions
+        # get a bind of their own (kept while the cache keeps the engine).
+        distinct = self._distinct.get(async_)
+        if distinct is None or distinct[0] is not engine:
+            distinct = (engine, engine.execution_options(sqla_tenancy_route=self.token))
+            self._distinct[async_] = distinct
+        return distinct[1]
+
+
 class Router:
     """Resolves the active context for one :class:`Tenancy`."""
 
@@ -96,26 +126,32 @@ class Router:
         self.tenancy = tenancy
         self.platform = Route(tenancy, None, None, None)
         self._routes: dict[uuid.UUID, Route] = {}
-        # reference (slug, UUID, Tenant or None for the default) -> (generation, expiry, route)
+        self._anonymous_routes: dict[uuid.UUID, AnonymousRoute] = {}
+        # reference (slug, UUID, Tenant or None for the default; (reference, "anonymous") for an
+        # anonymous scope) -> (generation, expiry, route)
         self._memo: dict[object, tuple[int, float, Route]] = {}
         self._role_checked = False
 
     def current(self) -> Route:
         """The route of the current context (the default tenant's when no tenant is active)."""
         scope = _current_scope()
+        ref: object
         if scope is None:
             ref = None
         elif scope.platform_reason is not None:
             return self.platform
         else:
-            ref = scope.tenant
+            ref = scope.key  # the reference, or (reference, "anonymous")
         memo = self._memo.get(ref)
         registry = self.tenancy.registry
         if memo is not None and memo[0] == registry.generation and memo[1] > time.monotonic():
             route: Route = memo[2]
             return route
         generation = registry.generation
-        route, expires = self._resolve(ref)
+        if scope is None:
+            route, expires = self._resolve(None)
+        else:
+            route, expires = self._resolve(scope.tenant, anonymous=scope.anonymous)
         if len(self._memo) > 10_000:
             self._memo.clear()
         self._memo[ref] = (generation, expires, route)
@@ -126,7 +162,9 @@ class Router:
         assert route.tenant is not None
         return route.tenant
 
-    def _resolve(self, ref: str | uuid.UUID | Tenant | None) -> tuple[Route, float]:
+    def _resolve(
+        self, ref: str | uuid.UUID | Tenant | None, *, anonymous: bool = False
+    ) -> tuple[Route, float]:
         if not self._role_checked:
             self.tenancy._check_app_role()
             self._role_checked = True
@@ -139,6 +177,8 @@ class Router:
             if tenant.status == "suspended":
                 raise TenantSuspended(tenant.slug)
             raise TenantNotFound(ref if not isinstance(ref, Tenant) else ref.slug)
+        if anonymous:
+            return self._anonymous_route(tenant), expires
         route = self._routes.get(tenant.id)
         if route is None or route.tenant != tenant:
             strategy = self.tenancy._strategy(tenant)
@@ -147,6 +187,18 @@ class Router:
                 self._routes.clear()
             self._routes[tenant.id] = route
         return route, expires
+
+    def _anonymous_route(self, tenant: Tenant) -> AnonymousRoute:
+        route = self._anonymous_routes.get(tenant.id)
+        if route is None or route.tenant != tenant:
+            strategy = self.tenancy._strategy(tenant)
+            route = AnonymousRoute(
+                self.tenancy, tenant, strategy, strategy.anonymous_binding(self.tenancy, tenant)
+            )
+            if len(self._anonymous_routes) > 10_000:
+                self._anonymous_routes.clear()
+            self._anonymous_routes[tenant.id] = route
+        return route
 
     def binding(self) -> bytes | None:
         """The dialect's binder: the current route's ``SET LOCAL`` statements."""

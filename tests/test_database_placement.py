@@ -241,6 +241,7 @@ def test_delete_leaves_nothing(dbt: Tenancy) -> None:
     assert before["databases"] - after["databases"] == {f"{dbt.name_prefix}_acme"}
     assert before["roles"] - after["roles"] == {
         f"{dbt.name_prefix}_acme_app",
+        f"{dbt.name_prefix}_acme_anon",
         fdw_role_name(acme.id, dbt.name_prefix),
     }
     assert before["tenants"] - after["tenants"] == {"acme"}

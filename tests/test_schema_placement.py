@@ -96,7 +96,7 @@ def test_delete_tenant_leaves_nothing(two: Tenancy) -> None:
     two.delete_tenant("acme")
     after_schemas, after_roles = catalog(two)
     assert before_schemas - after_schemas == {schema}
-    assert before_roles - after_roles == {role}
+    assert before_roles - after_roles == {role, f"{two.name_prefix}_acme_anon"}  # and its anonymous role
     with tenant_context("globex"), two.sessionmaker()() as s:
         assert s.scalars(select(Project.name)).all() == ["b1"]
 

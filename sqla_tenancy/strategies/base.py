@@ -60,6 +60,10 @@ class Strategy(Protocol):
     def binding(self, tenancy: Tenancy, tenant: Tenant) -> bytes:
         """The transaction-local statements that bind a transaction to ``tenant``."""
 
+    def anonymous_binding(self, tenancy: Tenancy, tenant: Tenant) -> bytes:
+        """The same, for an anonymous scope: ending in ``SET LOCAL ROLE`` to the placement's
+        anonymous role (see :mod:`sqla_tenancy.anonymous`)."""
+
     def engine(self, tenancy: Tenancy, tenant: Tenant, *, async_: bool) -> Engine:
         """The (sync) engine a session uses for ``tenant``; the async engine's sync_engine when
         ``async_``."""

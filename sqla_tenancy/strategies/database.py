@@ -4,7 +4,8 @@ server, reaching the main database's infrastructure tables as postgres_fdw forei
 Per tenant:
 
 * a login role for the application, allowed to connect to that database only (``CONNECT`` is
-  revoked from ``PUBLIC`` on tenant databases);
+  revoked from ``PUBLIC`` on tenant databases), and a NOLOGIN anonymous role it may switch to,
+  which reads the opted-in tenant tables and no foreign table (see :mod:`sqla_tenancy.anonymous`);
 * the database, cloned from a template database that holds the tenant tables (with their RLS),
   the ``tenancy.current_tenant_id()`` function and the postgres_fdw extension;
 * on the main database, an FDW login role, NOBYPASSRLS, with privileges on the infrastructure
@@ -39,6 +40,7 @@ from sqlalchemy import Connection, create_engine, exc, text
 from sqlalchemy.engine import URL, Engine
 from sqlalchemy.pool import NullPool as _NullPool
 
+from ..anonymous import create_tenant_anonymous_role, grant_database_tenant
 from ..dialect import DRIVER_NAME
 from ..errors import ProvisioningError
 from ..identifiers import database_name, quote_ident, quote_literal, role_name
@@ -77,6 +79,7 @@ class Names:
     app_role: str
     fdw_role: str
     template: str
+    anon_role: str
 
     def location(self) -> dict[str, Any]:
         return {
@@ -107,6 +110,7 @@ class DatabaseStrategy:
             app_role=role_name(tenant.slug, "app", tenancy.name_prefix),
             fdw_role=fdw_role_name(tenant.id, tenancy.name_prefix),
             template=f"{tenancy.name_prefix}_template",
+            anon_role=role_name(tenant.slug, "anon", tenancy.name_prefix),
         )
 
     def _admin(
@@ -209,6 +213,7 @@ class DatabaseStrategy:
             with server_engine.connect() as conn:  # one connection for both steps
                 tenancy._step("app_role")
                 _create_role(conn, names.app_role, derive_password(secret, names.app_role))
+                create_tenant_anonymous_role(conn, names.anon_role, member=names.app_role)
                 tenancy._step("database")
                 database, app_role = quote_ident(names.database), quote_ident(names.app_role)
                 strategy = tenancy.create_database_strategy
@@ -279,6 +284,8 @@ class DatabaseStrategy:
                         f"TO {quote_ident(names.app_role)}",
                     ]
                 run_script(conn, ";\n".join(statements))
+                if create_server:
+                    grant_database_tenant(conn, tenancy, names.anon_role)
                 # Foreign tables do not apply the remote defaults: give them the portable ones.
                 for schema, table, column, expression in self._remote_defaults(tenancy, tenant):
                     target = f"{quote_ident(schema)}.{quote_ident(table)}"
@@ -338,6 +345,7 @@ class DatabaseStrategy:
             with server_engine.connect() as conn:
                 conn.exec_driver_sql(f"DROP DATABASE IF EXISTS {quote_ident(names.database)} WITH (FORCE)")
                 conn.exec_driver_sql(f"DROP ROLE IF EXISTS {quote_ident(names.app_role)}")
+                conn.exec_driver_sql(f"DROP ROLE IF EXISTS {quote_ident(names.anon_role)}")
         finally:
             server_engine.dispose()
         with tenancy.admin_engine.begin() as conn:
@@ -357,6 +365,10 @@ class DatabaseStrategy:
     def binding(self, tenancy: Tenancy, tenant: Tenant) -> bytes:
         # The pool serves this tenant only; the setting is for RLS on the tenant's own tables.
         return f"SET LOCAL {TENANT_SETTING} = {quote_literal(str(tenant.id))}".encode()
+
+    def anonymous_binding(self, tenancy: Tenancy, tenant: Tenant) -> bytes:
+        role = quote_ident(self.names(tenancy, tenant).anon_role)
+        return self.binding(tenancy, tenant) + f"; SET LOCAL ROLE {role}".encode()
 
     def engine(self, tenancy: Tenancy, tenant: Tenant, *, async_: bool) -> Engine:
         return tenancy._tenant_engine(tenant, self.app_url(tenancy, tenant), async_=async_)

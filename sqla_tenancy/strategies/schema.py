@@ -4,7 +4,9 @@ that may use that schema and the infrastructure schemas, nothing else.
 Each transaction binds, transaction-locally, ``search_path`` to the tenant's schema only (no
 ``public`` fallback: a table missing there is an error, never somebody else's table), the role to
 the tenant's role (so schema privileges are a second line of defence under routing), and
-``app.current_tenant_id`` (so RLS on infrastructure tables applies as for shared tenants).
+``app.current_tenant_id`` (so RLS on infrastructure tables applies as for shared tenants). An
+anonymous scope binds the tenant's anonymous role ``<prefix>_<slug>_anon`` instead, which may read
+the opted-in tables of that schema only (see :mod:`sqla_tenancy.anonymous`).
 
 Provisioning runs the DDL of the tenant tables directly, from a template compiled once per
 process: no migration replay and no catalog scan (the tables are granted through default
@@ -20,6 +22,7 @@ from sqlalchemy import Connection, create_mock_engine
 from sqlalchemy.engine import Engine
 from sqlalchemy.schema import CreateIndex
 
+from ..anonymous import anonymous_gate, schema_tenant_ddl, tenant_anonymous_role
 from ..errors import ProvisioningError
 from ..identifiers import quote_ident, quote_literal, role_name, schema_name
 from ..installer import tenants_group
@@ -93,11 +96,15 @@ class SchemaStrategy:
     def provision(self, tenancy: Tenancy, tenant: Tenant, *, admin: Connection | None) -> dict[str, Any]:
         assert admin is not None
         schema, role = self.names(tenancy, tenant.slug)
-        s, r = quote_ident(schema), quote_ident(role)
-        exists = admin.exec_driver_sql("select 1 from pg_roles where rolname = %(r)s", {"r": role}).first()
+        anonymous = tenant_anonymous_role(tenancy, tenant.slug)
+        s, r, anon = quote_ident(schema), quote_ident(role), quote_ident(anonymous)
+        exists = admin.exec_driver_sql(
+            "select rolname from pg_roles where rolname in (%(r)s, %(a)s) order by rolname",
+            {"r": role, "a": anonymous},
+        ).first()
         if exists:
             raise ProvisioningError(
-                f"Role {role!r} exists already (roles are cluster-wide: is another application "
+                f"Role {exists[0]!r} exists already (roles are cluster-wide: is another application "
                 "on this cluster using the same name_prefix?). Give Tenancy a distinct "
                 "name_prefix, or drop the leftover role."
             )
@@ -111,6 +118,8 @@ class SchemaStrategy:
                 [
                     f"CREATE SCHEMA {s}",
                     f"CREATE ROLE {r} NOLOGIN NOSUPERUSER NOBYPASSRLS NOCREATEDB NOCREATEROLE INHERIT",
+                    # anonymous requests' role: reads opted-in tables only (sqla_tenancy.anonymous)
+                    f"CREATE ROLE {anon} NOLOGIN NOSUPERUSER NOBYPASSRLS NOCREATEDB NOCREATEROLE INHERIT",
                     f"ALTER DEFAULT PRIVILEGES IN SCHEMA {s} "
                     f"GRANT SELECT, INSERT, UPDATE, DELETE ON TABLES TO {r}",
                     f"ALTER DEFAULT PRIVILEGES IN SCHEMA {s} GRANT USAGE, SELECT ON SEQUENCES TO {r}",
@@ -127,14 +136,25 @@ class SchemaStrategy:
         tenancy._step("role")
         # its own schema, and the infrastructure through the group every tenant role belongs to
         run_script(
-            admin, f"GRANT USAGE ON SCHEMA {s} TO {r};\nGRANT {quote_ident(tenants_group(tenancy))} TO {r}"
+            admin,
+            ";\n".join(
+                [
+                    f"GRANT USAGE ON SCHEMA {s} TO {r}",
+                    f"GRANT {quote_ident(tenants_group(tenancy))} TO {r}",
+                    *schema_tenant_ddl(tenancy, schema, anonymous),
+                ]
+            ),
         )
         tenancy._step("membership")
         app_role = tenancy.url.username
         assert app_role
         # PostgreSQL 16+: membership only for SET ROLE, without inheriting the tenant's privileges.
         option = " WITH INHERIT FALSE" if (admin.dialect.server_version_info or (0,)) >= (16,) else ""
-        run_script(admin, f"GRANT {r} TO {quote_ident(app_role)}{option}")
+        run_script(
+            admin,
+            f"GRANT {r} TO {quote_ident(app_role)}{option};\n"
+            f"GRANT {anon} TO {quote_ident(anonymous_gate(tenancy))}",
+        )
         return {"schema": schema, "role": role}
 
     def deprovision(
@@ -145,7 +165,12 @@ class SchemaStrategy:
         s, r = quote_ident(schema), quote_ident(role)
         if not keep_infrastructure_rows:
             delete_tenant_rows(tenant, reversed(tenancy.infrastructure_tables()), admin=admin)
-        statements = [f"DROP SCHEMA IF EXISTS {s} CASCADE", f"DROP ROLE IF EXISTS {r}"]
+        anonymous = quote_ident(tenant_anonymous_role(tenancy, tenant.slug))
+        statements = [
+            f"DROP SCHEMA IF EXISTS {s} CASCADE",
+            f"DROP ROLE IF EXISTS {r}",
+            f"DROP ROLE IF EXISTS {anonymous}",
+        ]
         run_script(admin, ";\n".join(statements))
 
     def compensate(self, tenancy: Tenancy, tenant: Tenant) -> None:
@@ -156,6 +181,14 @@ class SchemaStrategy:
         return (
             f"SET LOCAL search_path = {quote_ident(schema)}; "
             f"SET LOCAL ROLE {quote_ident(role)}; "
+            f"SET LOCAL {TENANT_SETTING} = {quote_literal(str(tenant.id))}"
+        ).encode()
+
+    def anonymous_binding(self, tenancy: Tenancy, tenant: Tenant) -> bytes:
+        schema, _ = self.names(tenancy, tenant.slug)
+        return (
+            f"SET LOCAL search_path = {quote_ident(schema)}; "
+            f"SET LOCAL ROLE {quote_ident(tenant_anonymous_role(tenancy, tenant.slug))}; "
             f"SET LOCAL {TENANT_SETTING} = {quote_literal(str(tenant.id))}"
         ).encode()
 

@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Any
 from sqlalchemy import Connection, Table, text
 from sqlalchemy.engine import Engine
 
+from ..anonymous import anonymous_role
 from ..identifiers import quote_ident, quote_literal
 from ..rls import TENANT_SETTING, is_tenant_scoped, qualified_name, tenant_column_name
 
@@ -75,6 +76,9 @@ class SharedStrategy:
 
     def binding(self, tenancy: Tenancy, tenant: Tenant) -> bytes:
         return tenant_binding(tenant)
+
+    def anonymous_binding(self, tenancy: Tenancy, tenant: Tenant) -> bytes:
+        return tenant_binding(tenant) + f"; SET LOCAL ROLE {quote_ident(anonymous_role(tenancy))}".encode()
 
     def engine(self, tenancy: Tenancy, tenant: Tenant, *, async_: bool) -> Engine:
         return tenancy._main_engine(async_=async_)

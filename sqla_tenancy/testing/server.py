@@ -133,6 +133,25 @@ class TestServer:
         if name in self._databases:
             self._databases.remove(name)
 
+    def _revoke_memberships_granted_by(self, role: str) -> None:
+        """PostgreSQL 16+ keeps the grantor of a role membership, and a grantor cannot be dropped:
+        take back what ``role`` granted to roles that outlive its databases (those of a Tenancy
+        made with a fixed ``name_prefix``, such as the default one)."""
+        with self.superuser.connect() as conn:
+            if (conn.dialect.server_version_info or (0,)) < (16,):
+                return  # older servers do not tie a membership to its grantor
+            grants = conn.exec_driver_sql(
+                "select r.rolname, m.rolname from pg_auth_members a "
+                "join pg_roles r on r.oid = a.roleid join pg_roles m on m.oid = a.member "
+                "join pg_roles g on g.oid = a.grantor where g.rolname = %(g)s",
+                {"g": role},
+            ).all()
+        for granted, member in grants:
+            self.execute(
+                f"REVOKE {quote_ident(granted)} FROM {quote_ident(member)} "
+                f"GRANTED BY {quote_ident(role)} CASCADE"
+            )
+
     def url(self, database: str, *, role: str = "app") -> URL:
         """The app or admin role's URL for ``database`` (password authentication)."""
         user, password = {
@@ -145,6 +164,7 @@ class TestServer:
         for name in list(self._databases):
             self.drop_database(name)
         for role in (self.app_role, self.admin_role):
+            self._revoke_memberships_granted_by(role)
             self.execute(f"DROP ROLE IF EXISTS {quote_ident(role)}")
         if self._engine is not None:
             self._engine.dispose()

@@ -6,6 +6,10 @@ rows live where its placement puts them (its own database for ``acme``, the main
 behind row-level security for ``globex`` and the default tenant). ``auth.users`` is infrastructure:
 kept once, in the main database, and reached from ``acme``'s database through postgres_fdw; it is
 ``TenantScoped`` too, so each tenant sees its own users only.
+
+``projects`` is opted in to anonymous reads (:func:`~sqla_tenancy.anonymous_readable`): a request
+admitted with a tenant's access key runs as the placement's anonymous database role, which may read
+the tenant's projects and nothing else; tasks and users are private, and PostgreSQL refuses them.
 """
 
 from __future__ import annotations
@@ -17,11 +21,13 @@ from datetime import datetime
 from typing import Any
 
 import jwt
+import psycopg
 from sqlalchemy import DateTime, ForeignKey, Select, Text, false, func, select
 from sqlalchemy.engine import URL
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
-from sqla_tenancy import Tenancy, Tenant, TenantScoped, tenant_context
+from sqla_tenancy import Tenancy, Tenant, TenantScoped, anonymous_readable, tenant_context
 from sqla_tenancy.checkpoint import Admission, Checkpoint, JWTVerifier, get_access_key
 from sqla_tenancy.resolvers import ClaimResolver, HeaderResolver, TenantResolver
 
@@ -40,6 +46,7 @@ __all__ = [
     "Task",
     "User",
     "clean_text",
+    "database_refusal",
     "dev_token",
     "first_user",
     "me_json",
@@ -75,7 +82,10 @@ class Base(DeclarativeBase):
 
 
 class Project(TenantScoped, Base):
+    """Public within its tenant: access-key (anonymous) requests may list projects."""
+
     __tablename__ = "projects"
+    __table_args__ = ({"info": anonymous_readable()},)
 
     id: Mapped[int] = mapped_column(primary_key=True)
     name: Mapped[str] = mapped_column(Text)
@@ -271,6 +281,14 @@ class ApiError(Exception):
         return {"error": self.code, "detail": self.detail}
 
 
+def database_refusal(error: DBAPIError) -> ApiError | None:
+    """The answer to a statement PostgreSQL refused for lack of privilege (an anonymous request
+    reading a private table): 403; ``None`` for any other database error."""
+    if isinstance(error.orig, psycopg.errors.InsufficientPrivilege):
+        return ApiError(403, "private", "This data is private: send a bearer token.")
+    return None
+
+
 def project_not_found(project_id: int) -> ApiError:
     return ApiError(404, "not_found", f"No project {project_id} in this tenant.")
 
@@ -295,8 +313,8 @@ def clean_text(value: object, name: str) -> str:
 def require_writer(admission: Admission) -> None:
     """Writes need a bearer token: the tenant's access key admits anonymous readers only.
 
-    (The checkpoint runs anonymous requests with the same database role as authenticated ones, so
-    the application must make this check itself.)"""
+    (The anonymous database role could not write anyway; checking first gives a clear answer
+    before any SQL.)"""
     if admission.is_anonymous:
         raise ApiError(
             403, "read_only", "Anonymous (access-key) requests are read-only: send a bearer token."

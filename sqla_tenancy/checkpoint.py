@@ -30,10 +30,12 @@ With ``require_auth=False`` an unauthenticated request without an access key is 
 request whose identity is not in question (see :mod:`sqla_tenancy.resolvers`): unknown 404,
 suspended 403.
 
-TODO: anonymous requests (:attr:`Admission.is_anonymous`) currently run with the same database role
-as authenticated ones; a low-privilege role for them (``SET LOCAL ROLE`` in the tenant binding) is
-planned. Until then, applications must check ``is_anonymous`` themselves before serving private
-data.
+**Database role.** A request admitted by a verified token runs with the tenant's full database role;
+one admitted by an access key or with no credential (:attr:`Admission.database_role` ``"anonymous"``)
+runs inside ``tenant_context(tenant, anonymous=True)``, as the placement's anonymous role, which may
+only read the tables the application opted in (:func:`~sqla_tenancy.models.anonymous_readable`) and
+never write (see :mod:`sqla_tenancy.anonymous`). :func:`admit` without a checkpoint (the
+application authenticates elsewhere) keeps the full role.
 """
 
 from __future__ import annotations
@@ -47,6 +49,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from sqlalchemy import text
 
+from .context import tenant_context
 from .errors import TenancyError, TenantNotFound
 from .registry import REGISTRY_SCHEMA, Tenant
 from .resolvers import (
@@ -355,11 +358,27 @@ class Admission:
     credential: Literal["token", "access_key", "none"]
     #: the verified token's claims (``None`` unless ``credential == "token"``)
     claims: Mapping[str, Any] | None = None
+    #: the database role the request's queries run with: ``"full"`` (the tenant's) or
+    #: ``"anonymous"`` (reads of opted-in tables only). By default ``"full"`` for a token and
+    #: ``"anonymous"`` otherwise; :func:`admit` without a checkpoint gives ``"full"``.
+    database_role: Literal["full", "anonymous"] | None = None
+
+    def __post_init__(self) -> None:
+        if self.database_role is None:
+            role = "full" if self.credential == "token" else "anonymous"
+            object.__setattr__(self, "database_role", role)
+        elif self.database_role not in ("full", "anonymous"):
+            raise ValueError(f"database_role must be 'full' or 'anonymous', not {self.database_role!r}")
 
     @property
     def is_anonymous(self) -> bool:
         """True unless a verified token identified the caller (access key or no credential)."""
         return self.credential != "token"
+
+    def context(self) -> tenant_context:
+        """The context to serve the request in: ``tenant_context(tenant, anonymous=...)`` as
+        :attr:`database_role` says."""
+        return tenant_context(self.tenant.id, anonymous=self.database_role == "anonymous")
 
 
 class Checkpoint:
@@ -469,9 +488,11 @@ def admit(
     """Resolve and check one request, framework-neutrally (the integrations call this).
 
     With ``checkpoint=None`` nothing is authenticated: the request gets the tenant it names (for
-    applications that authenticate elsewhere); the admission is then marked anonymous.
-    Raises a :class:`RequestRejected` carrying the status and body to answer with.
+    applications that authenticate elsewhere); the admission is then marked anonymous
+    (``credential="none"``) but keeps the tenant's full database role, since the application
+    vouches for the caller. Raises a :class:`RequestRejected` carrying the status and body to
+    answer with.
     """
     if checkpoint is None:
-        return Admission(resolve_tenant(tenancy, request, resolvers), "none")
+        return Admission(resolve_tenant(tenancy, request, resolvers), "none", database_role="full")
     return checkpoint.admit(tenancy, request, resolvers)

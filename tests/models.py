@@ -7,7 +7,7 @@ from datetime import datetime
 from sqlalchemy import DateTime, ForeignKey, Text, func
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
-from sqla_tenancy import TenantScoped
+from sqla_tenancy import TenantScoped, anonymous_readable
 
 
 class Base(DeclarativeBase):
@@ -15,7 +15,10 @@ class Base(DeclarativeBase):
 
 
 class Project(TenantScoped, Base):
+    """Readable by anonymous requests (a tenant's access key); tasks and users are not."""
+
     __tablename__ = "projects"
+    __table_args__ = {"info": anonymous_readable()}
 
     id: Mapped[int] = mapped_column(primary_key=True)
     name: Mapped[str] = mapped_column(Text)

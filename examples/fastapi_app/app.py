@@ -18,6 +18,7 @@ from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from sqla_tenancy import Tenancy
@@ -124,6 +125,14 @@ async def _api_error(request: Request, error: Exception) -> JSONResponse:
     return JSONResponse(error.body(), status_code=error.status)
 
 
+async def _database_error(request: Request, error: Exception) -> JSONResponse:
+    assert isinstance(error, DBAPIError)
+    refusal = common.database_refusal(error)
+    if refusal is None:
+        raise error
+    return await _api_error(request, refusal)
+
+
 async def _invalid_input(request: Request, error: Exception) -> JSONResponse:
     # The same answer as the Flask app's (400), rather than FastAPI's 422.
     assert isinstance(error, RequestValidationError)
@@ -152,6 +161,7 @@ def create_app(settings: Settings) -> FastAPI:
         exempt_paths=[*EXEMPT_PATHS, *(["/dev"] if settings.dev_tokens else [])],
     )
     app.add_exception_handler(ApiError, _api_error)
+    app.add_exception_handler(DBAPIError, _database_error)
     app.add_exception_handler(RequestValidationError, _invalid_input)
     app.include_router(api)
     if settings.dev_tokens:

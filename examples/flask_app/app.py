@@ -13,6 +13,7 @@ from __future__ import annotations
 from typing import Any, cast
 
 from flask import Blueprint, Flask, Response, current_app, jsonify, request
+from sqlalchemy.exc import DBAPIError
 
 from sqla_tenancy.checkpoint import Admission
 from sqla_tenancy.integrations.flask import EXTENSION_KEY, TenancyFlask
@@ -113,6 +114,13 @@ def _api_error(error: ApiError) -> tuple[Response, int]:
     return jsonify(error.body()), error.status
 
 
+def _database_error(error: DBAPIError) -> tuple[Response, int]:
+    refusal = common.database_refusal(error)
+    if refusal is None:
+        raise error
+    return _api_error(refusal)
+
+
 def create_app(settings: Settings) -> Flask:
     """The Flask app over the database and secrets in ``settings``. Call :func:`dispose_app` when
     done with it (it owns a :class:`~sqla_tenancy.Tenancy` and its pools)."""
@@ -125,6 +133,7 @@ def create_app(settings: Settings) -> Flask:
         resolvers=common.RESOLVERS,
     )
     app.register_error_handler(ApiError, _api_error)
+    app.register_error_handler(DBAPIError, _database_error)
     app.register_blueprint(api)
     if settings.dev_tokens:
         app.register_blueprint(dev)

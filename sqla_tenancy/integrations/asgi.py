@@ -46,7 +46,6 @@ from starlette.requests import HTTPConnection
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from ..checkpoint import Admission, Checkpoint, admit
-from ..context import tenant_context
 from ..registry import Tenant
 from ..resolvers import RequestRejected, RequestView, TenantResolver, default_resolvers
 from ..session import TenantSession
@@ -93,7 +92,8 @@ def asgi_request_view(scope: Scope) -> RequestView:
 
 class TenancyMiddleware:
     """Resolves and checks each HTTP and websocket request, then runs the application inside
-    ``tenant_context(tenant)``.
+    ``tenant_context(tenant)``, anonymously for an access-key or credential-less admission (see
+    :attr:`~sqla_tenancy.checkpoint.Admission.database_role`).
 
     :param app: the ASGI application to wrap.
     :param tenancy: the application's :class:`Tenancy`.
@@ -150,7 +150,7 @@ class TenancyMiddleware:
             log.info("%s %s refused with %d: %s", view.method, view.path, exc.status, exc)
             await _refuse(scope, send, exc)
             return
-        with tenant_context(state.admission.tenant.id):
+        with state.admission.context():  # anonymous admissions get the anonymous database role
             await self.app(scope, receive, send)
 
 

@@ -25,7 +25,10 @@ queued for a tenant never runs for a later tenant that reuses the slug); inside
 :func:`~sqla_tenancy.platform_context` it carries the reason in ``sqla_tenancy_platform``. The
 headers are set from the context on every publish (``before_task_publish``), so they follow
 ``delay``, ``apply_async``, ``send_task``, canvas and retries alike, and a task that sends
-another from the worker passes its own tenant on.
+another from the worker passes its own tenant on. A message sent inside an anonymous
+``tenant_context(..., anonymous=True)`` (an access-key request, say) also carries
+``sqla_tenancy_anonymous: "1"``, and its task runs anonymously too, with the anonymous database
+role: queuing work never raises an anonymous caller's privileges.
 
 **Running.** In the worker the task runs inside the context its message names, entered before the
 task starts and left when it is over (``task_prerun`` / ``task_postrun``, the latter sent also when
@@ -65,14 +68,27 @@ from typing import Any
 from celery import Celery, Task
 from celery.signals import before_task_publish, task_postrun, task_prerun
 
-from ..context import current_platform_reason, current_tenant_ref, platform_context, tenant_context
+from ..context import (
+    current_is_anonymous,
+    current_platform_reason,
+    current_tenant_ref,
+    platform_context,
+    tenant_context,
+)
 from ..errors import TenantNotFound, TenantRequired
 from ..registry import Tenant
 from ..routing import lookup_key
 from ..tenancy import Tenancy, active_tenancy
 from . import IntegrationError
 
-__all__ = ["PLATFORM_HEADER", "TENANT_HEADER", "TenantTask", "context_headers", "install_celery"]
+__all__ = [
+    "ANONYMOUS_HEADER",
+    "PLATFORM_HEADER",
+    "TENANT_HEADER",
+    "TenantTask",
+    "context_headers",
+    "install_celery",
+]
 
 log = logging.getLogger(__name__)
 
@@ -80,6 +96,8 @@ log = logging.getLogger(__name__)
 TENANT_HEADER = "sqla_tenancy_tenant"
 #: The message header that carries the reason of the sender's :func:`platform_context`.
 PLATFORM_HEADER = "sqla_tenancy_platform"
+#: The message header (``"1"``) marking a tenant sent from an anonymous ``tenant_context``.
+ANONYMOUS_HEADER = "sqla_tenancy_anonymous"
 
 _UID = "sqla_tenancy.integrations.celery"
 _CONTEXT_ATTR = "_sqla_tenancy_context"  # on the task's request, between prerun and postrun
@@ -112,13 +130,16 @@ def _tenant_id(ref: str | uuid.UUID | Tenant) -> str:
 
 
 def context_headers() -> dict[str, str]:
-    """The message headers that name the current context: the tenant's id, the platform reason,
-    or nothing outside both. (What every publish adds once :func:`install_celery` has run.)"""
+    """The message headers that name the current context: the tenant's id (and the anonymous
+    mark), the platform reason, or nothing outside both. (What every publish adds once
+    :func:`install_celery` has run.)"""
     reason = current_platform_reason()
     if reason is not None:
         return {PLATFORM_HEADER: reason}
     ref = current_tenant_ref()
     if ref is not None:
+        if current_is_anonymous():
+            return {TENANT_HEADER: _tenant_id(ref), ANONYMOUS_HEADER: "1"}
         return {TENANT_HEADER: _tenant_id(ref)}
     return {}
 
@@ -129,6 +150,7 @@ def _on_before_task_publish(headers: dict[str, Any] | None = None, **_: Any) -> 
         return
     headers.pop(TENANT_HEADER, None)
     headers.pop(PLATFORM_HEADER, None)
+    headers.pop(ANONYMOUS_HEADER, None)
     headers.update(context_headers())
 
 
@@ -170,16 +192,23 @@ def _header(request: Any, name: str) -> str | None:
     return value
 
 
-def _message_scope(request: Any) -> tuple[str | uuid.UUID | None, str | None]:
-    """The tenant reference and the platform reason the message names (at most one of them)."""
+def _message_scope(request: Any) -> tuple[str | uuid.UUID | None, str | None, bool]:
+    """The tenant reference and the platform reason the message names (at most one of them), and
+    whether the tenant is to be served anonymously."""
     tenant = _header(request, TENANT_HEADER)
     reason = _header(request, PLATFORM_HEADER)
+    anonymous = _header(request, ANONYMOUS_HEADER)
     if tenant is not None and reason is not None:
         raise IntegrationError(
             f"The message of task {request.id} names both a tenant and a platform context; it was "
             "not sent by sqla_tenancy.integrations.celery."
         )
-    return (lookup_key(tenant) if tenant is not None else None), reason
+    if anonymous is not None and (anonymous != "1" or tenant is None):
+        raise IntegrationError(
+            f"The message of task {request.id} carries {ANONYMOUS_HEADER}={anonymous!r} without a "
+            "tenant, or with a value other than '1'; it was not sent by sqla_tenancy.integrations.celery."
+        )
+    return (lookup_key(tenant) if tenant is not None else None), reason, anonymous is not None
 
 
 def _from_worker(task: Any) -> bool:
@@ -192,12 +221,12 @@ def _on_task_prerun(task: Any = None, **_: Any) -> None:
     """``task_prerun`` receiver: enter the context the message names."""
     if task is None or not _from_worker(task):
         return
-    tenant, reason = _message_scope(task.request)
+    tenant, reason, anonymous = _message_scope(task.request)
     context: AbstractContextManager[None]
     if reason is not None:
         context = platform_context(reason)
     elif tenant is not None:
-        context = tenant_context(tenant)
+        context = tenant_context(tenant, anonymous=anonymous)
     else:
         return
     context.__enter__()
@@ -235,8 +264,9 @@ class TenantTask(Task):  # type: ignore[misc]  # Celery ships no type informatio
     def _check_message_context(self) -> None:
         """Check that the worker runs the body in exactly the context the message names, and that
         its tenant can be served now."""
-        tenant, reason = _message_scope(self.request)
-        if (current_tenant_ref(), current_platform_reason()) != (tenant, reason):
+        tenant, reason, anonymous = _message_scope(self.request)
+        running = (current_tenant_ref(), current_platform_reason(), current_is_anonymous())
+        if running != (tenant, reason, anonymous):
             if tenant is None and reason is None:
                 raise IntegrationError(
                     f"Task {self.name!r} was sent with no tenant but runs inside a tenant or platform "

@@ -21,7 +21,9 @@
 Before each request (ahead of the application's own ``before_request`` hooks; CORS preflights and
 exempt views aside) the extension resolves the tenant and runs the checkpoint; a refusal is answered
 with a JSON error (see :mod:`sqla_tenancy.checkpoint` for the statuses) and the view never runs.
-Otherwise the request runs inside ``tenant_context(tenant)``, which ``teardown_request`` leaves, also
+Otherwise the request runs inside ``tenant_context(tenant)`` (with ``anonymous=True``, i.e. the
+anonymous database role, for an access-key or credential-less admission: see
+:attr:`~sqla_tenancy.checkpoint.Admission.database_role`), which ``teardown_request`` leaves, also
 when the view raised, after closing the request's session (:attr:`TenancyFlask.session`). A streamed
 body is produced after teardown: wrap it with :meth:`TenancyFlask.stream` to keep the tenant.
 
@@ -159,10 +161,15 @@ class TenancyFlask:
         generator would run with no tenant. The request's :attr:`session` is closed by then: open a
         session inside the generator (``with ext.tenancy.sessionmaker()() as session:``).
         """
-        tenant_id = self.tenant.id
+        admission = self.admission
+        if admission is None:
+            raise IntegrationError(
+                f"No tenant for {request.path}: the route is exempt from tenant resolution, or "
+                "TenancyFlask is not installed on this app (TenancyFlask(app, ...) or init_app)."
+            )
 
         def produce() -> Iterator[AnyStr]:
-            with tenant_context(tenant_id):
+            with admission.context():  # the request's tenant, and its database role
                 yield from chunks
 
         return stream_with_context(produce())
@@ -190,7 +197,7 @@ class TenancyFlask:
         except RequestRejected as exc:
             log.info("%s %s refused with %d: %s", request.method, request.path, exc.status, exc)
             return _error_response(exc)
-        context = tenant_context(admission.tenant.id)
+        context = admission.context()  # anonymous admissions get the anonymous database role
         context.__enter__()
         state.admission = admission
         state.context = context

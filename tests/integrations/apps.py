@@ -5,6 +5,9 @@ Routes (all but ``/probe`` go through tenant resolution and the checkpoint):
 ``GET /projects``, ``GET /t/<slug>/projects``
     ``{"tenant", "credential", "anonymous", "ref", "names"}``: the project names, read twice with a
     pause in between (the two reads must agree, or the view answers 500).
+``GET /tasks``
+    ``{"tenant", "credential", "titles"}``: the task titles (a private table: anonymous requests
+    get 403 ``permission_denied``, which is PostgreSQL's answer to the anonymous role).
 ``GET /projects-async`` (FastAPI)
     the same through an ``AsyncSession``.
 ``GET /stream``
@@ -26,13 +29,14 @@ import time
 from collections.abc import AsyncIterator, Iterator, Sequence
 from typing import Annotated, Any
 
-from sqlalchemy import select
+import psycopg
+from sqlalchemy import exc, select
 
 from sqla_tenancy import Tenancy
 from sqla_tenancy.checkpoint import Admission, Checkpoint
 from sqla_tenancy.context import current_tenant_ref
 from sqla_tenancy.resolvers import TenantResolver
-from tests.models import Project
+from tests.models import Project, Task
 
 PAUSE = 0.005
 
@@ -49,6 +53,17 @@ def _payload(admission: Admission, names: list[str]) -> dict[str, Any]:
 
 def _names(session: Any) -> list[str]:
     return list(session.scalars(select(Project.name).order_by(Project.name)))
+
+
+def _tasks(admission: Admission, session: Any) -> tuple[dict[str, Any], int]:
+    """The tenant's task titles, or 403 when PostgreSQL refuses the request's role."""
+    try:
+        titles = list(session.scalars(select(Task.title).order_by(Task.title)))
+    except exc.ProgrammingError as error:
+        if not isinstance(error.orig, psycopg.errors.InsufficientPrivilege):
+            raise
+        return {"error": "permission_denied", "detail": str(error.orig).splitlines()[0]}, 403
+    return {"tenant": admission.tenant.slug, "credential": admission.credential, "titles": titles}, 200
 
 
 def flask_app(
@@ -71,6 +86,12 @@ def flask_app(
         return _payload(ext.admission, first)
 
     app.add_url_rule("/projects", "projects", projects_view)
+
+    @app.get("/tasks")
+    def tasks() -> Any:
+        assert ext.admission is not None
+        return _tasks(ext.admission, ext.session)
+
     app.add_url_rule("/t/<slug>/projects", "path_projects", lambda slug: projects_view())
 
     @app.get("/stream")
@@ -184,6 +205,11 @@ def fastapi_app(
     @app.get("/projects")
     def projects(session: SessionDep, admission: AdmissionDep) -> Any:
         return projects_view(session, admission)
+
+    @app.get("/tasks")
+    def tasks(session: SessionDep, admission: AdmissionDep) -> Any:
+        body, status = _tasks(admission, session)
+        return JSONResponse(body, status)
 
     @app.get("/t/{slug}/projects")
     def path_projects(

@@ -11,12 +11,12 @@ import os
 from typing import Any
 
 from celery import Celery
-from sqlalchemy import select
+from sqlalchemy import exc, select
 
 from sqla_tenancy import Tenancy, current_tenant
-from sqla_tenancy.context import current_platform_reason, current_tenant_ref
+from sqla_tenancy.context import current_is_anonymous, current_platform_reason, current_tenant_ref
 from sqla_tenancy.integrations.celery import TenantTask, install_celery
-from tests.models import INFRASTRUCTURE, Base, Project
+from tests.models import INFRASTRUCTURE, Base, Project, Task
 
 BROKER_ENV = "SQLA_TENANCY_CELERY_BROKER"
 APP_URL_ENV = "SQLA_TENANCY_CELERY_APP_URL"
@@ -92,6 +92,20 @@ def all_project_names() -> dict[str, Any]:
     with _tenancy().sessionmaker()() as session:
         names = sorted(session.scalars(select(Project.name)))
     return {**_scope(), "names": names}
+
+
+@app.task
+def anonymous_reads() -> dict[str, Any]:
+    """What the task's database role may read: projects (opted in), tasks (private)."""
+    with _tenancy().sessionmaker()() as session:
+        names = sorted(session.scalars(select(Project.name)))
+    with _tenancy().sessionmaker()() as session:
+        try:
+            session.execute(select(Task.title)).all()
+            tasks = "readable"
+        except exc.DBAPIError as error:  # the worker reports what PostgreSQL said
+            tasks = type(getattr(error, "orig", error)).__name__
+    return {**_scope(), "anonymous": current_is_anonymous(), "names": names, "tasks": tasks}
 
 
 @app.task

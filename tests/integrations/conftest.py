@@ -19,7 +19,7 @@ from sqlalchemy import select
 from sqla_tenancy import Tenancy, Tenant, tenant_context
 from sqla_tenancy.checkpoint import get_access_key
 from sqla_tenancy.testing import TestServer
-from tests.models import INFRASTRUCTURE, Base, Project
+from tests.models import INFRASTRUCTURE, Base, Project, Task
 
 SECRET = "integration-tests-hmac-secret-0123456789abcdef"
 OTHER_SECRET = "a-different-hmac-secret-nobody-trusts-0123456789"
@@ -35,7 +35,8 @@ SEEDS = {
 @dataclass
 class World:
     """The package's database: tenants acme and globex (shared placement), hooli (schema
-    placement), initech (suspended), and the default tenant (no projects)."""
+    placement), initech (suspended), and the default tenant (no projects). Each project has one
+    task, ``<project name>-task``."""
 
     tenancy: Tenancy
     make_tenancy: Callable[..., Tenancy]
@@ -78,7 +79,11 @@ def world(tenancy_server: TestServer) -> Iterator[World]:
         maker = tenancy.sessionmaker()
         for slug, names in SEEDS.items():
             with tenant_context(slug), maker() as session:
-                session.add_all(Project(name=name) for name in names)
+                projects = [Project(name=name) for name in names]
+                session.add_all(projects)
+                session.flush()
+                # tasks are private: anonymous (access-key) requests cannot read them
+                session.add_all(Task(project_id=p.id, title=f"{p.name}-task") for p in projects)
                 session.commit()
         tenants["initech"] = tenancy.suspend_tenant("initech")
         tenants["default"] = tenancy.get_tenant("default")

@@ -278,6 +278,28 @@ class CheckpointSuite:
             assert_only("acme", body)
             assert body["credential"] == "access_key" and body["anonymous"] is True
 
+    def test_anonymous_requests_read_the_opted_in_tables_only(
+        self, strict: httpx.Client, open_: httpx.Client, world: World
+    ) -> None:
+        """An access key (or no credential, where allowed) gets the anonymous database role:
+        projects are opted in, tasks are not, and PostgreSQL refuses them. A token gets all."""
+        keyed = {"X-Tenant-ID": "hooli", "X-Tenant-Access-Key": world.access_keys["hooli"]}
+        for slug, client, headers in (
+            ("acme", strict, {"X-Tenant-ID": "acme", "X-Tenant-Access-Key": world.access_keys["acme"]}),
+            ("hooli", strict, keyed),  # schema placement
+            ("globex", open_, {"X-Tenant-ID": "globex"}),  # require_auth=False, no credential
+        ):
+            projects = client.get("/projects", headers=headers)
+            assert projects.status_code == 200, projects.text
+            assert_only(slug, projects.json())
+            tasks = client.get("/tasks", headers=headers)
+            assert (tasks.status_code, tasks.json()["error"]) == (403, "permission_denied"), tasks.text
+            assert "permission denied" in tasks.json()["detail"]
+            full = client.get("/tasks", headers={"X-Tenant-ID": slug, **bearer(make_token(slug))})
+            assert full.status_code == 200, full.text
+            assert full.json()["credential"] == "token"
+            assert full.json()["titles"] == sorted(f"{name}-task" for name in SEEDS[slug])
+
     def test_the_access_key_of_a_suspended_tenant_gets_403(self, strict: httpx.Client, world: World) -> None:
         response = strict.get(
             "/projects",

@@ -28,6 +28,7 @@ from sqla_tenancy import TenantNotFound, TenantRequired, TenantSuspended, platfo
 from sqla_tenancy.context import current_platform_reason, current_tenant_ref
 from sqla_tenancy.integrations import IntegrationError
 from sqla_tenancy.integrations.celery import (
+    ANONYMOUS_HEADER,
     PLATFORM_HEADER,
     TENANT_HEADER,
     TenantTask,
@@ -38,6 +39,7 @@ from tests.integrations import celery_app
 from tests.integrations.celery_app import (
     add_project,
     all_project_names,
+    anonymous_reads,
     collect,
     fail,
     fail_and_record,
@@ -234,6 +236,20 @@ def test_interleaved_tasks_of_two_tenants_each_run_for_their_own(world: World, w
     assert all(name.startswith("globex-") for name in globex_names)
 
 
+def test_a_task_sent_anonymously_runs_with_the_anonymous_role(world: World, worker: Path) -> None:
+    with tenant_context("globex", anonymous=True):
+        anonymous = anonymous_reads.delay()
+    with tenant_context("globex"):
+        full = anonymous_reads.delay()
+
+    got, got_full = outcome(anonymous), outcome(full)
+
+    assert (got["tenant_ref"], got["anonymous"]) == (str(world.tenants["globex"].id), True)
+    assert got["names"] == world.names("globex")
+    assert got["tasks"] == "InsufficientPrivilege"
+    assert (got_full["anonymous"], got_full["tasks"]) == (False, "readable")
+
+
 def test_a_task_sent_with_no_tenant_fails_closed_before_its_body(world: World, worker: Path) -> None:
     assert current_tenant_ref() is None
 
@@ -330,6 +346,8 @@ def test_the_headers_name_the_senders_context(world: World, installed: None) -> 
     for ref in ("acme", acme.id, str(acme.id), acme):
         with tenant_context(ref):
             assert context_headers() == {TENANT_HEADER: str(acme.id)}
+        with tenant_context(ref, anonymous=True):
+            assert context_headers() == {TENANT_HEADER: str(acme.id), ANONYMOUS_HEADER: "1"}
     with platform_context("nightly billing"):
         assert context_headers() == {PLATFORM_HEADER: "nightly billing"}
 

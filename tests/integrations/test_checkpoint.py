@@ -17,6 +17,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
 from sqla_tenancy import TenantNotFound
 from sqla_tenancy.checkpoint import (
+    Admission,
     AuthenticationRequired,
     Checkpoint,
     CheckpointConfigError,
@@ -28,6 +29,7 @@ from sqla_tenancy.checkpoint import (
     rotate_access_key,
     verify_access_key,
 )
+from sqla_tenancy.context import current_is_anonymous, current_tenant_ref
 from sqla_tenancy.resolvers import (
     HeaderResolver,
     RequestView,
@@ -233,6 +235,32 @@ def test_a_checkpoint_without_verifier_ignores_bearer_tokens(world: World) -> No
         checkpoint.admit(world.tenancy, request("acme", token=make_token("acme")))
     keyed = checkpoint.admit(world.tenancy, request("acme", key=world.access_keys["acme"]))
     assert keyed.credential == "access_key"
+
+
+def test_the_database_role_follows_the_credential(world: World) -> None:
+    """A token gets the tenant's full role; an access key or no credential the anonymous one;
+    no checkpoint at all (the application authenticates elsewhere) keeps the full role."""
+    t = world.tenancy
+    token = Checkpoint(verifier=JWTVerifier(SECRET, algorithms=["HS256"]))
+    cases = {
+        "token": token.admit(t, request("acme", token=make_token("acme"))),
+        "access_key": Checkpoint().admit(t, request("acme", key=world.access_keys["acme"])),
+        "no credential": Checkpoint(require_auth=False).admit(t, request("acme")),
+        "no checkpoint": admit(t, request("acme"), checkpoint=None),
+    }
+    roles = {name: admission.database_role for name, admission in cases.items()}
+    assert roles == {
+        "token": "full",
+        "access_key": "anonymous",
+        "no credential": "anonymous",
+        "no checkpoint": "full",
+    }
+    for name, admission in cases.items():
+        with admission.context():
+            assert current_tenant_ref() == admission.tenant.id
+            assert current_is_anonymous() == (roles[name] == "anonymous")
+    with pytest.raises(ValueError, match="database_role"):
+        Admission(cases["token"].tenant, "token", database_role="admin")  # type: ignore[arg-type]
 
 
 def test_refusals_tell_logs_more_than_clients(world: World) -> None:

@@ -18,7 +18,15 @@ from .rls import current_tenant_function_ddl, enable_rls_ddl, is_tenant_scoped, 
 if TYPE_CHECKING:
     from .tenancy import Tenancy
 
-__all__ = ["grant_statements", "install", "registry_ddl", "tenants_group", "tenants_group_grants"]
+__all__ = [
+    "ensure_registry",
+    "finish_tables",
+    "grant_statements",
+    "install",
+    "registry_ddl",
+    "tenants_group",
+    "tenants_group_grants",
+]
 
 #: Advisory lock key serialising install() and other DDL of the tenancy schema.
 INSTALL_LOCK_KEY = 0x5_1A7E_7A11
@@ -31,6 +39,12 @@ def registry_ddl() -> list[str]:
         CREATE OR REPLACE FUNCTION {REGISTRY_SCHEMA}.notify_tenant_change() RETURNS trigger
         LANGUAGE plpgsql AS $$
         BEGIN
+            -- The migration runner's copy of a tenant's revision is not routing state: no
+            -- notification (NOTIFY serialises committing transactions, and a fleet run updates
+            -- every row).
+            IF TG_OP = 'UPDATE' AND to_jsonb(NEW) - 'revision' = to_jsonb(OLD) - 'revision' THEN
+                RETURN NULL;
+            END IF;
             PERFORM pg_notify('{NOTIFY_CHANNEL}', coalesce(NEW.id, OLD.id)::text);
             RETURN NULL;
         END $$
@@ -77,8 +91,9 @@ def fill_serial_ddl(conn: Connection, table: Table) -> list[str]:
     return statements
 
 
-def grant_statements(tenancy: Tenancy, role: str) -> list[str]:
-    """What the application role needs in the main database, and nothing more."""
+def grant_statements(tenancy: Tenancy, role: str, tables: list[Table] | None = None) -> list[str]:
+    """What the application role needs in the main database (on ``tables``, by default every table
+    of the metadata), and nothing more."""
     r = quote_ident(role)
     statements = [
         f"GRANT USAGE ON SCHEMA {REGISTRY_SCHEMA} TO {r}",
@@ -88,7 +103,7 @@ def grant_statements(tenancy: Tenancy, role: str) -> list[str]:
     schemas = {t.schema for t in tenancy.metadata.tables.values() if t.schema}
     for schema in sorted(schemas):
         statements.append(f"GRANT USAGE ON SCHEMA {quote_ident(schema)} TO {r}")
-    for table in tenancy.metadata.sorted_tables:
+    for table in tenancy.metadata.sorted_tables if tables is None else tables:
         statements.append(f"GRANT SELECT, INSERT, UPDATE, DELETE ON {qualified_name(table)} TO {r}")
     return statements
 
@@ -100,7 +115,7 @@ def tenants_group(tenancy: Tenancy) -> str:
     return f"{tenancy.name_prefix}_tenants"
 
 
-def tenants_group_grants(tenancy: Tenancy) -> list[str]:
+def tenants_group_grants(tenancy: Tenancy, tables: list[Table] | None = None) -> list[str]:
     """Idempotent: read every infrastructure table, write the tenant-scoped ones (RLS confines the
     writes to the member's own tenant); global tables stay read-only for tenants."""
     group = tenants_group(tenancy)
@@ -120,7 +135,8 @@ def tenants_group_grants(tenancy: Tenancy) -> list[str]:
             f"ALTER DEFAULT PRIVILEGES IN SCHEMA {s} GRANT SELECT ON TABLES TO {g}",
             f"ALTER DEFAULT PRIVILEGES IN SCHEMA {s} GRANT USAGE, SELECT ON SEQUENCES TO {g}",
         ]
-    for table in tenancy.infrastructure_tables():
+    infrastructure = tenancy.infrastructure_tables()
+    for table in infrastructure if tables is None else [t for t in tables if t in infrastructure]:
         if is_tenant_scoped(table):
             statements.append(f"GRANT INSERT, UPDATE, DELETE ON {qualified_name(table)} TO {g}")
     return statements
@@ -134,11 +150,7 @@ def install(tenancy: Tenancy) -> None:
 
 
 def _install(tenancy: Tenancy, conn: Connection) -> None:
-    conn.exec_driver_sql(f"CREATE SCHEMA IF NOT EXISTS {REGISTRY_SCHEMA}")
-    registry_metadata.create_all(conn, checkfirst=True)
-    function = current_tenant_function_ddl(REGISTRY_SCHEMA, fdw_prefix=tenancy.name_prefix)
-    for statement in function + registry_ddl():
-        conn.exec_driver_sql(statement)
+    ensure_registry(tenancy, conn)
     for schema in sorted({t.schema for t in tenancy.metadata.tables.values() if t.schema}):
         conn.exec_driver_sql(f"CREATE SCHEMA IF NOT EXISTS {quote_ident(schema)}")
     tenancy.metadata.create_all(conn, checkfirst=True)
@@ -146,24 +158,49 @@ def _install(tenancy: Tenancy, conn: Connection) -> None:
         if is_tenant_scoped(table):
             for statement in enable_rls_ddl(table, function_schema=REGISTRY_SCHEMA):
                 conn.exec_driver_sql(statement)
-    conn.exec_driver_sql(FILL_SERIAL_DDL)
-    for table in tenancy.infrastructure_tables():
-        for statement in fill_serial_ddl(conn, table):
-            conn.exec_driver_sql(statement)
-    for statement in tenants_group_grants(tenancy):
-        conn.exec_driver_sql(statement)
-    app_role = tenancy.url.username
-    if app_role and app_role != tenancy.admin_url.username:
-        for statement in grant_statements(tenancy, app_role):
-            conn.exec_driver_sql(statement)
-        # Sequences behind serial/identity columns.
-        for schema in sorted({t.schema or "public" for t in tenancy.metadata.tables.values()}):
-            conn.exec_driver_sql(
-                f"GRANT USAGE, SELECT ON ALL SEQUENCES IN SCHEMA {quote_ident(schema)} "
-                f"TO {quote_ident(app_role)}"
+    finish_tables(tenancy, conn, tenancy.metadata.sorted_tables)
+    if tenancy.migrations is not None:
+        _stamp_created(tenancy, conn)
+
+
+def _stamp_created(tenancy: Tenancy, conn: Connection) -> None:
+    """With migrations attached, what install() created from the models is at both streams'
+    heads: stamp them (where no version table exists yet), so that migrations continue from there
+    instead of replaying what exists."""
+    from alembic_ext.versions import (
+        STREAMS,
+        VERSION_TABLES,
+        config_stream_heads,
+        format_revision,
+        load_config,
+    )
+    from alembic_ext.versions import version_table_script as stamp
+
+    assert tenancy.migrations is not None
+    config = load_config(tenancy.migrations)
+    for stream in STREAMS:
+        table = f"{REGISTRY_SCHEMA}.{VERSION_TABLES[stream]}"
+        if conn.execute(text("select to_regclass(:t)"), {"t": table}).scalar() is not None:
+            continue
+        heads = config_stream_heads(config, stream)
+        conn.exec_driver_sql(stamp(REGISTRY_SCHEMA, stream, heads))
+        if stream == "tenant":
+            conn.execute(
+                text(f"update {REGISTRY_SCHEMA}.tenants set revision = :r where strategy = 'shared'"),
+                {"r": format_revision(heads)},
             )
-    # the anonymous requests' roles: SELECT on the opted-in tables only (sqla_tenancy.anonymous)
-    for statement in main_database_ddl(tenancy, tenancy.metadata.sorted_tables, app_role):
+
+
+def ensure_registry(tenancy: Tenancy, conn: Connection) -> None:
+    """Create or bring up to date the ``tenancy`` schema: the registry table, its notification
+    trigger, the policy function, the serial-filling trigger function and the default tenant.
+    Idempotent; the Alembic extension runs it before the infrastructure stream."""
+    conn.exec_driver_sql(f"CREATE SCHEMA IF NOT EXISTS {REGISTRY_SCHEMA}")
+    registry_metadata.create_all(conn, checkfirst=True)
+    # columns added since a registry was first created
+    conn.exec_driver_sql(f"ALTER TABLE {REGISTRY_SCHEMA}.tenants ADD COLUMN IF NOT EXISTS revision text")
+    function = current_tenant_function_ddl(REGISTRY_SCHEMA, fdw_prefix=tenancy.name_prefix)
+    for statement in [*function, *registry_ddl(), FILL_SERIAL_DDL]:
         conn.exec_driver_sql(statement)
     if tenancy.default_tenant is not None:
         conn.execute(
@@ -173,3 +210,31 @@ def _install(tenancy: Tenancy, conn: Connection) -> None:
             ),
             {"slug": tenancy.default_tenant},
         )
+
+
+def finish_tables(tenancy: Tenancy, conn: Connection, tables: list[Table]) -> None:
+    """Idempotently give the main database's ``tables`` (those that exist) what they need besides
+    their DDL: the application role's grants, the tenants' group grants, and the triggers that
+    fill infrastructure serial keys for foreign-table inserts."""
+    existing = [
+        t for t in tables if conn.execute(text("select to_regclass(:t)"), {"t": qualified_name(t)}).scalar()
+    ]
+    for table in existing:
+        if table.schema in tenancy.infrastructure_schemas:
+            for statement in fill_serial_ddl(conn, table):
+                conn.exec_driver_sql(statement)
+    for statement in tenants_group_grants(tenancy, existing):
+        conn.exec_driver_sql(statement)
+    app_role = tenancy.url.username
+    if app_role and app_role != tenancy.admin_url.username:
+        for statement in grant_statements(tenancy, app_role, existing):
+            conn.exec_driver_sql(statement)
+        # Sequences behind serial/identity columns.
+        for schema in sorted({t.schema or "public" for t in existing}):
+            conn.exec_driver_sql(
+                f"GRANT USAGE, SELECT ON ALL SEQUENCES IN SCHEMA {quote_ident(schema)} "
+                f"TO {quote_ident(app_role)}"
+            )
+    # the anonymous requests' roles: SELECT on the opted-in tables only (sqla_tenancy.anonymous)
+    for statement in main_database_ddl(tenancy, existing, app_role):
+        conn.exec_driver_sql(statement)

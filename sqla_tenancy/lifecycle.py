@@ -32,6 +32,7 @@ log = logging.getLogger("sqla_tenancy.lifecycle")
 _LOCK = "select pg_advisory_xact_lock(hashtext('sqla_tenancy:' || :s))"
 _SESSION_LOCK = "select pg_advisory_lock(hashtext('sqla_tenancy:provision:' || :s))"
 _SESSION_UNLOCK = "select pg_advisory_unlock(hashtext('sqla_tenancy:provision:' || :s))"
+_XACT_PROVISION_LOCK = "select pg_advisory_xact_lock(hashtext('sqla_tenancy:provision:' || :s))"
 
 
 def create_tenant(
@@ -172,6 +173,8 @@ def delete_tenant(tenancy: Tenancy, tenant: Tenant, *, keep_infrastructure_rows:
     placement = tenancy.strategy_named(tenant.strategy)
     if placement.transactional:
         with tenancy.admin_engine.begin() as admin:
+            # a migration of this tenant (which holds the same lock) finishes first
+            admin.execute(text(_XACT_PROVISION_LOCK), {"s": tenant.slug})
             placement.deprovision(
                 tenancy, tenant, admin=admin, keep_infrastructure_rows=keep_infrastructure_rows
             )
@@ -179,6 +182,7 @@ def delete_tenant(tenancy: Tenancy, tenant: Tenant, *, keep_infrastructure_rows:
     else:
         # Refused everywhere first (the notification reaches every process), then dismantled.
         with tenancy.admin_engine.begin() as admin:
+            admin.execute(text(_XACT_PROVISION_LOCK), {"s": tenant.slug})  # a running migration ends
             admin.execute(
                 text("update tenancy.tenants set status = 'deleting' where id = :id"), {"id": tenant.id}
             )

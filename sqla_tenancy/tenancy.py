@@ -91,6 +91,10 @@ class Tenancy:
         Behind a transaction-mode pooler, give a direct URL of the application role here: LISTEN
         needs a session of its own, and look-ups made while the pooler's server connections are
         all held by waiting transactions would wait forever.
+    :param migrations: the project's ``alembic.ini`` (a path or an Alembic ``Config``) when its
+        schema is managed by the Alembic extension (:mod:`alembic_ext`): tenants created from the
+        models are then stamped with the tenant stream's head, so they are born at head and the
+        fleet runner leaves them alone.
     :param registry_listen: keep a LISTEN connection so that registry changes made by other
         processes arrive within a second; with False only ``registry_ttl`` bounds staleness.
     """
@@ -116,6 +120,7 @@ class Tenancy:
         max_tenant_engines: int = 50,
         max_tenant_connections: int | None = None,
         create_database_strategy: str | None = None,
+        migrations: str | os.PathLike[str] | Any | None = None,
     ) -> None:
         global _active
         self.url = make_url(url)
@@ -152,6 +157,8 @@ class Tenancy:
         if create_database_strategy not in (None, "file_copy", "wal_log"):
             raise TenancyError("create_database_strategy must be 'file_copy', 'wal_log' or None")
         self.create_database_strategy = create_database_strategy
+        #: the Alembic configuration of the project's migrations (see ``migrations``), or None
+        self.migrations = migrations
         self._secret = secret_key.encode() if isinstance(secret_key, str) else secret_key
         self._tenant_engine_options = {"pool_size": tenant_pool_size, "max_overflow": tenant_max_overflow}
         self.tenant_engines = EngineCache(
@@ -206,6 +213,17 @@ class Tenancy:
                 f"Unknown server {server!r}; configured: {', '.join(sorted(self.servers))}. "
                 "Pass servers={name: admin_url} to Tenancy."
             ) from None
+
+    def tenant_heads(self) -> tuple[str, ...] | None:
+        """The tenant stream's head revisions of ``migrations`` (None when not configured): what a
+        location created from the models is stamped with."""
+        if self.migrations is None:
+            return None
+        from alembic_ext.versions import TENANT, config_stream_heads, load_config
+
+        config = load_config(self.migrations)
+        self.migrations = config
+        return config_stream_heads(config, TENANT)
 
     def secret(self) -> bytes:
         """The key tenant role passwords are derived from."""

@@ -53,17 +53,23 @@ from ..rls import (
 )
 from .base import run_script
 from .schema import tenant_ddl_template
-from .shared import delete_tenant_rows
+from .shared import delete_tenant_rows, main_tenant_revision
 
 if TYPE_CHECKING:
     from ..registry import Tenant
     from ..tenancy import Tenancy
 
-__all__ = ["DatabaseStrategy", "derive_password", "scram_verifier"]
+__all__ = ["DatabaseStrategy", "derive_password", "scram_verifier", "template_lock_key"]
 
 log = logging.getLogger(__name__)
 
 FOREIGN_SERVER = "tenancy_main"
+
+
+def template_lock_key(template: str) -> str:
+    """The advisory lock (taken in the server admin URL's database) held while a template is
+    cloned or migrated."""
+    return f"sqla_tenancy:template:{template}"
 
 
 def derive_password(secret: bytes, role: str) -> str:
@@ -193,6 +199,13 @@ class DatabaseStrategy:
                     script = tenant_ddl_template(tenancy)
                     if script:
                         run_script(conn, f"SET LOCAL search_path = public;\n{script}")
+                    heads = tenancy.tenant_heads()
+                    if heads is not None:
+                        # Built from the models: at the tenant stream's head. From here on the
+                        # fleet runner migrates the template like any tenant database.
+                        from alembic_ext.versions import TENANT, version_table_script
+
+                        run_script(conn, version_table_script(REGISTRY_SCHEMA, TENANT, heads))
         finally:
             engine.dispose()
 
@@ -218,9 +231,16 @@ class DatabaseStrategy:
                 database, app_role = quote_ident(names.database), quote_ident(names.app_role)
                 strategy = tenancy.create_database_strategy
                 option = f" STRATEGY = {strategy.upper()}" if strategy else ""
-                conn.exec_driver_sql(
-                    f"CREATE DATABASE {database} TEMPLATE {quote_ident(names.template)}{option}"
-                )
+                # A migration of the template (alembic_ext) holds this lock while connected to
+                # it; CREATE DATABASE refuses a template with other sessions.
+                lock = template_lock_key(names.template)
+                conn.execute(text("select pg_advisory_lock(hashtext(:k))"), {"k": lock})
+                try:
+                    conn.exec_driver_sql(
+                        f"CREATE DATABASE {database} TEMPLATE {quote_ident(names.template)}{option}"
+                    )
+                finally:
+                    conn.execute(text("select pg_advisory_unlock(hashtext(:k))"), {"k": lock})
                 conn.exec_driver_sql(f"REVOKE ALL ON DATABASE {database} FROM PUBLIC")
                 conn.exec_driver_sql(f"GRANT CONNECT ON DATABASE {database} TO {app_role}")
         finally:
@@ -232,14 +252,15 @@ class DatabaseStrategy:
             group = quote_ident(tenants_group(tenancy))
             conn.exec_driver_sql(f"GRANT {group} TO {quote_ident(names.fdw_role)}")
         tenancy._step("fdw")
-        self.import_foreign_schemas(tenancy, tenant, names=names, create_server=True)
-        return names.location()
+        revision = self.import_foreign_schemas(tenancy, tenant, names=names, create_server=True)
+        return {**names.location(), "_revision": revision}
 
     def import_foreign_schemas(
         self, tenancy: Tenancy, tenant: Tenant, *, names: Names | None = None, create_server: bool = False
-    ) -> None:
+    ) -> str | None:
         """(Re)import every infrastructure schema into the tenant's database, in one transaction,
-        so tenant queries never see a half-refreshed schema."""
+        so tenant queries never see a half-refreshed schema. Returns the database's tenant stream
+        revision (None when its schema is not managed by migrations)."""
         names = names or self.names(tenancy, tenant)
         with tenancy.admin_engine.begin() as conn:  # new infrastructure tables: grant them first
             run_script(conn, ";\n".join(tenants_group_grants(tenancy)))
@@ -272,6 +293,11 @@ class DatabaseStrategy:
                         f"GRANT SELECT, INSERT, UPDATE, DELETE ON ALL TABLES IN SCHEMA public TO {app}",
                         f"GRANT USAGE, SELECT ON ALL SEQUENCES IN SCHEMA public TO {app}",
                         f"GRANT USAGE ON SCHEMA {REGISTRY_SCHEMA} TO {app}",
+                        # tables and sequences later migrations create (they run as the admin role)
+                        f"ALTER DEFAULT PRIVILEGES IN SCHEMA public "
+                        f"GRANT SELECT, INSERT, UPDATE, DELETE ON TABLES TO {app}",
+                        f"ALTER DEFAULT PRIVILEGES IN SCHEMA public "
+                        f"GRANT USAGE, SELECT ON SEQUENCES TO {app}",
                     ]
                 for schema in sorted(tenancy.infrastructure_schemas):
                     s = quote_ident(schema)
@@ -306,8 +332,10 @@ class DatabaseStrategy:
                         )
                     else:
                         conn.exec_driver_sql("RELEASE SAVEPOINT tenancy_default")
+                revision = main_tenant_revision(conn)
         finally:
             engine.dispose()
+        return revision
 
     def _remote_defaults(self, tenancy: Tenancy, tenant: Tenant) -> list[tuple[str, str, str, str]]:
         """The infrastructure columns' defaults, as the foreign tables should have them: the

@@ -133,6 +133,18 @@ class SchemaStrategy:
             # extension types during DDL only.
             script = f"SET LOCAL search_path = {s}, public;\n{template};\nSET LOCAL search_path = DEFAULT"
             run_script(admin, script)
+        revision: dict[str, Any] = {}
+        heads = tenancy.tenant_heads()
+        if heads is not None:
+            # Born at the tenant stream's head: the fleet runner has nothing to replay here.
+            from alembic_ext.versions import TENANT, VERSION_TABLES, format_revision, version_table_script
+
+            version_table = f"{s}.{quote_ident(VERSION_TABLES[TENANT])}"
+            run_script(
+                admin,
+                f"{version_table_script(schema, TENANT, heads)};\nREVOKE ALL ON {version_table} FROM {r}",
+            )
+            revision["_revision"] = format_revision(heads)
         tenancy._step("role")
         # its own schema, and the infrastructure through the group every tenant role belongs to
         run_script(
@@ -155,7 +167,7 @@ class SchemaStrategy:
             f"GRANT {r} TO {quote_ident(app_role)}{option};\n"
             f"GRANT {anon} TO {quote_ident(anonymous_gate(tenancy))}",
         )
-        return {"schema": schema, "role": role}
+        return {"schema": schema, "role": role, **revision}
 
     def deprovision(
         self, tenancy: Tenancy, tenant: Tenant, *, admin: Connection | None, keep_infrastructure_rows: bool

@@ -17,7 +17,7 @@ if TYPE_CHECKING:
     from ..registry import Tenant
     from ..tenancy import Tenancy
 
-__all__ = ["SharedStrategy", "delete_tenant_rows", "tenant_binding"]
+__all__ = ["SharedStrategy", "delete_tenant_rows", "main_tenant_revision", "tenant_binding"]
 
 
 def tenant_binding(tenant: Tenant) -> bytes:
@@ -40,6 +40,17 @@ def delete_tenant_rows(tenant: Tenant, tables: Iterable[Table], *, admin: Connec
         )
 
 
+def main_tenant_revision(conn: Connection) -> str | None:
+    """The tenant stream's revision of the main database's tenant tables (None: not managed by
+    migrations, or at base)."""
+    if conn.execute(text("select to_regclass('tenancy.alembic_tenant')")).scalar() is None:
+        return None
+    value = conn.execute(
+        text("select string_agg(version_num, ',' order by version_num) from tenancy.alembic_tenant")
+    ).scalar()
+    return value if isinstance(value, str) else None
+
+
 class SharedStrategy:
     """Rows in the main database, isolated by RLS on ``tenant_id``."""
 
@@ -59,7 +70,7 @@ class SharedStrategy:
                 f"{', '.join(sorted(unscoped))} do(es) not: add the TenantScoped mixin, move the "
                 "table to an infrastructure schema, or give this tenant another strategy."
             )
-        return {}
+        return {"_revision": main_tenant_revision(admin)} if admin is not None else {}
 
     def deprovision(
         self, tenancy: Tenancy, tenant: Tenant, *, admin: Connection | None, keep_infrastructure_rows: bool

@@ -34,14 +34,28 @@ def _table(table_name: str, tenant_column: str, schema: str | None) -> Table:
     )
 
 
-@Operations.register_operation("enable_tenant_rls")
-class EnableTenantRLSOp(MigrateOperation):
-    """Enable and force row-level security on a tenant table, with the tenant policies."""
+class _TenantRLSOp(MigrateOperation):
+    """A table's tenant RLS, switched on or off (the two operations differ in name only)."""
+
+    name = ""
 
     def __init__(self, table_name: str, *, tenant_column: str = "tenant_id", schema: str | None = None):
         self.table_name = table_name
         self.tenant_column = tenant_column
         self.schema = schema
+
+    def _args(self) -> dict[str, Any]:
+        return {"tenant_column": self.tenant_column, "schema": self.schema}
+
+    def to_diff_tuple(self) -> tuple[Any, ...]:
+        return (self.name, self.schema, self.table_name, self.tenant_column)
+
+
+@Operations.register_operation("enable_tenant_rls")
+class EnableTenantRLSOp(_TenantRLSOp):
+    """Enable and force row-level security on a tenant table, with the tenant policies."""
+
+    name = "enable_tenant_rls"
 
     @classmethod
     def enable_tenant_rls(
@@ -56,20 +70,14 @@ class EnableTenantRLSOp(MigrateOperation):
         return operations.invoke(cls(table_name, tenant_column=tenant_column, schema=schema))
 
     def reverse(self) -> DisableTenantRLSOp:
-        return DisableTenantRLSOp(self.table_name, tenant_column=self.tenant_column, schema=self.schema)
-
-    def to_diff_tuple(self) -> tuple[Any, ...]:
-        return ("enable_tenant_rls", self.schema, self.table_name, self.tenant_column)
+        return DisableTenantRLSOp(self.table_name, **self._args())
 
 
 @Operations.register_operation("disable_tenant_rls")
-class DisableTenantRLSOp(MigrateOperation):
+class DisableTenantRLSOp(_TenantRLSOp):
     """Drop the tenant policies of a table and disable row-level security on it."""
 
-    def __init__(self, table_name: str, *, tenant_column: str = "tenant_id", schema: str | None = None):
-        self.table_name = table_name
-        self.tenant_column = tenant_column
-        self.schema = schema
+    name = "disable_tenant_rls"
 
     @classmethod
     def disable_tenant_rls(
@@ -84,10 +92,7 @@ class DisableTenantRLSOp(MigrateOperation):
         return operations.invoke(cls(table_name, tenant_column=tenant_column, schema=schema))
 
     def reverse(self) -> EnableTenantRLSOp:
-        return EnableTenantRLSOp(self.table_name, tenant_column=self.tenant_column, schema=self.schema)
-
-    def to_diff_tuple(self) -> tuple[Any, ...]:
-        return ("disable_tenant_rls", self.schema, self.table_name, self.tenant_column)
+        return EnableTenantRLSOp(self.table_name, **self._args())
 
 
 @Operations.implementation_for(EnableTenantRLSOp)
@@ -104,7 +109,7 @@ def _disable(operations: Operations, operation: DisableTenantRLSOp) -> None:
         operations.execute(statement)
 
 
-def _render_args(operation: EnableTenantRLSOp | DisableTenantRLSOp) -> str:
+def _render_args(operation: _TenantRLSOp) -> str:
     args = [repr(operation.table_name)]
     if operation.tenant_column != "tenant_id":
         args.append(f"tenant_column={operation.tenant_column!r}")

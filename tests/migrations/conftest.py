@@ -15,12 +15,15 @@ from alembic.script import ScriptDirectory
 from alembic.util import rev_id
 
 from alembic_ext import init_project
+from alembic_ext.versions import TENANT
 from sqla_tenancy import Tenancy
 from sqla_tenancy.testing import TestServer
 from tests.conftest import SECRET
 from tests.models import INFRASTRUCTURE, Base
 
 APP = "tests.migrations.app:tenancy"
+#: a tenant revision that fails where a ``code`` column exists already
+ADD_CODE = 'op.add_column("projects", sa.Column("code", sa.Text()))'
 
 
 @dataclass
@@ -64,6 +67,18 @@ class Project:
         )
         assert created is not None
         return created.revision
+
+    def schema_fleet_with_a_broken_tenant(self, slugs: list[str], broken: str) -> str:
+        """Schema tenants ``slugs`` at head, ``broken``'s ``projects`` given a ``code`` column by
+        hand, and a new revision adding that column: it fails there and nowhere else. Returns
+        the new revision."""
+        command.upgrade(self.config(), "head")
+        for slug in slugs:
+            self.tenancy.create_tenant(slug, strategy="schema")
+        schema = self.tenancy.get_tenant(broken).location["schema"]
+        with self.tenancy.admin_engine.begin() as conn:
+            conn.exec_driver_sql(f'ALTER TABLE "{schema}".projects ADD COLUMN code integer')
+        return self.add_revision(TENANT, ADD_CODE)
 
 
 @pytest.fixture

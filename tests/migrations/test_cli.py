@@ -8,10 +8,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-from alembic import command
-
-from alembic_ext.versions import TENANT
-
 from .conftest import APP, Project
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -36,15 +32,7 @@ def test_init_creates_a_project_and_never_overwrites(tmp_path: Path) -> None:
 
 
 def test_migrate_reports_failures_and_exits_non_zero(project: Project, tmp_path: Path) -> None:
-    command.upgrade(project.config(), "head")
-    t = project.tenancy
-    for i in range(4):
-        t.create_tenant(f"t{i}", strategy="schema")
-    with t.admin_engine.begin() as conn:
-        conn.exec_driver_sql(
-            f'ALTER TABLE "{t.get_tenant("t2").location["schema"]}".projects ADD COLUMN code int'
-        )
-    project.add_revision(TENANT, 'op.add_column("projects", sa.Column("code", sa.Text()))')
+    project.schema_fleet_with_a_broken_tenant([f"t{i}" for i in range(4)], "t2")
     report = tmp_path / "report.json"
     result = cli(
         "migrate",

@@ -8,7 +8,6 @@ import time
 from pathlib import Path
 
 import pytest
-from alembic import command
 from sqlalchemy import inspect, text
 
 from alembic_ext import MigrationLocked, migrate_fleet
@@ -103,22 +102,18 @@ def test_one_revision_reaches_every_location(fleet: Project, tmp_path: Path) -> 
 
 
 def test_a_failing_tenant_keeps_its_revision_and_data(project: Project, tmp_path: Path) -> None:
-    command.upgrade(project.config(), "head")
     t = project.tenancy
     slugs = [f"t{i:02d}" for i in range(20)]
-    for slug in slugs:
-        t.create_tenant(slug, strategy="schema")
-    before = project.heads(TENANT)[0]
     broken = "t07"
+    revision = project.schema_fleet_with_a_broken_tenant(slugs, broken)
+    before = t.get_tenant("t00").revision
     schema = t.get_tenant(broken).location["schema"]
     with t.admin_engine.begin() as conn:
-        conn.exec_driver_sql(f'ALTER TABLE "{schema}".projects ADD COLUMN code integer')
         conn.exec_driver_sql(
             f"SET LOCAL app.current_tenant_id = '{t.get_tenant(broken).id}'; "
             f"INSERT INTO \"{schema}\".projects (name, code) VALUES ('keep me', 7)"
         )
-    revision = project.add_revision(TENANT, 'op.add_column("projects", sa.Column("code", sa.Text()))')
-
+    assert before is not None and before != revision
     report = migrate_fleet(APP, project.ini, jobs=2, continue_on_error=True, report_path=tmp_path / "r.json")
     assert not report.ok
     [failed] = report.failed
@@ -149,30 +144,15 @@ def test_a_failing_tenant_keeps_its_revision_and_data(project: Project, tmp_path
 
 
 def test_without_continue_on_error_the_run_stops(project: Project) -> None:
-    command.upgrade(project.config(), "head")
     t = project.tenancy
-    for i in range(6):
-        t.create_tenant(f"t{i}", strategy="schema")
-    with t.admin_engine.begin() as conn:
-        conn.exec_driver_sql(
-            f'ALTER TABLE "{t.get_tenant("t0").location["schema"]}".projects ADD COLUMN code int'
-        )
-    project.add_revision(TENANT, 'op.add_column("projects", sa.Column("code", sa.Text()))')
+    project.schema_fleet_with_a_broken_tenant([f"t{i}" for i in range(6)], "t0")
     report = migrate_fleet(t, project.ini, jobs=1)
     assert [o.status for o in report.outcomes] == ["upgraded", "failed"] + ["not_run"] * 5
     assert report.stopped
 
 
 def test_canary_stops_the_run(project: Project) -> None:
-    command.upgrade(project.config(), "head")
-    t = project.tenancy
-    for i in range(8):
-        t.create_tenant(f"t{i}", strategy="schema")
-    with t.admin_engine.begin() as conn:
-        conn.exec_driver_sql(
-            f'ALTER TABLE "{t.get_tenant("t1").location["schema"]}".projects ADD COLUMN code int'
-        )
-    project.add_revision(TENANT, 'op.add_column("projects", sa.Column("code", sa.Text()))')
+    project.schema_fleet_with_a_broken_tenant([f"t{i}" for i in range(8)], "t1")
     report = migrate_fleet(APP, project.ini, jobs=2, canary=3, continue_on_error=True)
     statuses = {o.location: o.status for o in report.outcomes}
     assert statuses["t1"] == "failed"

@@ -22,6 +22,7 @@ from alembic.script import ScriptDirectory
 from sqlalchemy import Connection, Engine, create_engine, event, text
 from sqlalchemy.pool import NullPool
 
+from sqla_tenancy.anonymous import grant_database_tenant, table_access_ddl, tenant_anonymous_role
 from sqla_tenancy.identifiers import quote_ident, quote_literal
 from sqla_tenancy.installer import ensure_registry, finish_tables
 from sqla_tenancy.registry import REGISTRY_SCHEMA
@@ -334,6 +335,8 @@ class LocationRunner:
                         role = tenant.location.get("role")
                         if role:
                             main.exec_driver_sql(f"REVOKE ALL ON {table} FROM {quote_ident(role)}")
+                    if location.kind == "schema" and after != before and tenant is not None:
+                        self._sync_schema_anonymous(main, location.schema or "", tenant.slug)
                     update_registry_copy(main, location, after)
                 if tenant is not None and nested:  # a caller's outer transaction goes on unbound
                     main.exec_driver_sql(f"SET LOCAL search_path TO DEFAULT; SET LOCAL {TENANT_SETTING} = ''")
@@ -346,6 +349,21 @@ class LocationRunner:
                         return _gone(location, started)
                 return self._run_database(registry, location, started)
         return self._run_database(registry, location, started)
+
+    def _sync_schema_anonymous(self, conn: Connection, schema: str, slug: str) -> None:
+        """After a schema tenant's tables changed: what its anonymous role may read, per the
+        models' current opt-ins (tenants created before anonymous roles existed have none)."""
+        role = tenant_anonymous_role(self.tenancy, slug)
+        if not _role_exists(conn, role):
+            return
+        present = set(
+            conn.execute(
+                text("select tablename from pg_tables where schemaname = :s"), {"s": schema}
+            ).scalars()
+        )
+        tables = [t for t in self.tenancy.tenant_tables() if t.schema is None and t.name in present]
+        for statement in table_access_ddl(tables, role, schema=schema):
+            conn.exec_driver_sql(statement)
 
     def _run_database(self, registry: Connection, location: Location, started: float) -> Outcome:
         if location.kind == "template" and self.command != "display":
@@ -376,10 +394,18 @@ class LocationRunner:
                     f"GRANT SELECT, INSERT, UPDATE, DELETE ON ALL TABLES IN SCHEMA public TO {app}; "
                     f"GRANT USAGE, SELECT ON ALL SEQUENCES IN SCHEMA public TO {app}"
                 )
+                assert tenant is not None
+                anonymous = tenant_anonymous_role(self.tenancy, tenant.slug)
+                if _role_exists(conn, anonymous):
+                    grant_database_tenant(conn, self.tenancy, anonymous, fresh=False)
         if self.command != "display" and location.kind == "database":
             with _transaction(registry):
                 update_registry_copy(registry, location, after)
         return _outcome(location.name, location.kind, TENANT, before, after, started)
+
+
+def _role_exists(conn: Connection, role: str) -> bool:
+    return conn.execute(text("select 1 from pg_roles where rolname = :r"), {"r": role}).first() is not None
 
 
 def _read_revision(conn: Connection, schema: str, stream: str) -> str | None:

@@ -261,3 +261,29 @@ def test_cloning_the_template_waits_for_its_migration(fleet: Project) -> None:
         holder.commit()
         creator.join(timeout=60)
     assert created and created[0].slug == "d9"
+
+
+def test_a_migration_brings_anonymous_grants_in_line_with_the_models(fleet: Project) -> None:
+    """A tenant whose anonymous role lacks an opted-in table (created before the opt-in) gets it
+    when the fleet runner migrates that tenant."""
+    from sqla_tenancy.anonymous import tenant_anonymous_role
+
+    t = fleet.tenancy
+    c1, d1 = t.get_tenant("c1"), t.get_tenant("d1")
+    c1_anon, d1_anon = tenant_anonymous_role(t, "c1"), tenant_anonymous_role(t, "d1")
+    d1_engine = t.strategy_named("database")._admin(t, "main", d1.location["database"], autocommit=False)  # type: ignore[attr-defined]
+    c1_projects = f'"{c1.location["schema"]}".projects'
+    try:
+        with t.admin_engine.begin() as conn:
+            conn.exec_driver_sql(f'REVOKE SELECT ON {c1_projects} FROM "{c1_anon}"')
+        with d1_engine.begin() as conn:
+            conn.exec_driver_sql(f'REVOKE SELECT ON public.projects FROM "{d1_anon}"')
+        fleet.add_revision(TENANT, ADD_PRIORITY, downgrade=DROP_PRIORITY)
+        assert migrate_fleet(t, fleet.ini).ok
+        with t.admin_engine.connect() as conn:
+            select = "select has_table_privilege(:r, :t, 'SELECT'), has_table_privilege(:r, :t, 'INSERT')"
+            assert conn.execute(text(select), {"r": c1_anon, "t": c1_projects}).one() == (True, False)
+        with d1_engine.connect() as conn:
+            assert conn.execute(text(select), {"r": d1_anon, "t": "public.projects"}).one() == (True, False)
+    finally:
+        d1_engine.dispose()

@@ -36,6 +36,7 @@ DSN in ``$SQLA_TENANCY_TEST_DSN``. A benchmark, not a test: it asserts nothing a
 from __future__ import annotations
 
 import argparse
+import contextlib
 import io
 import os
 import statistics
@@ -118,9 +119,10 @@ class Fleet:
     def add_revision(self, body: str) -> str:
         script = ScriptDirectory.from_config(self.config())
         code = textwrap.indent(textwrap.dedent(body).strip(), "    ").lstrip()
-        created = script.generate_revision(
-            rev_id(), "bench", head=f"{TENANT}@head", refresh=True, upgrades=code
-        )
+        with contextlib.redirect_stdout(io.StringIO()):  # no "Generating ..." line
+            created = script.generate_revision(
+                rev_id(), "bench", head=f"{TENANT}@head", refresh=True, upgrades=code
+            )
         assert created is not None
         return created.revision
 
@@ -141,7 +143,8 @@ def new_fleet(server: TestServer, workdir: Path, *, prefix: str | None = None) -
     )
     fleet = Fleet(tenancy_from_env(), ini, database)
     command.upgrade(fleet.config(), "head")
-    command.revision(fleet.config(), "initial", autogenerate=True)
+    with contextlib.redirect_stdout(io.StringIO()):
+        command.revision(fleet.config(), "initial", autogenerate=True)
     command.upgrade(fleet.config(), "head")
     return fleet
 

@@ -101,6 +101,8 @@ def migrate(
     from alembic_ext import MigrationError, MigrationLocked, migrate_fleet
     from alembic_ext.versions import INFRASTRUCTURE, STREAMS, TENANT
 
+    from .errors import TenancyError
+
     console = Console(stderr=True)
     streams: tuple[str, ...] = STREAMS
     if stream is not None:
@@ -149,7 +151,7 @@ def migrate(
     except MigrationLocked as exc:
         console.print(f"error: {exc}")
         raise typer.Exit(EXIT_LOCKED) from None
-    except (MigrationError, FileNotFoundError) as exc:
+    except (MigrationError, TenancyError, FileNotFoundError) as exc:
         console.print(f"error: {exc}")
         raise typer.Exit(EXIT_USAGE) from None
     _summary(console, result)

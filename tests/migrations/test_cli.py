@@ -75,3 +75,10 @@ def test_migrate_needs_an_app(project: Project, monkeypatch: object) -> None:
         timeout=120,
     )
     assert result.returncode == 2 and "--app module:attribute" in result.stderr
+
+
+def test_migrate_refuses_an_unknown_tenant_and_a_missing_config(migrated: Project, tmp_path: Path) -> None:
+    unknown = cli("migrate", "--app", APP, "-c", str(migrated.ini), "--tenant", "nobody", "--no-progress")
+    assert unknown.returncode == 2 and "nobody" in unknown.stderr and "Traceback" not in unknown.stderr
+    missing = cli("migrate", "--app", APP, "-c", str(tmp_path / "nope.ini"), "--no-progress")
+    assert missing.returncode == 2 and "No Alembic configuration" in missing.stderr

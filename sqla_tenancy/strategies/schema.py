@@ -189,18 +189,16 @@ class SchemaStrategy:
         """Nothing to do: provisioning is transactional."""
 
     def binding(self, tenancy: Tenancy, tenant: Tenant) -> bytes:
-        schema, role = self.names(tenancy, tenant.slug)
-        return (
-            f"SET LOCAL search_path = {quote_ident(schema)}; "
-            f"SET LOCAL ROLE {quote_ident(role)}; "
-            f"SET LOCAL {TENANT_SETTING} = {quote_literal(str(tenant.id))}"
-        ).encode()
+        return self._binding(tenancy, tenant, self.names(tenancy, tenant.slug)[1])
 
     def anonymous_binding(self, tenancy: Tenancy, tenant: Tenant) -> bytes:
+        return self._binding(tenancy, tenant, tenant_anonymous_role(tenancy, tenant.slug))
+
+    def _binding(self, tenancy: Tenancy, tenant: Tenant, role: str) -> bytes:
         schema, _ = self.names(tenancy, tenant.slug)
         return (
             f"SET LOCAL search_path = {quote_ident(schema)}; "
-            f"SET LOCAL ROLE {quote_ident(tenant_anonymous_role(tenancy, tenant.slug))}; "
+            f"SET LOCAL ROLE {quote_ident(role)}; "
             f"SET LOCAL {TENANT_SETTING} = {quote_literal(str(tenant.id))}"
         ).encode()
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from .context import current_tenant, platform_context, run_in_context, tenant_context
+from .context import current_tenant, no_tenant_context, platform_context, run_in_context, tenant_context
 from .dialect import TenancyDialect, TenancyDialectAsync
 from .errors import (
     AutocommitNotAllowed,
@@ -38,6 +38,7 @@ __all__ = [
     "UnsafeRoleError",
     "anonymous_readable",
     "current_tenant",
+    "no_tenant_context",
     "platform_context",
     "run_in_context",
     "tenant_context",

@@ -27,6 +27,7 @@ __all__ = [
     "current_platform_reason",
     "current_tenant",
     "current_tenant_ref",
+    "no_tenant_context",
     "platform_context",
     "run_in_context",
     "tenant_context",
@@ -45,6 +46,8 @@ class _Scope:
 
     #: whether the tenant is served anonymously (see :class:`_AnonymousScope`)
     anonymous = False
+    #: whether the scope refuses every query, default tenant included (see :class:`_NoTenantScope`)
+    refuses = False
 
     def __init__(self, tenant: str | uuid.UUID | Tenant | None, platform_reason: str | None = None):
         self.tenant = tenant
@@ -64,6 +67,19 @@ class _AnonymousScope(_Scope):
         self.tenant = tenant
         self.platform_reason = None
         self.key = (tenant, "anonymous")
+
+
+class _NoTenantScope(_Scope):
+    """No tenant, and no falling back to the default tenant either (see :func:`no_tenant_context`)."""
+
+    __slots__ = ()
+
+    refuses = True
+
+    def __init__(self, why: str) -> None:
+        self.tenant = None
+        self.platform_reason = None
+        self.key = why
 
 
 _scope: contextvars.ContextVar[_Scope | None] = contextvars.ContextVar("sqla_tenancy_scope", default=None)
@@ -123,6 +139,34 @@ def platform_context(reason: str) -> Iterator[None]:
     finally:
         _scope.reset(token)
         log.debug("left platform context: %s", reason)
+
+
+class no_tenant_context:
+    """Inside the block no tenant is active and the default tenant does not apply either: every
+    query raises :class:`~sqla_tenancy.TenantRequired` before any SQL is sent, whatever
+    ``Tenancy(default_tenant=...)`` says.
+
+    The web integrations serve requests that skip the checkpoint (CORS preflights, exempt views)
+    inside it, so that an unauthenticated request never runs as the default tenant. ``why`` goes
+    into the error message. A :func:`tenant_context` or :func:`platform_context` nested inside
+    the block applies as usual.
+    """
+
+    __slots__ = ("_scope", "_token")
+
+    def __init__(self, why: str = "this code runs outside any tenant") -> None:
+        self._scope = _NoTenantScope(why)
+        self._token: contextvars.Token[_Scope | None] | None = None
+
+    def __enter__(self) -> None:
+        if self._token is not None:
+            raise RuntimeError("a no_tenant_context() object cannot be entered twice at once")
+        self._token = _scope.set(self._scope)
+
+    def __exit__(self, *exc: object) -> None:
+        token, self._token = self._token, None
+        assert token is not None
+        _scope.reset(token)
 
 
 def current_scope() -> _Scope | None:

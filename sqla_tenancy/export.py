@@ -28,11 +28,11 @@ from typing import IO, TYPE_CHECKING
 from sqlalchemy import Connection, Table
 from sqlalchemy.schema import CreateIndex, CreateTable
 
+from .binding import tenant_setting
 from .errors import TenancyError
 from .identifiers import quote_ident, quote_literal
 from .registry import REGISTRY_SCHEMA, Tenant
 from .rls import current_tenant_function_ddl, is_tenant_scoped, qualified_name, tenant_column_name
-from .strategies.shared import tenant_binding
 from .testing.cluster import find_bindir
 
 if TYPE_CHECKING:
@@ -76,7 +76,7 @@ def export_tenant(tenancy: Tenancy, tenant: Tenant, path: Path, *, pg_dump: Path
             raise TenancyError(f"export of {tenant.strategy!r} tenants is not supported yet")
         tables += [t for t in tenancy.infrastructure_tables() if is_tenant_scoped(t)]
         with tenancy.admin_engine.begin() as admin:
-            admin.exec_driver_sql(tenant_binding(tenant).decode())
+            admin.exec_driver_sql(tenant_setting(tenant.id))
             _write_tables(admin, tenant, tables, out)
     return path
 

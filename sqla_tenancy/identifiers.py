@@ -12,6 +12,7 @@ from .errors import InvalidTenantSlug
 
 __all__ = [
     "MAX_SLUG_LENGTH",
+    "RESERVED_PREFIXES",
     "RESERVED_SLUGS",
     "SLUG_PATTERN",
     "database_name",
@@ -23,21 +24,34 @@ __all__ = [
     "validate_slug",
 ]
 
+#: Slug prefixes nobody may take: ``pg_`` (PostgreSQL's) and ``fdw_`` (the main database tells a
+#: database tenant's FDW login role, ``<prefix>_fdw_<tenant id>``, by that prefix).
+RESERVED_PREFIXES = ("pg_", "fdw_")
+
 #: PostgreSQL truncates identifiers longer than this many bytes.
 MAX_IDENTIFIER_BYTES = 63
 #: Longest ``name_prefix``: derived names are ``<prefix>_<slug>[_<purpose>]``.
 MAX_PREFIX_LENGTH = 16
-PREFIX_PATTERN = re.compile(rf"^[a-z][a-z0-9_]{{0,{MAX_PREFIX_LENGTH - 1}}}$")
+PREFIX_PATTERN = re.compile(rf"[a-z][a-z0-9_]{{0,{MAX_PREFIX_LENGTH - 1}}}")
 #: The longest decoration added to a slug (``<prefix>_`` + slug + ``_owner``).
 _LONGEST_DECORATION = MAX_PREFIX_LENGTH + 1 + len("_owner")
 #: Longest slug, chosen so that every derived identifier fits in 63 bytes.
 MAX_SLUG_LENGTH = 40
 
-SLUG_PATTERN = re.compile(r"^[a-z][a-z0-9_]*$")
+#: What a slug is made of. Always matched whole (``fullmatch``): ``re.match`` with ``$`` would
+#: accept a trailing newline, and ``"acme\n"`` would be a second tenant beside ``acme``.
+SLUG_PATTERN = re.compile(r"[a-z][a-z0-9_]*")
 
-#: Slugs nobody may take. ``default`` is reserved for the default tenant itself.
+#: Slugs nobody may take. ``default`` is reserved for the default tenant itself; ``template``,
+#: ``tenants`` and the ``anonymous`` family would derive names (``<prefix>_template``,
+#: ``<prefix>_tenants``, ...) that the library's own template database and group roles carry.
 RESERVED_SLUGS = frozenset(
     {
+        "template",
+        "tenants",
+        "anonymous",
+        "anonymous_infra",
+        "anonymous_gate",
         "default",
         "postgres",
         "template0",
@@ -65,7 +79,8 @@ def validate_slug(slug: object, *, allow_default: str | None = None) -> str:
 
     Rules: lower-case ASCII letters, digits and ``_``; starts with a letter; at most
     :data:`MAX_SLUG_LENGTH` characters; not in :data:`RESERVED_SLUGS` and not starting with
-    ``pg_`` (PostgreSQL reserves that prefix). ``allow_default`` names the configured default
+    ``pg_`` or ``fdw_`` (:data:`RESERVED_PREFIXES`). Nothing is stripped or folded: a slug is
+    taken exactly as given or refused. ``allow_default`` names the configured default
     tenant, which is the one reserved slug that passes.
     """
     if not isinstance(slug, str):
@@ -80,19 +95,19 @@ def validate_slug(slug: object, *, allow_default: str | None = None) -> str:
             f"{MAX_SLUG_LENGTH} so that derived database, schema and role names fit PostgreSQL's "
             f"{MAX_IDENTIFIER_BYTES}-byte identifiers."
         )
-    if not SLUG_PATTERN.match(slug):
+    if SLUG_PATTERN.fullmatch(slug) is None:
         raise InvalidTenantSlug(
             f"Tenant slug {slug!r} is not valid: use lower-case letters, digits and '_', "
             "starting with a letter (for example 'acme' or 'acme_eu')."
         )
-    if slug in RESERVED_SLUGS or slug.startswith("pg_"):
+    if slug in RESERVED_SLUGS or slug.startswith(RESERVED_PREFIXES):
         raise InvalidTenantSlug(f"Tenant slug {slug!r} is reserved; choose another one.")
     return slug
 
 
 def validate_prefix(prefix: str) -> str:
     """Check a ``name_prefix`` (see :class:`Tenancy`): short, lower-case, starts with a letter."""
-    if not isinstance(prefix, str) or not PREFIX_PATTERN.match(prefix):
+    if not isinstance(prefix, str) or PREFIX_PATTERN.fullmatch(prefix) is None:
         raise InvalidTenantSlug(
             f"name_prefix {prefix!r} is not valid: 1 to {MAX_PREFIX_LENGTH} lower-case letters, "
             "digits or '_', starting with a letter."

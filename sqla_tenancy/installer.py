@@ -6,6 +6,7 @@ The Alembic extension is the production path; both build their DDL from :mod:`sq
 
 from __future__ import annotations
 
+import logging
 from typing import TYPE_CHECKING
 
 from sqlalchemy import Connection, Table, text
@@ -24,9 +25,12 @@ __all__ = [
     "grant_statements",
     "install",
     "registry_ddl",
+    "restrict_database",
     "tenants_group",
     "tenants_group_grants",
 ]
+
+log = logging.getLogger(__name__)
 
 #: Advisory lock key serialising install() and other DDL of the tenancy schema.
 INSTALL_LOCK_KEY = 0x5_1A7E_7A11
@@ -151,6 +155,7 @@ def install(tenancy: Tenancy) -> None:
 
 def _install(tenancy: Tenancy, conn: Connection) -> None:
     ensure_registry(tenancy, conn)
+    restrict_database(tenancy, conn)
     for schema in sorted({t.schema for t in tenancy.metadata.tables.values() if t.schema}):
         conn.exec_driver_sql(f"CREATE SCHEMA IF NOT EXISTS {quote_ident(schema)}")
     tenancy.metadata.create_all(conn, checkfirst=True)
@@ -189,6 +194,42 @@ def _stamp_created(tenancy: Tenancy, conn: Connection) -> None:
                 text(f"update {REGISTRY_SCHEMA}.tenants set revision = :r where strategy = 'shared'"),
                 {"r": format_revision(heads)},
             )
+
+
+def restrict_database(tenancy: Tenancy, conn: Connection) -> None:
+    """Take from ``PUBLIC`` what ``CREATE DATABASE`` gives it on the main database: ``TEMPORARY``
+    (a temporary table one tenant creates can shadow another's tables on a pooled connection) and
+    ``CONNECT`` (database tenants' login roles have no business there); grant ``CONNECT`` back to
+    the application role. Only the database's owner can: for another admin role, a warning says
+    what to run."""
+    database = conn.exec_driver_sql("select current_database()").scalar()
+    assert isinstance(database, str)
+    db = quote_ident(database)
+    app_role = tenancy.url.username
+    owner = conn.exec_driver_sql(
+        "select pg_has_role(current_user, datdba, 'USAGE') from pg_database "
+        "where datname = current_database()"
+    ).scalar()
+    if owner:
+        conn.exec_driver_sql(f"REVOKE CONNECT, TEMPORARY ON DATABASE {db} FROM PUBLIC")
+        if app_role:
+            conn.exec_driver_sql(f"GRANT CONNECT ON DATABASE {db} TO {quote_ident(app_role)}")
+        return
+    public = conn.exec_driver_sql(
+        "select has_database_privilege('public', current_database(), 'TEMPORARY'), "
+        "has_database_privilege('public', current_database(), 'CONNECT')"
+    ).one()
+    if any(public):
+        log.warning(
+            "PUBLIC holds %s on the main database %s, and the admin role does not own it, so "
+            "install() cannot take it back. As its owner, run: REVOKE CONNECT, TEMPORARY ON "
+            "DATABASE %s FROM PUBLIC; GRANT CONNECT ON DATABASE %s TO %s",
+            " and ".join(p for p, held in zip(("TEMPORARY", "CONNECT"), public, strict=True) if held),
+            db,
+            db,
+            db,
+            quote_ident(app_role or "<application role>"),
+        )
 
 
 def ensure_registry(tenancy: Tenancy, conn: Connection) -> None:

@@ -22,18 +22,18 @@ __all__ = ["TenantScoped", "active_tenant_id", "anonymous_readable", "tenant_id_
 def active_tenant_id(tenancy: Tenancy | None = None) -> uuid.UUID:
     """The id of the tenant queries would run for now (the default tenant when none is active),
     resolved with ``tenancy`` (by default the process's most recent Tenancy)."""
-    from . import context
     from .tenancy import active_tenancy
 
     tenancy = tenancy or active_tenancy()
     if tenancy is None:
         raise RuntimeError("no Tenancy has been created in this process")
-    if context.current_platform_reason() is not None:
+    tenant = tenancy.router.current().tenant  # what the transaction is bound to, or refused
+    if tenant is None:
         raise TenantRequired(
             "Inside platform_context() no tenant is active: set tenant_id explicitly on rows "
             "written for a tenant, or write them inside tenant_context(<slug>)."
         )
-    return tenancy.resolve(context.current_tenant_ref()).id
+    return tenant.id
 
 
 def _column_default(context: Any) -> uuid.UUID:

@@ -140,6 +140,12 @@ class Router:
             ref = None
         elif scope.platform_reason is not None:
             return self.platform
+        elif scope.refuses:
+            raise TenantRequired(
+                f"No tenant may serve this code ({scope.key}): it runs inside no_tenant_context(), "
+                "where the default tenant does not apply. Enter tenant_context(<slug>) or "
+                "platform_context(reason) around the queries that need one."
+            )
         else:
             ref = scope.key  # the reference, or (reference, "anonymous")
         memo = self._memo.get(ref)
@@ -206,16 +212,20 @@ class Router:
 
 
 def lookup_key(ref: str | uuid.UUID | Tenant) -> str | uuid.UUID:
-    """A registry key for a slug, a UUID (or its string form) or a :class:`Tenant`."""
+    """A registry key for a slug, a UUID (or its canonical string form) or a :class:`Tenant`."""
     if isinstance(ref, Tenant):
         return ref.id
     if isinstance(ref, uuid.UUID):
         return ref
     if isinstance(ref, str):
+        # Only the canonical form (``str(uuid)``: lower-case, hyphenated) names a tenant by id;
+        # anything else stays a string, which no slug matches (never folded into an id).
         if len(ref) == 36 and ref.count("-") == 4:
             try:
-                return uuid.UUID(ref)
+                key = uuid.UUID(ref)
             except ValueError:
-                pass
+                return ref
+            if str(key) == ref:
+                return key
         return ref
     raise InvalidTenantSlug(f"A tenant is named by a slug, a UUID or a Tenant, not {type(ref).__name__}")

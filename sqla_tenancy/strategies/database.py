@@ -41,13 +41,13 @@ from sqlalchemy.engine import URL, Engine
 from sqlalchemy.pool import NullPool as _NullPool
 
 from ..anonymous import create_tenant_anonymous_role, grant_database_tenant
+from ..binding import binding_statement
 from ..dialect import DRIVER_NAME
 from ..errors import ProvisioningError
 from ..identifiers import database_name, quote_ident, quote_literal, role_name
 from ..installer import tenants_group, tenants_group_grants
 from ..registry import REGISTRY_SCHEMA
 from ..rls import (
-    TENANT_SETTING,
     current_tenant_function_ddl,
     fdw_role_name,
 )
@@ -391,12 +391,12 @@ class DatabaseStrategy:
     # -- routing ------------------------------------------------------------------------------
 
     def binding(self, tenancy: Tenancy, tenant: Tenant) -> bytes:
-        # The pool serves this tenant only; the setting is for RLS on the tenant's own tables.
-        return f"SET LOCAL {TENANT_SETTING} = {quote_literal(str(tenant.id))}".encode()
+        # The pool serves this tenant only, its full and its anonymous transactions alike: pin
+        # the role and the path all the same, and the setting for RLS on the tenant's own tables.
+        return binding_statement(tenant.id)
 
     def anonymous_binding(self, tenancy: Tenancy, tenant: Tenant) -> bytes:
-        role = quote_ident(self.names(tenancy, tenant).anon_role)
-        return self.binding(tenancy, tenant) + f"; SET LOCAL ROLE {role}".encode()
+        return binding_statement(tenant.id, role=self.names(tenancy, tenant).anon_role)
 
     def engine(self, tenancy: Tenancy, tenant: Tenant, *, async_: bool) -> Engine:
         return tenancy._tenant_engine(tenant, self.app_url(tenancy, tenant), async_=async_)

@@ -23,11 +23,12 @@ from sqlalchemy.engine import Engine
 from sqlalchemy.schema import CreateIndex
 
 from ..anonymous import anonymous_gate, schema_tenant_ddl, tenant_anonymous_role
+from ..binding import binding_statement
 from ..errors import ProvisioningError
-from ..identifiers import quote_ident, quote_literal, role_name, schema_name
+from ..identifiers import quote_ident, role_name, schema_name
 from ..installer import tenants_group
 from ..registry import REGISTRY_SCHEMA
-from ..rls import TENANT_ID_INFO_KEY, TENANT_SETTING, enable_rls_ddl, is_tenant_scoped
+from ..rls import TENANT_ID_INFO_KEY, enable_rls_ddl, is_tenant_scoped
 from .base import run_script
 from .shared import delete_tenant_rows
 
@@ -195,12 +196,7 @@ class SchemaStrategy:
         return self._binding(tenancy, tenant, tenant_anonymous_role(tenancy, tenant.slug))
 
     def _binding(self, tenancy: Tenancy, tenant: Tenant, role: str) -> bytes:
-        schema, _ = self.names(tenancy, tenant.slug)
-        return (
-            f"SET LOCAL search_path = {quote_ident(schema)}; "
-            f"SET LOCAL ROLE {quote_ident(role)}; "
-            f"SET LOCAL {TENANT_SETTING} = {quote_literal(str(tenant.id))}"
-        ).encode()
+        return binding_statement(tenant.id, schema=self.names(tenancy, tenant.slug)[0], role=role)
 
     def engine(self, tenancy: Tenancy, tenant: Tenant, *, async_: bool) -> Engine:
         return tenancy._main_engine(async_=async_)

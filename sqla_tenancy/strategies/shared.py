@@ -10,26 +10,22 @@ from sqlalchemy import Connection, Table, text
 from sqlalchemy.engine import Engine
 
 from ..anonymous import anonymous_role
-from ..identifiers import quote_ident, quote_literal
-from ..rls import TENANT_SETTING, is_tenant_scoped, qualified_name, tenant_column_name
+from ..binding import binding_statement, tenant_setting
+from ..identifiers import quote_ident
+from ..rls import is_tenant_scoped, qualified_name, tenant_column_name
 
 if TYPE_CHECKING:
     from ..registry import Tenant
     from ..tenancy import Tenancy
 
-__all__ = ["SharedStrategy", "delete_tenant_rows", "main_tenant_revision", "tenant_binding"]
-
-
-def tenant_binding(tenant: Tenant) -> bytes:
-    """``SET LOCAL app.current_tenant_id = '<id>'`` for ``tenant``."""
-    return f"SET LOCAL {TENANT_SETTING} = {quote_literal(str(tenant.id))}".encode()
+__all__ = ["SharedStrategy", "delete_tenant_rows", "main_tenant_revision"]
 
 
 def delete_tenant_rows(tenant: Tenant, tables: Iterable[Table], *, admin: Connection) -> None:
     """Delete ``tenant``'s rows from every tenant-scoped table among ``tables`` (children first)."""
     # Bind the admin transaction to the tenant as well, so RLS confines the deletes even when the
     # admin role does not bypass it.
-    admin.exec_driver_sql(tenant_binding(tenant).decode())
+    admin.exec_driver_sql(tenant_setting(tenant.id))
     for table in tables:
         column = tenant_column_name(table)
         if column is None:
@@ -86,10 +82,10 @@ class SharedStrategy:
         """Nothing to do: provisioning is transactional."""
 
     def binding(self, tenancy: Tenancy, tenant: Tenant) -> bytes:
-        return tenant_binding(tenant)
+        return binding_statement(tenant.id)
 
     def anonymous_binding(self, tenancy: Tenancy, tenant: Tenant) -> bytes:
-        return tenant_binding(tenant) + f"; SET LOCAL ROLE {quote_ident(anonymous_role(tenancy))}".encode()
+        return binding_statement(tenant.id, role=anonymous_role(tenancy))
 
     def engine(self, tenancy: Tenancy, tenant: Tenant, *, async_: bool) -> Engine:
         return tenancy._main_engine(async_=async_)

@@ -1,0 +1,46 @@
+"""The statements that bind one transaction to one tenant, for every placement.
+
+A connection of the application's pool serves many tenants in turn, and code running inside a
+tenant's transaction can change session-level state that outlives it (``SET search_path``,
+``SET ROLE``, ``SET app.current_tenant_id`` without ``LOCAL``: a common tutorial pattern). So every
+binding pins, transaction-locally, *all* the state that decides where names resolve and as whom,
+not only the part its own placement uses:
+
+* ``search_path``: the tenant's schema followed by ``pg_temp`` (schema placement; listing
+  ``pg_temp`` last stops a temporary table from shadowing the tenant's tables, which it would
+  do from its implicit first place), or ``DEFAULT``, the value the connection started with;
+* the role: the tenant's role (schema placement), an anonymous role, or ``NONE``, the login role;
+* ``app.current_tenant_id``: the tenant's id, for the row-level security policies.
+
+What a transaction leaves behind besides settings (temporary tables, holdable cursors, ``LISTEN``,
+session advisory locks) is cleared by the dialect (:data:`CLEAR_LEFTOVERS`).
+"""
+
+from __future__ import annotations
+
+import uuid
+
+from .identifiers import quote_ident, quote_literal
+from .rls import TENANT_SETTING
+
+__all__ = ["CLEAR_LEFTOVERS", "binding_statement", "tenant_setting"]
+
+#: Sent with ``BEGIN`` before a tenant's binding: removes what another transaction on the same
+#: connection may have left for the next one to find. Each is a no-op on a clean connection.
+CLEAR_LEFTOVERS = b"CLOSE ALL; UNLISTEN *; SELECT pg_advisory_unlock_all(); DISCARD TEMP"
+
+
+def tenant_setting(tenant_id: uuid.UUID) -> str:
+    """``SET LOCAL app.current_tenant_id = '<id>'``."""
+    return f"SET LOCAL {TENANT_SETTING} = {quote_literal(str(tenant_id))}"
+
+
+def binding_statement(tenant_id: uuid.UUID, *, schema: str | None = None, role: str | None = None) -> bytes:
+    """The ``SET LOCAL`` statements that bind a transaction to the tenant ``tenant_id``.
+
+    ``schema``: the only schema unqualified names resolve in (``None``: the connection's default
+    ``search_path``). ``role``: the role the transaction runs as (``None``: the login role).
+    """
+    path = "DEFAULT" if schema is None else f"{quote_ident(schema)}, pg_temp"
+    who = "NONE" if role is None else quote_ident(role)
+    return f"SET LOCAL search_path = {path}; SET LOCAL ROLE {who}; {tenant_setting(tenant_id)}".encode()

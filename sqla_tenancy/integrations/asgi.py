@@ -23,9 +23,14 @@ The middleware is plain ASGI (not ``BaseHTTPMiddleware``), so ``tenant_context``
 ``await app(scope, receive, send)`` in the task that runs the endpoint: endpoints (sync ones run in
 a thread with a copy of the context), dependencies, streamed response bodies and ``BackgroundTasks``
 (which Starlette runs after the response, within the same call) all see the request's tenant, and
-it is gone when the call returns, also on errors. CORS preflights pass without a tenant. Refusals are
-answered with a JSON error (see :mod:`sqla_tenancy.checkpoint`); a refused websocket is closed with
-code 1008 before it is accepted.
+it is gone when the call returns, also on errors. Refusals are answered with a JSON error (see
+:mod:`sqla_tenancy.checkpoint`); a refused websocket is closed with code 1008 before it is accepted.
+
+CORS preflights and exempt paths skip resolution and the checkpoint, and run inside
+:class:`~sqla_tenancy.context.no_tenant_context`: no tenant at all, not even the default tenant,
+since nobody proved they may act for it. Their queries raise :class:`~sqla_tenancy.TenantRequired`
+before any SQL is sent, unless the endpoint enters ``platform_context(reason)`` (a health check) or
+a ``tenant_context`` it has checked (a login endpoint) itself.
 
 Resolution and checkpoint may read the registry or an access key from the database, so they run in
 a worker thread (``anyio.to_thread``), off the event loop.
@@ -46,6 +51,7 @@ from starlette.requests import HTTPConnection
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from ..checkpoint import Admission, Checkpoint, admit
+from ..context import no_tenant_context
 from ..registry import Tenant
 from ..resolvers import RequestRejected, RequestView, TenantResolver, default_resolvers
 from ..session import TenantSession
@@ -67,6 +73,9 @@ log = logging.getLogger(__name__)
 
 #: The key of :class:`RequestTenancy` in the ASGI scope.
 SCOPE_KEY = "sqla_tenancy"
+# Why a request runs inside no_tenant_context() (the text of its queries' TenantRequired).
+_EXEMPT = "an exempt path, served without tenant resolution or checkpoint"
+_PREFLIGHT = "a CORS preflight, served without tenant resolution or checkpoint"
 
 
 @dataclass(slots=True)
@@ -76,7 +85,7 @@ class RequestTenancy:
     tenancy: Tenancy
     sessionmaker: sessionmaker[TenantSession]
     async_sessionmaker: async_sessionmaker[AsyncSession]
-    #: ``None`` on an exempt path
+    #: ``None`` on an exempt path and for a CORS preflight
     admission: Admission | None = field(default=None)
 
 
@@ -102,8 +111,8 @@ class TenancyMiddleware:
         any caller may name any tenant.
     :param resolvers: where to find the tenant a request targets, tried in order (default: the
         ``X-Tenant-ID`` header, then the token's ``tenant`` claim).
-    :param exempt_paths: paths served without tenant resolution: an entry matches itself and
-        everything below it (``/health``, ``/docs``).
+    :param exempt_paths: paths served without tenant resolution, and with no tenant: an entry
+        matches itself and everything below it (``/health``, ``/docs``).
     """
 
     def __init__(
@@ -134,12 +143,15 @@ class TenancyMiddleware:
             return
         state = RequestTenancy(self.tenancy, self._sessionmaker, self._async_sessionmaker)
         scope[SCOPE_KEY] = state
+        # What skips the checkpoint runs with no tenant, default tenant included.
         if self._is_exempt(scope.get("path", "/")):
-            await self.app(scope, receive, send)
+            with no_tenant_context(_EXEMPT):
+                await self.app(scope, receive, send)
             return
         view = asgi_request_view(scope)
         if view.is_cors_preflight:  # no credentials by design; CORS middleware answers it
-            await self.app(scope, receive, send)
+            with no_tenant_context(_PREFLIGHT):
+                await self.app(scope, receive, send)
             return
         admit_request = partial(
             admit, self.tenancy, view, checkpoint=self.checkpoint, resolvers=self.resolvers

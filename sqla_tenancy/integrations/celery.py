@@ -50,6 +50,15 @@ signal receiver raises: only the task's ``__call__`` can fail it closed.)
 Called directly (``task(...)``) or eagerly (``task_always_eager``), a task runs in the caller's
 thread and keeps the caller's context; ``tenant_required`` is checked against it.
 
+**One header, in one place.** The worker reads the context from the message's top-level headers
+only, where the publish hook writes them (protocol 2 makes them attributes of ``task.request``).
+The hook also removes the context headers' names from the other parts of a message that Celery
+shows on the worker's request (a nested ``apply_async(headers={"headers": {...}})``, which becomes
+``request.headers``; message properties, from unknown ``apply_async`` options; stamps), so setting
+them by hand names nothing. A message that still carries one of them there (from a producer that
+never ran :func:`install_celery`) fails with :class:`~sqla_tenancy.integrations.IntegrationError`
+before the body runs, ``tenant_required=False`` or not.
+
 The broker is trusted with the header as it is with the task's arguments: whoever can publish to
 it can name any tenant. Needs Celery's message protocol 2 (the default since Celery 4).
 
@@ -62,6 +71,7 @@ from __future__ import annotations
 import logging
 import uuid
 import weakref
+from collections.abc import Mapping
 from contextlib import AbstractContextManager
 from typing import Any
 
@@ -99,6 +109,7 @@ PLATFORM_HEADER = "sqla_tenancy_platform"
 #: The message header (``"1"``) marking a tenant sent from an anonymous ``tenant_context``.
 ANONYMOUS_HEADER = "sqla_tenancy_anonymous"
 
+_CONTEXT_HEADERS = (TENANT_HEADER, PLATFORM_HEADER, ANONYMOUS_HEADER)
 _UID = "sqla_tenancy.integrations.celery"
 _CONTEXT_ATTR = "_sqla_tenancy_context"  # on the task's request, between prerun and postrun
 _tenancy_ref: weakref.ref[Tenancy] | None = None
@@ -144,14 +155,44 @@ def context_headers() -> dict[str, str]:
     return {}
 
 
-def _on_before_task_publish(headers: dict[str, Any] | None = None, **_: Any) -> None:
-    """``before_task_publish`` receiver: the message's context headers are the sender's context."""
+def _on_before_task_publish(
+    headers: dict[str, Any] | None = None, properties: dict[str, Any] | None = None, **_: Any
+) -> None:
+    """``before_task_publish`` receiver: the message's context headers are the sender's context,
+    and no other part of the message names one (see :func:`_misplaced`)."""
     if headers is None:
         return
-    headers.pop(TENANT_HEADER, None)
-    headers.pop(PLATFORM_HEADER, None)
-    headers.pop(ANONYMOUS_HEADER, None)
+    dropped = _drop_context_names(headers, properties)
+    if dropped:
+        log.warning(
+            "task %s: dropped %s from its message: the context a task runs in is the sender's, "
+            "carried by sqla_tenancy's own headers only",
+            headers.get("id"),
+            ", ".join(dropped),
+        )
+    for name in _CONTEXT_HEADERS:
+        headers.pop(name, None)
     headers.update(context_headers())
+
+
+def _drop_context_names(headers: dict[str, Any], properties: dict[str, Any] | None) -> list[str]:
+    """Remove the context headers' names from every place of an outgoing message where Celery
+    would show them to the worker besides the headers themselves; what was removed, and where."""
+    dropped: list[str] = []
+    for place, container in (
+        ("headers", headers.get("headers")),
+        ("stamps", headers.get("stamps")),
+        ("properties", properties),
+    ):
+        if isinstance(container, dict):
+            for name in _CONTEXT_HEADERS:
+                if name in container:
+                    del container[name]
+                    dropped.append(f"{place}[{name!r}]")
+    stamped = headers.get("stamped_headers")
+    if isinstance(stamped, list):
+        headers["stamped_headers"] = [name for name in stamped if name not in _CONTEXT_HEADERS]
+    return dropped
 
 
 def install_celery(app: Celery, *, tenancy: Tenancy | None = None) -> None:
@@ -178,10 +219,36 @@ def install_celery(app: Celery, *, tenancy: Tenancy | None = None) -> None:
     task_postrun.connect(_on_task_postrun, weak=False, dispatch_uid=f"{_UID}.postrun")
 
 
+def _misplaced(request: Any) -> list[str]:
+    """Where the message names a context somewhere the publisher never writes it.
+
+    With protocol 2, Celery makes each message header an attribute of the task's request: that is
+    where :func:`context_headers` go, and the only place the worker reads them. The request shows
+    other parts of the message too, each a place a forger could hope to be read from: a nested
+    ``apply_async(headers={"headers": {...}})`` becomes ``request.headers`` (otherwise Celery fills
+    it with the message's custom headers, which then repeat the attributes exactly), an unknown
+    ``apply_async`` option becomes a message property (``request.properties``), a stamp
+    ``request.stamps`` (and ``request.stamped_headers``)."""
+    found: list[str] = []
+    headers = getattr(request, "headers", None)
+    properties = getattr(request, "properties", None)
+    stamps = getattr(request, "stamps", None)
+    stamped = getattr(request, "stamped_headers", None)
+    for name in _CONTEXT_HEADERS:
+        if isinstance(headers, Mapping) and name in headers and headers[name] != request.__dict__.get(name):
+            found.append(f"request.headers[{name!r}]")
+        if isinstance(properties, Mapping) and name in properties:
+            found.append(f"request.properties[{name!r}]")
+        if isinstance(stamps, Mapping) and name in stamps:
+            found.append(f"request.stamps[{name!r}]")
+        if isinstance(stamped, (list, tuple)) and name in stamped:
+            found.append(f"request.stamped_headers ({name!r})")
+    return found
+
+
 def _header(request: Any, name: str) -> str | None:
-    value = getattr(request, name, None)
-    if value is None and isinstance(request.headers, dict):
-        value = request.headers.get(name)
+    """The message header ``name``, read where the publisher writes it and nowhere else."""
+    value = request.__dict__.get(name)
     if value is None:
         return None
     if not isinstance(value, str) or not value.strip():
@@ -195,6 +262,15 @@ def _header(request: Any, name: str) -> str | None:
 def _message_scope(request: Any) -> tuple[str | uuid.UUID | None, str | None, bool]:
     """The tenant reference and the platform reason the message names (at most one of them), and
     whether the tenant is to be served anonymously."""
+    misplaced = _misplaced(request)
+    if misplaced:
+        raise IntegrationError(
+            f"The message of task {request.id} names a tenant context in {', '.join(misplaced)}, "
+            "where sqla_tenancy.integrations.celery never writes one; refusing to run it rather than "
+            "guess its tenant. Send the task inside tenant_context(<slug>) (or "
+            "platform_context(reason)) from a process that called install_celery(app), and do not "
+            "set these names in apply_async(headers=...) or as options by hand."
+        )
     tenant = _header(request, TENANT_HEADER)
     reason = _header(request, PLATFORM_HEADER)
     anonymous = _header(request, ANONYMOUS_HEADER)

@@ -15,7 +15,9 @@
 
     @app.get("/health")
     @ext.exempt
-    def health():  # no tenant resolution, no checkpoint
+    def health():  # no tenant resolution, no checkpoint, no tenant
+        with platform_context("health check"):  # a view that skips the checkpoint picks its context
+            ext.session.execute(select(1))
         return "ok"
 
 Before each request (ahead of the application's own ``before_request`` hooks; CORS preflights and
@@ -26,6 +28,12 @@ anonymous database role, for an access-key or credential-less admission: see
 :attr:`~sqla_tenancy.checkpoint.Admission.database_role`), which ``teardown_request`` leaves, also
 when the view raised, after closing the request's session (:attr:`TenancyFlask.session`). A streamed
 body is produced after teardown: wrap it with :meth:`TenancyFlask.stream` to keep the tenant.
+
+What skips the checkpoint (exempt views, CORS preflights, URLs Flask cannot route) and what follows
+a refusal (the ``after_request`` hooks) runs inside :class:`~sqla_tenancy.context.no_tenant_context`
+instead: no tenant at all, not even the default tenant, since nobody proved they may act for it.
+Queries there raise :class:`~sqla_tenancy.TenantRequired` before any SQL is sent, unless the view
+enters a ``tenant_context`` or ``platform_context`` itself.
 
 For Flask-SQLAlchemy's ``db.session``, see :mod:`sqla_tenancy.integrations.flask_sqlalchemy`.
 """
@@ -40,7 +48,7 @@ from typing import Any, AnyStr, TypeVar
 from flask import Flask, Response, current_app, g, request, stream_with_context
 
 from ..checkpoint import Admission, Checkpoint, admit
-from ..context import tenant_context
+from ..context import no_tenant_context, tenant_context
 from ..registry import Tenant
 from ..resolvers import RequestRejected, RequestView, TenantResolver, default_resolvers
 from ..session import TenantSession
@@ -55,6 +63,11 @@ log = logging.getLogger(__name__)
 EXTENSION_KEY = "sqla_tenancy"
 _G_KEY = "_sqla_tenancy"
 _EXEMPT_ATTR = "_sqla_tenancy_exempt"
+# Why a request runs inside no_tenant_context() (the text of its queries' TenantRequired).
+_EXEMPT = "an exempt view, served without tenant resolution or checkpoint"
+_PREFLIGHT = "a CORS preflight, served without tenant resolution or checkpoint"
+_NO_ROUTE = "a request Flask answers itself (unknown URL or method), with no tenant resolution"
+_REFUSED = "a request the checkpoint refused"
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -66,8 +79,13 @@ class _RequestState:
 
     def __init__(self) -> None:
         self.admission: Admission | None = None
-        self.context: tenant_context | None = None
+        self.context: tenant_context | no_tenant_context | None = None
         self.session: TenantSession | None = None
+
+    def enter(self, context: tenant_context | no_tenant_context) -> None:
+        """Enter the request's context; ``teardown_request`` leaves it."""
+        context.__enter__()
+        self.context = context
 
 
 def flask_request_view() -> RequestView:
@@ -84,8 +102,8 @@ class TenancyFlask:
         any caller may name any tenant.
     :param resolvers: where to find the tenant a request targets, tried in order (default: the
         ``X-Tenant-ID`` header, then the token's ``tenant`` claim).
-    :param exempt_endpoints: endpoints served without tenant resolution (``static`` by default);
-        see also :meth:`exempt`.
+    :param exempt_endpoints: endpoints served without tenant resolution, and with no tenant
+        (``static`` by default); see also :meth:`exempt`.
     """
 
     def __init__(
@@ -117,7 +135,10 @@ class TenancyFlask:
     @staticmethod
     def exempt(view: F) -> F:
         """Decorator: serve this view without tenant resolution or checkpoint (health checks,
-        login). Its queries get the default tenant, or fail with TenantRequired."""
+        login), and so with no tenant: not the default tenant either, since the caller proved
+        nothing. Its queries raise TenantRequired before any SQL is sent unless it enters the
+        context it needs itself (``platform_context(reason)``, or ``tenant_context`` for a tenant
+        it has checked)."""
         setattr(view, _EXEMPT_ATTR, True)
         return view
 
@@ -187,20 +208,26 @@ class TenancyFlask:
     def _before_request(self) -> Response | None:
         state = _RequestState()
         setattr(g, _G_KEY, state)
-        if request.routing_exception is not None or self._is_exempt():
-            return None  # Flask answers unknown URLs itself; exempt views get no tenant
+        # What skips the checkpoint runs with no tenant, default tenant included: the application's
+        # later before_request hooks, the view, error handlers and after_request hooks alike.
+        if request.routing_exception is not None:
+            state.enter(no_tenant_context(_NO_ROUTE))  # Flask answers unknown URLs itself
+            return None
+        if self._is_exempt():
+            state.enter(no_tenant_context(_EXEMPT))
+            return None
         view = flask_request_view()
         if view.is_cors_preflight:
+            state.enter(no_tenant_context(_PREFLIGHT))
             return None
         try:
             admission = admit(self.tenancy, view, checkpoint=self.checkpoint, resolvers=self.resolvers)
         except RequestRejected as exc:
             log.info("%s %s refused with %d: %s", request.method, request.path, exc.status, exc)
+            state.enter(no_tenant_context(_REFUSED))  # the after_request hooks still run
             return _error_response(exc)
-        context = admission.context()  # anonymous admissions get the anonymous database role
-        context.__enter__()
         state.admission = admission
-        state.context = context
+        state.enter(admission.context())  # anonymous admissions get the anonymous database role
         return None
 
     def _teardown_request(self, exc: BaseException | None) -> None:

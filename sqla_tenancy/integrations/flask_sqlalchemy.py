@@ -22,9 +22,11 @@ another ``__bind_key__`` keep Flask-SQLAlchemy's engines from ``SQLALCHEMY_BINDS
 
 The session finds the :class:`Tenancy` through the app's :class:`TenancyFlask` (or take
 ``session_options={"class_": ..., "tenancy": tenancy}``). ``db.session`` lives for the app context,
-i.e. one request, and Flask-SQLAlchemy removes it at teardown. Use ``tenancy.install()`` or the
-Alembic extension instead of ``db.create_all()``, which would create tables without their row-level
-security.
+i.e. one request, and Flask-SQLAlchemy removes it at teardown. On an exempt view or a CORS
+preflight it has no tenant, default tenant included, like every session there (see
+:mod:`sqla_tenancy.integrations.flask`): default-bind queries raise TenantRequired. Use
+``tenancy.install()`` or the Alembic extension instead of ``db.create_all()``, which would create
+tables without their row-level security.
 """
 
 from __future__ import annotations

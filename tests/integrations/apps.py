@@ -273,3 +273,165 @@ def fastapi_app(
         return {"ref": repr(current_tenant_ref()), "checked_out": tenancy.engine.pool.checkedout()}
 
     return app
+
+
+# -- requests that skip the checkpoint ----------------------------------------------------------------
+#
+# ``GET|OPTIONS /preflight/projects``
+#     a view that serves OPTIONS itself (a CORS preflight skips the checkpoint; a GET does not).
+# ``GET /exempt/projects`` (and ``/exempt/projects-async``, FastAPI)
+#     an exempt view that queries with whatever context it was given.
+# ``GET /exempt/platform``
+#     an exempt view that enters ``platform_context`` itself (a health check across tenants).
+# ``GET /exempt/tenant/<slug>``
+#     an exempt view that enters ``tenant_context(slug)`` itself (a login view choosing its tenant).
+#
+# Each answers ``{"ref", "names"}``, or 500 ``{"ref", "error": "TenantRequired", "detail"}`` when
+# the library refused the query. The Flask apps also take ``X-Read-In: before`` (an application
+# ``before_request`` hook reads and answers instead of the view, on any URL, known or not) and
+# ``X-Read-In: after`` (an ``after_request`` hook reads and answers, refused requests included).
+
+HEALTH_REASON = "health check: count every tenant's projects"
+
+
+def _read(read: Any) -> tuple[dict[str, Any], int]:
+    from sqla_tenancy import TenantRequired
+
+    ref = repr(current_tenant_ref())
+    try:
+        names = read()
+    except TenantRequired as error:
+        return {"ref": ref, "error": "TenantRequired", "detail": str(error)}, 500
+    return {"ref": ref, "names": names}, 200
+
+
+def _flask_unchecked_routes(app: Any, exempt: Any, session: Any) -> None:
+    """The routes above, and the ``X-Read-In`` hooks, on a Flask app; ``session()`` is the request's."""
+    from flask import request
+
+    from sqla_tenancy import platform_context, tenant_context
+
+    @app.before_request
+    def read_before() -> Any:
+        if request.headers.get("X-Read-In") == "before":
+            return _read(lambda: _names(session()))
+        return None
+
+    @app.after_request
+    def read_after(response: Any) -> Any:
+        if request.headers.get("X-Read-In") == "after":
+            return app.make_response(_read(lambda: _names(session())))
+        return response
+
+    @app.route("/preflight/projects", methods=["GET", "OPTIONS"])
+    def preflight_projects() -> Any:
+        return _read(lambda: _names(session()))
+
+    @app.get("/exempt/projects")
+    @exempt
+    def exempt_projects() -> Any:
+        return _read(lambda: _names(session()))
+
+    @app.get("/exempt/platform")
+    @exempt
+    def exempt_platform() -> Any:
+        def read() -> list[str]:
+            with platform_context(HEALTH_REASON):
+                return _names(session())
+
+        return _read(read)
+
+    @app.get("/exempt/tenant/<slug>")
+    @exempt
+    def exempt_tenant(slug: str) -> Any:
+        def read() -> list[str]:
+            with tenant_context(slug):
+                return _names(session())
+
+        return _read(read)
+
+
+def flask_unchecked_app(tenancy: Tenancy, checkpoint: Checkpoint | None) -> Any:
+    """The routes that skip the checkpoint, on Flask with :attr:`TenancyFlask.session`."""
+    from flask import Flask
+
+    from sqla_tenancy.integrations.flask import TenancyFlask
+
+    app = Flask("flask_unchecked_test")
+    ext = TenancyFlask(app, tenancy=tenancy, checkpoint=checkpoint)
+    _flask_unchecked_routes(app, ext.exempt, lambda: ext.session)
+    return app
+
+
+def flask_sqlalchemy_unchecked_app(tenancy: Tenancy, checkpoint: Checkpoint | None) -> Any:
+    """The routes that skip the checkpoint, on Flask-SQLAlchemy's ``db.session``."""
+    from flask import Flask
+    from flask_sqlalchemy import SQLAlchemy
+
+    from sqla_tenancy.integrations.flask import TenancyFlask
+    from sqla_tenancy.integrations.flask_sqlalchemy import FlaskSQLAlchemyTenantSession
+
+    db = SQLAlchemy(session_options={"class_": FlaskSQLAlchemyTenantSession})
+    app = Flask("flask_sqlalchemy_unchecked_test")
+    app.config["SQLALCHEMY_DATABASE_URI"] = tenancy.url.set(drivername="postgresql+psycopg")
+    db.init_app(app)
+    ext = TenancyFlask(app, tenancy=tenancy, checkpoint=checkpoint)
+    _flask_unchecked_routes(app, ext.exempt, lambda: db.session)
+    return app
+
+
+def fastapi_unchecked_app(tenancy: Tenancy, checkpoint: Checkpoint | None) -> Any:
+    """The routes that skip the checkpoint, on FastAPI (``/exempt`` is an exempt path)."""
+    from fastapi import Depends, FastAPI
+    from fastapi.responses import JSONResponse
+    from sqlalchemy.ext.asyncio import AsyncSession
+
+    from sqla_tenancy import TenantSession, platform_context, tenant_context
+    from sqla_tenancy.integrations.asgi import TenancyMiddleware, get_async_session, get_session
+
+    SessionDep = Annotated[TenantSession, Depends(get_session)]
+    AsyncSessionDep = Annotated[AsyncSession, Depends(get_async_session)]
+
+    app = FastAPI()
+    app.add_middleware(TenancyMiddleware, tenancy=tenancy, checkpoint=checkpoint, exempt_paths=["/exempt"])
+
+    def answer(read: Any) -> JSONResponse:
+        body, status = _read(read)
+        return JSONResponse(body, status)
+
+    @app.api_route("/preflight/projects", methods=["GET", "OPTIONS"])
+    def preflight_projects(session: SessionDep) -> Any:
+        return answer(lambda: _names(session))
+
+    @app.get("/exempt/projects")
+    def exempt_projects(session: SessionDep) -> Any:
+        return answer(lambda: _names(session))
+
+    @app.get("/exempt/projects-async")
+    async def exempt_projects_async(session: AsyncSessionDep) -> Any:
+        from sqla_tenancy import TenantRequired
+
+        ref = repr(current_tenant_ref())
+        try:
+            names = list(await session.scalars(select(Project.name).order_by(Project.name)))
+        except TenantRequired as error:
+            return JSONResponse({"ref": ref, "error": "TenantRequired", "detail": str(error)}, 500)
+        return {"ref": ref, "names": names}
+
+    @app.get("/exempt/platform")
+    def exempt_platform(session: SessionDep) -> Any:
+        def read() -> list[str]:
+            with platform_context(HEALTH_REASON):
+                return _names(session)
+
+        return answer(read)
+
+    @app.get("/exempt/tenant/{slug}")
+    def exempt_tenant(slug: str, session: SessionDep) -> Any:
+        def read() -> list[str]:
+            with tenant_context(slug):
+                return _names(session)
+
+        return answer(read)
+
+    return app

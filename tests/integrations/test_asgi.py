@@ -11,9 +11,10 @@ import pytest
 
 from tests.live_server import serve_asgi
 
-from .apps import fastapi_app
+from .apps import fastapi_app, fastapi_unchecked_app
 from .conftest import World, bearer, make_token
 from .suite import CheckpointSuite
+from .unchecked import UncheckedRequestSuite
 
 pytest.importorskip("fastapi")
 
@@ -42,6 +43,12 @@ class TestFastAPI(CheckpointSuite):
         wait_for_row(world, "globex", name)
         for other in ("acme", "hooli", "default"):
             assert name not in world.names(other)
+
+
+class TestFastAPIUncheckedRequests(UncheckedRequestSuite):
+    build = staticmethod(fastapi_unchecked_app)
+    serve = staticmethod(serve_asgi)
+    exempt_query_paths: ClassVar[tuple[str, ...]] = ("/exempt/projects", "/exempt/projects-async")
 
 
 def websocket_app(world: World):

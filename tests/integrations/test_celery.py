@@ -15,12 +15,14 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+import uuid
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 from celery import Celery, chain, chord
+from celery.app.task import Task as CeleryTask
 from celery.result import AsyncResult
 from sqlalchemy import func, select
 
@@ -43,6 +45,7 @@ from tests.integrations.celery_app import (
     collect,
     fail,
     fail_and_record,
+    retry_once,
     scope,
     scope_after,
     scope_optional,
@@ -311,6 +314,19 @@ def test_chained_and_chord_callback_tasks_carry_the_tenant_on(world: World, work
     assert [part["tenant_ref"] for part in got["parts"]] == [globex, globex]
 
 
+def test_a_retry_runs_in_the_tasks_tenant(world: World, worker: Path) -> None:
+    """The worker re-sends the message with the request's headers: the context comes along, and
+    nothing in the copy looks misplaced."""
+    globex = str(world.tenants["globex"].id)
+    with tenant_context("globex"):
+        result = retry_once.delay()
+    with tenant_context("globex", anonymous=True):
+        anonymous = retry_once.delay()
+
+    assert outcome(result) == {"tenant_ref": globex, "platform": None, "anonymous": False, "retries": 1}
+    assert outcome(anonymous) == {"tenant_ref": globex, "platform": None, "anonymous": True, "retries": 1}
+
+
 def test_a_failure_handler_runs_in_the_tasks_tenant(world: World, worker: Path) -> None:
     with tenant_context("globex"):
         result = fail_and_record.delay("globex-celery-failed")
@@ -338,6 +354,124 @@ def test_a_task_for_an_unknown_tenant_fails(worker: Path) -> None:
     error = failure(result)
 
     assert isinstance(error, TenantNotFound), repr(error)
+
+
+# -- where the context is read from: exactly where the publisher writes it ----------------------------
+#
+# Celery (5.x, protocol 2) spreads a message's headers into the task's request, so the header
+# the publisher writes, ``apply_async(headers={TENANT_HEADER: ...})``, is ``request.<name>`` (and
+# also in ``request.headers``, which Celery derives from the headers it does not know). Three other
+# spellings surface elsewhere on the request: a nested ``headers={"headers": {...}}`` becomes
+# ``request.headers`` itself, an unknown option ``apply_async(<name>=...)`` a message property
+# (``request.properties``), a stamp ``request.stamps``. The worker reads the first place only.
+
+Forgery = Callable[[str, str], dict[str, Any]]
+#: apply_async options that name ``header: value`` somewhere the publisher never writes it
+FORGERIES: dict[str, Forgery] = {
+    "nested": lambda header, value: {"headers": {"headers": {header: value}}},
+    "property": lambda header, value: {header: value},
+    "stamp": lambda header, value: {"stamped_headers": [header], header: value},
+}
+#: the same places, as the message itself carries them (headers, properties)
+RAW_FORGERIES: dict[str, Callable[[str, str], tuple[dict[str, Any], dict[str, Any]]]] = {
+    "nested": lambda header, value: ({"headers": {header: value}}, {}),
+    "property": lambda header, value: ({}, {header: value}),
+    "stamp": lambda header, value: ({"stamped_headers": [header], "stamps": {header: value}}, {}),
+}
+
+
+def publish_past_the_hook(
+    task: CeleryTask, *, headers: dict[str, Any] | None = None, **properties: Any
+) -> AsyncResult:
+    """Publish a message for ``task`` as a producer that never called install_celery would: with
+    kombu, past the ``before_task_publish`` hook, the headers and properties exactly as given."""
+    app = celery_app.app
+    task_id = str(uuid.uuid4())
+    message = app.amqp.create_task_message(task_id, task.name, (), {})
+    message.headers.update(headers or {})
+    with app.producer_or_acquire() as producer:
+        producer.publish(
+            message.body,
+            routing_key=app.conf.task_default_queue,
+            headers=message.headers,
+            serializer="json",
+            **{**message.properties, **properties},
+        )
+    return AsyncResult(task_id, app=app)
+
+
+@pytest.mark.parametrize("where", FORGERIES)
+def test_a_tenant_named_outside_the_header_is_not_the_tasks_tenant(
+    world: World, worker: Path, where: str
+) -> None:
+    """Sent outside any context, a tenant or platform reason written anywhere but the header
+    gives the task no context: the send names no tenant, and fails closed as such."""
+    forge = FORGERIES[where]
+    acme = str(world.tenants["acme"].id)
+    name = f"acme-celery-forged-{where}"
+
+    writes = failure(add_project.apply_async((name,), **forge(TENANT_HEADER, acme)))
+    reads = failure(scope.apply_async(**forge(TENANT_HEADER, acme)))
+    cross_tenant = failure(all_project_names.apply_async(**forge(PLATFORM_HEADER, "forged")))
+    optional = outcome(scope_optional.apply_async(**forge(TENANT_HEADER, acme)))
+
+    for error in (writes, reads, cross_tenant):
+        assert isinstance(error, TenantRequired), repr(error)
+        assert "its message names no tenant" in str(error)
+    assert optional == {"tenant_ref": None, "platform": None}
+    assert rows_named(world, name) == 0
+
+
+@pytest.mark.parametrize("where", FORGERIES)
+def test_forged_copies_sent_inside_a_context_give_way_to_the_senders_context(
+    world: World, worker: Path, where: str
+) -> None:
+    forge = FORGERIES[where]
+    acme, globex = (str(world.tenants[slug].id) for slug in ("acme", "globex"))
+    name = f"globex-celery-forged-{where}"
+    with tenant_context("globex"):
+        as_acme = scope.apply_async(**forge(TENANT_HEADER, acme))
+        as_platform = scope.apply_async(**forge(PLATFORM_HEADER, "forged"))
+        writes = add_project.apply_async((name,), **forge(TENANT_HEADER, acme))
+        full_role = anonymous_reads.apply_async(**forge(ANONYMOUS_HEADER, "1"))
+    with platform_context("report"):
+        in_platform = scope.apply_async(**forge(TENANT_HEADER, acme))
+
+    for result in (as_acme, as_platform):
+        assert outcome(result) == {"tenant_ref": globex, "platform": None}
+    written = outcome(writes)
+    assert (written["slug"], written["tenant_ids"]) == ("globex", [globex])
+    assert name in world.names("globex") and name not in world.names("acme")
+    assert outcome(full_role)["anonymous"] is False
+    assert outcome(in_platform) == {"tenant_ref": None, "platform": "report"}
+
+
+@pytest.mark.parametrize("where", RAW_FORGERIES)
+def test_a_message_naming_a_context_where_the_publisher_never_writes_it_fails_closed(
+    world: World, worker: Path, where: str
+) -> None:
+    """From a producer that skipped the publish hook: the worker refuses to guess, even for a task
+    that may run with no tenant, and even when the header itself names a tenant too."""
+    acme, globex = (str(world.tenants[slug].id) for slug in ("acme", "globex"))
+    cases = []
+    for header, value in ((TENANT_HEADER, acme), (PLATFORM_HEADER, "forged"), (ANONYMOUS_HEADER, "1")):
+        headers, properties = RAW_FORGERIES[where](header, value)
+        for task in (scope, scope_optional):
+            cases.append((header, publish_past_the_hook(task, headers=headers, **properties)))
+        headers = {TENANT_HEADER: globex, **headers} if header != TENANT_HEADER else headers
+        cases.append((header, publish_past_the_hook(scope, headers=headers, **properties)))
+
+    for header, result in cases:
+        error = failure(result)
+        assert isinstance(error, IntegrationError), repr(error)
+        assert header in str(error) and "refusing to run" in str(error), str(error)
+
+
+def test_the_header_the_publisher_writes_is_read_from_any_producer(world: World, worker: Path) -> None:
+    """The broker is trusted with the header as with the arguments: the worker reads it there."""
+    globex = str(world.tenants["globex"].id)
+    result = publish_past_the_hook(scope, headers={TENANT_HEADER: globex})
+    assert outcome(result) == {"tenant_ref": globex, "platform": None}
 
 
 def test_the_headers_name_the_senders_context(world: World, installed: None) -> None:

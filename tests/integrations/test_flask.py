@@ -8,9 +8,10 @@ import pytest
 
 from tests.live_server import serve_wsgi
 
-from .apps import flask_app
+from .apps import flask_app, flask_unchecked_app
 from .conftest import World
 from .suite import CheckpointSuite, strict_checkpoint
+from .unchecked import FlaskHooksSuite
 
 pytest.importorskip("flask")
 
@@ -20,6 +21,11 @@ class TestFlask(CheckpointSuite):
     serve = staticmethod(serve_wsgi)
     serve_serially = staticmethod(lambda app: serve_wsgi(app, threaded=False))
     project_paths: ClassVar[tuple[str, ...]] = ("/projects",)
+
+
+class TestFlaskUncheckedRequests(FlaskHooksSuite):
+    build = staticmethod(flask_unchecked_app)
+    serve = staticmethod(serve_wsgi)
 
 
 def test_extension_refuses_to_serve_the_tenant_of_an_exempt_route(world: World) -> None:

@@ -12,11 +12,19 @@ from sqlalchemy import MetaData, Table, select
 from sqla_tenancy import tenant_context
 from tests.live_server import serve_wsgi
 
-from .apps import flask_sqlalchemy_app
+from .apps import flask_sqlalchemy_app, flask_sqlalchemy_unchecked_app
 from .conftest import World, bearer, make_token
 from .suite import assert_only, strict_checkpoint
+from .unchecked import FlaskHooksSuite
 
 pytest.importorskip("flask_sqlalchemy")
+
+
+class TestFlaskSQLAlchemyUncheckedRequests(FlaskHooksSuite):
+    """Preflights, exempt views and application hooks query through ``db.session``."""
+
+    build = staticmethod(flask_sqlalchemy_unchecked_app)
+    serve = staticmethod(serve_wsgi)
 
 
 @pytest.fixture(scope="module")

@@ -35,11 +35,13 @@ from alembic.runtime.environment import EnvironmentContext
 from alembic.runtime.migration import MigrationContext
 from sqlalchemy import Connection, Engine, text
 
+from sqla_tenancy.keys import check_tenant_keys
 from sqla_tenancy.registry import REGISTRY_SCHEMA
 from sqla_tenancy.rls import is_tenant_scoped, policy_names, tenant_column_name
 
 from . import ops as tenancy_ops
 from .errors import MigrationError
+from .keys import order_key_operations
 from .locations import tenant_locations
 from .runner import Command, LocationRunner, _transaction, fleet_lock
 from .versions import INFRASTRUCTURE, STREAMS, TENANT, VERSION_TABLES, has_stream
@@ -226,6 +228,9 @@ def _autogenerate(
     user_hook: Callable[..., Any] | None,
     options: dict[str, Any],
 ) -> None:
+    # Refused, not warned: a revision would put the unsafe keys into every tenant location, and
+    # `alembic check` (which runs this too) must fail in CI. Fix the models, then autogenerate.
+    check_tenant_keys(tenancy.metadata, infrastructure_schemas=tenancy.infrastructure_schemas)
     script = env.script
     missing = [s for s in streams if not has_stream(script, s)]
     if missing:
@@ -279,8 +284,9 @@ def _autogenerate(
 
 
 class _Hook:
-    """``process_revision_directives`` for one stream: adds the RLS operations autogenerate cannot
-    see, then (after the last stream) splits the single generated script into one per stream."""
+    """``process_revision_directives`` for one stream: orders key operations so that PostgreSQL
+    accepts them (:mod:`alembic_ext.keys`), adds the RLS operations autogenerate cannot see, then
+    (after the last stream) splits the single generated script into one per stream."""
 
     def __init__(
         self,
@@ -304,6 +310,8 @@ class _Hook:
     ) -> None:
         script = directives[-1]
         upgrade, downgrade = script.upgrade_ops_list[-1], script.downgrade_ops_list[-1]
+        if order_key_operations(upgrade):  # new unique keys before the foreign keys needing them
+            downgrade.ops[:] = upgrade.reverse().ops  # as Alembic derives it
         assert context.connection is not None
         added = rls_operations(context.connection, self.tenancy, self.stream)
         upgrade.ops.extend(added)

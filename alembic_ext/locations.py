@@ -20,6 +20,7 @@ from sqlalchemy.pool import NullPool
 
 from sqla_tenancy.errors import TenantNotFound
 from sqla_tenancy.registry import REGISTRY_SCHEMA, Tenant
+from sqla_tenancy.strategies.database import template_database
 
 if TYPE_CHECKING:
     from sqlalchemy import Connection
@@ -133,7 +134,7 @@ def tenant_locations(
 def template_locations(tenancy: Tenancy) -> list[Location]:
     """The template databases that exist on the configured servers (``prepare_server`` creates
     them); one catalog query per server."""
-    name = f"{tenancy.name_prefix}_template"
+    name = template_database(tenancy)
     found = []
     for server in sorted(tenancy.servers):
         engine = create_engine(tenancy.server_admin_url(server), poolclass=NullPool)

@@ -94,7 +94,7 @@ from sqla_tenancy.identifiers import quote_ident, quote_literal
 from sqla_tenancy.testing import TestServer
 
 PARTS = ("provision", "lookup", "roundrobin")
-STEPS = ("register", "template", "app_role", "database", "fdw_role", "fdw", "activate")
+STEPS = ("register", "template", "app_role", "database", "rename_database", "fdw_role", "fdw", "activate")
 LOOKUP_VARIANTS = ("main", "fdw", "local")
 RR_VARIANTS = ("roundrobin", "hot", "one")
 #: Hand-made storage for context: the suffix of its CREATE DATABASE.

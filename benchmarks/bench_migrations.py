@@ -53,12 +53,12 @@ from alembic import command
 from alembic.config import Config
 from alembic.script import ScriptDirectory
 from alembic.util import rev_id
-from sqlalchemy import ForeignKey, Text, text
+from sqlalchemy import Text, text
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 from alembic_ext import init_project, migrate_fleet
 from alembic_ext.versions import TENANT
-from sqla_tenancy import Tenancy, TenantScoped
+from sqla_tenancy import Tenancy, TenantScoped, tenant_foreign_key
 from sqla_tenancy.testing import TestServer
 
 SECRET = "a benchmark key of more than sixteen bytes"
@@ -78,8 +78,9 @@ class Project(TenantScoped, Base):
 
 class Task(TenantScoped, Base):
     __tablename__ = "tasks"
+    __table_args__ = (tenant_foreign_key(["project_id"], ["projects.id"], ondelete="CASCADE"),)
     id: Mapped[int] = mapped_column(primary_key=True)
-    project_id: Mapped[int] = mapped_column(ForeignKey("projects.id", ondelete="CASCADE"))
+    project_id: Mapped[int] = mapped_column()
     title: Mapped[str] = mapped_column(Text)
 
 

@@ -64,7 +64,6 @@ from sqlalchemy import (
     Boolean,
     DateTime,
     Engine,
-    ForeignKey,
     Index,
     Text,
     create_engine,
@@ -77,7 +76,7 @@ from sqlalchemy.engine import URL
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker, create_async_engine
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
 
-from sqla_tenancy import Tenancy, Tenant, TenantScoped, tenant_context
+from sqla_tenancy import Tenancy, Tenant, TenantScoped, tenant_context, tenant_foreign_key
 from sqla_tenancy.identifiers import quote_ident
 from sqla_tenancy.testing import TestServer
 
@@ -109,20 +108,26 @@ class Project(TenantScoped, Base):
 
 class Task(TenantScoped, Base):
     __tablename__ = "tasks"
-    __table_args__ = (Index("tasks_project_done_idx", "project_id", "done"),)
+    __table_args__ = (
+        Index("tasks_project_done_idx", "project_id", "done"),
+        tenant_foreign_key(["project_id"], ["projects.id"], ondelete="CASCADE"),
+    )
 
     id: Mapped[int] = mapped_column(primary_key=True)
-    project_id: Mapped[int] = mapped_column(ForeignKey("projects.id", ondelete="CASCADE"), index=True)
+    project_id: Mapped[int] = mapped_column(index=True)
     title: Mapped[str] = mapped_column(Text)
     done: Mapped[bool] = mapped_column(Boolean, server_default=text("false"))
 
 
 class Comment(TenantScoped, Base):
     __tablename__ = "comments"
-    __table_args__ = (Index("comments_task_created_idx", "task_id", "created_at"),)
+    __table_args__ = (
+        Index("comments_task_created_idx", "task_id", "created_at"),
+        tenant_foreign_key(["task_id"], ["tasks.id"], ondelete="CASCADE"),
+    )
 
     id: Mapped[int] = mapped_column(primary_key=True)
-    task_id: Mapped[int] = mapped_column(ForeignKey("tasks.id", ondelete="CASCADE"), index=True)
+    task_id: Mapped[int] = mapped_column(index=True)
     body: Mapped[str] = mapped_column(Text)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
 
@@ -131,7 +136,7 @@ class User(TenantScoped, Base):
     """Infrastructure: kept once, in the main database's ``auth`` schema."""
 
     __tablename__ = "users"
-    __table_args__ = (Index("users_email_idx", "email", unique=True), {"schema": "auth"})
+    __table_args__ = (Index("users_email_idx", "tenant_id", "email", unique=True), {"schema": "auth"})
 
     id: Mapped[int] = mapped_column(primary_key=True)
     email: Mapped[str] = mapped_column(Text)

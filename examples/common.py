@@ -22,13 +22,20 @@ from typing import Any
 
 import jwt
 import psycopg
-from sqlalchemy import DateTime, ForeignKey, Select, Text, false, func, select
+from sqlalchemy import DateTime, Select, Text, false, func, select
 from sqlalchemy.engine import URL
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
-from sqla_tenancy import Tenancy, Tenant, TenantScoped, anonymous_readable, tenant_context
-from sqla_tenancy.checkpoint import Admission, Checkpoint, JWTVerifier, get_access_key
+from sqla_tenancy import (
+    Tenancy,
+    Tenant,
+    TenantScoped,
+    anonymous_readable,
+    tenant_context,
+    tenant_foreign_key,
+)
+from sqla_tenancy.checkpoint import Admission, Checkpoint, JWTVerifier, issue_access_key
 from sqla_tenancy.resolvers import ClaimResolver, HeaderResolver, TenantResolver
 
 __all__ = [
@@ -93,10 +100,14 @@ class Project(TenantScoped, Base):
 
 
 class Task(TenantScoped, Base):
+    """A task belongs to a project of its own tenant: the foreign key includes ``tenant_id``
+    (PostgreSQL checks keys across tenants, whatever row-level security says)."""
+
     __tablename__ = "tasks"
+    __table_args__ = (tenant_foreign_key(["project_id"], ["projects.id"], ondelete="CASCADE"),)
 
     id: Mapped[int] = mapped_column(primary_key=True)
-    project_id: Mapped[int] = mapped_column(ForeignKey("projects.id", ondelete="CASCADE"), index=True)
+    project_id: Mapped[int] = mapped_column(index=True)
     title: Mapped[str] = mapped_column(Text)
     done: Mapped[bool] = mapped_column(default=False, server_default=false())
     #: the ``sub`` of the token that created it (``None`` for seeded rows)
@@ -205,7 +216,8 @@ class DemoData:
     """The demo tenants, as provisioned."""
 
     tenants: dict[str, Tenant]
-    #: each tenant's access key (``X-Tenant-Access-Key``: anonymous, read-only access)
+    #: each tenant's access key (``X-Tenant-Access-Key``: anonymous, read-only access), issued by
+    #: :func:`provision_demo`. The registry keeps only their hashes: this is the one copy.
     access_keys: dict[str, str]
     #: the id of each tenant's first project
     first_project: dict[str, int]
@@ -215,8 +227,9 @@ def provision_demo(
     settings: Settings, superuser_url: URL, demo_tenants: Iterable[DemoTenant] = DEMO_TENANTS
 ) -> DemoData:
     """Install the tenancy in ``settings``' (empty) database, prepare the server for database
-    tenants (``superuser_url`` is needed for that one step only), create the demo tenants and fill
-    them with their users, projects and tasks."""
+    tenants (``superuser_url`` is needed for that one step only), create the demo tenants, fill
+    them with their users, projects and tasks, and issue each tenant an access key (returned here
+    and nowhere else: keys are stored hashed and cannot be read back)."""
     tenancy = settings.make_tenancy()
     try:
         tenancy.install()
@@ -236,7 +249,7 @@ def provision_demo(
                     session.add_all(Task(project_id=project.id, title=title) for title in titles)
                 session.commit()
         tenants = {t.slug: t for t in tenancy.list_tenants()}
-        keys = {slug: str(get_access_key(tenancy, slug)) for slug in tenants}
+        keys = {slug: str(issue_access_key(tenancy, slug)) for slug in tenants}
         return DemoData(tenants, keys, first_project)
     finally:
         tenancy.dispose()

@@ -6,7 +6,8 @@ or ``$SQLA_TENANCY_PG_BINDIR``) and removed at exit; with ``DATABASE_URL`` (a su
 works in a scratch database there, with roles of its own, and drops them at exit.
 
 Both the bearer-token secret and the tenant key are random for each run, like the data: this is a
-playground, not a deployment.
+playground, not a deployment. So are the tenants' access keys: issued at start-up and shown once,
+in the banner (the registry keeps only their hashes).
 """
 
 from __future__ import annotations
@@ -179,6 +180,7 @@ def banner(framework: str, base_url: str, env: DemoEnvironment) -> str:
         )
     lines += [
         "",
+        "Access keys above were issued for this run and are shown only here (stored hashed).",
         "Tokens below are HS256, signed with this run's random secret, valid for 1 hour.",
         "DEMO ONLY: POST /dev/token mints a token for anyone; never enable it in a real deployment.",
         "",

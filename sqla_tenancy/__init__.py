@@ -12,8 +12,10 @@ from .errors import (
     TenantNotFound,
     TenantRequired,
     TenantSuspended,
+    UnsafeKeyError,
     UnsafeRoleError,
 )
+from .keys import tenant_foreign_key, tenant_unique, unique_across_tenants, unsafe_keys
 from .models import TenantScoped, anonymous_readable, tenant_id_column
 from .registry import Tenant
 from .session import TenantSession
@@ -35,6 +37,7 @@ __all__ = [
     "TenantScoped",
     "TenantSession",
     "TenantSuspended",
+    "UnsafeKeyError",
     "UnsafeRoleError",
     "anonymous_readable",
     "current_tenant",
@@ -42,5 +45,9 @@ __all__ = [
     "platform_context",
     "run_in_context",
     "tenant_context",
+    "tenant_foreign_key",
     "tenant_id_column",
+    "tenant_unique",
+    "unique_across_tenants",
+    "unsafe_keys",
 ]

@@ -8,9 +8,9 @@ A request is admitted for a tenant in one of three ways:
   tenant the bearer belongs to. When the request also targets a tenant (header, subdomain, path),
   both must be the same tenant, compared by id, or the answer is 403 and no query runs.
 * **The tenant's access key** (``X-Tenant-Access-Key: <uuid>``), for anonymous access to a tenant's
-  public data: a per-tenant public UUID kept in ``tenancy.tenants.access_key``, compared in
-  constant time. It routes; it does not authenticate a person. Such requests are marked
-  :attr:`Admission.is_anonymous`.
+  public data: a random UUID issued by :func:`issue_access_key` and shown once; the registry keeps
+  only its SHA-256 hash, which the application role cannot read. It routes; it does not
+  authenticate a person. Such requests are marked :attr:`Admission.is_anonymous`.
 * **Nothing**, when the checkpoint is built with ``require_auth=False`` (single-tenant apps, public
   sites): the request proceeds for the tenant it targets, anonymously.
 
@@ -30,6 +30,11 @@ With ``require_auth=False`` an unauthenticated request without an access key is 
 request whose identity is not in question (see :mod:`sqla_tenancy.resolvers`): unknown 404,
 suspended 403.
 
+**Exact names only.** The tenant claim, the target and the access key are taken exactly as sent:
+a claim of ``"acme\n"`` or ``"ACME"`` is not ``acme`` (see :mod:`sqla_tenancy.resolvers`), and an
+access key must be the canonical string of its UUID (lower-case, hyphenated; no braces, ``urn:``
+prefix or surrounding blanks).
+
 **Database role.** A request admitted by a verified token runs with the tenant's full database role;
 one admitted by an access key or with no credential (:attr:`Admission.database_role` ``"anonymous"``)
 runs inside ``tenant_context(tenant, anonymous=True)``, as the placement's anonymous role, which may
@@ -40,8 +45,8 @@ application authenticates elsewhere) keeps the full role.
 
 from __future__ import annotations
 
-import hmac
 import logging
+import re
 import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
@@ -51,7 +56,7 @@ from sqlalchemy import text
 
 from .context import tenant_context
 from .errors import TenancyError, TenantNotFound
-from .registry import REGISTRY_SCHEMA, Tenant
+from .registry import ACCESS_KEY_FUNCTION, REGISTRY_SCHEMA, Tenant, access_key_hash
 from .resolvers import (
     DEFAULT_RESOLVERS,
     RequestRejected,
@@ -61,7 +66,7 @@ from .resolvers import (
     default_reference,
     ensure_usable,
     lookup_tenant,
-    normalize_reference,
+    registry_key,
     resolve_reference,
     resolve_tenant,
 )
@@ -71,6 +76,7 @@ if TYPE_CHECKING:
     from .tenancy import Tenancy
 
 __all__ = [
+    "AccessKeyNotRetrievable",
     "Admission",
     "AuthenticationRequired",
     "Checkpoint",
@@ -80,7 +86,8 @@ __all__ = [
     "TenantMismatch",
     "admit",
     "bearer_token",
-    "get_access_key",
+    "issue_access_key",
+    "revoke_access_key",
     "rotate_access_key",
     "verify_access_key",
 ]
@@ -97,7 +104,8 @@ _FAMILIES = {
 #: RFC 7518 section 3.2: an HMAC key at least as long as the hash output.
 _HMAC_MIN_BYTES = {"HS256": 32, "HS384": 48, "HS512": 64}
 _MAX_TOKEN_LENGTH = 8192
-_DUMMY_KEY = uuid.uuid4().bytes
+#: RFC 7235 token68, the form of a bearer token's credentials (a JWT is a subset of it).
+_TOKEN68 = re.compile(r"[A-Za-z0-9\-._~+/]+=*")
 
 
 # -- errors ---------------------------------------------------------------------------------------
@@ -139,6 +147,10 @@ class InvalidToken(RequestRejected):
     @property
     def headers(self) -> dict[str, str]:
         return {"WWW-Authenticate": 'Bearer error="invalid_token"'}
+
+
+class AccessKeyNotRetrievable(TenancyError):
+    """Access keys are stored hashed: an issued key cannot be read back, only replaced."""
 
 
 class TenantMismatch(RequestRejected):
@@ -278,72 +290,128 @@ class JWTVerifier:
 
 
 def bearer_token(request: RequestView) -> str | None:
-    """The token of an ``Authorization: Bearer`` header; ``None`` for no header or another scheme."""
+    """The token of an ``Authorization: Bearer <token>`` header; ``None`` for no header or another
+    scheme.
+
+    Read as RFC 6750 writes it: the scheme (any case) at the start, one or more spaces, then the
+    token, which must be a token68 (``A-Z a-z 0-9 - . _ ~ + /``, then ``=`` padding) and nothing
+    else: an empty token, or one with whitespace or other characters around or inside it, is an
+    :class:`InvalidToken` rather than something to clean up. (HTTP servers drop the blanks around
+    a header's value themselves.)"""
     value = request.header("authorization")
     if value is None:
         return None
-    scheme, _, token = value.strip().partition(" ")
-    if scheme.lower() != "bearer":
+    scheme, _, token = value.partition(" ")
+    if not scheme.isascii() or scheme.lower() != "bearer":
         return None
-    token = token.strip()
+    token = token.lstrip(" ")
     if not token:
         raise InvalidToken("empty bearer token")
+    if _TOKEN68.fullmatch(token) is None:
+        raise InvalidToken("malformed bearer token (not a token68)")
     return token
 
 
 # -- access keys ----------------------------------------------------------------------------------
 
 
-def _key_clause(key: str | uuid.UUID) -> str:
-    return "id = :key" if isinstance(key, uuid.UUID) else "slug = :key"
+def _canonical_uuid(value: object) -> uuid.UUID | None:
+    """``value`` as a UUID if it is exactly a UUID's canonical string (``str(uuid)``), else None."""
+    if not isinstance(value, str) or len(value) != 36:
+        return None
+    try:
+        parsed = uuid.UUID(value)
+    except ValueError:
+        return None
+    return parsed if str(parsed) == value else None
 
 
-def _fetch_access_key(tenancy: Tenancy, key: str | uuid.UUID) -> uuid.UUID | None:
+def _key_clause(ref: str | uuid.UUID) -> str:
+    return "id = :ref" if isinstance(ref, uuid.UUID) else "slug = :ref"
+
+
+def _key_owner(tenancy: Tenancy, key: uuid.UUID) -> tuple[uuid.UUID, str] | None:
+    """The (id, slug) of the tenant whose access key is ``key``, or None. One query, whatever
+    the key and whichever tenant the caller hoped it opens: an unknown tenant and a wrong key do
+    the same work. The comparison happens on the stored hash, in the database."""
     with tenancy.admin_engine.connect() as conn:
-        value = conn.execute(
-            text(f"select access_key from {REGISTRY_SCHEMA}.tenants where {_key_clause(key)}"),
+        row = conn.execute(
+            text(
+                f"select id, slug from {REGISTRY_SCHEMA}.tenants "
+                f"where id = {ACCESS_KEY_FUNCTION}(CAST(:key AS uuid))"
+            ),
             {"key": key},
-        ).scalar()
-    return value if isinstance(value, uuid.UUID) else None
+        ).first()
+    return (row[0], row[1]) if row is not None else None
+
+
+def _opens(tenancy: Tenancy, ref: str | uuid.UUID, key: uuid.UUID) -> bool:
+    owner = _key_owner(tenancy, key)
+    return owner is not None and ref in owner
 
 
 def get_access_key(tenancy: Tenancy, tenant: str | uuid.UUID | Tenant) -> uuid.UUID:
-    """The tenant's current access key (to hand to its public front end); :class:`TenantNotFound`
-    if there is no such tenant."""
-    value = _fetch_access_key(tenancy, lookup_key(tenant))
-    if value is None:
-        raise TenantNotFound(tenant)
-    return value
+    """Removed: access keys are stored hashed and cannot be read back. Always raises
+    :class:`AccessKeyNotRetrievable`; :func:`issue_access_key` gives the tenant a new key (shown
+    once, the old one stops working)."""
+    raise AccessKeyNotRetrievable(
+        f"Access keys are stored hashed, so the key of tenant {tenant!r} cannot be read back. "
+        "Issue a new one with sqla_tenancy.checkpoint.issue_access_key(tenancy, tenant) (it is "
+        "returned once; the previous key stops working) and hand it to the tenant's front end."
+    )
 
 
 def verify_access_key(tenancy: Tenancy, tenant: str | uuid.UUID | Tenant, presented: str) -> bool:
-    """True when ``presented`` is the tenant's access key. Constant-time; an unknown tenant or a
-    malformed key gives ``False`` after the same work as a wrong key."""
-    try:
-        candidate = uuid.UUID(presented.strip()).bytes
-    except (ValueError, AttributeError):
-        candidate = b""
-    stored = _fetch_access_key(tenancy, lookup_key(tenant))
-    matches = hmac.compare_digest(candidate, stored.bytes if stored is not None else _DUMMY_KEY)
-    return matches and stored is not None
+    """True when ``presented`` is exactly the canonical string (``str(key)``) of the tenant's
+    current access key. A presented value that is not a canonical UUID string gives ``False``
+    without a query; any other gives it after the same single query, whether the tenant exists,
+    has no key, or has another one."""
+    candidate = _canonical_uuid(presented)
+    if candidate is None:
+        return False
+    return _opens(tenancy, lookup_key(tenant), candidate)
 
 
-def rotate_access_key(tenancy: Tenancy, slug: str | uuid.UUID | Tenant) -> uuid.UUID:
-    """Give the tenant a new random access key, effective immediately in every process (keys are
-    not cached); returns it. :class:`TenantNotFound` if there is no such tenant."""
-    key = lookup_key(slug)
+def issue_access_key(tenancy: Tenancy, tenant: str | uuid.UUID | Tenant) -> uuid.UUID:
+    """Give the tenant a new random access key and return it: the only time it is seen, since the
+    registry keeps its hash only. Any previous key stops working at once in every process (keys
+    are not cached). :class:`TenantNotFound` if there is no such tenant."""
+    ref = lookup_key(tenant)
+    key = uuid.uuid4()  # 122 random bits from os.urandom
     with tenancy.admin_engine.begin() as conn:
-        value = conn.execute(
+        found = conn.execute(
             text(
-                f"update {REGISTRY_SCHEMA}.tenants set access_key = gen_random_uuid(), "
-                f"updated_at = now() where {_key_clause(key)} returning access_key"
+                f"update {REGISTRY_SCHEMA}.tenants set access_key_hash = :hash, updated_at = now() "
+                f"where {_key_clause(ref)} returning id"
             ),
-            {"key": key},
+            {"hash": access_key_hash(key), "ref": ref},
         ).scalar()
-    if not isinstance(value, uuid.UUID):
-        raise TenantNotFound(slug)
-    log.info("rotated the access key of tenant %s", slug)
-    return value
+    if found is None:
+        raise TenantNotFound(tenant)
+    log.info("issued a new access key for tenant %s", ref)
+    return key
+
+
+def rotate_access_key(tenancy: Tenancy, tenant: str | uuid.UUID | Tenant) -> uuid.UUID:
+    """:func:`issue_access_key` under the name of what it does to an existing key."""
+    return issue_access_key(tenancy, tenant)
+
+
+def revoke_access_key(tenancy: Tenancy, tenant: str | uuid.UUID | Tenant) -> None:
+    """Take the tenant's access key away: no key admits requests for it until one is issued
+    again. :class:`TenantNotFound` if there is no such tenant."""
+    ref = lookup_key(tenant)
+    with tenancy.admin_engine.begin() as conn:
+        found = conn.execute(
+            text(
+                f"update {REGISTRY_SCHEMA}.tenants set access_key_hash = NULL, updated_at = now() "
+                f"where {_key_clause(ref)} returning id"
+            ),
+            {"ref": ref},
+        ).scalar()
+    if found is None:
+        raise TenantNotFound(tenant)
+    log.info("revoked the access key of tenant %s", ref)
 
 
 # -- admission ------------------------------------------------------------------------------------
@@ -422,10 +490,11 @@ class Checkpoint:
         target = ref if ref is not None else default_reference(tenancy)
         presented = request.header(self.access_key_header) if self.access_key_header else None
         if presented is not None:
-            key = normalize_reference(tenancy, target)
+            key = registry_key(tenancy, target)
+            candidate = _canonical_uuid(presented)
             # Malformed input is refused without a query: the client learns nothing it did not
             # send, and random strings cannot tie up the admin pool.
-            if key is None or not _is_uuid(presented) or not verify_access_key(tenancy, key, presented):
+            if key is None or candidate is None or not _opens(tenancy, key, candidate):
                 raise AuthenticationRequired(f"wrong access key, or no tenant {target!r}")
             try:
                 tenant = lookup_tenant(tenancy, target)
@@ -443,39 +512,25 @@ class Checkpoint:
         resolvers: Sequence[TenantResolver],
         claims: Mapping[str, Any],
     ) -> Admission:
+        # The claim is taken as signed: "acme\n" or "ACME" is not acme, it names no tenant.
         claim = claims.get(self.tenant_claim)
-        if not isinstance(claim, str) or not claim.strip():
+        if not isinstance(claim, str) or not claim:
             raise TenantMismatch(f"the token has no {self.tenant_claim!r} claim naming a tenant")
-        claim = claim.strip()
         ref = resolve_reference(request, resolvers)
         target = ref if ref is not None else default_reference(tenancy)
         try:
             own = lookup_tenant(tenancy, claim)
         except UnknownTenant:
-            if _registry_key(tenancy, target) == _registry_key(tenancy, claim):
+            if target == claim:
                 raise UnknownTenant(target) from None
             raise TenantMismatch(
                 f"the token's tenant {claim!r} does not exist; the request targets {target!r}"
             ) from None
         # Compare by id without looking the target up: a bearer learns nothing about other tenants.
-        if _registry_key(tenancy, target) not in (own.id, own.slug):
+        key = registry_key(tenancy, target)
+        if key is None or key not in (own.id, own.slug):
             raise TenantMismatch(f"the token is for tenant {own.slug!r}; the request targets {target!r}")
         return Admission(ensure_usable(own), "token", claims)
-
-
-def _registry_key(tenancy: Tenancy, ref: str) -> str | uuid.UUID:
-    """The registry key a client reference stands for; malformed references stay as given (they
-    match no tenant)."""
-    key = normalize_reference(tenancy, ref)
-    return key if key is not None else ref
-
-
-def _is_uuid(value: str) -> bool:
-    try:
-        uuid.UUID(value.strip())
-    except (ValueError, AttributeError):
-        return False
-    return True
 
 
 def admit(

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 __all__ = [
     "AutocommitNotAllowed",
     "InvalidTenantSlug",
@@ -10,6 +12,7 @@ __all__ = [
     "TenantNotFound",
     "TenantRequired",
     "TenantSuspended",
+    "UnsafeKeyError",
     "UnsafeRoleError",
 ]
 
@@ -59,6 +62,26 @@ class ProvisioningError(TenancyError):
 
 class UnsafeRoleError(TenancyError):
     """The application role could bypass row-level security (superuser or BYPASSRLS)."""
+
+
+class UnsafeKeyError(TenancyError):
+    """Tenant-scoped tables have keys that PostgreSQL checks across tenants (foreign keys without
+    the tenant column, unique constraints without it): each finding says what to write instead.
+
+    ``findings`` are :class:`sqla_tenancy.keys.UnsafeKey` objects.
+    """
+
+    def __init__(self, findings: Sequence[object]) -> None:
+        self.findings = tuple(findings)
+        listed = "\n".join(f"  - {finding}" for finding in self.findings)
+        super().__init__(
+            f"{len(self.findings)} key(s) of tenant-scoped tables are unsafe where tenants share "
+            "tables: PostgreSQL checks keys, and runs ON DELETE / ON UPDATE, across tenants "
+            "whatever row-level security says. Write each as its fix says (the helpers are in "
+            "sqla_tenancy.keys):\n"
+            f"{listed}\n"
+            "Existing tables: see 'Keys in shared tables' in the documentation for the migration."
+        )
 
 
 class AutocommitNotAllowed(TenancyError):

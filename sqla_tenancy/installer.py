@@ -13,18 +13,29 @@ from sqlalchemy import Connection, Table, text
 
 from .anonymous import main_database_ddl
 from .identifiers import quote_ident, quote_literal
-from .registry import NOTIFY_CHANNEL, REGISTRY_SCHEMA, registry_metadata
+from .keys import check_tenant_keys
+from .registry import (
+    ACCESS_KEY_FUNCTION,
+    APPLICATION_COLUMNS,
+    NOTIFY_CHANNEL,
+    REGISTRY_SCHEMA,
+    SLUG_CHECK,
+    access_key_hash_sql,
+    registry_metadata,
+)
 from .rls import current_tenant_function_ddl, enable_rls_ddl, is_tenant_scoped, qualified_name
 
 if TYPE_CHECKING:
     from .tenancy import Tenancy
 
 __all__ = [
+    "access_key_function_ddl",
     "ensure_registry",
     "finish_tables",
     "grant_statements",
     "install",
     "registry_ddl",
+    "registry_grants",
     "restrict_database",
     "tenants_group",
     "tenants_group_grants",
@@ -59,6 +70,43 @@ def registry_ddl() -> list[str]:
         ON {REGISTRY_SCHEMA}.tenants FOR EACH ROW
         EXECUTE FUNCTION {REGISTRY_SCHEMA}.notify_tenant_change()
         """,
+    ]
+
+
+def access_key_function_ddl() -> list[str]:
+    """``tenancy.access_key_tenant(key uuid) -> uuid``: the id of the tenant whose access key is
+    ``key``, or NULL. It runs as its owner (``SECURITY DEFINER``, the admin role that ran
+    :func:`ensure_registry`) with a pinned ``search_path``, so that a role allowed to execute it
+    (the application role) verifies keys without any right to read their hashes. Nobody else may
+    execute it (``PUBLIC`` may, by default, execute any new function)."""
+    function = f"{ACCESS_KEY_FUNCTION}(uuid)"
+    return [
+        f"""
+        CREATE OR REPLACE FUNCTION {ACCESS_KEY_FUNCTION}(presented uuid) RETURNS uuid
+        LANGUAGE sql STABLE STRICT SECURITY DEFINER
+        SET search_path = pg_catalog, pg_temp
+        AS $$
+            SELECT id FROM {REGISTRY_SCHEMA}.tenants
+            WHERE access_key_hash = {access_key_hash_sql("presented")}
+        $$
+        """,
+        f"REVOKE ALL ON FUNCTION {function} FROM PUBLIC",
+    ]
+
+
+def registry_grants(role: str) -> list[str]:
+    """What ``role`` (the application role) may do with the registry: read every column of
+    ``tenancy.tenants`` but the access key hash, verify access keys, call the policy function.
+    Idempotent, and takes back the table-wide ``SELECT`` that earlier versions granted."""
+    r = quote_ident(role)
+    columns = ", ".join(quote_ident(c) for c in APPLICATION_COLUMNS)
+    return [
+        f"GRANT USAGE ON SCHEMA {REGISTRY_SCHEMA} TO {r}",
+        # revoking the table-wide privilege revokes the column privileges too: grant them afresh
+        f"REVOKE SELECT ON {REGISTRY_SCHEMA}.tenants FROM {r}",
+        f"GRANT SELECT ({columns}) ON {REGISTRY_SCHEMA}.tenants TO {r}",
+        f"GRANT EXECUTE ON FUNCTION {REGISTRY_SCHEMA}.current_tenant_id() TO {r}",
+        f"GRANT EXECUTE ON FUNCTION {ACCESS_KEY_FUNCTION}(uuid) TO {r}",
     ]
 
 
@@ -99,11 +147,7 @@ def grant_statements(tenancy: Tenancy, role: str, tables: list[Table] | None = N
     """What the application role needs in the main database (on ``tables``, by default every table
     of the metadata), and nothing more."""
     r = quote_ident(role)
-    statements = [
-        f"GRANT USAGE ON SCHEMA {REGISTRY_SCHEMA} TO {r}",
-        f"GRANT SELECT ON {REGISTRY_SCHEMA}.tenants TO {r}",
-        f"GRANT EXECUTE ON FUNCTION {REGISTRY_SCHEMA}.current_tenant_id() TO {r}",
-    ]
+    statements = registry_grants(role)
     schemas = {t.schema for t in tenancy.metadata.tables.values() if t.schema}
     for schema in sorted(schemas):
         statements.append(f"GRANT USAGE ON SCHEMA {quote_ident(schema)} TO {r}")
@@ -147,6 +191,7 @@ def tenants_group_grants(tenancy: Tenancy, tables: list[Table] | None = None) ->
 
 
 def install(tenancy: Tenancy) -> None:
+    check_tenant_keys(tenancy.metadata, infrastructure_schemas=tenancy.infrastructure_schemas)
     with tenancy.admin_engine.begin() as conn:
         conn.execute(text("select pg_advisory_xact_lock(:k)"), {"k": INSTALL_LOCK_KEY})
         _install(tenancy, conn)
@@ -234,14 +279,21 @@ def restrict_database(tenancy: Tenancy, conn: Connection) -> None:
 
 def ensure_registry(tenancy: Tenancy, conn: Connection) -> None:
     """Create or bring up to date the ``tenancy`` schema: the registry table, its notification
-    trigger, the policy function, the serial-filling trigger function and the default tenant.
-    Idempotent; the Alembic extension runs it before the infrastructure stream."""
+    trigger, the policy function, the access key function, the serial-filling trigger function,
+    the default tenant and the application role's registry grants.
+
+    Idempotent; the Alembic extension runs it before the infrastructure stream. A registry made by
+    an earlier version is migrated in place: plain access keys become their hashes (the keys keep
+    working; the plain column is dropped), the slug CHECK constraint is added, and the application
+    role's table-wide ``SELECT`` becomes a column grant that leaves out the key hashes."""
     conn.exec_driver_sql(f"CREATE SCHEMA IF NOT EXISTS {REGISTRY_SCHEMA}")
     registry_metadata.create_all(conn, checkfirst=True)
     # columns added since a registry was first created
     conn.exec_driver_sql(f"ALTER TABLE {REGISTRY_SCHEMA}.tenants ADD COLUMN IF NOT EXISTS revision text")
+    _hash_access_keys(conn)
+    _ensure_slug_check(conn)
     function = current_tenant_function_ddl(REGISTRY_SCHEMA, fdw_prefix=tenancy.name_prefix)
-    for statement in [*function, *registry_ddl(), FILL_SERIAL_DDL]:
+    for statement in [*function, *access_key_function_ddl(), *registry_ddl(), FILL_SERIAL_DDL]:
         conn.exec_driver_sql(statement)
     if tenancy.default_tenant is not None:
         conn.execute(
@@ -250,6 +302,79 @@ def ensure_registry(tenancy: Tenancy, conn: Connection) -> None:
                 "VALUES (:slug, :slug, 'shared', 'active', true) ON CONFLICT (slug) DO NOTHING"
             ),
             {"slug": tenancy.default_tenant},
+        )
+    # Nobody but the owner reads the table as a whole (so no role sees the key hashes).
+    conn.exec_driver_sql(f"REVOKE SELECT ON {REGISTRY_SCHEMA}.tenants FROM PUBLIC")
+    app_role = tenancy.url.username
+    if app_role and app_role != tenancy.admin_url.username:
+        for statement in registry_grants(app_role):
+            conn.exec_driver_sql(statement)
+
+
+def _has_column(conn: Connection, column: str) -> bool:
+    return bool(
+        conn.execute(
+            text(
+                "select 1 from pg_attribute where attrelid = CAST(:t AS regclass) and attname = :c "
+                "and not attisdropped"
+            ),
+            {"t": f"{REGISTRY_SCHEMA}.tenants", "c": column},
+        ).first()
+    )
+
+
+def _hash_access_keys(conn: Connection) -> None:
+    """Registries of earlier versions kept each tenant's access key in plain text
+    (``access_key uuid``): keep only its hash, so that the keys in use keep working."""
+    table = f"{REGISTRY_SCHEMA}.tenants"
+    conn.exec_driver_sql(f"ALTER TABLE {table} ADD COLUMN IF NOT EXISTS access_key_hash bytea")
+    if _has_column(conn, "access_key"):
+        conn.exec_driver_sql(
+            f"UPDATE {table} SET access_key_hash = {access_key_hash_sql('access_key')} "
+            "WHERE access_key_hash IS NULL AND access_key IS NOT NULL"
+        )
+        conn.exec_driver_sql(f"ALTER TABLE {table} DROP COLUMN access_key")
+        log.info("registry migrated: access keys are now stored as SHA-256 hashes only")
+    conn.exec_driver_sql(
+        f"CREATE UNIQUE INDEX IF NOT EXISTS tenants_access_key_hash_key ON {table} (access_key_hash)"
+    )
+
+
+def _ensure_slug_check(conn: Connection) -> None:
+    """Add ``tenants_slug_check`` to a registry made before it existed. Rows that break it (slugs
+    registered before slugs were matched whole, such as ``'acme\n'``) are named in a warning and
+    the constraint is added ``NOT VALID``: it holds for every new or changed row, and is validated
+    by the first run after those rows are gone."""
+    table = f"{REGISTRY_SCHEMA}.tenants"
+    validated = conn.execute(
+        text(
+            "select convalidated from pg_constraint where conrelid = CAST(:t AS regclass) "
+            "and conname = 'tenants_slug_check'"
+        ),
+        {"t": table},
+    ).scalar()
+    if validated:
+        return
+    bad = list(
+        conn.execute(text(f"select slug from {table} where not ({SLUG_CHECK}) order by slug")).scalars()
+    )
+    if validated is None:
+        not_valid = " NOT VALID" if bad else ""
+        conn.exec_driver_sql(
+            f"ALTER TABLE {table} ADD CONSTRAINT tenants_slug_check CHECK ({SLUG_CHECK}){not_valid}"
+        )
+    elif not bad:
+        conn.exec_driver_sql(f"ALTER TABLE {table} VALIDATE CONSTRAINT tenants_slug_check")
+    if bad:
+        log.warning(
+            "The registry holds %d tenant(s) whose slug is not canonical: %s. No request can name "
+            "them (references are matched exactly), and their rows cannot be updated until their "
+            "slug is. Delete or rename them (as the admin role: UPDATE %s SET slug = ... WHERE "
+            "slug = ...), then run install() or the migrations again to validate the constraint "
+            "tenants_slug_check, which new rows already obey.",
+            len(bad),
+            ", ".join(repr(slug) for slug in bad),
+            table,
         )
 
 

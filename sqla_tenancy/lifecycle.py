@@ -3,9 +3,13 @@
 Transactional placements (shared, schema) provision inside the transaction that inserts the
 registry row: a failure rolls everything back. The database placement cannot (``CREATE
 DATABASE`` refuses to run in a transaction), so it is journaled: the row is committed first with
-status ``provisioning`` and every name it will create; each step is idempotent; a failure runs the
-placement's idempotent clean-up and removes the row, and a retry that finds a crashed attempt's
-row cleans up after it first.
+status ``provisioning``, and the placement journals each object in it before creating it; a
+failure runs the placement's clean-up, which drops what the journal names and nothing else, and
+removes the row; a retry that finds a crashed attempt's row cleans up after it first.
+
+Before anything is made, every name the tenant's placement would create is checked against
+:func:`library_names`, the names sqla-tenancy itself owns or connects as: a tenant can never take
+(nor its clean-up ever drop) the template database, a group role or the main database.
 """
 
 from __future__ import annotations
@@ -13,19 +17,24 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import uuid
+from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import Connection, text
 
+from .anonymous import anonymous_gate, anonymous_group, anonymous_role
 from .errors import ProvisioningError, TenancyError
 from .identifiers import validate_slug
-from .registry import Tenant
+from .installer import tenants_group
+from .registry import REGISTRY_SCHEMA, Tenant
+from .strategies.database import template_database
 
 if TYPE_CHECKING:
     from .strategies import Strategy
     from .tenancy import Tenancy
 
-__all__ = ["create_tenant", "delete_tenant"]
+__all__ = ["NamedObject", "create_tenant", "delete_tenant", "library_names"]
 
 log = logging.getLogger("sqla_tenancy.lifecycle")
 
@@ -33,6 +42,60 @@ _LOCK = "select pg_advisory_xact_lock(hashtext('sqla_tenancy:' || :s))"
 _SESSION_LOCK = "select pg_advisory_lock(hashtext('sqla_tenancy:provision:' || :s))"
 _SESSION_UNLOCK = "select pg_advisory_unlock(hashtext('sqla_tenancy:provision:' || :s))"
 _XACT_PROVISION_LOCK = "select pg_advisory_xact_lock(hashtext('sqla_tenancy:provision:' || :s))"
+
+
+#: A database, schema or role, as ``(kind, name)``; kinds are ``database``, ``schema``, ``role``.
+NamedObject = tuple[str, str]
+
+
+def library_names(tenancy: Tenancy) -> dict[NamedObject, str]:
+    """Every database, schema and role name that sqla-tenancy owns or relies on, as
+    ``{(kind, name): what it is}``.
+
+    No tenant may derive one of these (:func:`create_tenant` refuses it before creating
+    anything): a failed provisioning's clean-up drops what it created, and must never be able to
+    reach these. This is the one list: a new name the library creates belongs here (the test
+    suite checks that every object :meth:`Tenancy.install` and ``prepare_server`` create is in it).
+    """
+    names: dict[NamedObject, str] = {}
+
+    def add(kind: str, name: str | None, what: str) -> None:
+        if name:
+            names.setdefault((kind, name), what)
+
+    add("database", tenancy.admin_url.database, "the main database")
+    add("database", tenancy.url.database, "the main database")
+    add("database", template_database(tenancy), "the template database of database tenants")
+    for server, url in sorted(tenancy.servers.items()):
+        add("database", url.database, f"the admin database of server {server!r}")
+        add("role", url.username, f"the admin role of server {server!r}")
+    for database in ("postgres", "template0", "template1"):
+        add("database", database, "a database of PostgreSQL's own")
+    add("role", tenancy.url.username, "the application role")
+    add("role", tenancy.admin_url.username, "the admin role")
+    add("role", tenants_group(tenancy), "the group role of the tenants' roles")
+    add("role", anonymous_role(tenancy), "the shared placement's anonymous role")
+    add("role", anonymous_group(tenancy), "the group role of the anonymous roles")
+    add("role", anonymous_gate(tenancy), "the role through which the application reaches anonymous roles")
+    add("schema", REGISTRY_SCHEMA, "the registry schema")
+    add("schema", "public", "the public schema")
+    for schema in sorted(tenancy.infrastructure_schemas):
+        add("schema", schema, "an infrastructure schema")
+    for schema in sorted({t.schema for t in tenancy.metadata.tables.values() if t.schema}):
+        add("schema", schema, "a schema of the MetaData")
+    return names
+
+
+def _refuse_library_names(tenancy: Tenancy, placement: Strategy, tenant: Tenant) -> None:
+    owned = library_names(tenancy)
+    for (kind, name), what in placement.derived_names(tenancy, tenant).items():
+        owner = owned.get((kind, name))
+        if owner is not None:
+            raise ProvisioningError(
+                f"Tenant {tenant.slug!r} cannot be created as a {tenant.strategy} tenant: its {what} "
+                f"would be the {kind} {name!r}, which is {owner}. sqla-tenancy never creates, nor "
+                "drops, an object under a name of its own: choose another slug, or another name_prefix."
+            )
 
 
 def create_tenant(
@@ -45,9 +108,21 @@ def create_tenant(
             raise ProvisioningError("server= applies to strategy='database' only.")
         tenancy.server_admin_url(server)  # raises for an unknown server
     location: dict[str, Any] = {"server": server or "main"} if strategy == "database" else {}
+    # The id is chosen here, so that every name the tenant would get (an FDW role's carries the
+    # id) is checked before anything, the registry row included, exists.
+    draft = Tenant(
+        id=uuid.uuid4(),
+        slug=slug,
+        name=name or slug,
+        strategy=strategy,
+        status="provisioning",
+        created_at=datetime.now(timezone.utc),
+        location=location,
+    )
+    _refuse_library_names(tenancy, placement, draft)
     if placement.transactional:
         with tenancy.admin_engine.begin() as admin:
-            tenant = _register(tenancy, admin, slug, name, strategy, location)
+            tenant = _register(tenancy, admin, draft)
             location = _provision(tenancy, placement, tenant, admin)
             _activate(admin, tenant, location)
     else:
@@ -64,7 +139,7 @@ def create_tenant(
                     log.warning("cleaning up an interrupted provisioning of tenant %s", slug)
                     _clean_up(tenancy, tenancy.strategy_named(leftover.strategy), leftover)
                 with tenancy.admin_engine.begin() as admin:
-                    tenant = _register(tenancy, admin, slug, name, strategy, location)
+                    tenant = _register(tenancy, admin, draft)
                 try:
                     location = _provision(tenancy, placement, tenant, None)
                     with tenancy.admin_engine.begin() as admin:
@@ -80,31 +155,27 @@ def create_tenant(
     return dataclasses.replace(tenant, location=location)
 
 
-def _register(
-    tenancy: Tenancy, admin: Connection, slug: str, name: str | None, strategy: str, location: dict[str, Any]
-) -> Tenant:
+def _register(tenancy: Tenancy, admin: Connection, draft: Tenant) -> Tenant:
     # Two processes creating the same slug: the second waits, then sees the first's row.
-    admin.execute(text(_LOCK), {"s": slug})
-    exists = admin.execute(text("select 1 from tenancy.tenants where slug = :s"), {"s": slug}).first()
+    admin.execute(text(_LOCK), {"s": draft.slug})
+    exists = admin.execute(text("select 1 from tenancy.tenants where slug = :s"), {"s": draft.slug}).first()
     if exists:
-        raise ProvisioningError(f"Tenant {slug!r} exists already.")
+        raise ProvisioningError(f"Tenant {draft.slug!r} exists already.")
     tenancy._step("register")
     row = admin.execute(
         text(
-            "insert into tenancy.tenants (slug, name, strategy, status, location) "
-            "values (:slug, :name, :strategy, 'provisioning', :loc) returning id, created_at"
+            "insert into tenancy.tenants (id, slug, name, strategy, status, location) "
+            "values (:id, :slug, :name, :strategy, 'provisioning', :loc) returning created_at"
         ),
-        {"slug": slug, "name": name or slug, "strategy": strategy, "loc": json.dumps(location)},
+        {
+            "id": draft.id,
+            "slug": draft.slug,
+            "name": draft.name,
+            "strategy": draft.strategy,
+            "loc": json.dumps(draft.location),
+        },
     ).one()
-    return Tenant(
-        id=row.id,
-        slug=slug,
-        name=name or slug,
-        strategy=strategy,
-        status="active",
-        created_at=row.created_at,
-        location=location,
-    )
+    return dataclasses.replace(draft, status="active", created_at=row.created_at)
 
 
 def _provision(

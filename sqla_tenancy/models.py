@@ -5,12 +5,13 @@ from __future__ import annotations
 import uuid
 from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import Column, text
+from sqlalchemy import Column, Table, event, text
 from sqlalchemy.dialects.postgresql import UUID
-from sqlalchemy.orm import Mapped, declared_attr, mapped_column
+from sqlalchemy.orm import Mapped, Mapper, declared_attr, mapped_column
 
 from .anonymous import ANONYMOUS_INFO_KEY
 from .errors import TenantRequired
+from .keys import add_tenant_key
 from .rls import TENANT_ID_INFO_KEY
 
 if TYPE_CHECKING:
@@ -62,14 +63,31 @@ def _column_kwargs() -> dict[str, Any]:
 class TenantScoped:
     """Mixin for declarative models whose rows belong to one tenant.
 
-    Adds ``tenant_id`` (UUID, NOT NULL, indexed), filled from the active tenant on insert.
-    :meth:`Tenancy.install` (and the Alembic extension) put row-level security on such tables.
+    Adds ``tenant_id`` (UUID, NOT NULL, indexed), filled from the active tenant on insert, and
+    ``UNIQUE (tenant_id, <primary key>)`` named ``<table>_tenant_key``: the target of
+    :func:`~sqla_tenancy.tenant_foreign_key` from other tenant tables (PostgreSQL needs a unique
+    constraint on exactly the referenced columns). :meth:`Tenancy.install` (and the Alembic
+    extension) put row-level security on such tables.
+
+    Keys between tenant tables must include ``tenant_id`` (see :mod:`sqla_tenancy.keys`)::
+
+        class Task(TenantScoped, Base):
+            __tablename__ = "tasks"
+            __table_args__ = (tenant_foreign_key(["project_id"], ["projects.id"], ondelete="CASCADE"),)
     """
 
     @declared_attr
     def tenant_id(cls) -> Mapped[uuid.UUID]:
         kwargs = _column_kwargs()
         return mapped_column(kwargs.pop("type_"), **kwargs)
+
+
+@event.listens_for(TenantScoped, "after_mapper_constructed", propagate=True)
+def _add_tenant_key(mapper: Mapper[Any], class_: type[Any]) -> None:
+    # A mapper event, not __init_subclass__: it runs for every declarative style (DeclarativeBase,
+    # declarative_base(), registry.mapped, Flask-SQLAlchemy's db.Model) once __table__ exists.
+    if isinstance(mapper.local_table, Table):
+        add_tenant_key(mapper.local_table)
 
 
 def anonymous_readable(where: str | None = None) -> dict[str, Any]:

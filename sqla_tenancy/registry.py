@@ -1,6 +1,12 @@
 """The tenant registry: the ``tenancy.tenants`` table, the :class:`Tenant` record, and a
 per-process cache that every other process's changes invalidate through ``LISTEN/NOTIFY``.
 
+One tenant per name: a CHECK constraint holds every slug to the slug pattern and length, matched
+whole, so no statement (this library's, a migration's, a DBA's) can register ``"acme\n"`` or
+``"ACME"`` beside ``acme``. A tenant's access key is stored as its SHA-256 hash only
+(``access_key_hash``); the application role may read every column but that one, and verifies
+keys through ``tenancy.access_key_tenant(key)`` (see :mod:`sqla_tenancy.checkpoint`).
+
 A trigger on the table sends ``NOTIFY sqla_tenancy_registry, '<tenant id>'`` on every insert,
 update and delete, whoever makes the change (this library, a migration, a DBA in psql). Each
 process keeps one listening connection on a daemon thread; entries also expire after a bounded
@@ -9,6 +15,7 @@ TTL, which covers a listener that lost its connection.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import threading
@@ -26,6 +33,8 @@ from sqlalchemy import (
     CheckConstraint,
     Column,
     DateTime,
+    Index,
+    LargeBinary,
     MetaData,
     Table,
     Text,
@@ -36,14 +45,20 @@ from sqlalchemy.dialects.postgresql import JSONB, UUID
 from sqlalchemy.engine import URL
 
 from .errors import TenantNotFound
+from .identifiers import MAX_SLUG_LENGTH, SLUG_PATTERN
 
 __all__ = [
+    "ACCESS_KEY_FUNCTION",
+    "APPLICATION_COLUMNS",
     "NOTIFY_CHANNEL",
     "REGISTRY_SCHEMA",
+    "SLUG_CHECK",
     "STATUSES",
     "STRATEGIES",
     "Registry",
     "Tenant",
+    "access_key_hash",
+    "access_key_hash_sql",
     "registry_metadata",
     "tenants_table",
 ]
@@ -54,6 +69,31 @@ REGISTRY_SCHEMA = "tenancy"
 NOTIFY_CHANNEL = "sqla_tenancy_registry"
 STRATEGIES = ("shared", "schema", "database")
 STATUSES = ("provisioning", "active", "suspended", "deleting")
+
+#: The slug rule as SQL, for the registry's CHECK constraint: PostgreSQL's ``^...$`` anchors the
+#: whole string (no newline may follow), and the pattern is written in the syntax both Python's
+#: ``re`` and PostgreSQL's regular expressions read alike. Reserved slugs are left to
+#: :func:`~sqla_tenancy.identifiers.validate_slug` (the default tenant's is one of them).
+SLUG_CHECK = f"slug ~ '^{SLUG_PATTERN.pattern}$' AND char_length(slug) <= {MAX_SLUG_LENGTH}"
+assert "'" not in SLUG_PATTERN.pattern and ":" not in SLUG_PATTERN.pattern
+
+#: ``<schema>.access_key_tenant(key uuid) -> uuid``: the id of the tenant whose access key is
+#: ``key``, or NULL. ``SECURITY DEFINER`` (owned by the admin role), so that the application role
+#: can verify a key without being able to read any key's hash.
+ACCESS_KEY_FUNCTION = f"{REGISTRY_SCHEMA}.access_key_tenant"
+
+
+def access_key_hash_sql(key: str) -> str:
+    """The SQL expression of the stored hash of the access key ``key`` (a SQL ``uuid``
+    expression): SHA-256 of its 16 bytes. Keys are random, so no salt is needed."""
+    return f"pg_catalog.sha256(pg_catalog.uuid_send({key}))"
+
+
+def access_key_hash(key: uuid.UUID) -> bytes:
+    """:func:`access_key_hash_sql`, computed here: what is stored for ``key``. Issuing a key sends
+    only this, so the key itself never reaches the server (nor its logs)."""
+    return hashlib.sha256(key.bytes).digest()
+
 
 registry_metadata = MetaData(schema=REGISTRY_SCHEMA)
 
@@ -67,7 +107,9 @@ tenants_table = Table(
     Column("status", Text, nullable=False, server_default="active"),
     Column("is_default", Boolean, nullable=False, server_default="false"),
     Column("location", JSONB, nullable=False, server_default=text("'{}'::jsonb")),
-    Column("access_key", UUID(as_uuid=True), nullable=False, server_default=func.gen_random_uuid()),
+    # SHA-256 of the tenant's access key (access_key_hash_sql); NULL until a key is issued. The
+    # key itself is never stored: it is shown once, by the call that issues it.
+    Column("access_key_hash", LargeBinary, nullable=True),
     # A copy of the tenant stream's revision at the tenant's location (comma-separated heads), so
     # that one query tells which tenants are behind; the location's own version table is the truth.
     Column("revision", Text, nullable=True),
@@ -75,7 +117,12 @@ tenants_table = Table(
     Column("updated_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
     CheckConstraint(f"strategy in {STRATEGIES!r}", name="tenants_strategy_check"),
     CheckConstraint(f"status in {STATUSES!r}", name="tenants_status_check"),
+    CheckConstraint(SLUG_CHECK, name="tenants_slug_check"),
+    Index("tenants_access_key_hash_key", "access_key_hash", unique=True),
 )
+
+#: What the application role may read of ``tenancy.tenants``: every column but the key hash.
+APPLICATION_COLUMNS = tuple(c.name for c in tenants_table.columns if c.name != "access_key_hash")
 
 
 @dataclass(frozen=True, slots=True)

@@ -20,6 +20,14 @@ is touched:
 * an unknown or malformed reference: 404 ``tenant_not_found`` (:class:`UnknownTenant`);
 * a suspended tenant: 403 ``tenant_suspended`` (:class:`TenantUnavailable`).
 
+**One tenant per name.** A reference is taken exactly as the request sent it: nothing is stripped,
+case-folded, decoded or otherwise normalised between the request and the registry. It names a
+tenant only when it *is* that tenant's slug or the canonical string of its id (``str(tenant.id)``:
+lower-case, hyphenated); ``"acme\n"``, ``" acme"``, ``"ACME"``, a fullwidth ``"\\uff41cme"``, an
+upper-case UUID or ``{uuid}`` name no tenant and are refused, never folded into ``acme``. An empty
+reference (an empty ``X-Tenant-ID:`` header, ``/t//...``, a bare ``.example.com`` label) is refused
+too: it is not "no reference", which would fall back to the default tenant.
+
 Those are the outcomes for requests whose identity is not in question. The checkpoint
 (:mod:`sqla_tenancy.checkpoint`) adds authentication on top and, for unauthenticated requests, folds
 "unknown" and "not yours" into one response so that they do not reveal which tenants exist.
@@ -27,6 +35,7 @@ Those are the outcomes for requests whose identity is not in question. The check
 
 from __future__ import annotations
 
+import re
 import uuid
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -56,7 +65,7 @@ __all__ = [
     "default_resolvers",
     "ensure_usable",
     "lookup_tenant",
-    "normalize_reference",
+    "registry_key",
     "resolve_reference",
     "resolve_tenant",
 ]
@@ -173,53 +182,67 @@ class RequestView:
 
 
 class TenantResolver(Protocol):
-    """Reads a tenant reference (slug or UUID string) from a request, or ``None`` if it has none."""
+    """Reads a tenant reference (slug or UUID string) from a request, or ``None`` if it has none.
+
+    Return what the request sent, as it sent it: the registry decides whether it names a tenant.
+    Stripping or case-folding here would let two spellings name one tenant.
+    """
 
     def __call__(self, request: RequestView, /) -> str | None: ...
 
 
-def _clean(value: str | None) -> str | None:
-    if value is None:
-        return None
-    value = value.strip()
-    return value or None
-
-
 class HeaderResolver:
-    """The tenant named in a request header (``X-Tenant-ID`` by default), by slug or UUID."""
+    """The tenant named in a request header (``X-Tenant-ID`` by default), by slug or UUID.
+
+    The value is returned as received; a header that is present but empty is a reference (to no
+    tenant), not a request that names none.
+    """
 
     def __init__(self, header: str = "X-Tenant-ID") -> None:
         self.header = header
 
     def __call__(self, request: RequestView, /) -> str | None:
-        return _clean(request.header(self.header))
+        return request.header(self.header)
 
     def __repr__(self) -> str:
         return f"HeaderResolver({self.header!r})"
 
 
+#: ``[v6 address]`` with an optional port: never a tenant's host.
+_IPV6_HOST = re.compile(r"\[[0-9A-Fa-f:.]*\](?::[0-9]*)?")
+
+
 class SubdomainResolver:
     """The tenant named by the host's label(s) in front of ``base_domain``.
 
-    ``acme.example.com`` gives ``acme`` for ``base_domain="example.com"``; the bare base domain, a
-    host outside it and the labels in ``ignore`` (``www`` by default) give ``None``. Several labels
-    (``a.b.example.com``) are returned as they are and so resolve to no tenant: a malformed host
-    must not fall back to the default tenant.
+    ``acme.example.com`` gives ``acme`` for ``base_domain="example.com"``. The port and one
+    trailing dot (the DNS root, ``acme.example.com.``) are host syntax and are set aside; the
+    base domain is compared case-insensitively (ASCII only). The label is returned exactly as
+    sent: ``ACME.example.com`` gives ``ACME``, which names no tenant (it is refused, never folded).
+    The bare base domain, a host outside it, an IPv6 literal and the labels in ``ignore`` (``www``
+    by default, compared exactly) give ``None``. An empty label (``.example.com``) or several
+    labels (``a.b.example.com``) are returned as they are and so resolve to no tenant: a malformed
+    host must not fall back to the default tenant.
     """
 
     def __init__(self, base_domain: str, *, ignore: Iterable[str] = ("www",)) -> None:
         self.suffix = "." + base_domain.strip(".").lower()
-        self.ignore = frozenset(label.lower() for label in ignore)
+        self.ignore = frozenset(ignore)
 
     def __call__(self, request: RequestView, /) -> str | None:
-        host = request.host.lower().rstrip(".")
-        if host.startswith("["):  # an IPv6 literal is never a tenant's host
+        host = request.host
+        if _IPV6_HOST.fullmatch(host):
             return None
-        host = host.rsplit(":", 1)[0] if ":" in host else host
-        if not host.endswith(self.suffix):
+        name, colon, port = host.rpartition(":")
+        if colon and (not port or (port.isascii() and port.isdigit())):  # RFC 3986 allows ":"
+            host = name
+        if host.endswith("."):
+            host = host[:-1]
+        tail = host[-len(self.suffix) :]
+        if len(host) < len(self.suffix) or not tail.isascii() or tail.lower() != self.suffix:
             return None
         label = host[: -len(self.suffix)]
-        if not label or label in self.ignore:
+        if label in self.ignore:
             return None
         return label
 
@@ -230,7 +253,9 @@ class SubdomainResolver:
 class PathPrefixResolver:
     """The path segment right after ``prefix``: ``/t/acme/projects`` gives ``acme``.
 
-    The path is not rewritten: routes still declare the segment (``/t/<tenant>/projects``).
+    The segment is returned as it is in the (already percent-decoded) path the framework routes
+    on; an empty one (``/t//projects``) is a reference to no tenant. The path is not rewritten:
+    routes still declare the segment (``/t/<tenant>/projects``).
     """
 
     def __init__(self, prefix: str = "/t/") -> None:
@@ -239,7 +264,7 @@ class PathPrefixResolver:
     def __call__(self, request: RequestView, /) -> str | None:
         if not request.path.startswith(self.prefix):
             return None
-        return _clean(request.path[len(self.prefix) :].split("/", 1)[0])
+        return request.path[len(self.prefix) :].split("/", 1)[0]
 
     def __repr__(self) -> str:
         return f"PathPrefixResolver({self.prefix!r})"
@@ -248,7 +273,9 @@ class PathPrefixResolver:
 class ClaimResolver:
     """The tenant named by a claim of the verified bearer token (``tenant`` by default).
 
-    Only the checkpoint verifies tokens, so without one (or without a token) this yields nothing.
+    Only the checkpoint verifies tokens, so without one (or without a token) this yields nothing;
+    nor does a token without the claim. A claim that is present but not a string (a number, a
+    list, ``null``) names no tenant: :class:`UnknownTenant`, rather than the default tenant.
     Put it last to let an explicit header or host win, and the checkpoint refuse a mismatch.
     """
 
@@ -256,10 +283,12 @@ class ClaimResolver:
         self.claim = claim
 
     def __call__(self, request: RequestView, /) -> str | None:
-        if request.claims is None:
+        if request.claims is None or self.claim not in request.claims:
             return None
-        value = request.claims.get(self.claim)
-        return _clean(value) if isinstance(value, str) else None
+        value = request.claims[self.claim]
+        if not isinstance(value, str):
+            raise UnknownTenant(value)
+        return value
 
     def __repr__(self) -> str:
         return f"ClaimResolver({self.claim!r})"
@@ -281,10 +310,13 @@ def resolve_reference(request: RequestView, resolvers: Sequence[TenantResolver])
     return None
 
 
-def normalize_reference(tenancy: Tenancy, ref: str) -> str | uuid.UUID | None:
-    """The registry key for a client-supplied reference, or ``None`` if it cannot name a tenant
-    (so that garbage never reaches the registry)."""
-    if len(ref) > _MAX_REFERENCE_LENGTH:
+def registry_key(tenancy: Tenancy, ref: str) -> str | uuid.UUID | None:
+    """The registry key a client-supplied reference *is*, or ``None`` if it cannot name a tenant.
+
+    Only a canonical reference is a key: a valid slug (the default tenant's included), or the
+    canonical string of a UUID, which becomes that UUID. Nothing is stripped or folded, so every
+    other spelling gives ``None`` and never reaches the registry."""
+    if not isinstance(ref, str) or len(ref) > _MAX_REFERENCE_LENGTH:
         return None
     key = lookup_key(ref)
     if isinstance(key, uuid.UUID):
@@ -299,7 +331,7 @@ def lookup_tenant(tenancy: Tenancy, ref: str) -> Tenant:
     """The tenant a client-supplied reference names, whatever its status; :class:`UnknownTenant`
     if the reference is malformed or unknown. Uses the registry's cache, not a connection of the
     application's pool."""
-    key = normalize_reference(tenancy, ref)
+    key = registry_key(tenancy, ref)
     if key is None:
         raise UnknownTenant(ref)
     try:

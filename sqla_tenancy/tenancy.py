@@ -255,15 +255,33 @@ class Tenancy:
         tenant; the main database otherwise), bound per transaction like a session's."""
         return self.bind_for_current().connect()
 
-    def prepare_server(self, superuser_url: str | URL, server: str = "main") -> None:
+    def prepare_server(
+        self, superuser_url: str | URL, server: str = "main", *, restrict_maintenance_databases: bool = True
+    ) -> None:
         """One-time set-up, as a superuser, of a server for database tenants: a template database
         (``<name_prefix>_template``, owned by the admin role) with postgres_fdw installed and the
-        admin role allowed to use it. Idempotent."""
+        admin role allowed to use it. Idempotent.
+
+        :param restrict_maintenance_databases: take ``CONNECT`` and ``TEMPORARY`` on the server's
+            maintenance databases (``postgres``, ``template1``, and the databases of
+            ``superuser_url`` and of the server's admin URL, but never the main database, which
+            :meth:`install` restricts) from ``PUBLIC``, and grant ``CONNECT`` back to the server's
+            admin role on the database of its URL, the one it connects to. Without it, every
+            tenant's login role can open them, since ``CREATE DATABASE`` lets ``PUBLIC`` connect.
+            Any other role that connects to them afterwards (monitoring, another application on a
+            shared cluster) needs its own ``GRANT CONNECT``; pass False to leave them as they
+            are, and provisioning logs a warning naming what each new tenant's login role can open.
+        """
         from .strategies.database import DatabaseStrategy
 
         strategy = self._strategies["database"]
         assert isinstance(strategy, DatabaseStrategy)
-        strategy.prepare_server(self, make_url(superuser_url).set(drivername="postgresql+psycopg"), server)
+        strategy.prepare_server(
+            self,
+            make_url(superuser_url).set(drivername="postgresql+psycopg"),
+            server,
+            restrict_maintenance_databases=restrict_maintenance_databases,
+        )
 
     def refresh_foreign_schemas(self, tenant: str | uuid.UUID | Tenant | None = None) -> list[Tenant]:
         """Re-import the infrastructure schemas into every database tenant (or just ``tenant``), so
@@ -383,7 +401,10 @@ class Tenancy:
         by RLS), ``"schema"`` (a schema of its own in the main database) or ``"database"`` (a
         database of its own, on the main cluster or on ``server``, one of the ``servers`` given to
         Tenancy). A failure at any step leaves nothing behind (:class:`ProvisioningError`) and
-        the same call can simply be retried. See :mod:`sqla_tenancy.lifecycle`.
+        the same call can simply be retried. A tenant whose database, schema or role would carry
+        a name sqla-tenancy owns (:func:`~sqla_tenancy.lifecycle.library_names`), or a name that
+        exists already, is refused before anything is made; the clean-up after a failure drops
+        only what this tenant's provisioning created. See :mod:`sqla_tenancy.lifecycle`.
         """
         from .lifecycle import create_tenant
 

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from datetime import datetime
 
-from sqlalchemy import DateTime, ForeignKey, Text, func
+from sqlalchemy import DateTime, Text, func
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
-from sqla_tenancy import TenantScoped, anonymous_readable
+from sqla_tenancy import TenantScoped, anonymous_readable, tenant_foreign_key, tenant_unique
 
 
 class Base(DeclarativeBase):
@@ -25,18 +25,23 @@ class Project(TenantScoped, Base):
 
 
 class Task(TenantScoped, Base):
+    """``FOREIGN KEY (tenant_id, project_id) REFERENCES projects (tenant_id, id)``: a task can only
+    belong to a project of its own tenant, and a project's deletion cascades within its tenant."""
+
     __tablename__ = "tasks"
+    __table_args__ = (tenant_foreign_key(["project_id"], ["projects.id"], ondelete="CASCADE"),)
 
     id: Mapped[int] = mapped_column(primary_key=True)
-    project_id: Mapped[int] = mapped_column(ForeignKey("projects.id", ondelete="CASCADE"))
+    project_id: Mapped[int]
     title: Mapped[str] = mapped_column(Text)
 
 
 class User(TenantScoped, Base):
-    """An infrastructure table: kept once, in the main database's ``auth`` schema."""
+    """An infrastructure table: kept once, in the main database's ``auth`` schema. E-mail
+    addresses are unique per tenant: another tenant's address is no error, and no hint."""
 
     __tablename__ = "users"
-    __table_args__ = {"schema": "auth"}
+    __table_args__ = (tenant_unique("email"), {"schema": "auth"})
 
     id: Mapped[int] = mapped_column(primary_key=True)
     email: Mapped[str] = mapped_column(Text)

@@ -197,7 +197,7 @@ class AnonymousSuite:
         with tenant_context(world.a, anonymous=True), world.Session() as s:
             # permission denied in the main database; no such table in a tenant database
             with pytest.raises(exc.ProgrammingError):
-                s.execute(text("select slug, access_key from tenancy.tenants"))
+                s.execute(text("select slug, access_key_hash from tenancy.tenants"))
 
     def test_infrastructure_tables_follow_the_same_opt_in(self, world: World) -> None:
         with tenant_context(world.a, anonymous=True), world.Session() as s:

@@ -158,6 +158,63 @@ def test_tenant_role_cannot_connect_to_another_tenants_database(dbt: Tenancy) ->
         psycopg.connect(**kwargs)  # type: ignore[arg-type]
 
 
+def test_tenant_role_opens_its_own_database_and_no_maintenance_database(
+    tenancy: Tenancy, tenancy_server: TestServer, maintenance_databases_open: None
+) -> None:
+    tenancy.prepare_server(tenancy_server.superuser_url)  # restricts them by default
+    tenancy.create_tenant("acme", strategy="database")
+    dbt = tenancy
+    role = f"{dbt.name_prefix}_acme_app"
+    password = derive_password(SECRET.encode(), role)
+    for database in ("postgres", "template1", dbt.url.database or ""):
+        kwargs = psycopg_kwargs(dbt.url, user=role, password=password, dbname=database)
+        with pytest.raises(psycopg.OperationalError, match="permission denied for database"):
+            psycopg.connect(**kwargs)  # type: ignore[arg-type]
+    own = f"{dbt.name_prefix}_acme"
+    with psycopg.connect(**psycopg_kwargs(dbt.url, user=role, password=password, dbname=own)) as conn:  # type: ignore[arg-type]
+        assert conn.execute("select current_database()").fetchone() == (own,)
+
+
+@pytest.fixture
+def maintenance_databases_open(tenancy_server: TestServer) -> Iterator[None]:
+    """``postgres`` and ``template1`` as ``initdb`` leaves them, open to ``PUBLIC``; as they were
+    afterwards (the test server is shared by the whole run)."""
+    databases = ("postgres", "template1")
+    with tenancy_server.superuser.connect() as conn:
+        held = {
+            d: conn.execute(text("select has_database_privilege('public', :d, 'CONNECT')"), {"d": d}).scalar()
+            for d in databases
+        }
+    for database in databases:
+        tenancy_server.execute(f'grant connect, temporary on database "{database}" to public')
+    yield
+    for database in databases:
+        if held[database]:
+            tenancy_server.execute(f'grant connect, temporary on database "{database}" to public')
+        else:
+            tenancy_server.execute(f'revoke connect, temporary on database "{database}" from public')
+
+
+def test_declining_the_maintenance_restriction_is_reported_at_provisioning(
+    tenancy: Tenancy,
+    tenancy_server: TestServer,
+    maintenance_databases_open: None,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    tenancy.prepare_server(tenancy_server.superuser_url, restrict_maintenance_databases=False)
+    role = f"{tenancy.name_prefix}_acme_app"
+    with caplog.at_level(logging.WARNING, logger="sqla_tenancy"):
+        tenancy.create_tenant("acme", strategy="database")
+    [warning] = [r.getMessage() for r in caplog.records if role in r.getMessage()]
+    assert "postgres" in warning and "template1" in warning
+    assert tenancy.url.database not in warning  # install() closed the main database
+    assert 'REVOKE CONNECT, TEMPORARY ON DATABASE "postgres" FROM PUBLIC' in warning
+    kwargs = psycopg_kwargs(
+        tenancy.url, user=role, password=derive_password(SECRET.encode(), role), dbname="postgres"
+    )
+    psycopg.connect(**kwargs).close()  # type: ignore[arg-type]  # what the warning is about
+
+
 def test_no_plaintext_password_in_registry_or_logs(
     tenancy: Tenancy, tenancy_server: TestServer, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -175,7 +232,16 @@ def test_no_plaintext_password_in_registry_or_logs(
         assert secret not in caplog.text
 
 
-STEPS = ["register", "template", "app_role", "database", "fdw_role", "fdw", "activate"]
+STEPS = ["register", "template", "app_role", "database", "rename_database", "fdw_role", "fdw", "activate"]
+
+
+def template_oid(t: Tenancy) -> int:
+    with t.admin_engine.connect() as conn:
+        oid = conn.execute(
+            text("select oid::int from pg_database where datname = :d"), {"d": f"{t.name_prefix}_template"}
+        ).scalar()
+    assert isinstance(oid, int)
+    return oid
 
 
 def test_all_steps_are_exercised(tenancy: Tenancy, tenancy_server: TestServer) -> None:
@@ -194,15 +260,17 @@ def test_failure_at_any_step_leaves_nothing(tenancy: Tenancy, tenancy_server: Te
         if name == step:
             raise RuntimeError(f"injected failure at {name}")
 
-    before = catalog(tenancy)
+    before, template = catalog(tenancy), template_oid(tenancy)
     tenancy._fault_injector = inject
     with pytest.raises((ProvisioningError, RuntimeError), match="injected"):
         tenancy.create_tenant("acme", strategy="database")
     assert catalog(tenancy) == before
+    assert template_oid(tenancy) == template  # the clean-up never touches the template
     tenancy._fault_injector = None
     tenancy.create_tenant("acme", strategy="database")
     with tenant_context("acme"), tenancy.sessionmaker()() as s:
         assert s.scalars(select(Project)).all() == []
+    tenancy.create_tenant("globex", strategy="database")  # and the server serves the next one
 
 
 def test_retry_cleans_up_after_a_crashed_attempt(tenancy: Tenancy, tenancy_server: TestServer) -> None:
@@ -218,7 +286,19 @@ def test_retry_cleans_up_after_a_crashed_attempt(tenancy: Tenancy, tenancy_serve
         tenancy.create_tenant("acme", strategy="database")
     assert catalog(tenancy) == before  # BaseException still runs the clean-up
     tenancy._fault_injector = None
-    # a crash that left the journal row and a database behind (as a killed process would)
+    tenancy.create_tenant("acme", strategy="database")
+    assert catalog(tenancy)["databases"] - before["databases"] == {f"{tenancy.name_prefix}_acme"}
+    # (killed processes: tests/test_provisioning_safety.py)
+
+
+def test_a_crashed_attempt_without_a_journal_drops_nothing(
+    tenancy: Tenancy, tenancy_server: TestServer
+) -> None:
+    """A ``provisioning`` row without a journal (as an interrupted attempt of an earlier version
+    leaves) says nothing about what exists under the tenant's names: the retry removes the row,
+    and refuses the database it cannot prove is the tenant's instead of dropping it."""
+    tenancy.prepare_server(tenancy_server.superuser_url)
+    database = f"{tenancy.name_prefix}_acme"
     with tenancy.admin_engine.begin() as conn:
         conn.execute(
             text(
@@ -226,11 +306,13 @@ def test_retry_cleans_up_after_a_crashed_attempt(tenancy: Tenancy, tenancy_serve
                 "('acme', 'acme', 'database', 'provisioning', '{\"server\": \"main\"}')"
             )
         )
-    tenancy_server.execute(
-        f'create database "{tenancy.name_prefix}_acme" owner "{tenancy_server.admin_role}"'
-    )
+    tenancy_server.execute(f'create database "{database}" owner "{tenancy_server.admin_role}"')
+    with pytest.raises(ProvisioningError, match="exists already"):
+        tenancy.create_tenant("acme", strategy="database")
+    after = catalog(tenancy)
+    assert database in after["databases"] and "acme" not in after["tenants"]
+    tenancy_server.execute(f'drop database "{database}"')  # what the message asks for
     tenancy.create_tenant("acme", strategy="database")
-    assert catalog(tenancy)["databases"] - before["databases"] == {f"{tenancy.name_prefix}_acme"}
 
 
 def test_delete_leaves_nothing(dbt: Tenancy) -> None:

@@ -37,7 +37,8 @@ def catalog(t: Tenancy) -> tuple[set[str], set[str]]:
 def test_transaction_runs_in_the_tenants_schema_as_the_tenants_role(two: Tenancy) -> None:
     schema, role = names(two, "acme")
     with tenant_context("acme"), two.engine.connect() as conn:
-        assert conn.execute(text("show search_path")).scalar() == schema
+        # pg_temp last: a temporary table can never shadow the tenant's own tables
+        assert conn.execute(text("show search_path")).scalar() == f"{schema}, pg_temp"
         assert conn.execute(text("select current_user")).scalar() == role
         assert conn.execute(text("select current_schema()")).scalar() == schema
         conn.commit()
@@ -142,3 +143,17 @@ def test_leftover_role_is_reported_and_nothing_is_made(tenancy: Tenancy) -> None
         tenancy.create_tenant("acme", strategy="schema")
     assert catalog(tenancy) == before
     assert [t.slug for t in tenancy.list_tenants()] == ["default"]
+
+
+def test_an_existing_schema_of_the_tenants_name_is_refused_and_left_alone(tenancy: Tenancy) -> None:
+    schema, _ = names(tenancy, "acme")
+    with tenancy.admin_engine.begin() as conn:
+        conn.execute(text(f'create schema "{schema}"'))
+        conn.execute(text(f'create table "{schema}".kept (id int)'))
+    before = catalog(tenancy)
+    with pytest.raises(ProvisioningError, match=rf"schema '{schema}' exists already"):
+        tenancy.create_tenant("acme", strategy="schema")
+    assert catalog(tenancy) == before
+    assert [t.slug for t in tenancy.list_tenants()] == ["default"]
+    with tenancy.admin_engine.connect() as conn:
+        assert conn.execute(text(f'select count(*) from "{schema}".kept')).scalar() == 0

@@ -57,6 +57,10 @@ class Strategy(Protocol):
         """Idempotently remove whatever a failed provisioning left (non-transactional strategies;
         transactional ones roll back instead and do nothing here)."""
 
+    def derived_names(self, tenancy: Tenancy, tenant: Tenant) -> dict[tuple[str, str], str]:
+        """The databases, schemas and roles provisioning ``tenant`` creates, as
+        ``{(kind, name): what it is}`` (checked against the library's own names first)."""
+
     def binding(self, tenancy: Tenancy, tenant: Tenant) -> bytes:
         """The transaction-local statements that bind a transaction to ``tenant``."""
 

@@ -20,10 +20,15 @@ Passwords are derived from ``Tenancy(secret_key=...)`` with HMAC-SHA256 and stor
 the registry, not in logs (PostgreSQL keeps the SCRAM verifier, and the user mapping the FDW
 role's password, which only the mapping's owner and superusers can read).
 
-``CREATE DATABASE`` cannot run in a transaction, so provisioning is a journal: the registry row
-(status ``provisioning``, with every name it will create) is committed first; each step is
-idempotent; on failure, or when a crashed attempt is found on retry, one idempotent clean-up
-removes whatever exists of the tenant and the row.
+``CREATE DATABASE`` cannot run in a transaction, so provisioning is journaled: the registry row
+(status ``provisioning``) is committed first, and each object is written to its ``journal``
+before it is created. Every object provisioning creates also carries a marker, the comment
+``created by sqla-tenancy for tenant <id>``, set in the transaction that creates it; the database,
+whose ``CREATE`` cannot share a transaction, is created under a temporary name of this attempt's
+own, marked, and only then renamed. On failure, or when a crashed attempt is found on retry, the
+clean-up drops what the journal names and what carries the marker, and nothing else: a database
+or role that exists under the tenant's name without being this tenant's is left alone. Names
+that exist already are refused before anything is created.
 """
 
 from __future__ import annotations
@@ -31,8 +36,10 @@ from __future__ import annotations
 import base64
 import hashlib
 import hmac
+import json
 import logging
 import os
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -59,11 +66,82 @@ if TYPE_CHECKING:
     from ..registry import Tenant
     from ..tenancy import Tenancy
 
-__all__ = ["DatabaseStrategy", "derive_password", "scram_verifier", "template_lock_key"]
+__all__ = [
+    "DatabaseStrategy",
+    "OpenDatabase",
+    "creation_marker",
+    "databases_open_to",
+    "derive_password",
+    "maintenance_databases",
+    "scram_verifier",
+    "template_database",
+    "template_lock_key",
+]
 
 log = logging.getLogger(__name__)
 
 FOREIGN_SERVER = "tenancy_main"
+
+#: The key of the registry row's ``location`` that journals a provisioning's objects, one
+#: ``{"kind", "server", "name"}`` entry each (dropped when the tenant is activated).
+_JOURNAL = "journal"
+
+
+def template_database(tenancy: Tenancy) -> str:
+    """The template database every tenant database of ``tenancy`` is cloned from, on each server."""
+    return f"{tenancy.name_prefix}_template"
+
+
+def creation_marker(tenant: Tenant) -> str:
+    """The comment provisioning gives every database and role it creates for ``tenant``: what
+    tells the clean-up, after a crash, that an object under the tenant's name is its own."""
+    return f"created by sqla-tenancy for tenant {tenant.id}"
+
+
+@dataclass(frozen=True)
+class OpenDatabase:
+    """A database that a role can connect to and should not."""
+
+    name: str
+    #: True when the role may connect because ``PUBLIC`` may (the default ``CREATE DATABASE``
+    #: gives); False when ``CONNECT`` was granted to it, or to a role it inherits from.
+    public: bool
+
+    def fix(self, role: str) -> str:
+        """The SQL that takes the access back (as the database's owner or a superuser)."""
+        database = quote_ident(self.name)
+        if self.public:
+            return f"REVOKE CONNECT, TEMPORARY ON DATABASE {database} FROM PUBLIC"
+        return f"REVOKE CONNECT ON DATABASE {database} FROM {quote_ident(role)}"
+
+
+def databases_open_to(conn: Connection, role: str, *, besides: Iterable[str] = ()) -> list[OpenDatabase]:
+    """The databases of ``conn``'s server, other than ``besides``, that ``role`` may connect to.
+
+    A database tenant's login role should reach its own database and nothing else, but
+    ``CREATE DATABASE`` lets ``PUBLIC`` connect to every new database; the maintenance databases
+    (``postgres``, ``template1``) and any database made outside sqla-tenancy stay open unless
+    somebody takes that back. Databases that accept no connection at all (``template0``) are left
+    out."""
+    rows = conn.execute(
+        text(
+            "select datname, has_database_privilege('public', oid, 'CONNECT') from pg_database "
+            "where datallowconn and datname <> all(:besides) "
+            "and has_database_privilege(:role, oid, 'CONNECT') order by datname"
+        ),
+        {"role": role, "besides": list(besides)},
+    ).all()
+    return [OpenDatabase(name, bool(public)) for name, public in rows]
+
+
+def maintenance_databases(tenancy: Tenancy, superuser_url: URL, server: str) -> list[str]:
+    """The databases ``prepare_server`` closes to ``PUBLIC`` on ``server`` (those that exist):
+    ``postgres``, ``template1``, the superuser URL's database and the server admin URL's. The
+    main database is :meth:`Tenancy.install`'s to restrict, and is left out."""
+    names = {"postgres", "template1", superuser_url.database, tenancy.server_admin_url(server).database}
+    if server == "main":
+        names -= {tenancy.admin_url.database, tenancy.url.database}
+    return sorted(name for name in names if name)
 
 
 def template_lock_key(template: str) -> str:
@@ -86,6 +164,9 @@ class Names:
     fdw_role: str
     template: str
     anon_role: str
+    #: what the database is created as, marked, and renamed from: carries the tenant's id and a
+    #: ``-``, which no slug can, so that no other object can ever have this name
+    temporary: str
 
     def location(self) -> dict[str, Any]:
         return {
@@ -115,9 +196,21 @@ class DatabaseStrategy:
             database=database_name(tenant.slug, tenancy.name_prefix),
             app_role=role_name(tenant.slug, "app", tenancy.name_prefix),
             fdw_role=fdw_role_name(tenant.id, tenancy.name_prefix),
-            template=f"{tenancy.name_prefix}_template",
+            template=template_database(tenancy),
             anon_role=role_name(tenant.slug, "anon", tenancy.name_prefix),
+            temporary=f"{tenancy.name_prefix}-new-{tenant.id.hex}",
         )
+
+    def derived_names(self, tenancy: Tenancy, tenant: Tenant) -> dict[tuple[str, str], str]:
+        """What provisioning ``tenant`` would create, as ``{(kind, name): what it is}`` (kinds:
+        ``database``, ``schema``, ``role``), for the check against the library's own names."""
+        names = self.names(tenancy, tenant)
+        return {
+            ("database", names.database): "database",
+            ("role", names.app_role): "login role",
+            ("role", names.anon_role): "anonymous role",
+            ("role", names.fdw_role): "FDW role",
+        }
 
     def _admin(
         self, tenancy: Tenancy, server: str, database: str | None = None, *, autocommit: bool = True
@@ -142,9 +235,18 @@ class DatabaseStrategy:
 
     # -- template -----------------------------------------------------------------------------
 
-    def prepare_server(self, tenancy: Tenancy, superuser_url: URL, server: str) -> None:
-        """One-time, superuser-only set-up of a server: the template database with postgres_fdw."""
-        template = f"{tenancy.name_prefix}_template"
+    def prepare_server(
+        self,
+        tenancy: Tenancy,
+        superuser_url: URL,
+        server: str,
+        *,
+        restrict_maintenance_databases: bool = True,
+    ) -> None:
+        """One-time, superuser-only set-up of a server: the template database with postgres_fdw,
+        and (unless declined) the maintenance databases closed to ``PUBLIC``, so that tenants'
+        login roles cannot open them (see :func:`maintenance_databases`)."""
+        template = template_database(tenancy)
         admin_role = tenancy.server_admin_url(server).username
         assert admin_role
         su = create_engine(superuser_url, isolation_level="AUTOCOMMIT", poolclass=_NullPool)
@@ -158,6 +260,10 @@ class DatabaseStrategy:
                         f"CREATE DATABASE {quote_ident(template)} OWNER {quote_ident(admin_role)}"
                     )
                 conn.exec_driver_sql(f"REVOKE ALL ON DATABASE {quote_ident(template)} FROM PUBLIC")
+                if restrict_maintenance_databases:
+                    admin_database = tenancy.server_admin_url(server).database
+                    databases = maintenance_databases(tenancy, superuser_url, server)
+                    _restrict(conn, databases, grant=(admin_role, admin_database))
         finally:
             su.dispose()
         su = create_engine(
@@ -175,7 +281,7 @@ class DatabaseStrategy:
 
     def refresh_template(self, tenancy: Tenancy, server: str) -> None:
         """(Re)create the tenant tables and the policy function in the template database."""
-        template = f"{tenancy.name_prefix}_template"
+        template = template_database(tenancy)
         engine = self._admin(tenancy, server, template, autocommit=False)
         try:
             with engine.begin() as conn:
@@ -216,19 +322,35 @@ class DatabaseStrategy:
     ) -> dict[str, Any]:
         names = self.names(tenancy, tenant)
         secret = tenancy.secret()
+        self._refuse_existing(tenancy, tenant, names)
+        marker = quote_literal(creation_marker(tenant))
         tenancy._step("template")
         key = (id(tenancy), names.server)
         if key not in self._templates_ready:  # once per process and server (migrations refresh it)
             self.refresh_template(tenancy, names.server)
             self._templates_ready.add(key)
-        server_engine = self._admin(tenancy, names.server)
+        _journal(
+            tenancy,
+            tenant,
+            _role_entry(names.server, names.app_role),
+            _role_entry(names.server, names.anon_role),
+        )
+        tenancy._step("app_role")
+        roles = self._admin(tenancy, names.server, autocommit=False)
         try:
-            with server_engine.connect() as conn:  # one connection for both steps
-                tenancy._step("app_role")
+            with roles.begin() as conn:  # both roles with their markers, or nothing
                 _create_role(conn, names.app_role, derive_password(secret, names.app_role))
                 create_tenant_anonymous_role(conn, names.anon_role, member=names.app_role)
-                tenancy._step("database")
-                database, app_role = quote_ident(names.database), quote_ident(names.app_role)
+                for role in (names.app_role, names.anon_role):
+                    conn.exec_driver_sql(f"COMMENT ON ROLE {quote_ident(role)} IS {marker}")
+        finally:
+            roles.dispose()
+        _journal(tenancy, tenant, _database_entry(names))
+        tenancy._step("database")
+        server_engine = self._admin(tenancy, names.server)
+        try:
+            with server_engine.connect() as conn:
+                temporary, app_role = quote_ident(names.temporary), quote_ident(names.app_role)
                 strategy = tenancy.create_database_strategy
                 option = f" STRATEGY = {strategy.upper()}" if strategy else ""
                 # A migration of the template (alembic_ext) holds this lock while connected to
@@ -237,23 +359,54 @@ class DatabaseStrategy:
                 conn.execute(text("select pg_advisory_lock(hashtext(:k))"), {"k": lock})
                 try:
                     conn.exec_driver_sql(
-                        f"CREATE DATABASE {database} TEMPLATE {quote_ident(names.template)}{option}"
+                        f"CREATE DATABASE {temporary} TEMPLATE {quote_ident(names.template)}{option}"
                     )
                 finally:
                     conn.execute(text("select pg_advisory_unlock(hashtext(:k))"), {"k": lock})
-                conn.exec_driver_sql(f"REVOKE ALL ON DATABASE {database} FROM PUBLIC")
-                conn.exec_driver_sql(f"GRANT CONNECT ON DATABASE {database} TO {app_role}")
+                conn.exec_driver_sql(f"COMMENT ON DATABASE {temporary} IS {marker}")
+                conn.exec_driver_sql(f"REVOKE ALL ON DATABASE {temporary} FROM PUBLIC")
+                conn.exec_driver_sql(f"GRANT CONNECT ON DATABASE {temporary} TO {app_role}")
+                tenancy._step("rename_database")
+                # Refused if the name was taken since _refuse_existing: nothing of theirs is touched.
+                conn.exec_driver_sql(f"ALTER DATABASE {temporary} RENAME TO {quote_ident(names.database)}")
+                _warn_open(conn, tenant, names.app_role, "login role", names.server, own=names.database)
         finally:
             server_engine.dispose()
+        _journal(tenancy, tenant, _role_entry("main", names.fdw_role))
         tenancy._step("fdw_role")
         with tenancy.admin_engine.begin() as conn:
             _create_role(conn, names.fdw_role, derive_password(secret, names.fdw_role), inherit=True)
+            conn.exec_driver_sql(f"COMMENT ON ROLE {quote_ident(names.fdw_role)} IS {marker}")
             # CONNECT and the infrastructure privileges come with the tenants' group.
             group = quote_ident(tenants_group(tenancy))
             conn.exec_driver_sql(f"GRANT {group} TO {quote_ident(names.fdw_role)}")
+            main_database = tenancy.admin_url.database or ""
+            _warn_open(conn, tenant, names.fdw_role, "FDW role", "main", own=main_database)
         tenancy._step("fdw")
         revision = self.import_foreign_schemas(tenancy, tenant, names=names, create_server=True)
         return {**names.location(), "_revision": revision}
+
+    def _refuse_existing(self, tenancy: Tenancy, tenant: Tenant, names: Names) -> None:
+        """Refuse, before anything is created, a database or role that exists under one of the
+        tenant's names: provisioning neither adopts such an object nor, on failure, drops it."""
+        engine = self._admin(tenancy, names.server)
+        try:
+            with engine.connect() as conn:
+                if conn.execute(
+                    text("select 1 from pg_database where datname = :d"), {"d": names.database}
+                ).first():
+                    raise ProvisioningError(
+                        f"The database {names.database!r} exists already on server {names.server!r}, "
+                        f"and tenant {tenant.slug!r} did not create it; sqla-tenancy neither adopts "
+                        "nor drops it. Drop or rename it if it is a leftover, or give Tenancy a "
+                        "distinct name_prefix if another application uses these names."
+                    )
+                for role in (names.app_role, names.anon_role):
+                    _refuse_existing_role(conn, role)
+        finally:
+            engine.dispose()
+        with tenancy.admin_engine.connect() as conn:
+            _refuse_existing_role(conn, names.fdw_role)
 
     def import_foreign_schemas(
         self, tenancy: Tenancy, tenant: Tenant, *, names: Names | None = None, create_server: bool = False
@@ -365,20 +518,79 @@ class DatabaseStrategy:
         return defaults
 
     def compensate(self, tenancy: Tenancy, tenant: Tenant) -> None:
-        """Remove whatever exists of the tenant's storage and roles (idempotent)."""
-        names = self.names(tenancy, tenant)
+        """Undo a provisioning of ``tenant`` that failed or crashed, from its journal: drop each
+        journaled database and role that exists and carries the tenant's marker (and the
+        attempt's temporary database, whose name is the attempt's own). An object under a
+        journaled name without the marker was not made by this tenant: it is left alone, with a
+        warning. Idempotent. Raises :class:`ProvisioningError` if something could not be dropped;
+        the registry row then stays, so that a retry cleans up again."""
         tenancy.tenant_engines.discard(lambda key: key[0] == tenant.id)  # type: ignore[index]
-        server_engine = self._admin(tenancy, names.server)
+        marker = creation_marker(tenant)
+        failures: list[str] = []
+        for entry in reversed(self._journal_of(tenancy, tenant)):
+            try:
+                self._undo(tenancy, tenant, entry, marker)
+            except (exc.DBAPIError, ProvisioningError) as error:
+                failures.append(f"{entry.get('kind')} {entry.get('name')!r}: {getattr(error, 'orig', error)}")
+        if failures:
+            raise ProvisioningError(
+                f"Cleaning up the failed provisioning of tenant {tenant.slug!r} left {'; '.join(failures)}. "
+                f"Its registry row is kept: once the cause is fixed, create_tenant({tenant.slug!r}, "
+                "strategy='database') cleans up again."
+            )
+
+    def _journal_of(self, tenancy: Tenancy, tenant: Tenant) -> list[dict[str, Any]]:
+        """The journal of ``tenant``'s provisioning, from its registry row. Should the row be gone
+        (deleted while the tenant was being provisioned), every object provisioning would have
+        journaled: each is dropped only if it carries the tenant's marker, so only what the
+        provisioning created goes."""
+        with tenancy.admin_engine.connect() as conn:
+            location = conn.execute(
+                text(f"select location from {REGISTRY_SCHEMA}.tenants where id = :id"), {"id": tenant.id}
+            ).scalar()
+        if not isinstance(location, dict):
+            names = self.names(tenancy, tenant)
+            return [
+                _role_entry(names.server, names.app_role),
+                _role_entry(names.server, names.anon_role),
+                _database_entry(names),
+                _role_entry("main", names.fdw_role),
+            ]
+        journal = location.get(_JOURNAL, [])
+        return [entry for entry in journal if isinstance(entry, dict)] if isinstance(journal, list) else []
+
+    def _undo(self, tenancy: Tenancy, tenant: Tenant, entry: dict[str, Any], marker: str) -> None:
+        kind, name, server = entry.get("kind"), entry.get("name"), entry.get("server", "main")
+        if kind not in ("database", "role") or not isinstance(name, str) or not isinstance(server, str):
+            raise ProvisioningError(f"unreadable journal entry {entry!r}")
+        lookup = (
+            "select shobj_description(oid, 'pg_database') from pg_database where datname = :n"
+            if kind == "database"
+            else "select shobj_description(oid, 'pg_authid') from pg_roles where rolname = :n"
+        )
+        engine = self._admin(tenancy, server)
         try:
-            with server_engine.connect() as conn:
-                conn.exec_driver_sql(f"DROP DATABASE IF EXISTS {quote_ident(names.database)} WITH (FORCE)")
-                conn.exec_driver_sql(f"DROP ROLE IF EXISTS {quote_ident(names.app_role)}")
-                conn.exec_driver_sql(f"DROP ROLE IF EXISTS {quote_ident(names.anon_role)}")
+            with engine.connect() as conn:
+                temporary = entry.get("temporary")
+                if kind == "database" and isinstance(temporary, str):
+                    conn.exec_driver_sql(f"DROP DATABASE IF EXISTS {quote_ident(temporary)} WITH (FORCE)")
+                found = conn.execute(text(lookup), {"n": name}).first()
+                if found is None:
+                    return
+                if found[0] != marker:
+                    log.warning(
+                        "clean-up of tenant %s: the %s %r on server %r does not carry its marker, "
+                        "so the tenant's provisioning did not create it; left alone",
+                        tenant.slug,
+                        kind,
+                        name,
+                        server,
+                    )
+                    return
+                statement = "DROP DATABASE {} WITH (FORCE)" if kind == "database" else "DROP ROLE {}"
+                conn.exec_driver_sql(statement.format(quote_ident(name)))
         finally:
-            server_engine.dispose()
-        with tenancy.admin_engine.begin() as conn:
-            # its only privileges come from the group membership, which DROP ROLE removes
-            conn.exec_driver_sql(f"DROP ROLE IF EXISTS {quote_ident(names.fdw_role)}")
+            engine.dispose()
 
     def deprovision(
         self, tenancy: Tenancy, tenant: Tenant, *, admin: Connection | None, keep_infrastructure_rows: bool
@@ -386,7 +598,26 @@ class DatabaseStrategy:
         if not keep_infrastructure_rows:
             with tenancy.admin_engine.begin() as conn:
                 delete_tenant_rows(tenant, reversed(tenancy.infrastructure_tables()), admin=conn)
-        self.compensate(tenancy, tenant)
+        if _JOURNAL in tenant.location:  # never activated: only what its journal names
+            self.compensate(tenancy, tenant)
+            return
+        # An active tenant's objects are the ones its registry row names.
+        names = self.names(tenancy, tenant)
+        database = tenant.location.get("database", names.database)
+        app_role = tenant.location.get("role", names.app_role)
+        fdw_role = tenant.location.get("fdw_role", names.fdw_role)
+        tenancy.tenant_engines.discard(lambda key: key[0] == tenant.id)  # type: ignore[index]
+        server_engine = self._admin(tenancy, names.server)
+        try:
+            with server_engine.connect() as conn:
+                conn.exec_driver_sql(f"DROP DATABASE IF EXISTS {quote_ident(database)} WITH (FORCE)")
+                conn.exec_driver_sql(f"DROP ROLE IF EXISTS {quote_ident(app_role)}")
+                conn.exec_driver_sql(f"DROP ROLE IF EXISTS {quote_ident(names.anon_role)}")
+        finally:
+            server_engine.dispose()
+        with tenancy.admin_engine.begin() as conn:
+            # its only privileges come from the group membership, which DROP ROLE removes
+            conn.exec_driver_sql(f"DROP ROLE IF EXISTS {quote_ident(fdw_role)}")
 
     # -- routing ------------------------------------------------------------------------------
 
@@ -402,13 +633,83 @@ class DatabaseStrategy:
         return tenancy._tenant_engine(tenant, self.app_url(tenancy, tenant), async_=async_)
 
 
-def _create_role(conn: Connection, role: str, password: str, *, inherit: bool = False) -> None:
+def _role_entry(server: str, role: str) -> dict[str, str]:
+    return {"kind": "role", "server": server, "name": role}
+
+
+def _database_entry(names: Names) -> dict[str, str]:
+    return {"kind": "database", "server": names.server, "name": names.database, "temporary": names.temporary}
+
+
+def _journal(tenancy: Tenancy, tenant: Tenant, *entries: dict[str, str]) -> None:
+    """Record ``entries`` in the journal of ``tenant``'s registry row, committed before they are
+    created: the clean-up drops nothing the journal does not name."""
+    with tenancy.admin_engine.begin() as conn:
+        result = conn.execute(
+            text(
+                f"update {REGISTRY_SCHEMA}.tenants set location = jsonb_set(location, '{{{_JOURNAL}}}', "
+                f"coalesce(location -> '{_JOURNAL}', '[]'::jsonb) || cast(:entries as jsonb)) "
+                "where id = :id and status = 'provisioning'"
+            ),
+            {"entries": json.dumps(list(entries)), "id": tenant.id},
+        )
+        if result.rowcount != 1:
+            raise ProvisioningError(
+                f"The registry row of tenant {tenant.slug!r} changed while it was being provisioned "
+                "(deleted by another process?); its provisioning was stopped and undone."
+            )
+
+
+def _restrict(conn: Connection, databases: list[str], *, grant: tuple[str, str | None]) -> None:
+    """As a superuser: take ``CONNECT`` and ``TEMPORARY`` on ``databases`` from ``PUBLIC``; give
+    ``CONNECT`` back to the server's admin role on the database its URL names (``grant``), the
+    one it connects to."""
+    admin_role, admin_database = grant
+    present = conn.execute(
+        text("select datname from pg_database where datname = any(:d) and datallowconn order by 1"),
+        {"d": databases},
+    ).scalars()
+    for database in present:
+        db = quote_ident(database)
+        conn.exec_driver_sql(f"REVOKE CONNECT, TEMPORARY ON DATABASE {db} FROM PUBLIC")
+        if database == admin_database:
+            conn.exec_driver_sql(f"GRANT CONNECT ON DATABASE {db} TO {quote_ident(admin_role)}")
+        log.info("closed database %s to PUBLIC (CONNECT and TEMPORARY)", database)
+
+
+def _warn_open(conn: Connection, tenant: Tenant, role: str, what: str, server: str, *, own: str) -> None:
+    """Log a warning when ``role`` may connect to databases of ``conn``'s server besides ``own``."""
+    open_databases = databases_open_to(conn, role, besides=[own])
+    if not open_databases:
+        return
+    log.warning(
+        "Database tenant %s: its %s %s can connect to %s on server %r besides %s, although it "
+        "needs no other database (CREATE DATABASE lets PUBLIC connect to every new database). As a "
+        "superuser or the databases' owner, run: %s; then GRANT CONNECT to the roles that do use "
+        "them. prepare_server() does this for the maintenance databases unless "
+        "restrict_maintenance_databases=False, install() for the main database.",
+        tenant.slug,
+        what,
+        quote_ident(role),
+        ", ".join(d.name for d in open_databases),
+        server,
+        own,
+        "; ".join(d.fix(role) for d in open_databases),
+    )
+
+
+def _refuse_existing_role(conn: Connection, role: str) -> None:
     exists = conn.execute(text("select 1 from pg_roles where rolname = :r"), {"r": role}).first()
     if exists:
         raise ProvisioningError(
-            f"Role {role!r} exists already (roles are cluster-wide: is another application on this "
-            "cluster using the same name_prefix?). Give Tenancy a distinct name_prefix, or drop it."
+            f"Role {role!r} exists already, and provisioning did not create it (roles are "
+            "cluster-wide: is another application on this cluster using the same name_prefix?). "
+            "sqla-tenancy neither adopts nor drops it: give Tenancy a distinct name_prefix, or drop it."
         )
+
+
+def _create_role(conn: Connection, role: str, password: str, *, inherit: bool = False) -> None:
+    _refuse_existing_role(conn, role)
     # Only a SCRAM verifier goes over the wire (and into any server log), never the password.
     run_script(
         conn,

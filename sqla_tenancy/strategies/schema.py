@@ -94,11 +94,27 @@ class SchemaStrategy:
         """The tenant's schema and role."""
         return schema_name(slug, tenancy.name_prefix), role_name(slug, "app", tenancy.name_prefix)
 
+    def derived_names(self, tenancy: Tenancy, tenant: Tenant) -> dict[tuple[str, str], str]:
+        """What provisioning ``tenant`` would create, as ``{(kind, name): what it is}``, for the
+        check against the library's own names."""
+        schema, role = self.names(tenancy, tenant.slug)
+        return {
+            ("schema", schema): "schema",
+            ("role", role): "role",
+            ("role", tenant_anonymous_role(tenancy, tenant.slug)): "anonymous role",
+        }
+
     def provision(self, tenancy: Tenancy, tenant: Tenant, *, admin: Connection | None) -> dict[str, Any]:
         assert admin is not None
         schema, role = self.names(tenancy, tenant.slug)
         anonymous = tenant_anonymous_role(tenancy, tenant.slug)
         s, r, anon = quote_ident(schema), quote_ident(role), quote_ident(anonymous)
+        if admin.exec_driver_sql("select 1 from pg_namespace where nspname = %(s)s", {"s": schema}).first():
+            raise ProvisioningError(
+                f"The schema {schema!r} exists already, and tenant {tenant.slug!r} did not create "
+                "it; sqla-tenancy neither adopts nor drops it. Drop or rename it if it is a "
+                "leftover, or give Tenancy a distinct name_prefix."
+            )
         exists = admin.exec_driver_sql(
             "select rolname from pg_roles where rolname in (%(r)s, %(a)s) order by rolname",
             {"r": role, "a": anonymous},

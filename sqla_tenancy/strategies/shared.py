@@ -12,6 +12,7 @@ from sqlalchemy.engine import Engine
 from ..anonymous import anonymous_role
 from ..binding import binding_statement, tenant_setting
 from ..identifiers import quote_ident
+from ..keys import check_tenant_keys
 from ..rls import is_tenant_scoped, qualified_name, tenant_column_name
 
 if TYPE_CHECKING:
@@ -66,6 +67,8 @@ class SharedStrategy:
                 f"{', '.join(sorted(unscoped))} do(es) not: add the TenantScoped mixin, move the "
                 "table to an infrastructure schema, or give this tenant another strategy."
             )
+        # Its rows would share tables with other tenants: keys must not cross tenants.
+        check_tenant_keys(tenancy.metadata, infrastructure_schemas=tenancy.infrastructure_schemas)
         return {"_revision": main_tenant_revision(admin)} if admin is not None else {}
 
     def deprovision(
@@ -80,6 +83,9 @@ class SharedStrategy:
 
     def compensate(self, tenancy: Tenancy, tenant: Tenant) -> None:
         """Nothing to do: provisioning is transactional."""
+
+    def derived_names(self, tenancy: Tenancy, tenant: Tenant) -> dict[tuple[str, str], str]:
+        return {}  # a shared tenant is a registry row, nothing named
 
     def binding(self, tenancy: Tenancy, tenant: Tenant) -> bytes:
         return binding_statement(tenant.id)

@@ -33,6 +33,8 @@ class TestServer:
     app_password: str = field(default_factory=lambda: secrets.token_urlsafe(12))
     admin_password: str = field(default_factory=lambda: secrets.token_urlsafe(12))
     _databases: list[str] = field(default_factory=list)
+    #: the ACLs of the maintenance databases as the run found them (``prepare_server`` changes them)
+    _maintenance_acls: dict[str, list[str]] = field(default_factory=dict)
     _prefixes: dict[str, set[str]] = field(default_factory=dict)
     _engine: Engine | None = None
 
@@ -52,7 +54,27 @@ class TestServer:
             cluster = TemporaryCluster().start()
             server = cls(superuser_url=cluster.url(), cluster=cluster)
         server._create_roles()
+        server._remember_maintenance_acls()
         return server
+
+    def _remember_maintenance_acls(self) -> None:
+        with self.superuser.connect() as conn:
+            rows = conn.exec_driver_sql(
+                "select datname, has_database_privilege('public', oid, 'CONNECT'), "
+                "has_database_privilege('public', oid, 'TEMPORARY') from pg_database "
+                "where datname in ('postgres', 'template1')"
+            ).all()
+        self._maintenance_acls = {
+            name: [p for p, held in (("CONNECT", connect), ("TEMPORARY", temporary)) if held]
+            for name, connect, temporary in rows
+        }
+
+    def _restore_maintenance_acls(self) -> None:
+        """Give PUBLIC back what it held on ``postgres`` and ``template1`` when the run began (on a
+        server of the developer's own, ``prepare_server``'s restriction must not outlive the run)."""
+        for name, privileges in self._maintenance_acls.items():
+            if privileges:
+                self.execute(f"GRANT {', '.join(privileges)} ON DATABASE {quote_ident(name)} TO PUBLIC")
 
     @property
     def app_role(self) -> str:
@@ -111,9 +133,11 @@ class TestServer:
         """Drop the database, and the cluster-wide roles and databases its tenants created."""
         for prefix in self._prefixes.pop(name, set()):
             with self.superuser.connect() as conn:
+                # (``<prefix>-new-...``: the temporary name of a database being provisioned)
                 databases = (
                     conn.exec_driver_sql(
-                        "select datname from pg_database where datname like %(p)s", {"p": prefix + "\\_%"}
+                        "select datname from pg_database where datname like %(p)s or datname like %(n)s",
+                        {"p": prefix + "\\_%", "n": prefix + "-%"},
                     )
                     .scalars()
                     .all()
@@ -164,6 +188,7 @@ class TestServer:
     def stop(self) -> None:
         for name in list(self._databases):
             self.drop_database(name)
+        self._restore_maintenance_acls()
         for role in (self.app_role, self.admin_role):
             self._revoke_memberships_granted_by(role)
             self.execute(f"DROP ROLE IF EXISTS {quote_ident(role)}")

@@ -17,7 +17,7 @@ import pytest
 from sqlalchemy import select
 
 from sqla_tenancy import Tenancy, Tenant, tenant_context
-from sqla_tenancy.checkpoint import get_access_key
+from sqla_tenancy.checkpoint import issue_access_key
 from sqla_tenancy.testing import TestServer
 from tests.models import INFRASTRUCTURE, Base, Project, Task
 
@@ -35,8 +35,8 @@ SEEDS = {
 @dataclass
 class World:
     """The package's database: tenants acme and globex (shared placement), hooli (schema
-    placement), initech (suspended), and the default tenant (no projects). Each project has one
-    task, ``<project name>-task``."""
+    placement), initech (suspended), and the default tenant (no projects), each with an issued
+    access key. Each project has one task, ``<project name>-task``."""
 
     tenancy: Tenancy
     make_tenancy: Callable[..., Tenancy]
@@ -87,7 +87,8 @@ def world(tenancy_server: TestServer) -> Iterator[World]:
                 session.commit()
         tenants["initech"] = tenancy.suspend_tenant("initech")
         tenants["default"] = tenancy.get_tenant("default")
-        keys = {slug: str(get_access_key(tenancy, slug)) for slug in tenants}
+        # keys are issued (shown once), not read back: the registry keeps their hashes only
+        keys = {slug: str(issue_access_key(tenancy, slug)) for slug in tenants}
         yield World(tenancy, make_tenancy, tenants, keys)
     finally:
         for tenancy in made:

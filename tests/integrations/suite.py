@@ -136,7 +136,7 @@ class CheckpointSuite:
     def test_tenant_may_be_named_by_uuid(self, strict: httpx.Client, world: World) -> None:
         acme = world.tenants["acme"]
         response = strict.get(
-            "/projects", headers={"X-Tenant-ID": str(acme.id).upper(), **bearer(make_token("acme"))}
+            "/projects", headers={"X-Tenant-ID": str(acme.id), **bearer(make_token("acme"))}
         )
         assert response.status_code == 200
         assert_only("acme", response.json())
@@ -161,6 +161,122 @@ class CheckpointSuite:
         for slug, response in results:
             assert response.status_code == 200, response.text
             assert_only(slug, response.json())
+
+    # -- one tenant per name ----------------------------------------------------------------
+
+    @pytest.mark.parametrize(
+        "claim",
+        [
+            "acme\n",
+            "acme ",
+            " acme",
+            "\tacme",
+            "ac me",
+            "ACME",
+            "Acme",
+            "\uff41cme",
+            "acme\x00",
+            "upper-uuid",
+        ],
+    )
+    def test_a_signed_token_for_another_spelling_of_a_tenant_is_not_that_tenant(
+        self, strict: httpx.Client, world: World, claim: str
+    ) -> None:
+        """The token is correctly signed; its claim is not acme's slug or id as written, so it
+        names no tenant: not acme, whether the request names acme or only carries the token."""
+        if claim == "upper-uuid":
+            claim = str(world.tenants["acme"].id).upper()
+        token = bearer(make_token(claim))
+        own = strict.get("/projects", headers=token)
+        assert (own.status_code, own.json()["error"]) == (404, "tenant_not_found"), own.text
+        aimed = strict.get("/projects", headers={"X-Tenant-ID": "acme", **token})
+        assert (aimed.status_code, aimed.json()["error"]) == (403, "tenant_mismatch"), aimed.text
+        for response in (own, aimed):
+            assert "acme-1" not in response.text
+
+    @pytest.mark.parametrize(
+        "ref",
+        [
+            "ACME",
+            "Acme",
+            "ac me",
+            "acme\t.",
+            "acme,acme",
+            "%61cme",
+            "upper-uuid",
+            "braced-uuid",
+            "urn-uuid",
+            "hex-uuid",
+        ],
+    )
+    def test_a_header_spelling_a_tenant_otherwise_names_no_tenant(
+        self, strict: httpx.Client, open_: httpx.Client, world: World, ref: str
+    ) -> None:
+        acme = world.tenants["acme"].id
+        ref = {
+            "upper-uuid": str(acme).upper(),
+            "braced-uuid": "{" + str(acme) + "}",
+            "urn-uuid": f"urn:uuid:{acme}",
+            "hex-uuid": acme.hex,
+        }.get(ref, ref)
+        with_token = strict.get("/projects", headers={"X-Tenant-ID": ref, **bearer(make_token("acme"))})
+        assert (with_token.status_code, with_token.json()["error"]) == (403, "tenant_mismatch")
+        keyed = strict.get(
+            "/projects", headers={"X-Tenant-ID": ref, "X-Tenant-Access-Key": world.access_keys["acme"]}
+        )
+        assert (keyed.status_code, keyed.json()["error"]) == (401, "unauthorized")
+        anonymous = open_.get("/projects", headers={"X-Tenant-ID": ref})
+        assert (anonymous.status_code, anonymous.json()["error"]) == (404, "tenant_not_found")
+        for response in (with_token, keyed, anonymous):
+            assert "acme-1" not in response.text
+
+    def test_repeated_tenant_headers_name_no_tenant(self, open_: httpx.Client, strict: httpx.Client) -> None:
+        for values in (["acme", "acme"], ["acme", "globex"]):
+            headers = [("X-Tenant-ID", value) for value in values]
+            response = open_.get("/projects", headers=headers)
+            assert (response.status_code, response.json()["error"]) == (404, "tenant_not_found")
+            response = strict.get("/projects", headers=[*headers, *bearer(make_token("acme")).items()])
+            assert (response.status_code, response.json()["error"]) == (403, "tenant_mismatch")
+
+    def test_an_empty_tenant_header_is_refused_not_the_default_tenant(
+        self, open_: httpx.Client, strict: httpx.Client
+    ) -> None:
+        """A header that is present names a tenant, even when empty. (Whitespace-only values
+        arrive empty too: HTTP clients refuse to send them, servers strip them.)"""
+        response = open_.get("/projects", headers={"X-Tenant-ID": ""})
+        assert (response.status_code, response.json()["error"]) == (404, "tenant_not_found")
+        response = strict.get("/projects", headers={"X-Tenant-ID": "", **bearer(make_token("default"))})
+        assert (response.status_code, response.json()["error"]) == (403, "tenant_mismatch")
+
+    @pytest.mark.parametrize("segment", ["ACME", "acme%0A", "acme%20", "%20acme", "acme%00", "acme.", ""])
+    def test_a_path_segment_spelling_a_tenant_otherwise_names_no_tenant(
+        self, by_path: httpx.Client, world: World, segment: str
+    ) -> None:
+        """The segment is read from the decoded path the framework routes on, as it is. (Flask
+        answers ``/t//projects`` with its own 404 before any tenant is resolved.)"""
+        path = f"/t/{segment}/projects"
+        with_token = by_path.get(path, headers=bearer(make_token("acme")))
+        assert with_token.status_code in ((403, 404) if not segment else (403,)), with_token.text
+        keyed = by_path.get(path, headers={"X-Tenant-Access-Key": world.access_keys["acme"]})
+        assert keyed.status_code in ((401, 404) if not segment else (401,)), keyed.text
+        for response in (with_token, keyed):
+            assert "acme-1" not in response.text
+
+    @pytest.mark.parametrize("spelling", ["upper", "braced", "urn", "hex", "padded"])
+    def test_only_the_canonical_spelling_of_an_access_key_admits(
+        self, strict: httpx.Client, world: World, spelling: str
+    ) -> None:
+        key = uuid.UUID(world.access_keys["acme"])
+        presented = {
+            "upper": str(key).upper(),
+            "braced": "{" + str(key) + "}",
+            "urn": f"urn:uuid:{key}",
+            "hex": key.hex,
+            "padded": f"{key}\t.",
+        }[spelling]
+        response = strict.get("/projects", headers={"X-Tenant-ID": "acme", "X-Tenant-Access-Key": presented})
+        assert (response.status_code, response.json()["error"]) == (401, "unauthorized")
+        assert "acme-1" not in response.text
 
     # -- the checkpoint: tokens -------------------------------------------------------------
 

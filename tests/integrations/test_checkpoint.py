@@ -11,12 +11,15 @@ import uuid
 from typing import Any
 
 import jwt
+import psycopg
 import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from sqlalchemy import event, text
 
-from sqla_tenancy import TenantNotFound
+from sqla_tenancy import Tenancy, TenantNotFound
 from sqla_tenancy.checkpoint import (
+    AccessKeyNotRetrievable,
     Admission,
     AuthenticationRequired,
     Checkpoint,
@@ -25,11 +28,15 @@ from sqla_tenancy.checkpoint import (
     JWTVerifier,
     TenantMismatch,
     admit,
+    bearer_token,
     get_access_key,
+    issue_access_key,
+    revoke_access_key,
     rotate_access_key,
     verify_access_key,
 )
 from sqla_tenancy.context import current_is_anonymous, current_tenant_ref
+from sqla_tenancy.registry import conninfo_kwargs
 from sqla_tenancy.resolvers import (
     HeaderResolver,
     RequestView,
@@ -37,6 +44,7 @@ from sqla_tenancy.resolvers import (
     TenantUnavailable,
     UnknownTenant,
 )
+from tests.models import INFRASTRUCTURE, Base
 
 from .conftest import SECRET, World, make_token
 
@@ -273,23 +281,197 @@ def test_refusals_tell_logs_more_than_clients(world: World) -> None:
 # -- access keys ------------------------------------------------------------------------------------
 
 
-def test_rotating_an_access_key_retires_the_old_one(world: World) -> None:
+def spellings(key: uuid.UUID) -> list[str]:
+    """Other spellings of ``key`` that ``uuid.UUID()`` would accept: none of them is the key."""
+    return [
+        str(key).upper(),
+        "{" + str(key) + "}",
+        f"urn:uuid:{key}",
+        key.hex,
+        f" {key}",
+        f"{key}\n",
+    ]
+
+
+def test_a_tenant_has_no_access_key_until_one_is_issued(world: World) -> None:
     world.tenancy.create_tenant("umbrella")
-    old = get_access_key(world.tenancy, "umbrella")
-    assert verify_access_key(world.tenancy, "umbrella", str(old))
-    new = rotate_access_key(world.tenancy, "umbrella")
-    assert new != old and get_access_key(world.tenancy, "umbrella") == new
-    assert not verify_access_key(world.tenancy, "umbrella", str(old))
-    assert verify_access_key(world.tenancy, "umbrella", str(new).upper())
+    for presented in (str(uuid.uuid4()), "00000000-0000-0000-0000-000000000000"):
+        assert not verify_access_key(world.tenancy, "umbrella", presented)
+        with pytest.raises(AuthenticationRequired):
+            Checkpoint().admit(world.tenancy, request("umbrella", key=presented))
+
+
+def test_an_issued_key_admits_until_it_is_rotated_or_revoked(world: World) -> None:
+    world.tenancy.create_tenant("wayne")
+    first = issue_access_key(world.tenancy, "wayne")
+    assert verify_access_key(world.tenancy, "wayne", str(first))
+    assert Checkpoint().admit(world.tenancy, request("wayne", key=str(first))).tenant.slug == "wayne"
+    for presented in spellings(first):
+        assert not verify_access_key(world.tenancy, "wayne", presented), presented
+        with pytest.raises(AuthenticationRequired):
+            Checkpoint().admit(world.tenancy, request("wayne", key=presented))
+    # another tenant's key opens only that tenant
+    assert not verify_access_key(world.tenancy, "acme", str(first))
     with pytest.raises(AuthenticationRequired):
-        Checkpoint().admit(world.tenancy, request("umbrella", key=str(old)))
-    assert Checkpoint().admit(world.tenancy, request("umbrella", key=str(new))).tenant.slug == "umbrella"
+        Checkpoint().admit(world.tenancy, request("acme", key=str(first)))
+    second = rotate_access_key(world.tenancy, world.tenancy.get_tenant("wayne"))  # by Tenant, too
+    assert second != first
+    assert not verify_access_key(world.tenancy, "wayne", str(first))
+    with pytest.raises(AuthenticationRequired):
+        Checkpoint().admit(world.tenancy, request("wayne", key=str(first)))
+    assert Checkpoint().admit(world.tenancy, request("wayne", key=str(second))).tenant.slug == "wayne"
+    revoke_access_key(world.tenancy, "wayne")
+    assert not verify_access_key(world.tenancy, "wayne", str(second))
+    with pytest.raises(AuthenticationRequired):
+        Checkpoint().admit(world.tenancy, request("wayne", key=str(second)))
 
 
 def test_access_key_functions_on_unknown_tenants(world: World) -> None:
     assert not verify_access_key(world.tenancy, "nosuchtenant", str(uuid.uuid4()))
+    assert not verify_access_key(world.tenancy, "nosuchtenant", world.access_keys["acme"])
     assert not verify_access_key(world.tenancy, "acme", "not-a-uuid")
-    with pytest.raises(TenantNotFound):
-        rotate_access_key(world.tenancy, "nosuchtenant")
-    with pytest.raises(TenantNotFound):
-        get_access_key(world.tenancy, uuid.uuid4())
+    for call in (issue_access_key, rotate_access_key, revoke_access_key):
+        with pytest.raises(TenantNotFound):
+            call(world.tenancy, "nosuchtenant")
+        with pytest.raises(TenantNotFound):
+            call(world.tenancy, uuid.uuid4())
+
+
+def test_an_access_key_cannot_be_read_back(world: World) -> None:
+    with pytest.raises(AccessKeyNotRetrievable, match="issue_access_key"):
+        get_access_key(world.tenancy, "acme")
+
+
+def app_role(tenancy: Tenancy) -> psycopg.Connection[tuple[object, ...]]:
+    """A plain connection of the application role (no tenant bound)."""
+    return psycopg.connect(autocommit=True, **conninfo_kwargs(tenancy.url))
+
+
+def test_the_application_role_can_read_no_access_key(world: World) -> None:
+    """Whatever SQL the application role runs, it cannot list the keys or their hashes; it can
+    read the registry columns it routes with, and have a key verified."""
+    acme = world.tenants["acme"]
+    with app_role(world.tenancy) as conn:
+        for sql in (
+            "select * from tenancy.tenants",
+            "select slug, access_key_hash from tenancy.tenants",
+            "select t::text from tenancy.tenants t",
+            "select to_jsonb(t) from tenancy.tenants t",
+            "select count(*) from tenancy.tenants where access_key_hash is not null",
+            "copy tenancy.tenants to stdout",
+            "copy (select access_key_hash from tenancy.tenants) to stdout",
+        ):
+            with pytest.raises(psycopg.errors.InsufficientPrivilege):
+                conn.execute(sql)
+        with pytest.raises(psycopg.errors.UndefinedColumn):  # no plain key is stored at all
+            conn.execute("select access_key from tenancy.tenants")
+        slugs = {row[0] for row in conn.execute("select slug from tenancy.tenants")}
+        assert {"acme", "globex", "default"} <= slugs
+        owner = conn.execute("select tenancy.access_key_tenant(%s)", (uuid.UUID(world.access_keys["acme"]),))
+        assert owner.fetchone() == (acme.id,)
+        assert conn.execute("select tenancy.access_key_tenant(%s)", (uuid.uuid4(),)).fetchone() == (None,)
+        public = conn.execute(
+            "select has_function_privilege('public', 'tenancy.access_key_tenant(uuid)', 'EXECUTE'), "
+            "has_table_privilege('public', 'tenancy.tenants', 'SELECT')"
+        ).fetchone()
+        assert public == (False, False)
+
+
+def test_the_registry_stores_only_the_hash_of_a_key(world: World) -> None:
+    key = uuid.UUID(world.access_keys["globex"])
+    with world.tenancy.admin_engine.connect() as conn:
+        row = conn.execute(text("select t::text from tenancy.tenants t where slug = 'globex'")).scalar_one()
+        stored = conn.execute(
+            text("select access_key_hash from tenancy.tenants where slug = 'globex'")
+        ).scalar()
+    assert str(key) not in row and key.hex not in row
+    assert stored == hashlib.sha256(key.bytes).digest()
+
+
+def test_issuing_a_key_sends_only_its_hash_to_the_server(world: World) -> None:
+    sent: list[str] = []
+
+    def record(conn: Any, cursor: Any, statement: str, parameters: Any, *args: Any) -> None:
+        sent.append(f"{statement} {parameters!r}")
+
+    world.tenancy.create_tenant("stark")
+    event.listen(world.tenancy.admin_engine, "before_cursor_execute", record)
+    try:
+        key = issue_access_key(world.tenancy, "stark")
+    finally:
+        event.remove(world.tenancy.admin_engine, "before_cursor_execute", record)
+    assert verify_access_key(world.tenancy, "stark", str(key))
+    assert sent and not any(str(key) in s or key.hex in s or repr(key) in s for s in sent)
+
+
+def test_an_earlier_registry_is_migrated_to_hashed_keys(tenancy_factory: Any) -> None:
+    """A registry made by an earlier version (plain keys the application role could read) is
+    migrated by install(): the keys in use keep working, and nobody but the admin reads them."""
+    tenancy: Tenancy = tenancy_factory(Base.metadata, infrastructure_schemas=INFRASTRUCTURE)
+    tenancy.install()
+    tenancy.create_tenant("acme")
+    app = quote(tenancy.url.username)
+    with tenancy.admin_engine.begin() as conn:  # what the earlier version made
+        conn.exec_driver_sql("alter table tenancy.tenants drop column access_key_hash")
+        conn.exec_driver_sql(
+            "alter table tenancy.tenants add column access_key uuid not null default gen_random_uuid()"
+        )
+        conn.exec_driver_sql(f"grant select on tenancy.tenants to {app}")
+        conn.exec_driver_sql("drop function tenancy.access_key_tenant(uuid)")
+        old = conn.execute(text("select access_key from tenancy.tenants where slug = 'acme'")).scalar_one()
+    with app_role(tenancy) as conn:
+        assert conn.execute("select access_key from tenancy.tenants where slug = 'acme'").fetchone() == (old,)
+    tenancy.install()
+    tenancy.install()  # idempotent
+    assert verify_access_key(tenancy, "acme", str(old))
+    assert Checkpoint().admit(tenancy, request("acme", key=str(old))).tenant.slug == "acme"
+    assert not verify_access_key(tenancy, "default", str(uuid.uuid4()))
+    with app_role(tenancy) as conn:
+        with pytest.raises(psycopg.errors.InsufficientPrivilege):
+            conn.execute("select * from tenancy.tenants")
+        with pytest.raises(psycopg.errors.InsufficientPrivilege):
+            conn.execute("select access_key_hash from tenancy.tenants")
+        assert conn.execute("select slug from tenancy.tenants where slug = 'acme'").fetchone() == ("acme",)
+    with tenancy.admin_engine.connect() as conn:
+        columns = set(
+            conn.execute(
+                text("select column_name from information_schema.columns where table_name = 'tenants'")
+            ).scalars()
+        )
+    assert "access_key" not in columns and "access_key_hash" in columns
+    new = issue_access_key(tenancy, "acme")
+    assert verify_access_key(tenancy, "acme", str(new)) and not verify_access_key(tenancy, "acme", str(old))
+
+
+def quote(name: str | None) -> str:
+    assert name
+    return '"' + name.replace('"', '""') + '"'
+
+
+# -- bearer tokens as sent ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [
+        ("Bearer abc.def.ghi", "abc.def.ghi"),
+        ("bearer abc.def.ghi", "abc.def.ghi"),  # the scheme is case-insensitive (RFC 7235)
+        ("Bearer   abc.def.ghi", "abc.def.ghi"),  # one or more spaces (RFC 6750)
+        ("Basic dXNlcjpwdw==", None),  # another scheme: no token
+        ("Bearerabc", None),
+        ("Bearer\tabc", None),
+    ],
+)
+def test_bearer_tokens_are_read_as_rfc_6750_writes_them(value: str, expected: str | None) -> None:
+    view = RequestView.from_pairs("GET", "/", "h", [("Authorization", value)])
+    assert bearer_token(view) == expected
+
+
+@pytest.mark.parametrize(
+    "value",
+    ["Bearer ", "Bearer abc.def.ghi ", "Bearer abc.def.ghi\n", "Bearer abc def", "Bearer a\x00b", "Bearer é"],
+)
+def test_a_bearer_token_with_anything_around_or_inside_it_is_invalid(value: str) -> None:
+    view = RequestView.from_pairs("GET", "/", "h", [("Authorization", value)])
+    with pytest.raises(InvalidToken):
+        bearer_token(view)

@@ -8,6 +8,13 @@ row-level-security work PostgreSQL does is identical:
     a :class:`TenantSession` from ``Tenancy.sessionmaker()`` inside ``tenant_context("acme")``
     (shared placement): the dialect sends ``BEGIN; SET LOCAL app.current_tenant_id = '...'`` as one
     simple-protocol query. ``tenant_context`` is entered per transaction, as a web request would.
+``switching``
+    the same, but alternating between two tenants every transaction on one pool, as a server
+    of many tenants does: each transaction is bound to another tenant than its connection's
+    previous one, so the dialect also clears what that one may have left on the connection
+    (``CLOSE ALL; UNLISTEN *; ...; COMMIT`` in front of ``BEGIN``, see
+    :mod:`sqla_tenancy.binding`). ``tenancy`` measures the same tenant again, where that is left
+    out.
 ``limit``
     a plain ``Session`` on a plain ``postgresql+psycopg`` engine whose connections carry the tenant
     from connect time (``options=-c app.current_tenant_id=<uuid>``): the same RLS work with no
@@ -59,7 +66,7 @@ from sqla_tenancy.testing import TestServer
 TENANT = "acme"
 OTHER = "globex"
 SETTING = "app.current_tenant_id"
-VARIANTS = ("tenancy", "limit", "naive")
+VARIANTS = ("tenancy", "switching", "limit", "naive")
 
 
 class Base(DeclarativeBase):
@@ -84,14 +91,15 @@ class Fixture:
     tenant_id: uuid.UUID
     pks: list[int]
     other_pk: int
+    other_pks: list[int]
 
     @property
     def app_url(self) -> URL:
         return self.server.url(self.database)
 
 
-def populate(tenancy: Tenancy, rows: int) -> tuple[list[int], int]:
-    """``rows`` projects per tenant; returns the first tenant's ids and one of the other's."""
+def populate(tenancy: Tenancy, rows: int) -> tuple[list[int], list[int]]:
+    """``rows`` projects per tenant; returns the first tenant's ids and the other's."""
     maker = tenancy.sessionmaker()
     ids: dict[str, list[int]] = {}
     for slug in (TENANT, OTHER):
@@ -100,7 +108,7 @@ def populate(tenancy: Tenancy, rows: int) -> tuple[list[int], int]:
             s.add_all(projects)
             s.commit()
             ids[slug] = [p.id for p in projects]
-    return ids[TENANT], ids[OTHER][0]
+    return ids[TENANT], ids[OTHER]
 
 
 def tenant_options(tenant_id: uuid.UUID) -> dict[str, Any]:
@@ -136,6 +144,16 @@ def sync_variants(fx: Fixture) -> tuple[dict[str, SyncTx], list[Engine]]:
             s.get(Project, pk)
             s.commit()
 
+    turn = [0]
+    others = dict(zip(fx.pks, fx.other_pks, strict=True))
+
+    def switching_tx(pk: int) -> None:
+        turn[0] ^= 1
+        slug, key = (OTHER, others[pk]) if turn[0] else (TENANT, pk)
+        with tenant_context(slug), tenancy_maker() as s:
+            s.get(Project, key)
+            s.commit()
+
     limit_engine = create_engine(fx.app_url, connect_args=tenant_options(fx.tenant_id))
     naive_engine = create_engine(fx.app_url)
     add_naive_binding(naive_engine, fx.tenant_id)
@@ -150,6 +168,7 @@ def sync_variants(fx: Fixture) -> tuple[dict[str, SyncTx], list[Engine]]:
 
     variants = {
         "tenancy": tenancy_tx,
+        "switching": switching_tx,
         "limit": plain_tx(sessionmaker(limit_engine)),
         "naive": plain_tx(sessionmaker(naive_engine)),
     }
@@ -232,6 +251,17 @@ async def run_async(fx: Fixture, rounds: int, per_round: int, warmup: int) -> Re
                 await s.get(Project, pk)
                 await s.commit()
 
+    turn = [0]
+    others = dict(zip(fx.pks, fx.other_pks, strict=True))
+
+    async def switching_tx(pk: int) -> None:
+        turn[0] ^= 1
+        slug, key = (OTHER, others[pk]) if turn[0] else (TENANT, pk)
+        with tenant_context(slug):
+            async with tenancy_maker() as s:
+                await s.get(Project, key)
+                await s.commit()
+
     def plain_tx(maker: async_sessionmaker[AsyncSession]) -> AsyncTx:
         async def tx(pk: int) -> None:
             async with maker() as s:
@@ -242,6 +272,7 @@ async def run_async(fx: Fixture, rounds: int, per_round: int, warmup: int) -> Re
 
     variants: dict[str, AsyncTx] = {
         "tenancy": tenancy_tx,
+        "switching": switching_tx,
         "limit": plain_tx(async_sessionmaker(limit_engine)),
         "naive": plain_tx(async_sessionmaker(naive_engine)),
     }
@@ -334,9 +365,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         tenancy.install()
         acme = tenancy.create_tenant(TENANT)
         tenancy.create_tenant(OTHER)
-        pks, other_pk = populate(tenancy, args.rows)
+        pks, other_pks = populate(tenancy, args.rows)
         server.execute("ANALYZE projects", database=database)
-        fx = Fixture(server, database, tenancy, acme.id, pks, other_pk)
+        fx = Fixture(server, database, tenancy, acme.id, pks, other_pks[0], other_pks)
         print(
             f"sqla-tenancy binding benchmark: python {sys.version.split()[0]}, "
             f"{args.rows} rows per tenant, role {server.app_role} (NOSUPERUSER NOBYPASSRLS), "
@@ -346,11 +377,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         if not args.no_sync:
             sync = run_sync(fx, args.rounds, args.per_round, args.warmup)
             sync.print_table("sync", args.rounds, args.per_round)
-            summary.append(f"sync tenancy/limit = {sync.ratio('tenancy'):.3f}")
+            summary.append(
+                f"sync tenancy/limit = {sync.ratio('tenancy'):.3f} "
+                f"switching/limit = {sync.ratio('switching'):.3f}"
+            )
         if not args.no_async:
             async_ = asyncio.run(run_async(fx, args.rounds, args.per_round, args.warmup))
             async_.print_table("async", args.rounds, args.per_round)
-            summary.append(f"async tenancy/limit = {async_.ratio('tenancy'):.3f}")
+            summary.append(
+                f"async tenancy/limit = {async_.ratio('tenancy'):.3f} "
+                f"switching/limit = {async_.ratio('switching'):.3f}"
+            )
         print()
         print("  ".join(summary))
         print(f"(total {time.monotonic() - started:.1f} s)")

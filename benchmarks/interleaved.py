@@ -38,11 +38,11 @@ class Results:
         return list(self.variants[shift:] + self.variants[:shift])
 
     def print_rows(self) -> None:
-        print(f"  {'variant':<8} {'µs/tx':>9} {'ratio':>7} {'paired':>7} {'min µs':>9} {'max µs':>9}")
+        print(f"  {'variant':<9} {'µs/tx':>9} {'ratio':>7} {'paired':>7} {'min µs':>9} {'max µs':>9}")
         for variant in self.variants:
             values = self.per_round[variant]
             print(
-                f"  {variant:<8} {self.median(variant):9.1f} {self.ratio(variant):7.3f} "
+                f"  {variant:<9} {self.median(variant):9.1f} {self.ratio(variant):7.3f} "
                 f"{self.paired(variant):7.3f} {min(values):9.1f} {max(values):9.1f}"
             )
 

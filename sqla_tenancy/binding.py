@@ -25,9 +25,12 @@ from .rls import TENANT_SETTING
 
 __all__ = ["CLEAR_LEFTOVERS", "binding_statement", "tenant_setting"]
 
-#: Sent with ``BEGIN`` before a tenant's binding: removes what another transaction on the same
-#: connection may have left for the next one to find. Each is a no-op on a clean connection.
-CLEAR_LEFTOVERS = b"CLOSE ALL; UNLISTEN *; SELECT pg_advisory_unlock_all(); DISCARD TEMP"
+#: Sent in front of a tenant's ``BEGIN``: removes what another transaction on the same connection
+#: may have left for the next one to find. Each statement is a no-op on a clean connection. They
+#: run (and ``COMMIT``) in a transaction of their own: in front of ``BEGIN`` in the same message
+#: they would join the tenant's transaction, where ``UNLISTEN`` waits for its commit and a
+#: rollback would bring the dropped temporary tables back.
+CLEAR_LEFTOVERS = b"CLOSE ALL; UNLISTEN *; SELECT pg_advisory_unlock_all(); DISCARD TEMP; COMMIT"
 
 
 def tenant_setting(tenant_id: uuid.UUID) -> str:

@@ -5,13 +5,22 @@ Binding a tenant with one more statement after that costs a second round trip pe
 These dialects instead keep the driver connection in autocommit mode and, at SQLAlchemy's
 transaction begin, send one simple-protocol query::
 
-    BEGIN [ISOLATION LEVEL ...] [READ ONLY] [DEFERRABLE]; SET LOCAL app.current_tenant_id = '...'
+    CLOSE ALL; UNLISTEN *; SELECT pg_advisory_unlock_all(); DISCARD TEMP; COMMIT;
+    BEGIN [ISOLATION LEVEL ...] [READ ONLY] [DEFERRABLE];
+    SET LOCAL search_path = ...; SET LOCAL ROLE ...; SET LOCAL app.current_tenant_id = '...'
 
 so the binding is free of extra round trips and strictly transaction-local: ``COMMIT`` or
-``ROLLBACK`` ends it, and nothing survives on the connection. The dialects track the isolation
-level SQLAlchemy asks for (``AUTOCOMMIT`` included) themselves; a connection in ``AUTOCOMMIT``
-cannot hold a transaction-local binding, so it is refused for tenant work
-(:class:`AutocommitNotAllowed`) rather than run unbound.
+``ROLLBACK`` ends it. The statements in front of ``BEGIN``, committed on their own, clear what an
+earlier transaction on the same connection may have left behind that outlives a transaction
+(holdable cursors, ``LISTEN``, session advisory locks, temporary tables; see
+:mod:`sqla_tenancy.binding`), so nothing one tenant leaves reaches the next. They are left out
+only when the connection's previous transaction had the same binding and nothing else can have
+used its server session since: never behind a pooler, which each new connection is checked for
+(PgBouncer answers with a backend key of its own, not the server's ``pg_backend_pid()``).
+
+The dialects track the isolation level SQLAlchemy asks for (``AUTOCOMMIT`` included) themselves;
+a connection in ``AUTOCOMMIT`` cannot hold a transaction-local binding, so it is refused for
+tenant work (:class:`AutocommitNotAllowed`) rather than run unbound.
 
 An engine gets its binding statement from a *binder*: a callable the :class:`Tenancy` installs on
 the engine's dialect, returning the ``SET LOCAL`` text for the current context (or ``None`` when the
@@ -31,6 +40,7 @@ from sqlalchemy.dialects import registry as dialect_registry
 from sqlalchemy.dialects.postgresql.psycopg import PGDialect_psycopg, PGDialectAsync_psycopg
 from sqlalchemy.util import await_
 
+from .binding import CLEAR_LEFTOVERS
 from .errors import AutocommitNotAllowed
 
 __all__ = ["Binder", "TenancyDialect", "TenancyDialectAsync", "DRIVER_NAME"]
@@ -42,16 +52,24 @@ DRIVER_NAME = "psycopg_tenancy"
 Binder = Callable[[], "bytes | None"]
 
 _OK = (ExecStatus.COMMAND_OK, ExecStatus.TUPLES_OK)
+_CLEAR = CLEAR_LEFTOVERS + b"; "
 
 
 class _ConnState:
-    """What SQLAlchemy asked of one driver connection (the driver itself stays in autocommit)."""
+    """What SQLAlchemy asked of one driver connection (the driver itself stays in autocommit),
+    and what the dialect knows of its server session."""
 
-    __slots__ = ("autocommit", "begin")
+    __slots__ = ("autocommit", "begin", "clean_for", "shared_backend")
 
     def __init__(self) -> None:
         self.autocommit = False
         self.begin = b"BEGIN"
+        #: the binding of the last transaction on this connection, when nothing but that
+        #: transaction's tenant can have used the server session since it was last cleared
+        self.clean_for: bytes | None = None
+        #: whether the server session may serve other clients too (a pooler in between; until
+        #: the connection is checked, assumed so)
+        self.shared_backend = True
 
 
 def _send(pgconn: Any, query: bytes) -> Generator[Any, Any, list[Any]]:
@@ -118,9 +136,15 @@ class _TenancyMixin:
         def connect(conn: Any) -> None:
             if base is not None:
                 base(conn)
-            state = self._state(_driver(conn))
+            driver = _driver(conn)
+            state = self._state(driver)
             self._set_driver(conn, autocommit=True)
-            state.begin = _begin_statement(_driver(conn))
+            state.begin = _begin_statement(driver)
+            # A pooler (PgBouncer) answers the connection with a backend key of its own: then
+            # the server session behind it serves other clients between our transactions.
+            (result,) = self._run(driver, b"SELECT pg_backend_pid()")
+            pid = result.get_value(0, 0)
+            state.shared_backend = pid is None or int(pid) != driver.info.backend_pid
 
         return connect
 
@@ -137,14 +161,26 @@ class _TenancyMixin:
                     "isolation_level='AUTOCOMMIT' for tenant queries, or run the statement in "
                     "platform_context() on the admin engine."
                 )
+            state.clean_for = None  # statements outside any transaction may leave anything
             return
-        query = state.begin if binding is None else state.begin + b"; " + binding
+        if binding is None:
+            query = state.begin
+        elif binding == state.clean_for:
+            # The same tenant again on a session nobody else used: what is left is its own.
+            query = state.begin + b"; " + binding
+        else:
+            # Another tenant, unbound work, a new session, or a server session other clients
+            # share (behind a pooler): clear what anybody may have left there first.
+            query = _CLEAR + state.begin + b"; " + binding
+        state.clean_for = None
         results = self._run(driver, query)
         for result in results:
             if result.status not in _OK:
                 error = psycopg.errors.error_from_result(result, encoding=driver.info.encoding)
                 self._run(driver, b"ROLLBACK")
                 raise error
+        if binding is not None and not state.shared_backend:
+            state.clean_for = binding
 
     def _run(self, driver: Any, query: bytes) -> list[Any]:
         raise NotImplementedError

@@ -20,7 +20,9 @@ if TYPE_CHECKING:
     from .strategies import Strategy
     from .tenancy import Tenancy
 
-__all__ = ["AnonymousRoute", "Route", "Router", "lookup_key"]
+__all__ = ["AnonymousRoute", "Route", "Router", "lookup_key", "token_scope"]
+
+_ANONYMOUS_SUFFIX = ":anonymous"
 
 
 _current_scope = _scope.get
@@ -102,7 +104,7 @@ class AnonymousRoute(Route):
 
     def __init__(self, tenancy: Tenancy, tenant: Tenant, strategy: Strategy, binding: bytes) -> None:
         super().__init__(tenancy, tenant, strategy, binding)
-        self.token = f"{tenant.id}:anonymous"
+        self.token = f"{tenant.id}{_ANONYMOUS_SUFFIX}"
         self.key = (tenant.id, "anonymous")
         self._distinct: dict[bool, tuple[Engine, Engine]] = {}
 
@@ -209,6 +211,18 @@ class Router:
     def binding(self) -> bytes | None:
         """The dialect's binder: the current route's ``SET LOCAL`` statements."""
         return self.current().binding
+
+
+def token_scope(token: object) -> tuple[uuid.UUID, bool] | None:
+    """The tenant id an identity token names and whether it is the tenant's anonymous scope;
+    ``None`` for the platform's token or anything that is not a route's token."""
+    if not isinstance(token, str):
+        return None
+    anonymous = token.endswith(_ANONYMOUS_SUFFIX)
+    try:
+        return uuid.UUID(token[: -len(_ANONYMOUS_SUFFIX)] if anonymous else token), anonymous
+    except ValueError:
+        return None
 
 
 def lookup_key(ref: str | uuid.UUID | Tenant) -> str | uuid.UUID:

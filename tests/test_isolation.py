@@ -11,13 +11,41 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 import pytest
-from sqlalchemy import delete, exc, func, insert, select, text, update
-from sqlalchemy.orm import Session, sessionmaker
+from sqlalchemy import delete, exc, func, insert, inspect, select, text, update
+from sqlalchemy.ext.asyncio import AsyncAttrs
+from sqlalchemy.orm import (
+    DeclarativeBase,
+    Mapped,
+    Session,
+    defer,
+    relationship,
+    selectinload,
+    sessionmaker,
+)
 
-from sqla_tenancy import Tenancy, TenancyError, Tenant, tenant_context
+from sqla_tenancy import Tenancy, TenancyError, Tenant, platform_context, tenant_context
 from sqla_tenancy.testing import TestServer
 
 from .models import Project, Task, User
+
+
+class _Related(AsyncAttrs, DeclarativeBase):
+    """The same tables as Project and Task, mapped with relationships (lazy and selectin)."""
+
+
+class ProjectR(_Related):
+    __table__ = Project.__table__
+    tasks: Mapped[list[TaskR]] = relationship(back_populates="project", order_by="TaskR.id")
+    eager_tasks: Mapped[list[TaskR]] = relationship(lazy="selectin", viewonly=True, order_by="TaskR.id")
+
+
+class TaskR(_Related):
+    __table__ = Task.__table__
+    project: Mapped[ProjectR] = relationship(back_populates="tasks")
+
+
+def token(tenant: Tenant) -> str:
+    return str(tenant.id)
 
 
 @dataclass
@@ -161,6 +189,138 @@ class IsolationSuite:
             with tenant_context(world.a):
                 s.commit()
                 assert s.scalar(select(func.count()).select_from(Project)) == 4
+
+    # -- an ORM object keeps its tenant ---------------------------------------------------------
+    # In the schema and database placements the two tenants' rows have equal keys: each load
+    # served from the wrong tenant would fill acme's object with globex's row.
+
+    def _a1(self, s: Session, world: World) -> Project:
+        with tenant_context(world.a):
+            p = s.scalars(select(Project).where(Project.name == "a1")).one()
+            s.commit()  # expires it
+        return p
+
+    def test_an_expired_object_reloads_from_its_own_tenant(self, world: World) -> None:
+        with world.Session() as s:
+            p = self._a1(s, world)
+            with tenant_context(world.b):
+                assert p.name == "a1"
+            s.expire(p)
+            assert p.name == "a1"  # no tenant active: not the default tenant's row either
+            assert inspect(p).identity_token == token(world.a)
+
+    def test_editing_after_a_read_elsewhere_writes_the_objects_own_row(self, world: World) -> None:
+        with world.Session() as s:
+            p = self._a1(s, world)
+            with tenant_context(world.b):
+                assert p.name == "a1"
+            with tenant_context(world.a):
+                p.name = p.name + "!"
+                s.commit()
+        for tenant, expected in ((world.a, ["a1!", "a2", "a3"]), (world.b, ["b1", "b2"])):
+            with tenant_context(tenant), world.Session() as s:
+                assert sorted(s.scalars(select(Project.name))) == expected
+
+    def test_refresh_reads_the_objects_own_tenant(self, world: World) -> None:
+        with world.Session() as s:
+            p = self._a1(s, world)
+            with tenant_context(world.a), world.Session() as other:
+                other.execute(update(Project).where(Project.name == "a1").values(name="a1-renamed"))
+                other.commit()
+            with tenant_context(world.b):
+                s.refresh(p)
+                assert p.name == "a1-renamed"
+
+    def test_a_deferred_column_loads_from_the_objects_own_tenant(self, world: World) -> None:
+        with world.Session() as s:
+            with tenant_context(world.a):
+                p = s.scalars(select(Project).options(defer(Project.name)).where(Project.name == "a1")).one()
+            with tenant_context(world.b):
+                assert p.name == "a1"
+
+    def test_a_lazy_collection_loads_from_the_objects_own_tenant(self, world: World) -> None:
+        with world.Session() as s:
+            with tenant_context(world.a):
+                p = s.scalars(select(ProjectR).where(ProjectR.__table__.c.name == "a1")).one()
+            with tenant_context(world.b):
+                titles = [t.title for t in p.tasks]
+                assert titles == ["a1-task"]
+                assert {inspect(t).identity_token for t in p.tasks} == {token(world.a)}
+
+    def test_a_lazy_many_to_one_loads_from_the_objects_own_tenant(self, world: World) -> None:
+        with world.Session() as s:
+            with tenant_context(world.a):
+                t = s.scalars(select(TaskR).where(TaskR.__table__.c.title == "a1-task")).one()
+                project_id = t.project_id
+            with tenant_context(world.b):
+                # globex's object with the same key (schema and database placements) is in the
+                # identity map already: the look-up must not hand it to acme's task
+                s.get(ProjectR, project_id)
+                assert t.project.name == "a1"
+                assert inspect(t.project).identity_token == token(world.a)
+
+    def test_selectin_loads_follow_the_objects_own_tenant(self, world: World) -> None:
+        with world.Session() as s:
+            with tenant_context(world.a):
+                p = s.scalars(select(ProjectR).where(ProjectR.__table__.c.name == "a1")).one()
+                s.commit()
+            with tenant_context(world.b):
+                s.refresh(p)  # reloads eager_tasks with a selectin load, after the refresh
+                assert [t.title for t in p.eager_tasks] == ["a1-task"]
+            with tenant_context(world.a):
+                result = s.scalars(select(ProjectR).options(selectinload(ProjectR.tasks)))
+            with tenant_context(world.b):  # the selectin load runs as the result is read
+                projects = result.all()
+            assert {t.title for p in projects for t in p.tasks} == {"a1-task", "a2-task", "a3-task"}
+
+    def test_a_second_tenants_query_never_returns_the_first_tenants_object(self, world: World) -> None:
+        with world.Session() as s:
+            with tenant_context(world.a):
+                p = s.scalars(select(Project).where(Project.name == "a1")).one()
+            with tenant_context(world.b):
+                got = s.scalars(select(Project).where(Project.id == p.id)).first()
+                assert got is not p
+                assert got is None or got.name.startswith("b")
+            assert p.name == "a1"
+
+    def test_a_detached_object_keeps_its_tenant_in_another_session(self, world: World) -> None:
+        with world.Session() as first:
+            p = self._a1(first, world)
+        with world.Session() as second:
+            with tenant_context(world.b):
+                second.add(p)
+                assert p.name == "a1"
+
+    def test_a_platform_object_is_not_reloaded_for_a_tenant(self, world: World) -> None:
+        with world.Session() as s:
+            with platform_context("test"):
+                p = Project(name="default-platform", tenant_id=world.tenancy.get_tenant("default").id)
+                s.add(p)
+                s.commit()  # expires it
+            with tenant_context(world.b), pytest.raises(TenancyError, match="platform_context"):
+                _ = p.name
+
+    async def test_async_loads_follow_the_objects_own_tenant(self, world: World) -> None:
+        maker = world.tenancy.async_sessionmaker()
+        try:
+            async with maker() as s:
+                with tenant_context(world.a):
+                    p = (await s.scalars(select(ProjectR).where(ProjectR.__table__.c.name == "a1"))).one()
+                    await s.commit()
+                with tenant_context(world.b):
+                    assert await p.awaitable_attrs.name == "a1"
+                    assert [t.title for t in await p.awaitable_attrs.tasks] == ["a1-task"]
+                    s.expire(p)
+                    await s.refresh(p)
+                    assert p.name == "a1"
+                with tenant_context(world.a):
+                    p.name = "a1-async"
+                    await s.commit()
+            with tenant_context(world.b):
+                async with maker() as s:
+                    assert sorted(await s.scalars(select(Project.name))) == ["b1", "b2"]
+        finally:
+            await world.tenancy.dispose_async()
 
     def test_nested_contexts_restore_the_outer_tenant(self, world: World) -> None:
         with world.Session() as s, tenant_context(world.a):

@@ -355,3 +355,116 @@ def test_platform_reads_after_tenant_transactions_see_no_binding(bounced: Bounce
     # the platform reads really ran on the server connections the tenants had used
     assert len(platform_pids) >= 2 and platform_pids <= tenant_pids, (platform_pids, tenant_pids)
     assert len(tenant_pids) <= POOL + 1
+
+
+# -- what a transaction leaves on a server connection -----------------------------------------------
+#
+# With one server connection behind PgBouncer, two client connections (each holding its own
+# transaction in turn) share one PostgreSQL backend: what the first leaves there is what the second
+# finds, although the second's client connection never served the first tenant. No memory kept on
+# the client side can know that; the clearing sent with every tenant's BEGIN does.
+
+LEFTOVERS = {
+    "session settings": (
+        ["set search_path to {schema}, public", "set role {role}", "set app.current_tenant_id = '{id}'"],
+        "select current_user::text || ' ' || current_schema()::text || ' ' || "
+        "current_setting('app.current_tenant_id')",
+    ),
+    "temporary table": (
+        ["create temporary table leftover as select name from projects"],
+        "select * from leftover",
+    ),
+    "holdable cursor": (
+        ["declare leak cursor with hold for select name from projects"],
+        "fetch all from leak",
+    ),
+    "listen": (["listen tenancy_leak"], "select pg_listening_channels()"),
+    "advisory lock": (
+        ["select pg_advisory_lock(4242)"],
+        "select count(*) from pg_locks where locktype = 'advisory' and pid = pg_backend_pid()",
+    ),
+}
+
+
+@pytest.fixture
+def single_server_connection(tenancy_server: TestServer, tenancy_database: str) -> Iterator[Tenancy]:
+    """A Tenancy whose application engine reaches PostgreSQL through PgBouncer in transaction
+    pooling with one server connection, a shared tenant ``alpha`` and a schema tenant ``charlie``,
+    and ``TEMPORARY`` left to PUBLIC on the database (as its owner may have kept it)."""
+    direct = tenancy_server.url(tenancy_database)
+    assert direct.host is not None and direct.port is not None
+    with PgBouncer(
+        direct.host,
+        direct.port,
+        databases=[tenancy_database],
+        users={tenancy_server.app_role: tenancy_server.app_password},
+        pool_size=1,
+        settings={"query_wait_timeout": "15"},
+    ) as bouncer:
+        tenancy = Tenancy(
+            bouncer.url(tenancy_database, user=tenancy_server.app_role, password=tenancy_server.app_password),
+            metadata=Base.metadata,
+            admin_url=tenancy_server.url(tenancy_database, role="admin"),
+            infrastructure_schemas=INFRASTRUCTURE,
+            engine_options={"pool_size": 2, "max_overflow": 0, "connect_args": {"prepare_threshold": None}},
+            registry_url=tenancy_server.url(tenancy_database),
+            name_prefix=tenancy_server.name_prefix(tenancy_database),
+        )
+        try:
+            tenancy.install()
+            tenancy_server.execute(f"GRANT TEMPORARY ON DATABASE {quote_ident(tenancy_database)} TO PUBLIC")
+            for slug, placement in (("alpha", "shared"), ("charlie", "schema")):
+                tenancy.create_tenant(slug, strategy=placement)
+                with tenant_context(slug), tenancy.sessionmaker()() as s:
+                    s.add(Project(name=f"{slug}-1"))
+                    s.commit()
+            yield tenancy
+        finally:
+            tenancy.dispose()
+
+
+@pytest.mark.parametrize("leftover", sorted(LEFTOVERS))
+@pytest.mark.parametrize(("first", "second"), [("charlie", "alpha"), ("alpha", "charlie")])
+def test_nothing_left_on_a_server_connection_reaches_another_client(
+    single_server_connection: Tenancy, leftover: str, first: str, second: str
+) -> None:
+    tenancy = single_server_connection
+    prefix = tenancy.name_prefix
+    ids = {slug: tenancy.get_tenant(slug).id for slug in (first, second)}
+    leave, probe = LEFTOVERS[leftover]
+    schema = f"{prefix}_{first}" if first == "charlie" else "public"
+    with tenancy.engine.connect() as one, tenancy.engine.connect() as other:
+        # Two client connections to PgBouncer, one server connection behind both. The second
+        # serves its tenant once first: by its own account it is clean for that tenant.
+        with tenant_context(second):
+            other.execute(text("select 1"))
+            other.commit()
+        with tenant_context(first):
+            pid = one.execute(text("select pg_backend_pid()")).scalar()
+            for sql in leave:
+                one.execute(
+                    text(sql.format(schema=quote_ident(schema), role=f"{prefix}_charlie_app", id=ids[first]))
+                )
+            one.commit()
+        with tenant_context(second):
+            assert other.execute(text("select pg_backend_pid()")).scalar() == pid
+            try:
+                found = [tuple(r) for r in other.execute(text(probe))]
+            except exc.DBAPIError as error:
+                assert "does not exist" in str(error.orig)
+                found = None
+            other.rollback()
+    expected = {
+        "session settings": [
+            (
+                f"{prefix}_charlie_app {prefix}_charlie {ids[second]}"
+                if second == "charlie"
+                else f"{tenancy.url.username} public {ids[second]}",
+            )
+        ],
+        "temporary table": None,
+        "holdable cursor": None,
+        "listen": [],
+        "advisory lock": [(0,)],
+    }[leftover]
+    assert found == expected

@@ -115,8 +115,8 @@ class TestServer:
 
     def create_database(self) -> str:
         """A new empty database owned by the admin role, with the privileges ``CREATE DATABASE``
-        gives ``PUBLIC`` left in place (as the quickstart's set-up leaves them: ``install()``
-        takes them back)."""
+        gives ``PUBLIC`` left in place, as a set-up that forgets the ``REVOKE`` leaves them: the
+        tests see what ``install()`` takes back itself."""
         name = f"tenancy_test_{secrets.token_hex(5)}"
         self.execute(f"CREATE DATABASE {quote_ident(name)} OWNER {quote_ident(self.admin_role)}")
         self.execute(f"GRANT CONNECT ON DATABASE {quote_ident(name)} TO {quote_ident(self.app_role)}")

@@ -372,23 +372,29 @@ def verify_access_key(tenancy: Tenancy, tenant: str | uuid.UUID | Tenant, presen
     return _opens(tenancy, lookup_key(tenant), candidate)
 
 
-def issue_access_key(tenancy: Tenancy, tenant: str | uuid.UUID | Tenant) -> uuid.UUID:
-    """Give the tenant a new random access key and return it: the only time it is seen, since the
-    registry keeps its hash only. Any previous key stops working at once in every process (keys
-    are not cached). :class:`TenantNotFound` if there is no such tenant."""
+def _store_key_hash(tenancy: Tenancy, tenant: str | uuid.UUID | Tenant, digest: bytes | None) -> None:
+    """Set (or, with ``None``, clear) the tenant's stored access key hash; :class:`TenantNotFound`
+    if there is no such tenant."""
     ref = lookup_key(tenant)
-    key = uuid.uuid4()  # 122 random bits from os.urandom
     with tenancy.admin_engine.begin() as conn:
         found = conn.execute(
             text(
                 f"update {REGISTRY_SCHEMA}.tenants set access_key_hash = :hash, updated_at = now() "
                 f"where {_key_clause(ref)} returning id"
             ),
-            {"hash": access_key_hash(key), "ref": ref},
+            {"hash": digest, "ref": ref},
         ).scalar()
     if found is None:
         raise TenantNotFound(tenant)
-    log.info("issued a new access key for tenant %s", ref)
+
+
+def issue_access_key(tenancy: Tenancy, tenant: str | uuid.UUID | Tenant) -> uuid.UUID:
+    """Give the tenant a new random access key and return it: the only time it is seen, since the
+    registry keeps its hash only. Any previous key stops working at once in every process (keys
+    are not cached). :class:`TenantNotFound` if there is no such tenant."""
+    key = uuid.uuid4()  # 122 random bits from os.urandom
+    _store_key_hash(tenancy, tenant, access_key_hash(key))
+    log.info("issued a new access key for tenant %s", lookup_key(tenant))
     return key
 
 
@@ -400,18 +406,8 @@ def rotate_access_key(tenancy: Tenancy, tenant: str | uuid.UUID | Tenant) -> uui
 def revoke_access_key(tenancy: Tenancy, tenant: str | uuid.UUID | Tenant) -> None:
     """Take the tenant's access key away: no key admits requests for it until one is issued
     again. :class:`TenantNotFound` if there is no such tenant."""
-    ref = lookup_key(tenant)
-    with tenancy.admin_engine.begin() as conn:
-        found = conn.execute(
-            text(
-                f"update {REGISTRY_SCHEMA}.tenants set access_key_hash = NULL, updated_at = now() "
-                f"where {_key_clause(ref)} returning id"
-            ),
-            {"ref": ref},
-        ).scalar()
-    if found is None:
-        raise TenantNotFound(tenant)
-    log.info("revoked the access key of tenant %s", ref)
+    _store_key_hash(tenancy, tenant, None)
+    log.info("revoked the access key of tenant %s", lookup_key(tenant))
 
 
 # -- admission ------------------------------------------------------------------------------------

@@ -63,6 +63,37 @@ class Bounced:
     seeded: dict[str, set[str]] = field(default_factory=dict)
 
 
+def through(
+    bouncer: PgBouncer,
+    server: TestServer,
+    database: str,
+    *,
+    pool_size: int,
+    max_overflow: int,
+    registry_ttl: float = 0.05,
+) -> Tenancy:
+    """A Tenancy whose application engine reaches ``database`` through ``bouncer`` only."""
+    return Tenancy(
+        bouncer.url(database, user=server.app_role, password=server.app_password),
+        metadata=Base.metadata,
+        admin_url=server.url(database, role="admin"),  # direct, not pooled
+        infrastructure_schemas=INFRASTRUCTURE,
+        # PgBouncer 1.18 does not track protocol-level prepared statements across server
+        # connections: psycopg must not prepare any.
+        engine_options={
+            "pool_size": pool_size,
+            "max_overflow": max_overflow,
+            "connect_args": {"prepare_threshold": None},
+        },
+        # The registry gets a direct connection, as the docs advise behind a transaction pooler:
+        # LISTEN needs a session of its own, and look-ups made mid-transaction must not wait
+        # for a pooled server connection.
+        registry_url=server.url(database),
+        registry_ttl=registry_ttl,
+        name_prefix=server.name_prefix(database),
+    )
+
+
 @pytest.fixture
 def bounced(tenancy_server: TestServer, tenancy_database: str) -> Iterator[Bounced]:
     """An installed Tenancy whose application engine reaches PostgreSQL only through PgBouncer
@@ -80,26 +111,9 @@ def bounced(tenancy_server: TestServer, tenancy_database: str) -> Iterator[Bounc
         # A short query_wait_timeout turns a pool deadlock into a quick failure instead of a hang.
         settings={"server_round_robin": "1", "query_wait_timeout": "15"},
     ) as bouncer:
-        tenancy = Tenancy(
-            bouncer.url(tenancy_database, user=tenancy_server.app_role, password=tenancy_server.app_password),
-            metadata=Base.metadata,
-            admin_url=tenancy_server.url(tenancy_database, role="admin"),  # direct, not pooled
-            infrastructure_schemas=INFRASTRUCTURE,
-            # PgBouncer 1.18 does not track protocol-level prepared statements across server
-            # connections: psycopg must not prepare any. Many more client connections than
-            # PgBouncer has server connections.
-            engine_options={
-                "pool_size": THREADS,
-                "max_overflow": 4,
-                "connect_args": {"prepare_threshold": None},
-            },
-            # The registry gets a direct connection, as the docs advise behind a transaction pooler:
-            # LISTEN needs a session of its own, and look-ups made mid-transaction must not wait
-            # for a pooled server connection. A tiny TTL makes such look-ups happen all the time.
-            registry_url=tenancy_server.url(tenancy_database),
-            registry_ttl=0.05,
-            name_prefix=tenancy_server.name_prefix(tenancy_database),
-        )
+        # Many more client connections than PgBouncer has server connections; a tiny registry
+        # TTL makes look-ups happen all the time.
+        tenancy = through(bouncer, tenancy_server, tenancy_database, pool_size=THREADS, max_overflow=4)
         try:
             tenancy.install()
             expected: dict[str, Expected] = {}
@@ -401,14 +415,8 @@ def single_server_connection(tenancy_server: TestServer, tenancy_database: str) 
         pool_size=1,
         settings={"query_wait_timeout": "15"},
     ) as bouncer:
-        tenancy = Tenancy(
-            bouncer.url(tenancy_database, user=tenancy_server.app_role, password=tenancy_server.app_password),
-            metadata=Base.metadata,
-            admin_url=tenancy_server.url(tenancy_database, role="admin"),
-            infrastructure_schemas=INFRASTRUCTURE,
-            engine_options={"pool_size": 2, "max_overflow": 0, "connect_args": {"prepare_threshold": None}},
-            registry_url=tenancy_server.url(tenancy_database),
-            name_prefix=tenancy_server.name_prefix(tenancy_database),
+        tenancy = through(
+            bouncer, tenancy_server, tenancy_database, pool_size=2, max_overflow=0, registry_ttl=5
         )
         try:
             tenancy.install()

@@ -265,7 +265,7 @@ def restrict_database(tenancy: Tenancy, conn: Connection) -> None:
         "has_database_privilege('public', current_database(), 'CONNECT')"
     ).one()
     if any(public):
-        log.warning(
+        logging.getLogger("sqla_tenancy.isolation").warning(
             "PUBLIC holds %s on the main database %s, and the admin role does not own it, so "
             "install() cannot take it back. As its owner, run: REVOKE CONNECT, TEMPORARY ON "
             "DATABASE %s FROM PUBLIC; GRANT CONNECT ON DATABASE %s TO %s",

@@ -79,6 +79,8 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
+#: Where privileges that weaken isolation are reported (an operator may route it to an alert).
+isolation_log = logging.getLogger("sqla_tenancy.isolation")
 
 FOREIGN_SERVER = "tenancy_main"
 
@@ -682,7 +684,7 @@ def _warn_open(conn: Connection, tenant: Tenant, role: str, what: str, server: s
     open_databases = databases_open_to(conn, role, besides=[own])
     if not open_databases:
         return
-    log.warning(
+    isolation_log.warning(
         "Database tenant %s: its %s %s can connect to %s on server %r besides %s, although it "
         "needs no other database (CREATE DATABASE lets PUBLIC connect to every new database). As a "
         "superuser or the databases' owner, run: %s; then GRANT CONNECT to the roles that do use "

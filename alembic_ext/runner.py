@@ -22,12 +22,12 @@ from alembic.script import ScriptDirectory
 from sqlalchemy import Connection, Engine, create_engine, event, text
 from sqlalchemy.pool import NullPool
 
+from sqla_tenancy import locks
 from sqla_tenancy.anonymous import grant_database_tenant, table_access_ddl, tenant_anonymous_role
 from sqla_tenancy.identifiers import quote_ident, quote_literal
 from sqla_tenancy.installer import ensure_registry, finish_tables
 from sqla_tenancy.registry import REGISTRY_SCHEMA
 from sqla_tenancy.rls import TENANT_SETTING
-from sqla_tenancy.strategies.database import template_lock_key
 
 from .locations import MIGRATED_STATUSES, Location, update_registry_copy
 from .versions import INFRASTRUCTURE, TENANT, VERSION_TABLES, format_revision, has_stream
@@ -35,27 +35,11 @@ from .versions import INFRASTRUCTURE, TENANT, VERSION_TABLES, format_revision, h
 if TYPE_CHECKING:
     from sqla_tenancy.tenancy import Tenancy
 
-__all__ = ["FLEET_LOCK", "LocationRunner", "Outcome", "fleet_lock", "tenant_lock"]
+__all__ = ["LocationRunner", "Outcome", "fleet_lock", "tenant_lock"]
 
 log = logging.getLogger("alembic_ext")
 
 Command = Literal["upgrade", "downgrade", "stamp", "display"]
-
-#: Session advisory lock held by a migration run (the fleet runner's or a plain ``alembic`` one).
-FLEET_LOCK = "select pg_advisory_lock(hashtext('sqla_tenancy:migrate'))"
-FLEET_TRY_LOCK = "select pg_try_advisory_lock(hashtext('sqla_tenancy:migrate'))"
-FLEET_UNLOCK = "select pg_advisory_unlock(hashtext('sqla_tenancy:migrate'))"
-#: The lock provisioning holds for a slug (see sqla_tenancy.lifecycle): migrating a tenant waits
-#: for its provisioning to finish, and provisioning waits for its migration.
-TENANT_LOCK_PREFIX = "sqla_tenancy:provision:"
-TENANT_LOCK = "select pg_advisory_lock(hashtext('sqla_tenancy:provision:' || :s))"
-TENANT_UNLOCK = "select pg_advisory_unlock(hashtext('sqla_tenancy:provision:' || :s))"
-FLEET_HOLDER = (
-    "select a.pid, a.application_name, a.client_addr::text, a.backend_start "
-    "from pg_locks l join pg_stat_activity a on a.pid = l.pid "
-    "where l.locktype = 'advisory' and l.granted "
-    "and l.objid = (hashtext('sqla_tenancy:migrate')::bigint & 4294967295) limit 1"
-)
 
 
 @dataclass
@@ -90,8 +74,9 @@ def fleet_lock(control: Connection, *, wait: bool) -> Iterator[None]:
     taken raises :class:`MigrationLocked` naming the holder; otherwise it waits (and says so)."""
     from .errors import MigrationLocked
 
-    if not control.execute(text(FLEET_TRY_LOCK)).scalar():
-        holder = control.execute(text(FLEET_HOLDER)).first()
+    key = {"key": locks.MIGRATION_KEY}
+    if not control.execute(text(locks.TRY_LOCK), key).scalar():
+        holder = control.execute(text(locks.HOLDER), key).first()
         who = (
             f"backend pid {holder.pid} ({holder.application_name or 'no application_name'}, "
             f"connected since {holder.backend_start:%Y-%m-%d %H:%M:%S})"
@@ -105,24 +90,25 @@ def fleet_lock(control: Connection, *, wait: bool) -> Iterator[None]:
                 "pass --wait to queue behind it."
             )
         log.warning("waiting for another migration run to finish: %s", who)
-        control.execute(text(FLEET_LOCK))
+        control.execute(text(locks.LOCK), key)
     control.commit()
     try:
         yield
     finally:
-        control.execute(text(FLEET_UNLOCK))
+        control.execute(text(locks.UNLOCK), key)
         control.commit()
 
 
 @contextmanager
 def tenant_lock(control: Connection, slug: str) -> Iterator[None]:
     """Serialise a tenant's migration with its provisioning (and deletion)."""
-    control.execute(text(TENANT_LOCK), {"s": slug})
+    key = {"key": locks.tenant_key(slug)}
+    control.execute(text(locks.LOCK), key)
     control.commit()
     try:
         yield
     finally:
-        control.execute(text(TENANT_UNLOCK), {"s": slug})
+        control.execute(text(locks.UNLOCK), key)
         control.commit()
 
 
@@ -314,8 +300,7 @@ class LocationRunner:
             with _transaction(main):
                 if tenant is not None:
                     # one round trip: the binding, and the lock held until this transaction ends
-                    key = quote_literal(TENANT_LOCK_PREFIX + tenant.slug)
-                    lock = f"SELECT pg_advisory_xact_lock(hashtext({key}))"
+                    lock = locks.xact_lock_sql(locks.tenant_key(tenant.slug))
                     main.exec_driver_sql(
                         f"SET LOCAL search_path = {quote_ident(location.schema or '')}; "
                         f"SET LOCAL {TENANT_SETTING} = {quote_literal(str(tenant.id))}; "
@@ -369,14 +354,14 @@ class LocationRunner:
         if location.kind == "template" and self.command != "display":
             # Provisioning clones the template under this lock: never while we are connected.
             maintenance = self.tenancy.server_admin_url(location.server).database or "postgres"
-            key = template_lock_key(location.database or "")
+            key = {"key": locks.template_key(location.database or "")}
             with self._connect(location.server, maintenance) as guard:
-                guard.execute(text("select pg_advisory_lock(hashtext(:k))"), {"k": key})
+                guard.execute(text(locks.LOCK), key)
                 guard.commit()
                 try:
                     return self._run_database_locked(registry, location, started)
                 finally:
-                    guard.execute(text("select pg_advisory_unlock(hashtext(:k))"), {"k": key})
+                    guard.execute(text(locks.UNLOCK), key)
                     guard.commit()
         return self._run_database_locked(registry, location, started)
 

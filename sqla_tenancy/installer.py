@@ -14,6 +14,7 @@ from sqlalchemy import Connection, Table, text
 from .anonymous import main_database_ddl
 from .identifiers import quote_ident, quote_literal
 from .keys import check_tenant_keys
+from .locks import INSTALL_KEY
 from .registry import (
     ACCESS_KEY_FUNCTION,
     APPLICATION_COLUMNS,
@@ -42,9 +43,6 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
-
-#: Advisory lock key serialising install() and other DDL of the tenancy schema.
-INSTALL_LOCK_KEY = 0x5_1A7E_7A11
 
 
 def registry_ddl() -> list[str]:
@@ -193,7 +191,7 @@ def tenants_group_grants(tenancy: Tenancy, tables: list[Table] | None = None) ->
 def install(tenancy: Tenancy) -> None:
     check_tenant_keys(tenancy.metadata, infrastructure_schemas=tenancy.infrastructure_schemas)
     with tenancy.admin_engine.begin() as conn:
-        conn.execute(text("select pg_advisory_xact_lock(:k)"), {"k": INSTALL_LOCK_KEY})
+        conn.execute(text("select pg_advisory_xact_lock(:k)"), {"k": INSTALL_KEY})
         _install(tenancy, conn)
     tenancy.registry.invalidate()
 

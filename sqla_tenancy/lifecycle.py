@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import Connection, text
 
+from . import locks
 from .anonymous import anonymous_gate, anonymous_group, anonymous_role
 from .errors import ProvisioningError, TenancyError
 from .identifiers import validate_slug
@@ -37,11 +38,6 @@ if TYPE_CHECKING:
 __all__ = ["NamedObject", "create_tenant", "delete_tenant", "library_names"]
 
 log = logging.getLogger("sqla_tenancy.lifecycle")
-
-_LOCK = "select pg_advisory_xact_lock(hashtext('sqla_tenancy:' || :s))"
-_SESSION_LOCK = "select pg_advisory_lock(hashtext('sqla_tenancy:provision:' || :s))"
-_SESSION_UNLOCK = "select pg_advisory_unlock(hashtext('sqla_tenancy:provision:' || :s))"
-_XACT_PROVISION_LOCK = "select pg_advisory_xact_lock(hashtext('sqla_tenancy:provision:' || :s))"
 
 
 #: A database, schema or role, as ``(kind, name)``; kinds are ``database``, ``schema``, ``role``.
@@ -130,7 +126,7 @@ def create_tenant(
         # here, so a 'provisioning' row seen below can only be a crashed attempt's (a crashed
         # process's session, and its lock, are gone).
         with tenancy.admin_engine.connect() as guard:
-            guard.execute(text(_SESSION_LOCK), {"s": slug})
+            guard.execute(text(locks.LOCK), {"key": locks.tenant_key(slug)})
             guard.commit()
             try:
                 with tenancy.admin_engine.begin() as admin:
@@ -148,7 +144,7 @@ def create_tenant(
                     _clean_up(tenancy, placement, tenant)
                     raise
             finally:
-                guard.execute(text(_SESSION_UNLOCK), {"s": slug})
+                guard.execute(text(locks.UNLOCK), {"key": locks.tenant_key(slug)})
                 guard.commit()
     tenancy.registry.invalidate([tenant.id])
     log.info("created tenant %s (%s)", slug, strategy)
@@ -157,7 +153,7 @@ def create_tenant(
 
 def _register(tenancy: Tenancy, admin: Connection, draft: Tenant) -> Tenant:
     # Two processes creating the same slug: the second waits, then sees the first's row.
-    admin.execute(text(_LOCK), {"s": draft.slug})
+    admin.execute(text(locks.XACT_LOCK), {"key": locks.registration_key(draft.slug)})
     exists = admin.execute(text("select 1 from tenancy.tenants where slug = :s"), {"s": draft.slug}).first()
     if exists:
         raise ProvisioningError(f"Tenant {draft.slug!r} exists already.")
@@ -212,7 +208,7 @@ def _activate(admin: Connection, tenant: Tenant, location: dict[str, Any]) -> No
 
 
 def _leftover(admin: Connection, slug: str) -> Tenant | None:
-    admin.execute(text(_LOCK), {"s": slug})
+    admin.execute(text(locks.XACT_LOCK), {"key": locks.registration_key(slug)})
     row = admin.execute(
         text("select id, name, strategy, status, created_at, location from tenancy.tenants where slug = :s"),
         {"s": slug},
@@ -245,7 +241,7 @@ def delete_tenant(tenancy: Tenancy, tenant: Tenant, *, keep_infrastructure_rows:
     if placement.transactional:
         with tenancy.admin_engine.begin() as admin:
             # a migration of this tenant (which holds the same lock) finishes first
-            admin.execute(text(_XACT_PROVISION_LOCK), {"s": tenant.slug})
+            admin.execute(text(locks.XACT_LOCK), {"key": locks.tenant_key(tenant.slug)})
             placement.deprovision(
                 tenancy, tenant, admin=admin, keep_infrastructure_rows=keep_infrastructure_rows
             )
@@ -253,7 +249,8 @@ def delete_tenant(tenancy: Tenancy, tenant: Tenant, *, keep_infrastructure_rows:
     else:
         # Refused everywhere first (the notification reaches every process), then dismantled.
         with tenancy.admin_engine.begin() as admin:
-            admin.execute(text(_XACT_PROVISION_LOCK), {"s": tenant.slug})  # a running migration ends
+            # a running migration of the tenant ends first
+            admin.execute(text(locks.XACT_LOCK), {"key": locks.tenant_key(tenant.slug)})
             admin.execute(
                 text("update tenancy.tenants set status = 'deleting' where id = :id"), {"id": tenant.id}
             )

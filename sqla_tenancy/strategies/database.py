@@ -47,6 +47,7 @@ from sqlalchemy import Connection, create_engine, exc, text
 from sqlalchemy.engine import URL, Engine
 from sqlalchemy.pool import NullPool as _NullPool
 
+from .. import locks
 from ..anonymous import create_tenant_anonymous_role, grant_database_tenant
 from ..binding import binding_statement
 from ..dialect import DRIVER_NAME
@@ -75,7 +76,6 @@ __all__ = [
     "maintenance_databases",
     "scram_verifier",
     "template_database",
-    "template_lock_key",
 ]
 
 log = logging.getLogger(__name__)
@@ -144,12 +144,6 @@ def maintenance_databases(tenancy: Tenancy, superuser_url: URL, server: str) -> 
     if server == "main":
         names -= {tenancy.admin_url.database, tenancy.url.database}
     return sorted(name for name in names if name)
-
-
-def template_lock_key(template: str) -> str:
-    """The advisory lock (taken in the server admin URL's database) held while a template is
-    cloned or migrated."""
-    return f"sqla_tenancy:template:{template}"
 
 
 def derive_password(secret: bytes, role: str) -> str:
@@ -357,14 +351,14 @@ class DatabaseStrategy:
                 option = f" STRATEGY = {strategy.upper()}" if strategy else ""
                 # A migration of the template (alembic_ext) holds this lock while connected to
                 # it; CREATE DATABASE refuses a template with other sessions.
-                lock = template_lock_key(names.template)
-                conn.execute(text("select pg_advisory_lock(hashtext(:k))"), {"k": lock})
+                lock = {"key": locks.template_key(names.template)}
+                conn.execute(text(locks.LOCK), lock)
                 try:
                     conn.exec_driver_sql(
                         f"CREATE DATABASE {temporary} TEMPLATE {quote_ident(names.template)}{option}"
                     )
                 finally:
-                    conn.execute(text("select pg_advisory_unlock(hashtext(:k))"), {"k": lock})
+                    conn.execute(text(locks.UNLOCK), lock)
                 conn.exec_driver_sql(f"COMMENT ON DATABASE {temporary} IS {marker}")
                 conn.exec_driver_sql(f"REVOKE ALL ON DATABASE {temporary} FROM PUBLIC")
                 conn.exec_driver_sql(f"GRANT CONNECT ON DATABASE {temporary} TO {app_role}")

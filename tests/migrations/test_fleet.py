@@ -245,12 +245,12 @@ def test_a_tenant_deleted_while_waiting_is_not_migrated(fleet: Project) -> None:
 
 
 def test_cloning_the_template_waits_for_its_migration(fleet: Project) -> None:
-    from sqla_tenancy.strategies.database import template_lock_key
+    from sqla_tenancy.locks import template_key
 
     t = fleet.tenancy
     created = []
     with t.admin_engine.connect() as holder:  # what the runner holds while migrating the template
-        key = template_lock_key(f"{t.name_prefix}_template")
+        key = template_key(f"{t.name_prefix}_template")
         holder.execute(text("select pg_advisory_lock(hashtext(:k))"), {"k": key})
         holder.commit()
         creator = threading.Thread(target=lambda: created.append(t.create_tenant("d9", strategy="database")))

@@ -1,0 +1,68 @@
+"""The advisory locks that keep sqla-tenancy's own operations apart, in one place.
+
+Provisioning, deletion and migrations exclude each other through PostgreSQL advisory locks on the
+main database (and, for a template database, on its server). Each side must take exactly the same
+key: defined once here, a key cannot drift on one side and silently stop excluding the other.
+
+Keys are text, hashed with ``hashtext()`` by the server; the statements take the key as the
+``:key`` parameter, or :func:`xact_lock_sql` inlines it where a statement must share a round trip.
+"""
+
+from __future__ import annotations
+
+from .identifiers import quote_literal
+
+__all__ = [
+    "HOLDER",
+    "INSTALL_KEY",
+    "LOCK",
+    "MIGRATION_KEY",
+    "TRY_LOCK",
+    "UNLOCK",
+    "XACT_LOCK",
+    "registration_key",
+    "template_key",
+    "tenant_key",
+    "xact_lock_sql",
+]
+
+#: Held (transaction-level) by ``install()`` and other DDL of the ``tenancy`` schema; a bigint key.
+INSTALL_KEY = 0x5_1A7E_7A11
+#: Held (session-level) by a migration run: the fleet runner's or a plain ``alembic`` one.
+MIGRATION_KEY = "sqla_tenancy:migrate"
+
+LOCK = "select pg_advisory_lock(hashtext(:key))"
+TRY_LOCK = "select pg_try_advisory_lock(hashtext(:key))"
+UNLOCK = "select pg_advisory_unlock(hashtext(:key))"
+XACT_LOCK = "select pg_advisory_xact_lock(hashtext(:key))"
+
+
+def registration_key(slug: str) -> str:
+    """Serialises the registration of a slug: two processes creating the same slug, the second
+    waits and then sees the first's row."""
+    return f"sqla_tenancy:{slug}"
+
+
+def tenant_key(slug: str) -> str:
+    """Held while a tenant is provisioned, deleted or migrated: each waits for the others."""
+    return f"sqla_tenancy:provision:{slug}"
+
+
+def template_key(template: str) -> str:
+    """Held (in the server admin URL's database) while a template database is cloned or
+    migrated: ``CREATE DATABASE`` refuses a template that has other sessions."""
+    return f"sqla_tenancy:template:{template}"
+
+
+def xact_lock_sql(key: str) -> str:
+    """:data:`XACT_LOCK` with the key inlined, for a statement sent in one round trip with others."""
+    return f"SELECT pg_advisory_xact_lock(hashtext({quote_literal(key)}))"
+
+
+#: Who holds the session lock ``:key``: pid, application name, client address, start.
+HOLDER = (
+    "select a.pid, a.application_name, a.client_addr::text, a.backend_start "
+    "from pg_locks l join pg_stat_activity a on a.pid = l.pid "
+    "where l.locktype = 'advisory' and l.granted "
+    "and l.objid = (hashtext(:key)::bigint & 4294967295) limit 1"
+)

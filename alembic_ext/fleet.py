@@ -37,9 +37,7 @@ from typing import TYPE_CHECKING, Any
 from alembic.config import Config
 from alembic.runtime.environment import EnvironmentContext
 from alembic.script import ScriptDirectory
-from sqlalchemy import Connection, text
-
-from sqla_tenancy.registry import REGISTRY_SCHEMA, Tenant
+from sqlalchemy import Connection
 
 from .errors import MigrationError
 from .locations import MIGRATED_STATUSES, Location, tenant_locations
@@ -264,15 +262,8 @@ def _plan(
 ) -> list[Location]:
     """Every location behind ``target``, from one registry query (templates are always checked:
     there is one per server)."""
-    rows = control.execute(
-        text(
-            f"select id, slug, name, strategy, status, created_at, is_default, location, revision "
-            f"from {REGISTRY_SCHEMA}.tenants where status = any(:statuses) order by created_at, slug"
-        ),
-        {"statuses": list(MIGRATED_STATUSES)},
-    ).all()
+    tenants = tenancy.store.list(control, statuses=MIGRATED_STATUSES)
     control.commit()
-    tenants = [Tenant(r[0], r[1], r[2], r[3], r[4], r[5], r[6], dict(r[7] or {}), r[8]) for r in rows]
     plan = []
     for location in tenant_locations(tenancy, tenants, only=only):
         if location.kind == "template" or any(t.revision != target for t in location.tenants):

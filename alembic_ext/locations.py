@@ -19,7 +19,7 @@ from sqlalchemy import create_engine, text
 from sqlalchemy.pool import NullPool
 
 from sqla_tenancy.errors import TenantNotFound
-from sqla_tenancy.registry import REGISTRY_SCHEMA, Tenant
+from sqla_tenancy.registry import REGISTRY_SCHEMA, Tenant, TenantStore
 from sqla_tenancy.strategies.database import template_database
 
 if TYPE_CHECKING:
@@ -160,12 +160,6 @@ def update_registry_copy(main: Connection, location: Location, revision: str | N
     if location.kind == "template":
         return
     if location.kind == "main":
-        main.execute(
-            text(f"update {REGISTRY_SCHEMA}.tenants set revision = :r where strategy = 'shared'"),
-            {"r": revision},
-        )
+        TenantStore().set_revision(main, revision)
     else:
-        main.execute(
-            text(f"update {REGISTRY_SCHEMA}.tenants set revision = :r where id = any(:ids)"),
-            {"r": revision, "ids": registry_ids(location)},
-        )
+        TenantStore().set_revision(main, revision, ids=registry_ids(location))

@@ -26,7 +26,7 @@ from sqla_tenancy import locks
 from sqla_tenancy.anonymous import grant_database_tenant, table_access_ddl, tenant_anonymous_role
 from sqla_tenancy.identifiers import quote_ident, quote_literal
 from sqla_tenancy.installer import ensure_registry, finish_tables
-from sqla_tenancy.registry import REGISTRY_SCHEMA
+from sqla_tenancy.registry import REGISTRY_SCHEMA, TenantStore
 from sqla_tenancy.rls import TENANT_SETTING
 
 from .locations import MIGRATED_STATUSES, Location, update_registry_copy
@@ -406,10 +406,8 @@ def _still_there(conn: Connection, location: Location) -> bool:
     """The tenant is still registered and migratable (read under its lock)."""
     tenant = location.tenant
     assert tenant is not None
-    status = conn.execute(
-        text(f"select status from {REGISTRY_SCHEMA}.tenants where id = :id"), {"id": tenant.id}
-    ).scalar()
-    return status in MIGRATED_STATUSES
+    row = TenantStore().get(conn, tenant.id)
+    return row is not None and row.status in MIGRATED_STATUSES
 
 
 def _gone(location: Location, started: float) -> Outcome:

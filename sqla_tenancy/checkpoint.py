@@ -52,11 +52,9 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any, Literal
 
-from sqlalchemy import text
-
 from .context import tenant_context
 from .errors import TenancyError, TenantNotFound
-from .registry import ACCESS_KEY_FUNCTION, REGISTRY_SCHEMA, Tenant, access_key_hash
+from .registry import Tenant, access_key_hash
 from .resolvers import (
     DEFAULT_RESOLVERS,
     RequestRejected,
@@ -326,23 +324,12 @@ def _canonical_uuid(value: object) -> uuid.UUID | None:
     return parsed if str(parsed) == value else None
 
 
-def _key_clause(ref: str | uuid.UUID) -> str:
-    return "id = :ref" if isinstance(ref, uuid.UUID) else "slug = :ref"
-
-
 def _key_owner(tenancy: Tenancy, key: uuid.UUID) -> tuple[uuid.UUID, str] | None:
     """The (id, slug) of the tenant whose access key is ``key``, or None. One query, whatever
     the key and whichever tenant the caller hoped it opens: an unknown tenant and a wrong key do
     the same work. The comparison happens on the stored hash, in the database."""
     with tenancy.admin_engine.connect() as conn:
-        row = conn.execute(
-            text(
-                f"select id, slug from {REGISTRY_SCHEMA}.tenants "
-                f"where id = {ACCESS_KEY_FUNCTION}(CAST(:key AS uuid))"
-            ),
-            {"key": key},
-        ).first()
-    return (row[0], row[1]) if row is not None else None
+        return tenancy.store.access_key_owner(conn, key)
 
 
 def _opens(tenancy: Tenancy, ref: str | uuid.UUID, key: uuid.UUID) -> bool:
@@ -375,16 +362,9 @@ def verify_access_key(tenancy: Tenancy, tenant: str | uuid.UUID | Tenant, presen
 def _store_key_hash(tenancy: Tenancy, tenant: str | uuid.UUID | Tenant, digest: bytes | None) -> None:
     """Set (or, with ``None``, clear) the tenant's stored access key hash; :class:`TenantNotFound`
     if there is no such tenant."""
-    ref = lookup_key(tenant)
     with tenancy.admin_engine.begin() as conn:
-        found = conn.execute(
-            text(
-                f"update {REGISTRY_SCHEMA}.tenants set access_key_hash = :hash, updated_at = now() "
-                f"where {_key_clause(ref)} returning id"
-            ),
-            {"hash": digest, "ref": ref},
-        ).scalar()
-    if found is None:
+        found = tenancy.store.set_access_key_hash(conn, lookup_key(tenant), digest)
+    if not found:
         raise TenantNotFound(tenant)
 
 

@@ -22,9 +22,9 @@ The dialects track the isolation level SQLAlchemy asks for (``AUTOCOMMIT`` inclu
 a connection in ``AUTOCOMMIT`` cannot hold a transaction-local binding, so it is refused for
 tenant work (:class:`AutocommitNotAllowed`) rather than run unbound.
 
-An engine gets its binding statement from a *binder*: a callable the :class:`Tenancy` installs on
-the engine's dialect, returning the ``SET LOCAL`` text for the current context (or ``None`` when the
-transaction needs no binding, e.g. on an engine nobody bound).
+An engine gets its binding statement from a *binder*: a callable the :class:`Tenancy` gives the
+dialect (``create_engine(url, binder=...)``), returning the ``SET LOCAL`` text for the current
+context (or ``None`` when the transaction needs no binding, e.g. on an engine nobody bound).
 """
 
 from __future__ import annotations
@@ -93,7 +93,10 @@ class _TenancyMixin:
     """Behaviour shared by the sync and async dialects."""
 
     supports_statement_cache = True
+    #: the binding statement of the current context (see :data:`Binder`); ``None``: unbound
     binder: Binder | None = None
+    #: a weak reference to the :class:`~sqla_tenancy.Tenancy` the engine serves (column defaults)
+    tenancy_ref: Any = None
     _states: weakref.WeakKeyDictionary[Any, _ConnState]
 
     def _state(self, driver: Any) -> _ConnState:
@@ -198,9 +201,12 @@ class TenancyDialect(_TenancyMixin, PGDialect_psycopg):
     driver = DRIVER_NAME
     supports_statement_cache = True
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)  # type: ignore[no-untyped-call]
+    def __init__(self, binder: Binder | None = None, tenancy_ref: Any = None, **kwargs: Any) -> None:
+        # create_engine(url, binder=..., tenancy_ref=...) hands these to the dialect
+        super().__init__(**kwargs)  # type: ignore[no-untyped-call]
         self._states = weakref.WeakKeyDictionary()
+        self.binder = binder
+        self.tenancy_ref = tenancy_ref
 
     def _set_driver(self, connection: Any, *, autocommit: bool, isolation_level: Any = ...) -> None:
         driver = _driver(connection)
@@ -223,9 +229,12 @@ class TenancyDialectAsync(_TenancyMixin, PGDialectAsync_psycopg):
     driver = DRIVER_NAME
     supports_statement_cache = True
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)  # type: ignore[no-untyped-call]
+    def __init__(self, binder: Binder | None = None, tenancy_ref: Any = None, **kwargs: Any) -> None:
+        # create_engine(url, binder=..., tenancy_ref=...) hands these to the dialect
+        super().__init__(**kwargs)  # type: ignore[no-untyped-call]
         self._states = weakref.WeakKeyDictionary()
+        self.binder = binder
+        self.tenancy_ref = tenancy_ref
 
     def _set_driver(self, connection: Any, *, autocommit: bool, isolation_level: Any = ...) -> None:
         driver = _driver(connection)

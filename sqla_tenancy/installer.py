@@ -233,10 +233,7 @@ def _stamp_created(tenancy: Tenancy, conn: Connection) -> None:
         heads = config_stream_heads(config, stream)
         conn.exec_driver_sql(stamp(REGISTRY_SCHEMA, stream, heads))
         if stream == "tenant":
-            conn.execute(
-                text(f"update {REGISTRY_SCHEMA}.tenants set revision = :r where strategy = 'shared'"),
-                {"r": format_revision(heads)},
-            )
+            tenancy.store.set_revision(conn, format_revision(heads))
 
 
 def restrict_database(tenancy: Tenancy, conn: Connection) -> None:
@@ -294,13 +291,7 @@ def ensure_registry(tenancy: Tenancy, conn: Connection) -> None:
     for statement in [*function, *access_key_function_ddl(), *registry_ddl(), FILL_SERIAL_DDL]:
         conn.exec_driver_sql(statement)
     if tenancy.default_tenant is not None:
-        conn.execute(
-            text(
-                f"INSERT INTO {REGISTRY_SCHEMA}.tenants (slug, name, strategy, status, is_default) "
-                "VALUES (:slug, :slug, 'shared', 'active', true) ON CONFLICT (slug) DO NOTHING"
-            ),
-            {"slug": tenancy.default_tenant},
-        )
+        tenancy.store.ensure_default(conn, tenancy.default_tenant)
     # Nobody but the owner reads the table as a whole (so no role sees the key hashes).
     conn.exec_driver_sql(f"REVOKE SELECT ON {REGISTRY_SCHEMA}.tenants FROM PUBLIC")
     app_role = tenancy.url.username

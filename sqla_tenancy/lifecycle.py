@@ -14,8 +14,6 @@ Before anything is made, every name the tenant's placement would create is check
 
 from __future__ import annotations
 
-import dataclasses
-import json
 import logging
 import uuid
 from datetime import datetime, timezone
@@ -28,7 +26,7 @@ from .anonymous import anonymous_gate, anonymous_group, anonymous_role
 from .errors import ProvisioningError, TenancyError
 from .identifiers import validate_slug
 from .installer import tenants_group
-from .registry import REGISTRY_SCHEMA, Tenant
+from .registry import REGISTRY_SCHEMA, Tenant, TenantStore
 from .strategies.database import template_database
 
 if TYPE_CHECKING:
@@ -38,6 +36,8 @@ if TYPE_CHECKING:
 __all__ = ["NamedObject", "create_tenant", "delete_tenant", "library_names"]
 
 log = logging.getLogger("sqla_tenancy.lifecycle")
+
+STORE = TenantStore()
 
 
 #: A database, schema or role, as ``(kind, name)``; kinds are ``database``, ``schema``, ``role``.
@@ -118,9 +118,8 @@ def create_tenant(
     _refuse_library_names(tenancy, placement, draft)
     if placement.transactional:
         with tenancy.admin_engine.begin() as admin:
-            tenant = _register(tenancy, admin, draft)
-            location = _provision(tenancy, placement, tenant, admin)
-            _activate(admin, tenant, location)
+            registered = _register(tenancy, admin, draft)
+            tenant = _activate(admin, registered, _provision(tenancy, placement, registered, admin))
     else:
         # Held for the whole journaled provisioning: a concurrent attempt for the same slug waits
         # here, so a 'provisioning' row seen below can only be a crashed attempt's (a crashed
@@ -135,43 +134,29 @@ def create_tenant(
                     log.warning("cleaning up an interrupted provisioning of tenant %s", slug)
                     _clean_up(tenancy, tenancy.strategy_named(leftover.strategy), leftover)
                 with tenancy.admin_engine.begin() as admin:
-                    tenant = _register(tenancy, admin, draft)
+                    registered = _register(tenancy, admin, draft)
                 try:
-                    location = _provision(tenancy, placement, tenant, None)
+                    location = _provision(tenancy, placement, registered, None)
                     with tenancy.admin_engine.begin() as admin:
-                        _activate(admin, tenant, location)
+                        tenant = _activate(admin, registered, location)
                 except BaseException:
-                    _clean_up(tenancy, placement, tenant)
+                    _clean_up(tenancy, placement, registered)
                     raise
             finally:
                 guard.execute(text(locks.UNLOCK), {"key": locks.tenant_key(slug)})
                 guard.commit()
     tenancy.registry.invalidate([tenant.id])
     log.info("created tenant %s (%s)", slug, strategy)
-    return dataclasses.replace(tenant, location=location)
+    return tenant
 
 
 def _register(tenancy: Tenancy, admin: Connection, draft: Tenant) -> Tenant:
     # Two processes creating the same slug: the second waits, then sees the first's row.
     admin.execute(text(locks.XACT_LOCK), {"key": locks.registration_key(draft.slug)})
-    exists = admin.execute(text("select 1 from tenancy.tenants where slug = :s"), {"s": draft.slug}).first()
-    if exists:
+    if STORE.get(admin, draft.slug) is not None:
         raise ProvisioningError(f"Tenant {draft.slug!r} exists already.")
     tenancy._step("register")
-    row = admin.execute(
-        text(
-            "insert into tenancy.tenants (id, slug, name, strategy, status, location) "
-            "values (:id, :slug, :name, :strategy, 'provisioning', :loc) returning created_at"
-        ),
-        {
-            "id": draft.id,
-            "slug": draft.slug,
-            "name": draft.name,
-            "strategy": draft.strategy,
-            "loc": json.dumps(draft.location),
-        },
-    ).one()
-    return dataclasses.replace(draft, status="active", created_at=row.created_at)
+    return STORE.insert(admin, draft)  # status "provisioning", as drafted
 
 
 def _provision(
@@ -190,47 +175,30 @@ def _provision(
         ) from exc
 
 
-def _activate(admin: Connection, tenant: Tenant, location: dict[str, Any]) -> None:
+def _activate(admin: Connection, tenant: Tenant, location: dict[str, Any]) -> Tenant:
     # A strategy reports the tenant stream revision the tenant was born at under "_revision".
+    location = dict(location)
     revision = location.pop("_revision", None)
-    result = admin.execute(
-        text(
-            "update tenancy.tenants set status = 'active', location = :loc, revision = :rev "
-            "where id = :id and status = 'provisioning'"
-        ),
-        {"loc": json.dumps(location), "id": tenant.id, "rev": revision},
-    )
-    if result.rowcount != 1:
+    active = STORE.activate(admin, tenant, location, revision)
+    if active is None:
         raise ProvisioningError(
             f"The registry row of tenant {tenant.slug!r} changed while it was being provisioned "
             "(deleted by another process?); its provisioning was undone."
         )
+    return active
 
 
 def _leftover(admin: Connection, slug: str) -> Tenant | None:
     admin.execute(text(locks.XACT_LOCK), {"key": locks.registration_key(slug)})
-    row = admin.execute(
-        text("select id, name, strategy, status, created_at, location from tenancy.tenants where slug = :s"),
-        {"s": slug},
-    ).first()
-    if row is None or row.status != "provisioning":
-        return None
-    return Tenant(
-        id=row.id,
-        slug=slug,
-        name=row.name,
-        strategy=row.strategy,
-        status=row.status,
-        created_at=row.created_at,
-        location=dict(row.location),
-    )
+    tenant = STORE.get(admin, slug)
+    return tenant if tenant is not None and tenant.status == "provisioning" else None
 
 
 def _clean_up(tenancy: Tenancy, placement: Strategy, tenant: Tenant) -> None:
     """Remove every trace of a failed provisioning; the row goes last, once nothing is left."""
     placement.compensate(tenancy, tenant)
     with tenancy.admin_engine.begin() as admin:
-        admin.execute(text("delete from tenancy.tenants where id = :id"), {"id": tenant.id})
+        STORE.delete(admin, tenant.id)
     tenancy.registry.invalidate([tenant.id])
 
 
@@ -245,18 +213,16 @@ def delete_tenant(tenancy: Tenancy, tenant: Tenant, *, keep_infrastructure_rows:
             placement.deprovision(
                 tenancy, tenant, admin=admin, keep_infrastructure_rows=keep_infrastructure_rows
             )
-            admin.execute(text("delete from tenancy.tenants where id = :id"), {"id": tenant.id})
+            STORE.delete(admin, tenant.id)
     else:
         # Refused everywhere first (the notification reaches every process), then dismantled.
         with tenancy.admin_engine.begin() as admin:
             # a running migration of the tenant ends first
             admin.execute(text(locks.XACT_LOCK), {"key": locks.tenant_key(tenant.slug)})
-            admin.execute(
-                text("update tenancy.tenants set status = 'deleting' where id = :id"), {"id": tenant.id}
-            )
+            STORE.set_status(admin, tenant.id, "deleting")
         tenancy.registry.invalidate([tenant.id])
         placement.deprovision(tenancy, tenant, admin=None, keep_infrastructure_rows=keep_infrastructure_rows)
         with tenancy.admin_engine.begin() as admin:
-            admin.execute(text("delete from tenancy.tenants where id = :id"), {"id": tenant.id})
+            STORE.delete(admin, tenant.id)
     tenancy.registry.invalidate([tenant.id])
     log.info("deleted tenant %s", tenant.slug)

@@ -15,14 +15,16 @@ TTL, which covers a listener that lost its connection.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
+import json
 import logging
 import os
 import threading
 import time
 import uuid
 import weakref
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
@@ -32,6 +34,7 @@ from sqlalchemy import (
     Boolean,
     CheckConstraint,
     Column,
+    Connection,
     DateTime,
     Index,
     LargeBinary,
@@ -57,9 +60,11 @@ __all__ = [
     "STRATEGIES",
     "Registry",
     "Tenant",
+    "TenantStore",
     "access_key_hash",
     "access_key_hash_sql",
     "registry_metadata",
+    "row_to_tenant",
     "tenants_table",
 ]
 
@@ -146,10 +151,12 @@ class Tenant:
         return self.status == "active"
 
 
-_COLUMNS = "id, slug, name, strategy, status, created_at, is_default, location, revision"
+#: The columns a :class:`Tenant` is read from, in :func:`row_to_tenant`'s order.
+COLUMNS = "id, slug, name, strategy, status, created_at, is_default, location, revision"
 
 
-def _row_to_tenant(row: tuple[Any, ...]) -> Tenant:
+def row_to_tenant(row: Sequence[Any]) -> Tenant:
+    """The :class:`Tenant` of a registry row read as :data:`COLUMNS` (the one row mapping)."""
     return Tenant(
         id=row[0],
         slug=row[1],
@@ -161,6 +168,154 @@ def _row_to_tenant(row: tuple[Any, ...]) -> Tenant:
         location=dict(row[7] or {}),
         revision=row[8],
     )
+
+
+_TABLE = f"{REGISTRY_SCHEMA}.tenants"
+
+
+class TenantStore:
+    """Every statement that writes ``tenancy.tenants``, and its reads on a SQLAlchemy connection.
+
+    The one place that knows the table's columns besides its DDL: lifecycle, installer,
+    checkpoint, placements and the migration runner go through it. Each method runs on the
+    connection it is given, inside that connection's transaction; it holds no state.
+    """
+
+    def get(self, conn: Connection, ref: str | uuid.UUID) -> Tenant | None:
+        """The tenant with this id (a UUID) or slug (a str), whatever its status."""
+        column = "id" if isinstance(ref, uuid.UUID) else "slug"
+        row = conn.execute(
+            text(f"select {COLUMNS} from {_TABLE} where {column} = :ref"), {"ref": ref}
+        ).first()
+        return row_to_tenant(row) if row is not None else None
+
+    def list(self, conn: Connection, *, statuses: Iterable[str] | None = None) -> list[Tenant]:
+        """Every tenant (with one of ``statuses``), oldest first."""
+        where = "" if statuses is None else "where status = any(:statuses) "
+        rows = conn.execute(
+            text(f"select {COLUMNS} from {_TABLE} {where}order by created_at, slug"),
+            {} if statuses is None else {"statuses": list(statuses)},
+        ).all()
+        return [row_to_tenant(r) for r in rows]
+
+    def insert(self, conn: Connection, tenant: Tenant) -> Tenant:
+        """Register ``tenant`` as it is (its id, status and location); returns it with the
+        server's ``created_at``."""
+        created_at = conn.execute(
+            text(
+                f"insert into {_TABLE} (id, slug, name, strategy, status, location) "
+                "values (:id, :slug, :name, :strategy, :status, :location) returning created_at"
+            ),
+            {
+                "id": tenant.id,
+                "slug": tenant.slug,
+                "name": tenant.name,
+                "strategy": tenant.strategy,
+                "status": tenant.status,
+                "location": json.dumps(tenant.location),
+            },
+        ).scalar_one()
+        return dataclasses.replace(tenant, created_at=created_at)
+
+    def ensure_default(self, conn: Connection, slug: str) -> None:
+        """Register the default tenant (shared, active) unless it is there."""
+        conn.execute(
+            text(
+                f"insert into {_TABLE} (slug, name, strategy, status, is_default) "
+                "values (:slug, :slug, 'shared', 'active', true) on conflict (slug) do nothing"
+            ),
+            {"slug": slug},
+        )
+
+    def activate(
+        self, conn: Connection, tenant: Tenant, location: dict[str, Any], revision: str | None
+    ) -> Tenant | None:
+        """Mark a tenant that is still ``provisioning`` active, with its final location; ``None``
+        when its row changed meanwhile (deleted by another process)."""
+        found = conn.execute(
+            text(
+                f"update {_TABLE} set status = 'active', location = :location, revision = :revision "
+                "where id = :id and status = 'provisioning' returning id"
+            ),
+            {"location": json.dumps(location), "id": tenant.id, "revision": revision},
+        ).first()
+        if found is None:
+            return None
+        return dataclasses.replace(tenant, status="active", location=location, revision=revision)
+
+    def journal(self, conn: Connection, tenant_id: uuid.UUID, key: str, entries: Sequence[Any]) -> bool:
+        """Append ``entries`` to the list ``location[key]`` of a tenant being provisioned; False
+        when the row is gone or no longer ``provisioning``."""
+        result = conn.execute(
+            text(
+                f"update {_TABLE} set location = jsonb_set(location, array[cast(:key as text)], "
+                "coalesce(location -> cast(:key as text), '[]'::jsonb) || cast(:entries as jsonb)) "
+                "where id = :id and status = 'provisioning'"
+            ),
+            {"key": key, "entries": json.dumps(list(entries)), "id": tenant_id},
+        )
+        return result.rowcount == 1
+
+    def set_status(self, conn: Connection, tenant_id: uuid.UUID, status: str) -> None:
+        conn.execute(
+            text(f"update {_TABLE} set status = :status where id = :id"), {"status": status, "id": tenant_id}
+        )
+
+    def update(self, conn: Connection, ref: str | uuid.UUID, **values: Any) -> uuid.UUID | None:
+        """Change ``name`` or ``status`` of a tenant other than the default one; its id, or
+        ``None`` when no such tenant (or it is the default tenant)."""
+        unknown = set(values) - {"name", "status"}
+        if unknown or not values:
+            raise ValueError(f"a tenant's name or status can be updated, not {sorted(unknown) or 'nothing'}")
+        assignments = ", ".join(f"{column} = :{column}" for column in sorted(values))
+        column = "id" if isinstance(ref, uuid.UUID) else "slug"
+        found = conn.execute(
+            text(
+                f"update {_TABLE} set {assignments}, updated_at = now() "
+                f"where {column} = :ref and not is_default returning id"
+            ),
+            {"ref": ref, **values},
+        ).scalar()
+        return found if isinstance(found, uuid.UUID) else None
+
+    def delete(self, conn: Connection, tenant_id: uuid.UUID) -> None:
+        conn.execute(text(f"delete from {_TABLE} where id = :id"), {"id": tenant_id})
+
+    def set_revision(
+        self, conn: Connection, revision: str | None, *, ids: Iterable[uuid.UUID] | None = None
+    ) -> None:
+        """The registry copy of the tenant stream's revision: for the tenants ``ids``, or (without
+        ``ids``) for every shared tenant, whose location is the main database."""
+        if ids is None:
+            conn.execute(
+                text(f"update {_TABLE} set revision = :r where strategy = 'shared'"), {"r": revision}
+            )
+        else:
+            conn.execute(
+                text(f"update {_TABLE} set revision = :r where id = any(:ids)"),
+                {"r": revision, "ids": list(ids)},
+            )
+
+    def set_access_key_hash(self, conn: Connection, ref: str | uuid.UUID, digest: bytes | None) -> bool:
+        """Store (or, with ``None``, clear) a tenant's access key hash; False when no such tenant."""
+        column = "id" if isinstance(ref, uuid.UUID) else "slug"
+        found = conn.execute(
+            text(
+                f"update {_TABLE} set access_key_hash = :hash, updated_at = now() "
+                f"where {column} = :ref returning id"
+            ),
+            {"hash": digest, "ref": ref},
+        ).first()
+        return found is not None
+
+    def access_key_owner(self, conn: Connection, key: uuid.UUID) -> tuple[uuid.UUID, str] | None:
+        """The (id, slug) of the tenant whose access key is ``key``, through the registry's
+        ``access_key_tenant()`` function: the comparison happens on the stored hash."""
+        row = conn.execute(
+            text(f"select id, slug from {_TABLE} where id = {ACCESS_KEY_FUNCTION}(cast(:key as uuid))"),
+            {"key": key},
+        ).first()
+        return (row[0], row[1]) if row is not None else None
 
 
 def conninfo_kwargs(url: URL) -> dict[str, Any]:
@@ -244,8 +399,8 @@ class Registry:
 
     def all(self) -> list[Tenant]:
         """Every tenant, ordered by creation (not cached)."""
-        rows = self._query(f"select {_COLUMNS} from tenancy.tenants order by created_at, slug", ())
-        return [_row_to_tenant(r) for r in rows]
+        rows = self._query(f"select {COLUMNS} from {_TABLE} order by created_at, slug", ())
+        return [row_to_tenant(r) for r in rows]
 
     def invalidate(self, keys: Iterable[object] | None = None) -> None:
         """Forget cached entries (all of them when ``keys`` is None)."""
@@ -262,11 +417,11 @@ class Registry:
 
     def _fetch_one(self, ref: str | uuid.UUID) -> Tenant | None:
         if isinstance(ref, uuid.UUID):
-            sql = f"select {_COLUMNS} from tenancy.tenants where id = %s"
+            sql = f"select {COLUMNS} from {_TABLE} where id = %s"
         else:
-            sql = f"select {_COLUMNS} from tenancy.tenants where slug = %s"
+            sql = f"select {COLUMNS} from {_TABLE} where slug = %s"
         rows = self._query(sql, (ref,))
-        return _row_to_tenant(rows[0]) if rows else None
+        return row_to_tenant(rows[0]) if rows else None
 
     def _query(self, sql: str, params: tuple[Any, ...]) -> list[tuple[Any, ...]]:
         # A dedicated autocommit connection: registry reads must not go through the tenant-bound

@@ -11,7 +11,7 @@ from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import Connection, Engine, MetaData, Table, create_engine, text
+from sqlalchemy import Connection, Engine, MetaData, Table, create_engine
 from sqlalchemy.engine import URL, make_url
 from sqlalchemy.ext.asyncio import (
     AsyncEngine,
@@ -31,7 +31,7 @@ from .errors import (
     UnsafeRoleError,
 )
 from .identifiers import validate_prefix, validate_slug
-from .registry import Registry, Tenant
+from .registry import Registry, Tenant, TenantStore
 from .routing import Router, lookup_key
 from .session import TenantSession
 from .strategies import DatabaseStrategy, SchemaStrategy, SharedStrategy, Strategy
@@ -134,8 +134,10 @@ class Tenancy:
         self.default_tenant = default_tenant
         self.allow_bypassrls = allow_bypassrls
         self._engine_options = dict(engine_options or {})
+        self.router = Router(self)
+        self._binder: Binder = self.router.binding
         self.engine: Engine = create_engine(
-            self.url.set(drivername=f"postgresql+{DRIVER_NAME}"), **self._engine_options
+            self.url.set(drivername=f"postgresql+{DRIVER_NAME}"), **self._bound_options()
         )
         self._async_engine: AsyncEngine | None = None
         self._admin_engine: Engine | None = None
@@ -164,26 +166,26 @@ class Tenancy:
         self.tenant_engines = EngineCache(
             max_engines=max_tenant_engines, max_connections=max_tenant_connections
         )
-        self.router = Router(self)
+        #: the only writer of the registry table (see :class:`~sqla_tenancy.registry.TenantStore`)
+        self.store = TenantStore()
         #: Test hook: called with each provisioning step's name; raise to simulate a failure.
         self._fault_injector: Callable[[str], None] | None = None
-        self._binder: Binder = self.router.binding
-        self.engine.dialect.binder = self._binder  # type: ignore[attr-defined]
-        self.engine.dialect.tenancy_ref = weakref.ref(self)  # type: ignore[attr-defined]
         _active = weakref.ref(self)
 
     # -- engines ----------------------------------------------------------------------------
+
+    def _bound_options(self) -> dict[str, Any]:
+        """``create_engine`` keywords of an engine bound per transaction: the application's
+        options, and the binder and Tenancy its dialect takes."""
+        return {**self._engine_options, "binder": self._binder, "tenancy_ref": weakref.ref(self)}
 
     @property
     def async_engine(self) -> AsyncEngine:
         """The asyncio engine of the application role, bound per transaction like ``engine``."""
         if self._async_engine is None:
-            engine = create_async_engine(
-                self.url.set(drivername=f"postgresql+{DRIVER_NAME}"), **self._engine_options
+            self._async_engine = create_async_engine(
+                self.url.set(drivername=f"postgresql+{DRIVER_NAME}"), **self._bound_options()
             )
-            engine.sync_engine.dialect.binder = self._binder  # type: ignore[attr-defined]
-            engine.sync_engine.dialect.tenancy_ref = weakref.ref(self)  # type: ignore[attr-defined]
-            self._async_engine = engine
         return self._async_engine
 
     @property
@@ -235,18 +237,15 @@ class Tenancy:
             )
         return key
 
-    def _tenant_engine(self, tenant: Tenant, url: URL, *, async_: bool) -> Engine:
-        """A database tenant's engine, from the LRU cache."""
+    def _tenant_engine(self, tenant: Tenant, url: Callable[[], URL], *, async_: bool) -> Engine:
+        """A database tenant's engine, from the LRU cache; ``url`` is called on a miss only (it
+        derives the role's password: no HMAC on the hot path)."""
 
         def make() -> Engine:
-            options = {**self._engine_options, **self._tenant_engine_options}
+            options = {**self._bound_options(), **self._tenant_engine_options}
             if async_:
-                engine = create_async_engine(url, **options).sync_engine
-            else:
-                engine = create_engine(url, **options)
-            engine.dialect.binder = self._binder  # type: ignore[attr-defined]
-            engine.dialect.tenancy_ref = weakref.ref(self)  # type: ignore[attr-defined]
-            return engine
+                return create_async_engine(url(), **options).sync_engine
+            return create_engine(url(), **options)
 
         return self.tenant_engines.get((tenant.id, async_), make)
 
@@ -417,33 +416,26 @@ class Tenancy:
 
     def update_tenant(self, slug: str, *, name: str) -> Tenant:
         """Rename a tenant (its display name; the slug is permanent)."""
-        return self._update(slug, "name = :value", name)
+        return self._update(slug, name=name)
 
     def suspend_tenant(self, slug: str) -> Tenant:
         """Refuse every query for the tenant (in every process, within a second) until resumed."""
-        return self._update(slug, "status = :value", "suspended")
+        return self._update(slug, status="suspended")
 
     def resume_tenant(self, slug: str) -> Tenant:
         """Lift a suspension; every process serves the tenant again within a second."""
-        return self._update(slug, "status = :value", "active")
+        return self._update(slug, status="active")
 
-    def _update(self, slug: str, assignment: str, value: object) -> Tenant:
+    def _update(self, slug: str | uuid.UUID | Tenant, **values: str) -> Tenant:
         key = lookup_key(slug)
         with self.admin_engine.begin() as admin:
-            row = admin.execute(
-                text(
-                    f"update tenancy.tenants set {assignment}, updated_at = now() "
-                    "where (slug = :key or id::text = :key) and not is_default "
-                    "returning id"
-                ),
-                {"key": str(key), "value": value},
-            ).first()
-            if row is None:
-                if self.get_tenant(key).is_default:
-                    raise TenancyError("The default tenant cannot be renamed, suspended or resumed.")
-                raise TenantNotFound(slug)
-        self.registry.invalidate([row.id])
-        return self.get_tenant(row.id)
+            tenant_id = self.store.update(admin, key, **values)
+        if tenant_id is None:
+            if self.get_tenant(key).is_default:  # TenantNotFound when there is no such tenant
+                raise TenancyError("The default tenant cannot be renamed, suspended or resumed.")
+            raise TenantNotFound(slug)
+        self.registry.invalidate([tenant_id])
+        return self.get_tenant(tenant_id)
 
     def delete_tenant(self, slug: str, *, keep_infrastructure_rows: bool = False) -> None:
         """Delete the tenant's data, storage, roles and registry row; nothing is left behind.

@@ -36,7 +36,6 @@ from __future__ import annotations
 import base64
 import hashlib
 import hmac
-import json
 import logging
 import os
 from collections.abc import Iterable
@@ -541,10 +540,9 @@ class DatabaseStrategy:
         journaled: each is dropped only if it carries the tenant's marker, so only what the
         provisioning created goes."""
         with tenancy.admin_engine.connect() as conn:
-            location = conn.execute(
-                text(f"select location from {REGISTRY_SCHEMA}.tenants where id = :id"), {"id": tenant.id}
-            ).scalar()
-        if not isinstance(location, dict):
+            row = tenancy.store.get(conn, tenant.id)
+        location = row.location if row is not None else None
+        if location is None:
             names = self.names(tenancy, tenant)
             return [
                 _role_entry(names.server, names.app_role),
@@ -626,7 +624,7 @@ class DatabaseStrategy:
         return binding_statement(tenant.id, role=self.names(tenancy, tenant).anon_role)
 
     def engine(self, tenancy: Tenancy, tenant: Tenant, *, async_: bool) -> Engine:
-        return tenancy._tenant_engine(tenant, self.app_url(tenancy, tenant), async_=async_)
+        return tenancy._tenant_engine(tenant, lambda: self.app_url(tenancy, tenant), async_=async_)
 
 
 def _role_entry(server: str, role: str) -> dict[str, str]:
@@ -641,15 +639,7 @@ def _journal(tenancy: Tenancy, tenant: Tenant, *entries: dict[str, str]) -> None
     """Record ``entries`` in the journal of ``tenant``'s registry row, committed before they are
     created: the clean-up drops nothing the journal does not name."""
     with tenancy.admin_engine.begin() as conn:
-        result = conn.execute(
-            text(
-                f"update {REGISTRY_SCHEMA}.tenants set location = jsonb_set(location, '{{{_JOURNAL}}}', "
-                f"coalesce(location -> '{_JOURNAL}', '[]'::jsonb) || cast(:entries as jsonb)) "
-                "where id = :id and status = 'provisioning'"
-            ),
-            {"entries": json.dumps(list(entries)), "id": tenant.id},
-        )
-        if result.rowcount != 1:
+        if not tenancy.store.journal(conn, tenant.id, _JOURNAL, entries):
             raise ProvisioningError(
                 f"The registry row of tenant {tenant.slug!r} changed while it was being provisioned "
                 "(deleted by another process?); its provisioning was stopped and undone."

@@ -1,0 +1,106 @@
+"""Pure decisions, tested without a database: binding statements, identity tokens, references."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterator
+from datetime import datetime, timezone
+
+import pytest
+
+from sqla_tenancy import Tenancy, Tenant
+from sqla_tenancy.binding import CLEAR_LEFTOVERS, binding_statement
+from sqla_tenancy.routing import lookup_key, token_scope
+
+from .models import INFRASTRUCTURE, Base
+
+TENANT_ID = uuid.UUID("6c2b4a1e-8f62-4f4e-9a57-0d1a3f3f3f3f")
+
+
+def tenant(strategy: str, slug: str = "acme") -> Tenant:
+    return Tenant(
+        id=TENANT_ID,
+        slug=slug,
+        name=slug,
+        strategy=strategy,
+        status="active",
+        created_at=datetime(2026, 1, 1, tzinfo=timezone.utc),
+        location={"server": "main"} if strategy == "database" else {},
+    )
+
+
+@pytest.fixture
+def offline() -> Iterator[Tenancy]:
+    """A Tenancy that never connects (nothing here runs SQL)."""
+    t = Tenancy(
+        "postgresql://app:secret@127.0.0.1:1/app",
+        admin_url="postgresql://admin:secret@127.0.0.1:1/app",
+        metadata=Base.metadata,
+        infrastructure_schemas=INFRASTRUCTURE,
+        registry_listen=False,
+        secret_key="a unit test key of sixteen bytes+",
+    )
+    yield t
+    t.engine.dispose()
+
+
+def test_every_binding_pins_path_role_and_tenant() -> None:
+    assert binding_statement(TENANT_ID) == (
+        b"SET LOCAL search_path = DEFAULT; SET LOCAL ROLE NONE; "
+        b"SET LOCAL app.current_tenant_id = '6c2b4a1e-8f62-4f4e-9a57-0d1a3f3f3f3f'"
+    )
+    assert binding_statement(TENANT_ID, schema='we"ird', role="r") == (
+        b'SET LOCAL search_path = "we""ird", pg_temp; SET LOCAL ROLE "r"; '
+        b"SET LOCAL app.current_tenant_id = '6c2b4a1e-8f62-4f4e-9a57-0d1a3f3f3f3f'"
+    )
+
+
+def test_the_clearing_commits_on_its_own_in_front_of_begin() -> None:
+    statements = CLEAR_LEFTOVERS.decode().split("; ")
+    assert statements == [
+        "CLOSE ALL",
+        "UNLISTEN *",
+        "SELECT pg_advisory_unlock_all()",
+        "DISCARD TEMP",
+        "COMMIT",
+    ]
+
+
+@pytest.mark.parametrize(
+    ("strategy", "full", "anonymous"),
+    [
+        ("shared", (None, None), (None, "tenant_anonymous")),
+        ("schema", ("tenant_acme", "tenant_acme_app"), ("tenant_acme", "tenant_acme_anon")),
+        ("database", (None, None), (None, "tenant_acme_anon")),
+    ],
+)
+def test_each_placement_binds_its_schema_and_role(
+    offline: Tenancy,
+    strategy: str,
+    full: tuple[str | None, str | None],
+    anonymous: tuple[str | None, str | None],
+) -> None:
+    placement = offline.strategy_named(strategy)
+    record = tenant(strategy)
+    assert placement.binding(offline, record) == binding_statement(TENANT_ID, schema=full[0], role=full[1])
+    assert placement.anonymous_binding(offline, record) == binding_statement(
+        TENANT_ID, schema=anonymous[0], role=anonymous[1]
+    )
+
+
+def test_identity_tokens_name_a_tenant_and_its_scope() -> None:
+    assert token_scope(str(TENANT_ID)) == (TENANT_ID, False)
+    assert token_scope(f"{TENANT_ID}:anonymous") == (TENANT_ID, True)
+    for token in ("platform", None, "", "acme", f"{TENANT_ID}:other", str(TENANT_ID).upper() + "x"):
+        assert token_scope(token) is None
+
+
+def test_only_the_canonical_uuid_string_is_an_id() -> None:
+    assert lookup_key(str(TENANT_ID)) == TENANT_ID
+    for spelling in (
+        str(TENANT_ID).upper(),
+        "{" + str(TENANT_ID) + "}",
+        TENANT_ID.hex,
+        f"urn:uuid:{TENANT_ID}",
+    ):
+        assert lookup_key(spelling) == spelling  # a string, which no slug matches

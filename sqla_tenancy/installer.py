@@ -215,14 +215,14 @@ def _stamp_created(tenancy: Tenancy, conn: Connection) -> None:
     """With migrations attached, what install() created from the models is at both streams'
     heads: stamp them (where no version table exists yet), so that migrations continue from there
     instead of replaying what exists."""
-    from alembic_ext.versions import (
+    from .versions import (
         STREAMS,
         VERSION_TABLES,
         config_stream_heads,
         format_revision,
         load_config,
     )
-    from alembic_ext.versions import version_table_script as stamp
+    from .versions import version_table_script as stamp
 
     assert tenancy.migrations is not None
     config = load_config(tenancy.migrations)

@@ -221,7 +221,7 @@ class Tenancy:
         location created from the models is stamped with."""
         if self.migrations is None:
             return None
-        from alembic_ext.versions import TENANT, config_stream_heads, load_config
+        from .versions import TENANT, config_stream_heads, load_config
 
         config = load_config(self.migrations)
         self.migrations = config

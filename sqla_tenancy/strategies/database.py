@@ -304,7 +304,7 @@ class DatabaseStrategy:
                     if heads is not None:
                         # Built from the models: at the tenant stream's head. From here on the
                         # fleet runner migrates the template like any tenant database.
-                        from alembic_ext.versions import TENANT, version_table_script
+                        from ..versions import TENANT, version_table_script
 
                         run_script(conn, version_table_script(REGISTRY_SCHEMA, TENANT, heads))
         finally:

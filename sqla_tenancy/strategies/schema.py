@@ -154,7 +154,7 @@ class SchemaStrategy:
         heads = tenancy.tenant_heads()
         if heads is not None:
             # Born at the tenant stream's head: the fleet runner has nothing to replay here.
-            from alembic_ext.versions import TENANT, VERSION_TABLES, format_revision, version_table_script
+            from ..versions import TENANT, VERSION_TABLES, format_revision, version_table_script
 
             version_table = f"{s}.{quote_ident(VERSION_TABLES[TENANT])}"
             run_script(

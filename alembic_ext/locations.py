@@ -134,7 +134,7 @@ def tenant_locations(
 def template_locations(tenancy: Tenancy) -> list[Location]:
     """The template databases that exist on the configured servers (``prepare_server`` creates
     them); one catalog query per server."""
-    name = template_database(tenancy)
+    name = template_database(tenancy.config)
     found = []
     for server in sorted(tenancy.servers):
         engine = create_engine(tenancy.server_admin_url(server), poolclass=NullPool)

@@ -24,8 +24,9 @@ from sqlalchemy.pool import NullPool
 
 from sqla_tenancy import locks
 from sqla_tenancy.anonymous import grant_database_tenant, table_access_ddl, tenant_anonymous_role
+from sqla_tenancy.grants import finish_tables
 from sqla_tenancy.identifiers import quote_ident, quote_literal
-from sqla_tenancy.installer import ensure_registry, finish_tables
+from sqla_tenancy.installer import ensure_registry
 from sqla_tenancy.registry import REGISTRY_SCHEMA, TenantStore
 from sqla_tenancy.rls import TENANT_SETTING
 
@@ -276,13 +277,13 @@ class LocationRunner:
         started = time.perf_counter()
         with _transaction(main):
             if self.command != "display":
-                ensure_registry(self.tenancy, main)
+                ensure_registry(self.tenancy.config, main)
                 # the schemas Tenancy declares; the stream's revisions create what is in them
                 for schema in sorted(self.tenancy.infrastructure_schemas):
                     main.exec_driver_sql(f"CREATE SCHEMA IF NOT EXISTS {quote_ident(schema)}")
             before, after = self._apply(main, INFRASTRUCTURE, REGISTRY_SCHEMA)
             if self.command != "display":
-                finish_tables(self.tenancy, main, self.tenancy.infrastructure_tables())
+                finish_tables(self.tenancy.config, main, self.tenancy.infrastructure_tables())
         return _outcome("infrastructure", "main", INFRASTRUCTURE, before, after, started)
 
     def run_tenant(self, main: Connection, location: Location, control: Connection | None = None) -> Outcome:
@@ -311,7 +312,7 @@ class LocationRunner:
                 before, after = self._apply(main, TENANT, location.version_schema)
                 if writes:
                     if location.kind == "main" and after != before:
-                        finish_tables(self.tenancy, main, self.tenancy.tenant_tables())
+                        finish_tables(self.tenancy.config, main, self.tenancy.tenant_tables())
                     if location.kind == "schema" and before is None and tenant is not None:
                         # the tenant's role gets every table of its schema by default privileges
                         table = (
@@ -338,7 +339,7 @@ class LocationRunner:
     def _sync_schema_anonymous(self, conn: Connection, schema: str, slug: str) -> None:
         """After a schema tenant's tables changed: what its anonymous role may read, per the
         models' current opt-ins (tenants created before anonymous roles existed have none)."""
-        role = tenant_anonymous_role(self.tenancy, slug)
+        role = tenant_anonymous_role(self.tenancy.config, slug)
         if not _role_exists(conn, role):
             return
         present = set(
@@ -380,9 +381,9 @@ class LocationRunner:
                     f"GRANT USAGE, SELECT ON ALL SEQUENCES IN SCHEMA public TO {app}"
                 )
                 assert tenant is not None
-                anonymous = tenant_anonymous_role(self.tenancy, tenant.slug)
+                anonymous = tenant_anonymous_role(self.tenancy.config, tenant.slug)
                 if _role_exists(conn, anonymous):
-                    grant_database_tenant(conn, self.tenancy, anonymous, fresh=False)
+                    grant_database_tenant(conn, self.tenancy.config, anonymous, fresh=False)
         if self.command != "display" and location.kind == "database":
             with _transaction(registry):
                 update_registry_copy(registry, location, after)

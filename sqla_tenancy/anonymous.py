@@ -40,10 +40,10 @@ from sqlalchemy import Connection, Table, text
 from .errors import ProvisioningError
 from .identifiers import quote_ident, quote_literal, role_name
 from .registry import REGISTRY_SCHEMA
-from .rls import is_tenant_scoped, qualified_name
+from .rls import ANONYMOUS_INFO_KEY, is_tenant_scoped, qualified_name
 
 if TYPE_CHECKING:
-    from .tenancy import Tenancy
+    from .config import TenancyConfig
 
 __all__ = [
     "ANONYMOUS_INFO_KEY",
@@ -61,8 +61,6 @@ __all__ = [
     "tenant_anonymous_role",
 ]
 
-#: ``Table.info`` key: ``True`` (every row the tenant's policies allow) or a SQL row filter.
-ANONYMOUS_INFO_KEY = "sqla_tenancy.anonymous"
 #: The RESTRICTIVE policy carrying an opted-in table's row filter.
 ANONYMOUS_POLICY = "tenancy_anonymous"
 
@@ -81,24 +79,24 @@ def anonymous_filter(table: Table) -> str | None:
     return value if isinstance(value, str) else None
 
 
-def anonymous_role(tenancy: Tenancy) -> str:
+def anonymous_role(config: TenancyConfig) -> str:
     """The shared placement's anonymous role."""
-    return f"{tenancy.name_prefix}_anonymous"
+    return f"{config.name_prefix}_anonymous"
 
 
-def anonymous_group(tenancy: Tenancy) -> str:
+def anonymous_group(config: TenancyConfig) -> str:
     """The group of the main database's anonymous roles (their infrastructure access)."""
-    return f"{tenancy.name_prefix}_anonymous_infra"
+    return f"{config.name_prefix}_anonymous_infra"
 
 
-def anonymous_gate(tenancy: Tenancy) -> str:
+def anonymous_gate(config: TenancyConfig) -> str:
     """The NOINHERIT role through which the application role may switch to anonymous roles."""
-    return f"{tenancy.name_prefix}_anonymous_gate"
+    return f"{config.name_prefix}_anonymous_gate"
 
 
-def tenant_anonymous_role(tenancy: Tenancy, slug: str) -> str:
+def tenant_anonymous_role(config: TenancyConfig, slug: str) -> str:
     """A schema or database tenant's anonymous role (``<prefix>_<slug>_anon``)."""
-    return role_name(slug, "anon", tenancy.name_prefix)
+    return role_name(slug, "anon", config.name_prefix)
 
 
 def table_access_ddl(
@@ -149,12 +147,12 @@ def _create_role_if_missing(role: str, options: str) -> str:
     )
 
 
-def main_database_ddl(tenancy: Tenancy, tables: Iterable[Table], app_role: str | None) -> list[str]:
+def main_database_ddl(config: TenancyConfig, tables: Iterable[Table], app_role: str | None) -> list[str]:
     """Idempotent: the main database's anonymous roles, what they may read of ``tables`` (tables
     that exist there: tenant tables for the shared role, infrastructure tables for the group), and
     the application role's way to them. Run by :meth:`Tenancy.install` with the tables' grants."""
     tables = list(tables)
-    role, group, gate = anonymous_role(tenancy), anonymous_group(tenancy), anonymous_gate(tenancy)
+    role, group, gate = anonymous_role(config), anonymous_group(config), anonymous_gate(config)
     r, g = quote_ident(role), quote_ident(group)
     statements = [
         _create_role_if_missing(group, f"{_ROLE_OPTIONS} NOINHERIT"),
@@ -165,8 +163,8 @@ def main_database_ddl(tenancy: Tenancy, tables: Iterable[Table], app_role: str |
         f"GRANT USAGE ON SCHEMA {REGISTRY_SCHEMA} TO {g}",
         f"GRANT EXECUTE ON FUNCTION {REGISTRY_SCHEMA}.current_tenant_id() TO {g}",
     ]
-    infrastructure = [t for t in tables if t.schema in tenancy.infrastructure_schemas]
-    tenant_tables = [t for t in tables if t.schema not in tenancy.infrastructure_schemas]
+    infrastructure = [t for t in tables if t.schema in config.infrastructure_schemas]
+    tenant_tables = [t for t in tables if t.schema not in config.infrastructure_schemas]
     for schema in sorted({t.schema for t in infrastructure if t.schema}):
         statements.append(f"GRANT USAGE ON SCHEMA {quote_ident(schema)} TO {g}")
     for schema in sorted({t.schema or "public" for t in tenant_tables}):
@@ -178,22 +176,22 @@ def main_database_ddl(tenancy: Tenancy, tables: Iterable[Table], app_role: str |
     return statements
 
 
-def schema_tenant_ddl(tenancy: Tenancy, schema: str, role: str, *, fresh: bool = True) -> list[str]:
+def schema_tenant_ddl(config: TenancyConfig, schema: str, role: str, *, fresh: bool = True) -> list[str]:
     """A schema tenant's anonymous role: its schema, its opted-in tables, the infrastructure group
     (the role itself is created with the schema; the gate's membership comes last)."""
     r = quote_ident(role)
     return [
         f"GRANT USAGE ON SCHEMA {quote_ident(schema)} TO {r}",
-        f"GRANT {quote_ident(anonymous_group(tenancy))} TO {r}",
-        *table_access_ddl(tenancy.tenant_tables(), role, schema=schema, fresh=fresh),
+        f"GRANT {quote_ident(anonymous_group(config))} TO {r}",
+        *table_access_ddl(config.tenant_tables(), role, schema=schema, fresh=fresh),
     ]
 
 
-def grant_database_tenant(conn: Connection, tenancy: Tenancy, role: str, *, fresh: bool = True) -> None:
+def grant_database_tenant(conn: Connection, config: TenancyConfig, role: str, *, fresh: bool = True) -> None:
     """Inside a tenant database (``conn``, as the tables' owner): what its anonymous role may read
     of the tenant tables there (no foreign table: the infrastructure stays out of its reach)."""
     present = set(conn.execute(text("select tablename from pg_tables where schemaname = 'public'")).scalars())
-    tables = [t for t in tenancy.tenant_tables() if t.schema is None and t.name in present]
+    tables = [t for t in config.tenant_tables() if t.schema is None and t.name in present]
     r = quote_ident(role)
     statements = [
         f"GRANT USAGE ON SCHEMA public TO {r}",

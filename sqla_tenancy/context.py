@@ -13,16 +13,16 @@ from __future__ import annotations
 import contextvars
 import logging
 import uuid
+import weakref
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import TYPE_CHECKING, ParamSpec, TypeVar
+from typing import Any, ParamSpec, Protocol, TypeVar
 
 from .registry import Tenant
 
-if TYPE_CHECKING:
-    from .tenancy import Tenancy
-
 __all__ = [
+    "Resolver",
+    "active_resolver",
     "current_is_anonymous",
     "current_platform_reason",
     "current_tenant",
@@ -30,6 +30,7 @@ __all__ = [
     "no_tenant_context",
     "platform_context",
     "run_in_context",
+    "set_active_resolver",
     "tenant_context",
 ]
 
@@ -192,25 +193,47 @@ def current_platform_reason() -> str | None:
     return None if scope is None else scope.platform_reason
 
 
-def current_tenant(tenancy: Tenancy | None = None) -> Tenant | None:
+class Resolver(Protocol):
+    """What resolves a tenant reference: a Tenancy's router (see :func:`set_active_resolver`)."""
+
+    def get_tenant(self, ref: str | uuid.UUID | Tenant, /) -> Tenant: ...
+
+    def current_tenant_id(self) -> uuid.UUID: ...
+
+
+_active: weakref.ref[Any] | None = None
+
+
+def set_active_resolver(resolver: Resolver) -> None:
+    """Make ``resolver`` the one :func:`current_tenant` and column defaults use when not told
+    which Tenancy to ask: the most recently created Tenancy's (applications have one)."""
+    global _active
+    _active = weakref.ref(resolver)
+
+
+def active_resolver() -> Resolver | None:
+    """The resolver set last by :func:`set_active_resolver`, if it is still alive."""
+    resolver: Resolver | None = _active() if _active is not None else None
+    return resolver
+
+
+def current_tenant(tenancy: Any = None) -> Tenant | None:
     """The active tenant, resolved through the registry, or ``None``.
 
     ``None`` means no :func:`tenant_context` is active (inside :func:`platform_context` too).
     The default tenant is not returned here: it is what queries fall back to, not what the
     context holds. The reference is resolved with ``tenancy``, or with the most recently created
-    :class:`Tenancy` of the process (applications have one).
+    :class:`~sqla_tenancy.Tenancy` of the process (applications have one).
     """
-    from .tenancy import active_tenancy
-
     ref = current_tenant_ref()
     if ref is None:
         return None
-    owner = tenancy or active_tenancy()
-    if owner is None:
+    resolver = tenancy.router if tenancy is not None else active_resolver()
+    if resolver is None:
         if isinstance(ref, Tenant):
             return ref
         raise RuntimeError("current_tenant() needs a Tenancy to resolve a slug or id; none exists")
-    return owner.get_tenant(ref)
+    return resolver.get_tenant(ref)
 
 
 def run_in_context(fn: Callable[P, R]) -> Callable[P, R]:

@@ -29,6 +29,7 @@ context (or ``None`` when the transaction needs no binding, e.g. on an engine no
 
 from __future__ import annotations
 
+import uuid
 import weakref
 from collections.abc import Callable, Generator
 from typing import Any
@@ -95,8 +96,8 @@ class _TenancyMixin:
     supports_statement_cache = True
     #: the binding statement of the current context (see :data:`Binder`); ``None``: unbound
     binder: Binder | None = None
-    #: a weak reference to the :class:`~sqla_tenancy.Tenancy` the engine serves (column defaults)
-    tenancy_ref: Any = None
+    #: the id of the tenant the current transaction is for (``tenant_id`` column defaults)
+    tenant_of_context: Callable[[], uuid.UUID] | None = None
     _states: weakref.WeakKeyDictionary[Any, _ConnState]
 
     def _state(self, driver: Any) -> _ConnState:
@@ -201,12 +202,17 @@ class TenancyDialect(_TenancyMixin, PGDialect_psycopg):
     driver = DRIVER_NAME
     supports_statement_cache = True
 
-    def __init__(self, binder: Binder | None = None, tenancy_ref: Any = None, **kwargs: Any) -> None:
-        # create_engine(url, binder=..., tenancy_ref=...) hands these to the dialect
+    def __init__(
+        self,
+        binder: Binder | None = None,
+        tenant_of_context: Callable[[], uuid.UUID] | None = None,
+        **kwargs: Any,
+    ) -> None:
+        # create_engine(url, binder=..., tenant_of_context=...) hands these to the dialect
         super().__init__(**kwargs)  # type: ignore[no-untyped-call]
         self._states = weakref.WeakKeyDictionary()
         self.binder = binder
-        self.tenancy_ref = tenancy_ref
+        self.tenant_of_context = tenant_of_context
 
     def _set_driver(self, connection: Any, *, autocommit: bool, isolation_level: Any = ...) -> None:
         driver = _driver(connection)
@@ -229,12 +235,17 @@ class TenancyDialectAsync(_TenancyMixin, PGDialectAsync_psycopg):
     driver = DRIVER_NAME
     supports_statement_cache = True
 
-    def __init__(self, binder: Binder | None = None, tenancy_ref: Any = None, **kwargs: Any) -> None:
-        # create_engine(url, binder=..., tenancy_ref=...) hands these to the dialect
+    def __init__(
+        self,
+        binder: Binder | None = None,
+        tenant_of_context: Callable[[], uuid.UUID] | None = None,
+        **kwargs: Any,
+    ) -> None:
+        # create_engine(url, binder=..., tenant_of_context=...) hands these to the dialect
         super().__init__(**kwargs)  # type: ignore[no-untyped-call]
         self._states = weakref.WeakKeyDictionary()
         self.binder = binder
-        self.tenancy_ref = tenancy_ref
+        self.tenant_of_context = tenant_of_context
 
     def _set_driver(self, connection: Any, *, autocommit: bool, isolation_level: Any = ...) -> None:
         driver = _driver(connection)

@@ -1,4 +1,5 @@
-"""A bounded cache of per-tenant engines (database placement).
+"""The engines of one Tenancy (:class:`Engines`) and the bounded cache of per-tenant engines
+(database placement, :class:`EngineCache`).
 
 Each database tenant gets a small pool of its own; at most ``max_engines`` engines are kept, least
 recently used first out. An evicted engine's idle connections close at once, and
@@ -12,17 +13,23 @@ not pay SQLAlchemy's per-engine first-connect set-up again. An optional
 from __future__ import annotations
 
 import threading
+import uuid
 import weakref
 from collections import OrderedDict
 from collections.abc import Callable, Hashable
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import Engine, event
+from sqlalchemy import Engine, create_engine, event
+from sqlalchemy.engine import URL
+from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
+from sqlalchemy.util import greenlet_spawn
 
+from .config import TenancyConfig, plain_url
+from .dialect import DRIVER_NAME, Binder
 from .errors import TenancyError
 
-__all__ = ["EngineCache", "EngineStats"]
+__all__ = ["EngineCache", "EngineStats", "Engines"]
 
 
 @dataclass(frozen=True)
@@ -163,3 +170,100 @@ class EngineCache:
             self._open -= 1
         if self._budget is not None:
             self._budget.release()
+
+
+class Engines:
+    """The engines one :class:`~sqla_tenancy.Tenancy` connects with.
+
+    ``app`` (and ``async_app``) connect as the application role with the tenancy dialect, bound
+    per transaction by ``binder``; ``admin`` (and ``async_admin``) as the admin role, unbound;
+    ``tenants`` holds database tenants' engines, bound the same way. ``tenant_of_context`` is given
+    to the dialects for column defaults (the id of the tenant the current transaction is for).
+    """
+
+    def __init__(self, config: TenancyConfig) -> None:
+        self.config = config
+        self._bound: dict[str, Any] = dict(config.engine_options)
+        self._async_app: AsyncEngine | None = None
+        self._admin: Engine | None = None
+        self._async_admin: AsyncEngine | None = None
+        self.tenants = EngineCache(
+            max_engines=config.max_tenant_engines, max_connections=config.max_tenant_connections
+        )
+
+    def bind(self, binder: Binder, tenant_of_context: Callable[[], uuid.UUID] | None = None) -> None:
+        """Give the bound engines their binder (the router's, which itself needs these engines:
+        hence a step of its own) and create the application engine."""
+        self._bound = {**self.config.engine_options, "binder": binder, "tenant_of_context": tenant_of_context}
+        self._tenant_options = {
+            **self._bound,
+            "pool_size": self.config.tenant_pool_size,
+            "max_overflow": self.config.tenant_max_overflow,
+        }
+        self.app: Engine = create_engine(self._app_url(), **self._bound)
+
+    def _app_url(self) -> URL:
+        return self.config.url.set(drivername=f"postgresql+{DRIVER_NAME}")
+
+    @property
+    def async_app(self) -> AsyncEngine:
+        """The asyncio engine of the application role (made on first use)."""
+        if self._async_app is None:
+            self._async_app = create_async_engine(self._app_url(), **self._bound)
+        return self._async_app
+
+    @property
+    def admin(self) -> Engine:
+        """The admin role's engine: no tenant binding (platform work, provisioning, DDL)."""
+        if self._admin is None:
+            self._admin = create_engine(plain_url(self.config.admin_url))
+        return self._admin
+
+    @property
+    def async_admin(self) -> AsyncEngine:
+        """The asyncio engine of the admin role."""
+        if self._async_admin is None:
+            self._async_admin = create_async_engine(plain_url(self.config.admin_url))
+        return self._async_admin
+
+    def main(self, async_: bool) -> Engine:
+        """The main database's application engine (sync, or the async engine's ``sync_engine``)."""
+        return self.async_app.sync_engine if async_ else self.app
+
+    def platform(self, async_: bool) -> Engine:
+        """The admin engine (sync, or the async one's ``sync_engine``)."""
+        return self.async_admin.sync_engine if async_ else self.admin
+
+    def tenant(self, tenant_id: uuid.UUID, url: Callable[[], URL], *, async_: bool) -> Engine:
+        """A database tenant's engine, from the LRU cache; ``url`` is called on a miss only (it
+        derives the role's password: no HMAC on the hot path)."""
+
+        def make() -> Engine:
+            if async_:
+                return create_async_engine(url(), **self._tenant_options).sync_engine
+            return create_engine(url(), **self._tenant_options)
+
+        return self.tenants.get((tenant_id, async_), make)
+
+    @property
+    def has_async(self) -> bool:
+        return self._async_app is not None or self._async_admin is not None
+
+    async def dispose_async(self) -> None:
+        """Dispose the async engines (database tenants' included) inside the running loop, then
+        the sync ones."""
+        # Async pools must close their connections inside SQLAlchemy's greenlet bridge.
+        await greenlet_spawn(self.tenants.clear)
+        if self._async_app is not None:
+            await self._async_app.dispose()
+        if self._async_admin is not None:
+            await self._async_admin.dispose()
+        self._async_app = self._async_admin = None
+        self.dispose_sync()
+
+    def dispose_sync(self) -> None:
+        """Dispose the sync engines and every tenant engine."""
+        self.tenants.clear()
+        self.app.dispose()
+        if self._admin is not None:
+            self._admin.dispose()

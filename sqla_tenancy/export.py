@@ -28,15 +28,15 @@ from typing import IO, TYPE_CHECKING
 from sqlalchemy import Connection, Table
 from sqlalchemy.schema import CreateIndex, CreateTable
 
+from .binaries import find_bindir
 from .binding import tenant_setting
 from .errors import TenancyError
 from .identifiers import quote_ident, quote_literal
 from .registry import REGISTRY_SCHEMA, Tenant
 from .rls import current_tenant_function_ddl, is_tenant_scoped, qualified_name, tenant_column_name
-from .testing.cluster import find_bindir
 
 if TYPE_CHECKING:
-    from .tenancy import Tenancy
+    from .services import Services
 
 __all__ = ["export_tenant", "find_pg_dump"]
 
@@ -55,7 +55,7 @@ def find_pg_dump(explicit: str | os.PathLike[str] | None = None) -> Path:
     raise TenancyError("pg_dump was not found: install PostgreSQL's client tools or pass pg_dump=")
 
 
-def export_tenant(tenancy: Tenancy, tenant: Tenant, path: Path, *, pg_dump: Path | None = None) -> Path:
+def export_tenant(services: Services, tenant: Tenant, path: Path, *, pg_dump: Path | None = None) -> Path:
     with path.open("w", encoding="utf-8") as out:
         out.write(
             f"-- sqla-tenancy export of tenant {tenant.slug!r} ({tenant.id}), "
@@ -68,14 +68,14 @@ def export_tenant(tenancy: Tenancy, tenant: Tenant, path: Path, *, pg_dump: Path
         out.write("\n")
         if tenant.strategy in ("schema", "database"):
             out.flush()
-            _pg_dump(tenancy, tenant, out, pg_dump or find_pg_dump())
+            _pg_dump(services, tenant, out, pg_dump or find_pg_dump())
             tables: list[Table] = []
         elif tenant.strategy == "shared":
-            tables = [t for t in tenancy.tenant_tables() if is_tenant_scoped(t)]
+            tables = [t for t in services.config.tenant_tables() if is_tenant_scoped(t)]
         else:
             raise TenancyError(f"export of {tenant.strategy!r} tenants is not supported yet")
-        tables += [t for t in tenancy.infrastructure_tables() if is_tenant_scoped(t)]
-        with tenancy.admin_engine.begin() as admin:
+        tables += [t for t in services.config.infrastructure_tables() if is_tenant_scoped(t)]
+        with services.engines.admin.begin() as admin:
             admin.exec_driver_sql(tenant_setting(tenant.id))
             _write_tables(admin, tenant, tables, out)
     return path
@@ -90,15 +90,15 @@ _NEWER_SETTINGS = {
 }
 
 
-def _pg_dump(tenancy: Tenancy, tenant: Tenant, out: IO[str], pg_dump: Path) -> None:
+def _pg_dump(services: Services, tenant: Tenant, out: IO[str], pg_dump: Path) -> None:
     """``pg_dump`` of the tenant's schema, or of its database's ``public`` schema (the foreign
     schemas, the foreign server and the user mappings, which hold a password, stay out)."""
     if tenant.strategy == "schema":
         schema = tenant.location.get("schema")
-        url = tenancy.admin_url
+        url = services.config.admin_url
     else:
         schema = "public"
-        url = tenancy.server_admin_url(tenant.location.get("server", "main")).set(
+        url = services.config.server_admin_url(tenant.location.get("server", "main")).set(
             database=tenant.location.get("database")
         )
     if not schema or not url.database:

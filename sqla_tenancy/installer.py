@@ -9,37 +9,33 @@ from __future__ import annotations
 import logging
 from typing import TYPE_CHECKING
 
-from sqlalchemy import Connection, Table, text
+from sqlalchemy import Connection, Engine, text
 
-from .anonymous import main_database_ddl
-from .identifiers import quote_ident, quote_literal
+from .grants import finish_tables, registry_grants
+from .identifiers import quote_ident
 from .keys import check_tenant_keys
 from .locks import INSTALL_KEY
 from .registry import (
     ACCESS_KEY_FUNCTION,
-    APPLICATION_COLUMNS,
     NOTIFY_CHANNEL,
     REGISTRY_SCHEMA,
     SLUG_CHECK,
+    Registry,
+    TenantStore,
     access_key_hash_sql,
     registry_metadata,
 )
-from .rls import current_tenant_function_ddl, enable_rls_ddl, is_tenant_scoped, qualified_name
+from .rls import current_tenant_function_ddl, enable_rls_ddl, is_tenant_scoped
 
 if TYPE_CHECKING:
-    from .tenancy import Tenancy
+    from .config import TenancyConfig
 
 __all__ = [
     "access_key_function_ddl",
     "ensure_registry",
-    "finish_tables",
-    "grant_statements",
     "install",
     "registry_ddl",
-    "registry_grants",
     "restrict_database",
-    "tenants_group",
-    "tenants_group_grants",
 ]
 
 log = logging.getLogger(__name__)
@@ -92,22 +88,6 @@ def access_key_function_ddl() -> list[str]:
     ]
 
 
-def registry_grants(role: str) -> list[str]:
-    """What ``role`` (the application role) may do with the registry: read every column of
-    ``tenancy.tenants`` but the access key hash, verify access keys, call the policy function.
-    Idempotent, and takes back the table-wide ``SELECT`` that earlier versions granted."""
-    r = quote_ident(role)
-    columns = ", ".join(quote_ident(c) for c in APPLICATION_COLUMNS)
-    return [
-        f"GRANT USAGE ON SCHEMA {REGISTRY_SCHEMA} TO {r}",
-        # revoking the table-wide privilege revokes the column privileges too: grant them afresh
-        f"REVOKE SELECT ON {REGISTRY_SCHEMA}.tenants FROM {r}",
-        f"GRANT SELECT ({columns}) ON {REGISTRY_SCHEMA}.tenants TO {r}",
-        f"GRANT EXECUTE ON FUNCTION {REGISTRY_SCHEMA}.current_tenant_id() TO {r}",
-        f"GRANT EXECUTE ON FUNCTION {ACCESS_KEY_FUNCTION}(uuid) TO {r}",
-    ]
-
-
 FILL_SERIAL_DDL = f"""
 CREATE OR REPLACE FUNCTION {REGISTRY_SCHEMA}.fill_serial() RETURNS trigger
 LANGUAGE plpgsql AS $$
@@ -121,122 +101,48 @@ END $$
 """
 
 
-def fill_serial_ddl(conn: Connection, table: Table) -> list[str]:
-    """Triggers giving an infrastructure table's serial columns their value when a foreign table
-    (a database tenant's) inserts NULL there: foreign tables do not apply remote defaults."""
-    statements = []
-    target = qualified_name(table)
-    for column in table.primary_key.columns:
-        sequence = conn.execute(
-            text("select pg_get_serial_sequence(:t, :c)"), {"t": target, "c": column.name}
-        ).scalar()
-        if sequence is None:
-            continue
-        trigger = quote_ident(f"tenancy_fill_{column.name}")
-        statements += [
-            f"DROP TRIGGER IF EXISTS {trigger} ON {target}",
-            f"CREATE TRIGGER {trigger} BEFORE INSERT ON {target} FOR EACH ROW EXECUTE FUNCTION "
-            f"{REGISTRY_SCHEMA}.fill_serial({quote_literal(column.name)}, {quote_literal(sequence)})",
-        ]
-    return statements
-
-
-def grant_statements(tenancy: Tenancy, role: str, tables: list[Table] | None = None) -> list[str]:
-    """What the application role needs in the main database (on ``tables``, by default every table
-    of the metadata), and nothing more."""
-    r = quote_ident(role)
-    statements = registry_grants(role)
-    schemas = {t.schema for t in tenancy.metadata.tables.values() if t.schema}
-    for schema in sorted(schemas):
-        statements.append(f"GRANT USAGE ON SCHEMA {quote_ident(schema)} TO {r}")
-    for table in tenancy.metadata.sorted_tables if tables is None else tables:
-        statements.append(f"GRANT SELECT, INSERT, UPDATE, DELETE ON {qualified_name(table)} TO {r}")
-    return statements
-
-
-def tenants_group(tenancy: Tenancy) -> str:
-    """The NOLOGIN group role holding what every per-tenant role (a schema tenant's role, a
-    database tenant's FDW role) may do with the infrastructure. Members inherit it; new tables get
-    it through default privileges, so tenants created earlier are not left without access."""
-    return f"{tenancy.name_prefix}_tenants"
-
-
-def tenants_group_grants(tenancy: Tenancy, tables: list[Table] | None = None) -> list[str]:
-    """Idempotent: read every infrastructure table, write the tenant-scoped ones (RLS confines the
-    writes to the member's own tenant); global tables stay read-only for tenants."""
-    group = tenants_group(tenancy)
-    g, literal = quote_ident(group), quote_literal(group)
-    statements = [
-        f"DO $$ BEGIN IF NOT EXISTS (SELECT FROM pg_roles WHERE rolname = {literal}) THEN "
-        f"CREATE ROLE {g} NOLOGIN; END IF; END $$",
-        f"GRANT CONNECT ON DATABASE {quote_ident(tenancy.admin_url.database or '')} TO {g}",
-        f"GRANT USAGE ON SCHEMA {REGISTRY_SCHEMA} TO {g}",
-    ]
-    for schema in sorted(tenancy.infrastructure_schemas):
-        s = quote_ident(schema)
-        statements += [
-            f"GRANT USAGE ON SCHEMA {s} TO {g}",
-            f"GRANT SELECT ON ALL TABLES IN SCHEMA {s} TO {g}",
-            f"GRANT USAGE, SELECT ON ALL SEQUENCES IN SCHEMA {s} TO {g}",
-            f"ALTER DEFAULT PRIVILEGES IN SCHEMA {s} GRANT SELECT ON TABLES TO {g}",
-            f"ALTER DEFAULT PRIVILEGES IN SCHEMA {s} GRANT USAGE, SELECT ON SEQUENCES TO {g}",
-        ]
-    infrastructure = tenancy.infrastructure_tables()
-    for table in infrastructure if tables is None else [t for t in tables if t in infrastructure]:
-        if is_tenant_scoped(table):
-            statements.append(f"GRANT INSERT, UPDATE, DELETE ON {qualified_name(table)} TO {g}")
-    return statements
-
-
-def install(tenancy: Tenancy) -> None:
-    check_tenant_keys(tenancy.metadata, infrastructure_schemas=tenancy.infrastructure_schemas)
-    with tenancy.admin_engine.begin() as conn:
+def install(config: TenancyConfig, admin: Engine, registry: Registry) -> None:
+    """Create, idempotently and under one advisory lock, everything the main database needs."""
+    check_tenant_keys(config.metadata, infrastructure_schemas=config.infrastructure_schemas)
+    with admin.begin() as conn:
         conn.execute(text("select pg_advisory_xact_lock(:k)"), {"k": INSTALL_KEY})
-        _install(tenancy, conn)
-    tenancy.registry.invalidate()
+        _install(config, conn)
+    registry.invalidate()
 
 
-def _install(tenancy: Tenancy, conn: Connection) -> None:
-    ensure_registry(tenancy, conn)
-    restrict_database(tenancy, conn)
-    for schema in sorted({t.schema for t in tenancy.metadata.tables.values() if t.schema}):
+def _install(config: TenancyConfig, conn: Connection) -> None:
+    ensure_registry(config, conn)
+    restrict_database(config, conn)
+    for schema in sorted({t.schema for t in config.metadata.tables.values() if t.schema}):
         conn.exec_driver_sql(f"CREATE SCHEMA IF NOT EXISTS {quote_ident(schema)}")
-    tenancy.metadata.create_all(conn, checkfirst=True)
-    for table in tenancy.metadata.sorted_tables:
+    config.metadata.create_all(conn, checkfirst=True)
+    for table in config.metadata.sorted_tables:
         if is_tenant_scoped(table):
             for statement in enable_rls_ddl(table, function_schema=REGISTRY_SCHEMA):
                 conn.exec_driver_sql(statement)
-    finish_tables(tenancy, conn, tenancy.metadata.sorted_tables)
-    if tenancy.migrations is not None:
-        _stamp_created(tenancy, conn)
+    finish_tables(config, conn, config.metadata.sorted_tables)
+    if config.alembic_config is not None:
+        _stamp_created(config, conn)
 
 
-def _stamp_created(tenancy: Tenancy, conn: Connection) -> None:
+def _stamp_created(config: TenancyConfig, conn: Connection) -> None:
     """With migrations attached, what install() created from the models is at both streams'
     heads: stamp them (where no version table exists yet), so that migrations continue from there
     instead of replaying what exists."""
-    from .versions import (
-        STREAMS,
-        VERSION_TABLES,
-        config_stream_heads,
-        format_revision,
-        load_config,
-    )
+    from .versions import STREAMS, VERSION_TABLES, config_stream_heads, format_revision
     from .versions import version_table_script as stamp
 
-    assert tenancy.migrations is not None
-    config = load_config(tenancy.migrations)
     for stream in STREAMS:
         table = f"{REGISTRY_SCHEMA}.{VERSION_TABLES[stream]}"
         if conn.execute(text("select to_regclass(:t)"), {"t": table}).scalar() is not None:
             continue
-        heads = config_stream_heads(config, stream)
+        heads = config_stream_heads(config.alembic_config, stream)
         conn.exec_driver_sql(stamp(REGISTRY_SCHEMA, stream, heads))
         if stream == "tenant":
-            tenancy.store.set_revision(conn, format_revision(heads))
+            TenantStore().set_revision(conn, format_revision(heads))
 
 
-def restrict_database(tenancy: Tenancy, conn: Connection) -> None:
+def restrict_database(config: TenancyConfig, conn: Connection) -> None:
     """Take from ``PUBLIC`` what ``CREATE DATABASE`` gives it on the main database: ``TEMPORARY``
     (a temporary table one tenant creates can shadow another's tables on a pooled connection) and
     ``CONNECT`` (database tenants' login roles have no business there); grant ``CONNECT`` back to
@@ -245,7 +151,7 @@ def restrict_database(tenancy: Tenancy, conn: Connection) -> None:
     database = conn.exec_driver_sql("select current_database()").scalar()
     assert isinstance(database, str)
     db = quote_ident(database)
-    app_role = tenancy.url.username
+    app_role = config.app_role
     owner = conn.exec_driver_sql(
         "select pg_has_role(current_user, datdba, 'USAGE') from pg_database "
         "where datname = current_database()"
@@ -272,7 +178,7 @@ def restrict_database(tenancy: Tenancy, conn: Connection) -> None:
         )
 
 
-def ensure_registry(tenancy: Tenancy, conn: Connection) -> None:
+def ensure_registry(config: TenancyConfig, conn: Connection) -> None:
     """Create or bring up to date the ``tenancy`` schema: the registry table, its notification
     trigger, the policy function, the access key function, the serial-filling trigger function,
     the default tenant and the application role's registry grants.
@@ -287,15 +193,15 @@ def ensure_registry(tenancy: Tenancy, conn: Connection) -> None:
     conn.exec_driver_sql(f"ALTER TABLE {REGISTRY_SCHEMA}.tenants ADD COLUMN IF NOT EXISTS revision text")
     _hash_access_keys(conn)
     _ensure_slug_check(conn)
-    function = current_tenant_function_ddl(REGISTRY_SCHEMA, fdw_prefix=tenancy.name_prefix)
+    function = current_tenant_function_ddl(REGISTRY_SCHEMA, fdw_prefix=config.name_prefix)
     for statement in [*function, *access_key_function_ddl(), *registry_ddl(), FILL_SERIAL_DDL]:
         conn.exec_driver_sql(statement)
-    if tenancy.default_tenant is not None:
-        tenancy.store.ensure_default(conn, tenancy.default_tenant)
+    if config.default_tenant is not None:
+        TenantStore().ensure_default(conn, config.default_tenant)
     # Nobody but the owner reads the table as a whole (so no role sees the key hashes).
     conn.exec_driver_sql(f"REVOKE SELECT ON {REGISTRY_SCHEMA}.tenants FROM PUBLIC")
-    app_role = tenancy.url.username
-    if app_role and app_role != tenancy.admin_url.username:
+    app_role = config.url.username
+    if app_role and app_role != config.admin_url.username:
         for statement in registry_grants(app_role):
             conn.exec_driver_sql(statement)
 
@@ -365,31 +271,3 @@ def _ensure_slug_check(conn: Connection) -> None:
             ", ".join(repr(slug) for slug in bad),
             table,
         )
-
-
-def finish_tables(tenancy: Tenancy, conn: Connection, tables: list[Table]) -> None:
-    """Idempotently give the main database's ``tables`` (those that exist) what they need besides
-    their DDL: the application role's grants, the tenants' group grants, and the triggers that
-    fill infrastructure serial keys for foreign-table inserts."""
-    existing = [
-        t for t in tables if conn.execute(text("select to_regclass(:t)"), {"t": qualified_name(t)}).scalar()
-    ]
-    for table in existing:
-        if table.schema in tenancy.infrastructure_schemas:
-            for statement in fill_serial_ddl(conn, table):
-                conn.exec_driver_sql(statement)
-    for statement in tenants_group_grants(tenancy, existing):
-        conn.exec_driver_sql(statement)
-    app_role = tenancy.url.username
-    if app_role and app_role != tenancy.admin_url.username:
-        for statement in grant_statements(tenancy, app_role, existing):
-            conn.exec_driver_sql(statement)
-        # Sequences behind serial/identity columns.
-        for schema in sorted({t.schema or "public" for t in existing}):
-            conn.exec_driver_sql(
-                f"GRANT USAGE, SELECT ON ALL SEQUENCES IN SCHEMA {quote_ident(schema)} "
-                f"TO {quote_ident(app_role)}"
-            )
-    # the anonymous requests' roles: SELECT on the opted-in tables only (sqla_tenancy.anonymous)
-    for statement in main_database_ddl(tenancy, existing, app_role):
-        conn.exec_driver_sql(statement)

@@ -24,27 +24,26 @@ from sqlalchemy import Connection, text
 from . import locks
 from .anonymous import anonymous_gate, anonymous_group, anonymous_role
 from .errors import ProvisioningError, TenancyError
+from .grants import tenants_group
 from .identifiers import validate_slug
-from .installer import tenants_group
-from .registry import REGISTRY_SCHEMA, Tenant, TenantStore
+from .registry import REGISTRY_SCHEMA, Tenant
 from .strategies.database import template_database
 
 if TYPE_CHECKING:
+    from .config import TenancyConfig
+    from .services import Services
     from .strategies import Strategy
-    from .tenancy import Tenancy
 
 __all__ = ["NamedObject", "create_tenant", "delete_tenant", "library_names"]
 
 log = logging.getLogger("sqla_tenancy.lifecycle")
-
-STORE = TenantStore()
 
 
 #: A database, schema or role, as ``(kind, name)``; kinds are ``database``, ``schema``, ``role``.
 NamedObject = tuple[str, str]
 
 
-def library_names(tenancy: Tenancy) -> dict[NamedObject, str]:
+def library_names(config: TenancyConfig) -> dict[NamedObject, str]:
     """Every database, schema and role name that sqla-tenancy owns or relies on, as
     ``{(kind, name): what it is}``.
 
@@ -59,32 +58,32 @@ def library_names(tenancy: Tenancy) -> dict[NamedObject, str]:
         if name:
             names.setdefault((kind, name), what)
 
-    add("database", tenancy.admin_url.database, "the main database")
-    add("database", tenancy.url.database, "the main database")
-    add("database", template_database(tenancy), "the template database of database tenants")
-    for server, url in sorted(tenancy.servers.items()):
+    add("database", config.admin_url.database, "the main database")
+    add("database", config.url.database, "the main database")
+    add("database", template_database(config), "the template database of database tenants")
+    for server, url in sorted(config.servers.items()):
         add("database", url.database, f"the admin database of server {server!r}")
         add("role", url.username, f"the admin role of server {server!r}")
     for database in ("postgres", "template0", "template1"):
         add("database", database, "a database of PostgreSQL's own")
-    add("role", tenancy.url.username, "the application role")
-    add("role", tenancy.admin_url.username, "the admin role")
-    add("role", tenants_group(tenancy), "the group role of the tenants' roles")
-    add("role", anonymous_role(tenancy), "the shared placement's anonymous role")
-    add("role", anonymous_group(tenancy), "the group role of the anonymous roles")
-    add("role", anonymous_gate(tenancy), "the role through which the application reaches anonymous roles")
+    add("role", config.app_role, "the application role")
+    add("role", config.admin_url.username, "the admin role")
+    add("role", tenants_group(config), "the group role of the tenants' roles")
+    add("role", anonymous_role(config), "the shared placement's anonymous role")
+    add("role", anonymous_group(config), "the group role of the anonymous roles")
+    add("role", anonymous_gate(config), "the role through which the application reaches anonymous roles")
     add("schema", REGISTRY_SCHEMA, "the registry schema")
     add("schema", "public", "the public schema")
-    for schema in sorted(tenancy.infrastructure_schemas):
+    for schema in sorted(config.infrastructure_schemas):
         add("schema", schema, "an infrastructure schema")
-    for schema in sorted({t.schema for t in tenancy.metadata.tables.values() if t.schema}):
+    for schema in sorted({t.schema for t in config.metadata.tables.values() if t.schema}):
         add("schema", schema, "a schema of the MetaData")
     return names
 
 
-def _refuse_library_names(tenancy: Tenancy, placement: Strategy, tenant: Tenant) -> None:
-    owned = library_names(tenancy)
-    for (kind, name), what in placement.derived_names(tenancy, tenant).items():
+def _refuse_library_names(config: TenancyConfig, placement: Strategy, tenant: Tenant) -> None:
+    owned = library_names(config)
+    for (kind, name), what in placement.derived_names(tenant).items():
         owner = owned.get((kind, name))
         if owner is not None:
             raise ProvisioningError(
@@ -95,14 +94,14 @@ def _refuse_library_names(tenancy: Tenancy, placement: Strategy, tenant: Tenant)
 
 
 def create_tenant(
-    tenancy: Tenancy, slug: str, *, strategy: str, name: str | None, server: str | None
+    services: Services, slug: str, *, strategy: str, name: str | None, server: str | None
 ) -> Tenant:
     validate_slug(slug)
-    placement = tenancy.strategy_named(strategy)
+    placement = services.placement(strategy)
     if server is not None:
         if strategy != "database":
             raise ProvisioningError("server= applies to strategy='database' only.")
-        tenancy.server_admin_url(server)  # raises for an unknown server
+        services.config.server_admin_url(server)  # raises for an unknown server
     location: dict[str, Any] = {"server": server or "main"} if strategy == "database" else {}
     # The id is chosen here, so that every name the tenant would get (an FDW role's carries the
     # id) is checked before anything, the registry row included, exists.
@@ -115,56 +114,59 @@ def create_tenant(
         created_at=datetime.now(timezone.utc),
         location=location,
     )
-    _refuse_library_names(tenancy, placement, draft)
+    _refuse_library_names(services.config, placement, draft)
+    admin_engine = services.engines.admin
     if placement.transactional:
-        with tenancy.admin_engine.begin() as admin:
-            registered = _register(tenancy, admin, draft)
-            tenant = _activate(admin, registered, _provision(tenancy, placement, registered, admin))
+        with admin_engine.begin() as admin:
+            registered = _register(services, admin, draft)
+            tenant = _activate(
+                services, admin, registered, _provision(services, placement, registered, admin)
+            )
     else:
         # Held for the whole journaled provisioning: a concurrent attempt for the same slug waits
         # here, so a 'provisioning' row seen below can only be a crashed attempt's (a crashed
         # process's session, and its lock, are gone).
-        with tenancy.admin_engine.connect() as guard:
+        with admin_engine.connect() as guard:
             guard.execute(text(locks.LOCK), {"key": locks.tenant_key(slug)})
             guard.commit()
             try:
-                with tenancy.admin_engine.begin() as admin:
-                    leftover = _leftover(admin, slug)
+                with admin_engine.begin() as admin:
+                    leftover = _leftover(services, admin, slug)
                 if leftover is not None:
                     log.warning("cleaning up an interrupted provisioning of tenant %s", slug)
-                    _clean_up(tenancy, tenancy.strategy_named(leftover.strategy), leftover)
-                with tenancy.admin_engine.begin() as admin:
-                    registered = _register(tenancy, admin, draft)
+                    _clean_up(services, services.placement(leftover.strategy), leftover)
+                with admin_engine.begin() as admin:
+                    registered = _register(services, admin, draft)
                 try:
-                    location = _provision(tenancy, placement, registered, None)
-                    with tenancy.admin_engine.begin() as admin:
-                        tenant = _activate(admin, registered, location)
+                    location = _provision(services, placement, registered, None)
+                    with admin_engine.begin() as admin:
+                        tenant = _activate(services, admin, registered, location)
                 except BaseException:
-                    _clean_up(tenancy, placement, registered)
+                    _clean_up(services, placement, registered)
                     raise
             finally:
                 guard.execute(text(locks.UNLOCK), {"key": locks.tenant_key(slug)})
                 guard.commit()
-    tenancy.registry.invalidate([tenant.id])
+    services.registry.invalidate([tenant.id])
     log.info("created tenant %s (%s)", slug, strategy)
     return tenant
 
 
-def _register(tenancy: Tenancy, admin: Connection, draft: Tenant) -> Tenant:
+def _register(services: Services, admin: Connection, draft: Tenant) -> Tenant:
     # Two processes creating the same slug: the second waits, then sees the first's row.
     admin.execute(text(locks.XACT_LOCK), {"key": locks.registration_key(draft.slug)})
-    if STORE.get(admin, draft.slug) is not None:
+    if services.store.get(admin, draft.slug) is not None:
         raise ProvisioningError(f"Tenant {draft.slug!r} exists already.")
-    tenancy._step("register")
-    return STORE.insert(admin, draft)  # status "provisioning", as drafted
+    services.steps("register")
+    return services.store.insert(admin, draft)  # status "provisioning", as drafted
 
 
 def _provision(
-    tenancy: Tenancy, placement: Strategy, tenant: Tenant, admin: Connection | None
+    services: Services, placement: Strategy, tenant: Tenant, admin: Connection | None
 ) -> dict[str, Any]:
     try:
-        location = {**tenant.location, **placement.provision(tenancy, tenant, admin=admin)}
-        tenancy._step("activate")
+        location = {**tenant.location, **placement.provision(tenant, admin=admin)}
+        services.steps("activate")
         return location
     except TenancyError:
         raise
@@ -175,11 +177,11 @@ def _provision(
         ) from exc
 
 
-def _activate(admin: Connection, tenant: Tenant, location: dict[str, Any]) -> Tenant:
+def _activate(services: Services, admin: Connection, tenant: Tenant, location: dict[str, Any]) -> Tenant:
     # A strategy reports the tenant stream revision the tenant was born at under "_revision".
     location = dict(location)
     revision = location.pop("_revision", None)
-    active = STORE.activate(admin, tenant, location, revision)
+    active = services.store.activate(admin, tenant, location, revision)
     if active is None:
         raise ProvisioningError(
             f"The registry row of tenant {tenant.slug!r} changed while it was being provisioned "
@@ -188,41 +190,40 @@ def _activate(admin: Connection, tenant: Tenant, location: dict[str, Any]) -> Te
     return active
 
 
-def _leftover(admin: Connection, slug: str) -> Tenant | None:
+def _leftover(services: Services, admin: Connection, slug: str) -> Tenant | None:
     admin.execute(text(locks.XACT_LOCK), {"key": locks.registration_key(slug)})
-    tenant = STORE.get(admin, slug)
+    tenant = services.store.get(admin, slug)
     return tenant if tenant is not None and tenant.status == "provisioning" else None
 
 
-def _clean_up(tenancy: Tenancy, placement: Strategy, tenant: Tenant) -> None:
+def _clean_up(services: Services, placement: Strategy, tenant: Tenant) -> None:
     """Remove every trace of a failed provisioning; the row goes last, once nothing is left."""
-    placement.compensate(tenancy, tenant)
-    with tenancy.admin_engine.begin() as admin:
-        STORE.delete(admin, tenant.id)
-    tenancy.registry.invalidate([tenant.id])
+    placement.compensate(tenant)
+    with services.engines.admin.begin() as admin:
+        services.store.delete(admin, tenant.id)
+    services.registry.invalidate([tenant.id])
 
 
-def delete_tenant(tenancy: Tenancy, tenant: Tenant, *, keep_infrastructure_rows: bool) -> None:
+def delete_tenant(services: Services, tenant: Tenant, *, keep_infrastructure_rows: bool) -> None:
     if tenant.is_default:
         raise TenancyError("The default tenant cannot be deleted.")
-    placement = tenancy.strategy_named(tenant.strategy)
+    placement = services.placement(tenant.strategy)
+    admin_engine = services.engines.admin
     if placement.transactional:
-        with tenancy.admin_engine.begin() as admin:
+        with admin_engine.begin() as admin:
             # a migration of this tenant (which holds the same lock) finishes first
             admin.execute(text(locks.XACT_LOCK), {"key": locks.tenant_key(tenant.slug)})
-            placement.deprovision(
-                tenancy, tenant, admin=admin, keep_infrastructure_rows=keep_infrastructure_rows
-            )
-            STORE.delete(admin, tenant.id)
+            placement.deprovision(tenant, admin=admin, keep_infrastructure_rows=keep_infrastructure_rows)
+            services.store.delete(admin, tenant.id)
     else:
         # Refused everywhere first (the notification reaches every process), then dismantled.
-        with tenancy.admin_engine.begin() as admin:
+        with admin_engine.begin() as admin:
             # a running migration of the tenant ends first
             admin.execute(text(locks.XACT_LOCK), {"key": locks.tenant_key(tenant.slug)})
-            STORE.set_status(admin, tenant.id, "deleting")
-        tenancy.registry.invalidate([tenant.id])
-        placement.deprovision(tenancy, tenant, admin=None, keep_infrastructure_rows=keep_infrastructure_rows)
-        with tenancy.admin_engine.begin() as admin:
-            STORE.delete(admin, tenant.id)
-    tenancy.registry.invalidate([tenant.id])
+            services.store.set_status(admin, tenant.id, "deleting")
+        services.registry.invalidate([tenant.id])
+        placement.deprovision(tenant, admin=None, keep_infrastructure_rows=keep_infrastructure_rows)
+        with admin_engine.begin() as admin:
+            services.store.delete(admin, tenant.id)
+    services.registry.invalidate([tenant.id])
     log.info("deleted tenant %s", tenant.slug)

@@ -3,44 +3,35 @@
 from __future__ import annotations
 
 import uuid
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from sqlalchemy import Column, Table, event, text
 from sqlalchemy.dialects.postgresql import UUID
 from sqlalchemy.orm import Mapped, Mapper, declared_attr, mapped_column
 
-from .anonymous import ANONYMOUS_INFO_KEY
-from .errors import TenantRequired
 from .keys import add_tenant_key
-from .rls import TENANT_ID_INFO_KEY
-
-if TYPE_CHECKING:
-    from .tenancy import Tenancy
+from .rls import ANONYMOUS_INFO_KEY, TENANT_ID_INFO_KEY
 
 __all__ = ["TenantScoped", "active_tenant_id", "anonymous_readable", "tenant_id_column"]
 
 
-def active_tenant_id(tenancy: Tenancy | None = None) -> uuid.UUID:
+def active_tenant_id(tenancy: Any = None) -> uuid.UUID:
     """The id of the tenant queries would run for now (the default tenant when none is active),
     resolved with ``tenancy`` (by default the process's most recent Tenancy)."""
-    from .tenancy import active_tenancy
+    from .context import active_resolver
 
-    tenancy = tenancy or active_tenancy()
-    if tenancy is None:
+    resolver = tenancy.router if tenancy is not None else active_resolver()
+    if resolver is None:
         raise RuntimeError("no Tenancy has been created in this process")
-    tenant = tenancy.router.current().tenant  # what the transaction is bound to, or refused
-    if tenant is None:
-        raise TenantRequired(
-            "Inside platform_context() no tenant is active: set tenant_id explicitly on rows "
-            "written for a tenant, or write them inside tenant_context(<slug>)."
-        )
-    return tenant.id
+    return resolver.current_tenant_id()  # TenantRequired in platform_context()
 
 
 def _column_default(context: Any) -> uuid.UUID:
-    # The Tenancy whose engine runs the insert: right even with several Tenancy objects.
-    ref = getattr(getattr(context, "dialect", None), "tenancy_ref", None)
-    return active_tenant_id(ref() if ref is not None else None)
+    # The router of the engine that runs the insert: right even with several Tenancy objects.
+    of_context = getattr(getattr(context, "dialect", None), "tenant_of_context", None)
+    if of_context is not None:
+        return of_context()  # type: ignore[no-any-return]
+    return active_tenant_id()
 
 
 def tenant_id_column(name: str = "tenant_id") -> Column[uuid.UUID]:

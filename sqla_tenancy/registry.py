@@ -402,6 +402,14 @@ class Registry:
         rows = self._query(f"select {COLUMNS} from {_TABLE} order by created_at, slug", ())
         return [row_to_tenant(r) for r in rows]
 
+    def role_attributes(self) -> tuple[bool, bool]:
+        """Whether the role the registry connects as (the application role) is a superuser, and
+        whether it bypasses row-level security."""
+        superuser, bypass = self._query(
+            "select rolsuper, rolbypassrls from pg_roles where rolname = current_user", ()
+        )[0]
+        return bool(superuser), bool(bypass)
+
     def invalidate(self, keys: Iterable[object] | None = None) -> None:
         """Forget cached entries (all of them when ``keys`` is None)."""
         with self._lock:

@@ -17,6 +17,7 @@ from sqlalchemy import Table
 from .identifiers import quote_ident
 
 __all__ = [
+    "ANONYMOUS_INFO_KEY",
     "TENANT_SETTING",
     "TENANT_ID_INFO_KEY",
     "current_tenant_function_ddl",
@@ -32,6 +33,9 @@ __all__ = [
 TENANT_SETTING = "app.current_tenant_id"
 #: ``Column.info`` key that marks the tenant discriminator column of a table.
 TENANT_ID_INFO_KEY = "sqla_tenancy.tenant_id"
+#: ``Table.info`` key of a table anonymous requests may read: ``True`` (every row the tenant's
+#: policies allow) or a SQL row filter (see :func:`~sqla_tenancy.models.anonymous_readable`).
+ANONYMOUS_INFO_KEY = "sqla_tenancy.anonymous"
 
 _ACTIONS = ("select", "insert", "update", "delete")
 

@@ -8,17 +8,26 @@ from __future__ import annotations
 
 import time
 import uuid
+from collections.abc import Mapping
 from typing import TYPE_CHECKING
 
 from sqlalchemy import Engine
 
 from .context import _scope
-from .errors import InvalidTenantSlug, TenantNotFound, TenantRequired, TenantSuspended
-from .registry import Tenant
+from .errors import (
+    InvalidTenantSlug,
+    TenancyError,
+    TenantNotFound,
+    TenantRequired,
+    TenantSuspended,
+    UnsafeRoleError,
+)
+from .registry import Registry, Tenant
 
 if TYPE_CHECKING:
-    from .strategies import Strategy
-    from .tenancy import Tenancy
+    from .config import TenancyConfig
+    from .engines import Engines
+    from .strategies import Placement
 
 __all__ = ["AnonymousRoute", "Route", "Router", "lookup_key", "token_scope"]
 
@@ -36,23 +45,23 @@ class Route:
         "_engines",
         "_per_tenant",
         "binding",
+        "engines",
         "key",
-        "strategy",
-        "tenancy",
+        "placement",
         "tenant",
         "token",
     )
 
     def __init__(
         self,
-        tenancy: Tenancy,
+        engines: Engines,
         tenant: Tenant | None,
-        strategy: Strategy | None,
+        placement: Placement | None,
         binding: bytes | None,
     ) -> None:
-        self.tenancy = tenancy
+        self.engines = engines
         self.tenant = tenant
-        self.strategy = strategy
+        self.placement = placement
         #: the ``SET LOCAL`` statements sent with ``BEGIN`` (None: an unbound transaction)
         self.binding = binding
         #: identity-map token: the tenant's id, or "platform"
@@ -61,7 +70,7 @@ class Route:
         self._engines: dict[bool, Engine] = {}
         self._alternates: dict[bool, Engine] = {}
         # the engine cache decides for per-tenant engines (LRU): never pin one on the route
-        self._per_tenant = bool(strategy is not None and strategy.per_tenant_engines)
+        self._per_tenant = bool(placement is not None and placement.per_tenant_engines)
 
     def engine(self, async_: bool) -> Engine:
         """The (sync) engine for this route; the async engine's ``sync_engine`` when ``async_``."""
@@ -69,12 +78,12 @@ class Route:
         if engine is not None:
             return engine
         if self._per_tenant:
-            assert self.tenant is not None and self.strategy is not None
-            return self.strategy.engine(self.tenancy, self.tenant, async_=async_)
-        if self.tenant is None or self.strategy is None:
-            engine = self.tenancy.async_admin_engine.sync_engine if async_ else self.tenancy.admin_engine
+            assert self.tenant is not None and self.placement is not None
+            return self.placement.engine(self.tenant, async_=async_)
+        if self.tenant is None or self.placement is None:
+            engine = self.engines.platform(async_)
         else:
-            engine = self.strategy.engine(self.tenancy, self.tenant, async_=async_)
+            engine = self.placement.engine(self.tenant, async_=async_)
         self._engines[async_] = engine
         return engine
 
@@ -102,8 +111,8 @@ class AnonymousRoute(Route):
 
     __slots__ = ("_distinct",)
 
-    def __init__(self, tenancy: Tenancy, tenant: Tenant, strategy: Strategy, binding: bytes) -> None:
-        super().__init__(tenancy, tenant, strategy, binding)
+    def __init__(self, engines: Engines, tenant: Tenant, placement: Placement, binding: bytes) -> None:
+        super().__init__(engines, tenant, placement, binding)
         self.token = f"{tenant.id}{_ANONYMOUS_SUFFIX}"
         self.key = (tenant.id, "anonymous")
         self._distinct: dict[bool, tuple[Engine, Engine]] = {}
@@ -122,11 +131,25 @@ class AnonymousRoute(Route):
 
 
 class Router:
-    """Resolves the active context for one :class:`Tenancy`."""
+    """Resolves the active context for one :class:`~sqla_tenancy.Tenancy`: the tenant (through the
+    registry), its placement (from ``placements``, by the tenant's ``strategy``) and the route.
 
-    def __init__(self, tenancy: Tenancy) -> None:
-        self.tenancy = tenancy
-        self.platform = Route(tenancy, None, None, None)
+    The application role is checked once, before the first resolution: a role that row-level
+    security would not restrain is refused (:class:`UnsafeRoleError`).
+    """
+
+    def __init__(
+        self,
+        config: TenancyConfig,
+        registry: Registry,
+        engines: Engines,
+        placements: Mapping[str, Placement],
+    ) -> None:
+        self.config = config
+        self.registry = registry
+        self.placements = placements
+        self.platform = Route(engines, None, None, None)
+        self._engines = engines
         self._routes: dict[uuid.UUID, Route] = {}
         self._anonymous_routes: dict[uuid.UUID, AnonymousRoute] = {}
         # reference (slug, UUID, Tenant or None for the default; (reference, "anonymous") for an
@@ -151,7 +174,7 @@ class Router:
         else:
             ref = scope.key  # the reference, or (reference, "anonymous")
         memo = self._memo.get(ref)
-        registry = self.tenancy.registry
+        registry = self.registry
         if memo is not None and memo[0] == registry.generation and memo[1] > time.monotonic():
             route: Route = memo[2]
             return route
@@ -174,13 +197,13 @@ class Router:
         self, ref: str | uuid.UUID | Tenant | None, *, anonymous: bool = False
     ) -> tuple[Route, float]:
         if not self._role_checked:
-            self.tenancy._check_app_role()
+            self.check_app_role()
             self._role_checked = True
         if ref is None:
-            if self.tenancy.default_tenant is None:
+            if self.config.default_tenant is None:
                 raise TenantRequired()
-            ref = self.tenancy.default_tenant
-        tenant, expires = self.tenancy.registry.get_entry(lookup_key(ref))
+            ref = self.config.default_tenant
+        tenant, expires = self.registry.get_entry(lookup_key(ref))
         if tenant.status != "active":
             if tenant.status == "suspended":
                 raise TenantSuspended(tenant.slug)
@@ -189,8 +212,8 @@ class Router:
             return self._anonymous_route(tenant), expires
         route = self._routes.get(tenant.id)
         if route is None or route.tenant != tenant:
-            strategy = self.tenancy._strategy(tenant)
-            route = Route(self.tenancy, tenant, strategy, strategy.binding(self.tenancy, tenant))
+            placement = self.placement_of(tenant)
+            route = Route(self._engines, tenant, placement, placement.binding(tenant))
             if len(self._routes) > 10_000:
                 self._routes.clear()
             self._routes[tenant.id] = route
@@ -199,10 +222,8 @@ class Router:
     def _anonymous_route(self, tenant: Tenant) -> AnonymousRoute:
         route = self._anonymous_routes.get(tenant.id)
         if route is None or route.tenant != tenant:
-            strategy = self.tenancy._strategy(tenant)
-            route = AnonymousRoute(
-                self.tenancy, tenant, strategy, strategy.anonymous_binding(self.tenancy, tenant)
-            )
+            placement = self.placement_of(tenant)
+            route = AnonymousRoute(self._engines, tenant, placement, placement.anonymous_binding(tenant))
             if len(self._anonymous_routes) > 10_000:
                 self._anonymous_routes.clear()
             self._anonymous_routes[tenant.id] = route
@@ -211,6 +232,42 @@ class Router:
     def binding(self) -> bytes | None:
         """The dialect's binder: the current route's ``SET LOCAL`` statements."""
         return self.current().binding
+
+    def current_tenant_id(self) -> uuid.UUID:
+        """The id of the tenant the current context's transactions are bound to (what a
+        ``tenant_id`` column defaults to); :class:`TenantRequired` inside ``platform_context()``."""
+        tenant = self.current().tenant
+        if tenant is None:
+            raise TenantRequired(
+                "Inside platform_context() no tenant is active: set tenant_id explicitly on rows "
+                "written for a tenant, or write them inside tenant_context(<slug>)."
+            )
+        return tenant.id
+
+    def get_tenant(self, ref: str | uuid.UUID | Tenant) -> Tenant:
+        """The tenant ``ref`` names, whatever its status (:class:`TenantNotFound`)."""
+        return self.registry.get(lookup_key(ref))
+
+    def placement_of(self, tenant: Tenant) -> Placement:
+        """The placement serving ``tenant``."""
+        try:
+            return self.placements[tenant.strategy]
+        except KeyError:
+            raise TenancyError(
+                f"Tenant {tenant.slug!r} uses placement {tenant.strategy!r}, which this version "
+                f"does not support (available: {', '.join(sorted(self.placements))})."
+            ) from None
+
+    def check_app_role(self) -> None:
+        """Refuse an application role that row-level security would not restrain."""
+        superuser, bypass = self.registry.role_attributes()
+        if (superuser or bypass) and not self.config.allow_bypassrls:
+            raise UnsafeRoleError(
+                f"The application role {self.config.app_role!r} is "
+                f"{'a superuser' if superuser else 'BYPASSRLS'}, so row-level security would not "
+                "isolate tenants. Connect `url` as a NOSUPERUSER NOBYPASSRLS role (keep the "
+                "privileged one for admin_url), or pass allow_bypassrls=True in development."
+            )
 
 
 def token_scope(token: object) -> tuple[uuid.UUID, bool] | None:

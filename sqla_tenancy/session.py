@@ -18,7 +18,7 @@ returns the object's own row, never the other tenant's row with the same key.
 from __future__ import annotations
 
 import uuid
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from sqlalchemy import Engine, Executable, ScalarResult, event, inspect, util
 from sqlalchemy.engine import Connection, Result
@@ -26,10 +26,7 @@ from sqlalchemy.orm import Mapper, Session
 
 from .context import tenant_context
 from .errors import TenancyError
-from .routing import Route, token_scope
-
-if TYPE_CHECKING:
-    from .tenancy import Tenancy
+from .routing import Route, Router, token_scope
 
 __all__ = ["TenantSession"]
 
@@ -48,9 +45,22 @@ class TenantSession(Session):
     its own.
     """
 
-    def __init__(self, *args: Any, tenancy: Tenancy, tenancy_async: bool = False, **kw: Any) -> None:
+    def __init__(
+        self,
+        *args: Any,
+        tenancy: Any = None,
+        router: Router | None = None,
+        tenancy_async: bool = False,
+        **kw: Any,
+    ) -> None:
         super().__init__(*args, **kw)
-        self.tenancy = tenancy
+        if router is None:
+            if tenancy is None:
+                raise TypeError("TenantSession needs router= (or tenancy=, whose router it uses)")
+            router = tenancy.router
+        assert router is not None
+        #: what resolves the active context to a route (the Tenancy's)
+        self.router = router
         self._tenancy_async = tenancy_async
         #: the first route the session served (its key picks the plain engine)
         self._home: Route | None = None
@@ -76,14 +86,14 @@ class TenantSession(Session):
 
     def _route(self) -> Route:
         """The current context's route (the first one the session serves is its home)."""
-        route = self.tenancy.router.current()
+        route = self.router.current()
         if self._home is None:
             self._home = route
         return route
 
     def _token(self) -> str:
         """The identity token of the current context (see :func:`token_scope`)."""
-        return self.tenancy.router.current().token
+        return self.router.current().token
 
     def _identity_lookup(  # type: ignore[override]
         self, mapper: Mapper[Any], primary_key_identity: Any, identity_token: Any = None, **kw: Any
@@ -104,7 +114,7 @@ class TenantSession(Session):
         if scope is None:
             return f"no tenant (identity token {token!r})"
         try:
-            slug = self.tenancy.get_tenant(scope[0]).slug
+            slug = self.router.get_tenant(scope[0]).slug
         except TenancyError:
             slug = str(scope[0])
         return f"tenant {slug!r}{' (anonymously)' if scope[1] else ''}"
@@ -113,7 +123,7 @@ class TenantSession(Session):
         """The context to load objects of ``owner`` (an identity token) in: ``None`` when it is
         the current one; :class:`TenancyError` when there is none (platform objects)."""
         try:
-            current: Route | None = self.tenancy.router.current()
+            current: Route | None = self.router.current()
         except TenancyError:
             current = None  # no usable context: the load is the owner's all the same
         if current is not None and current.token == owner:

@@ -1,4 +1,8 @@
-"""The :class:`Tenancy` facade: what an application constructs once and uses everywhere."""
+"""The :class:`Tenancy` facade: what an application constructs once and uses everywhere.
+
+It builds the layers below it (configuration, engines, registry, placements, router) and hands
+each the collaborators it needs; every public method is a short delegation.
+"""
 
 from __future__ import annotations
 
@@ -11,30 +15,21 @@ from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import Connection, Engine, MetaData, Table, create_engine
+from sqlalchemy import Connection, Engine, MetaData, Table
 from sqlalchemy.engine import URL, make_url
-from sqlalchemy.ext.asyncio import (
-    AsyncEngine,
-    AsyncSession,
-    async_sessionmaker,
-    create_async_engine,
-)
+from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 from sqlalchemy.orm import sessionmaker as orm_sessionmaker
-from sqlalchemy.util import greenlet_spawn
 
-from .dialect import DRIVER_NAME, Binder
-from .engines import EngineCache
-from .errors import (
-    ProvisioningError,
-    TenancyError,
-    TenantNotFound,
-    UnsafeRoleError,
-)
-from .identifiers import validate_prefix, validate_slug
+from .config import TenancyConfig, plain_url
+from .context import set_active_resolver
+from .engines import EngineCache, Engines
+from .errors import TenancyError, TenantNotFound
 from .registry import Registry, Tenant, TenantStore
 from .routing import Router, lookup_key
+from .services import Services
 from .session import TenantSession
-from .strategies import DatabaseStrategy, SchemaStrategy, SharedStrategy, Strategy
+from .steps import Steps
+from .strategies import DatabaseStrategy, Placement, SchemaStrategy, SharedStrategy
 
 __all__ = ["Tenancy", "active_tenancy"]
 
@@ -46,11 +41,6 @@ _active: weakref.ref[Tenancy] | None = None
 def active_tenancy() -> Tenancy | None:
     """The most recently created :class:`Tenancy` of this process, if it is still alive."""
     return _active() if _active is not None else None
-
-
-def _plain_url(url: URL) -> URL:
-    """The URL with the stock psycopg driver (for admin work and registry reads)."""
-    return url.set(drivername="postgresql+psycopg")
 
 
 class Tenancy:
@@ -123,136 +113,167 @@ class Tenancy:
         migrations: str | os.PathLike[str] | Any | None = None,
     ) -> None:
         global _active
-        self.url = make_url(url)
-        if self.url.get_backend_name() != "postgresql":
-            raise TenancyError(f"sqla-tenancy needs PostgreSQL; got a {self.url.get_backend_name()} URL")
-        self.admin_url = make_url(admin_url) if admin_url is not None else self.url
-        self.metadata = metadata
-        self.infrastructure_schemas = frozenset(infrastructure_schemas)
-        if default_tenant is not None and default_tenant != "default":
-            validate_slug(default_tenant)
-        self.default_tenant = default_tenant
-        self.allow_bypassrls = allow_bypassrls
-        self._engine_options = dict(engine_options or {})
-        self.router = Router(self)
-        self._binder: Binder = self.router.binding
-        self.engine: Engine = create_engine(
-            self.url.set(drivername=f"postgresql+{DRIVER_NAME}"), **self._bound_options()
+        #: everything given here, validated (see :class:`~sqla_tenancy.config.TenancyConfig`)
+        self.config = config = TenancyConfig.create(
+            url,
+            metadata=metadata,
+            admin_url=admin_url,
+            infrastructure_schemas=infrastructure_schemas,
+            default_tenant=default_tenant,
+            allow_bypassrls=allow_bypassrls,
+            engine_options=engine_options,
+            registry_ttl=registry_ttl,
+            registry_listen=registry_listen,
+            registry_url=registry_url,
+            name_prefix=name_prefix,
+            servers=servers,
+            secret_key=secret_key,
+            tenant_pool_size=tenant_pool_size,
+            tenant_max_overflow=tenant_max_overflow,
+            max_tenant_engines=max_tenant_engines,
+            max_tenant_connections=max_tenant_connections,
+            create_database_strategy=create_database_strategy,
+            migrations=migrations,
         )
-        self._async_engine: AsyncEngine | None = None
-        self._admin_engine: Engine | None = None
-        self._async_admin_engine: AsyncEngine | None = None
-        self.registry = Registry(
-            _plain_url(make_url(registry_url) if registry_url is not None else self.url),
-            ttl=registry_ttl,
-            listen=registry_listen,
-        )
-        self.name_prefix = validate_prefix(name_prefix)
-        self._strategies: dict[str, Strategy] = {
-            "shared": SharedStrategy(),
-            "schema": SchemaStrategy(),
-            "database": DatabaseStrategy(),
-        }
-        self.servers: dict[str, URL] = {"main": self.admin_url}
-        for server_name, server_url in (servers or {}).items():
-            self.servers[server_name] = make_url(server_url).set(drivername="postgresql+psycopg")
-        if create_database_strategy not in (None, "file_copy", "wal_log"):
-            raise TenancyError("create_database_strategy must be 'file_copy', 'wal_log' or None")
-        self.create_database_strategy = create_database_strategy
-        #: the Alembic configuration of the project's migrations (see ``migrations``), or None
-        self.migrations = migrations
-        self._secret = secret_key.encode() if isinstance(secret_key, str) else secret_key
-        self._tenant_engine_options = {"pool_size": tenant_pool_size, "max_overflow": tenant_max_overflow}
-        self.tenant_engines = EngineCache(
-            max_engines=max_tenant_engines, max_connections=max_tenant_connections
+        self.registry = Registry(config.registry_url, ttl=config.registry_ttl, listen=config.registry_listen)
+        self.engines = engines = Engines(config)
+        placements: dict[str, Placement] = {}
+        self.router = Router(config, self.registry, engines, placements)
+        engines.bind(self.router.binding, self.router.current_tenant_id)
+        self._steps = steps = Steps()
+        placements.update(
+            shared=SharedStrategy(config, engines, steps),
+            schema=SchemaStrategy(config, engines, steps),
+            database=DatabaseStrategy(config, engines, steps),
         )
         #: the only writer of the registry table (see :class:`~sqla_tenancy.registry.TenantStore`)
         self.store = TenantStore()
-        #: Test hook: called with each provisioning step's name; raise to simulate a failure.
-        self._fault_injector: Callable[[str], None] | None = None
+        #: the parts above, as the operations (lifecycle, installer, export, migrations) use them
+        self.services = Services(config, engines, self.registry, self.store, self.router, placements, steps)
+        set_active_resolver(self.router)
         _active = weakref.ref(self)
+
+    # -- configuration, as attributes (read-only) --------------------------------------------
+
+    @property
+    def url(self) -> URL:
+        return self.config.url
+
+    @property
+    def admin_url(self) -> URL:
+        return self.config.admin_url
+
+    @property
+    def metadata(self) -> MetaData:
+        return self.config.metadata
+
+    @property
+    def infrastructure_schemas(self) -> frozenset[str]:
+        return self.config.infrastructure_schemas
+
+    @property
+    def default_tenant(self) -> str | None:
+        return self.config.default_tenant
+
+    @property
+    def allow_bypassrls(self) -> bool:
+        return self.config.allow_bypassrls
+
+    @property
+    def name_prefix(self) -> str:
+        return self.config.name_prefix
+
+    @property
+    def servers(self) -> Mapping[str, URL]:
+        return self.config.servers
+
+    @property
+    def create_database_strategy(self) -> str | None:
+        return self.config.create_database_strategy
+
+    @property
+    def migrations(self) -> Any:
+        """The project's Alembic configuration (``None``: the schema is not managed by migrations).
+        May be attached after construction (the Alembic extension does)."""
+        return self.config.migrations.value
+
+    @migrations.setter
+    def migrations(self, value: Any) -> None:
+        self.config.migrations.attach(value)
+
+    def tenant_tables(self) -> list[Table]:
+        """The application's tenant tables (every table outside the infrastructure schemas)."""
+        return self.config.tenant_tables()
+
+    def infrastructure_tables(self) -> list[Table]:
+        """The tables in the infrastructure schemas."""
+        return self.config.infrastructure_tables()
+
+    def server_admin_url(self, server: str) -> URL:
+        """The admin URL of a server database tenants can be placed on (``"main"`` included)."""
+        return self.config.server_admin_url(server)
+
+    def tenant_heads(self) -> tuple[str, ...] | None:
+        """The tenant stream's head revisions of ``migrations`` (None when not configured)."""
+        return self.config.tenant_heads()
+
+    def secret(self) -> bytes:
+        """The key tenant role passwords are derived from."""
+        return self.config.secret()
 
     # -- engines ----------------------------------------------------------------------------
 
-    def _bound_options(self) -> dict[str, Any]:
-        """``create_engine`` keywords of an engine bound per transaction: the application's
-        options, and the binder and Tenancy its dialect takes."""
-        return {**self._engine_options, "binder": self._binder, "tenancy_ref": weakref.ref(self)}
+    @property
+    def engine(self) -> Engine:
+        """The application role's engine, bound per transaction (the main database)."""
+        return self.engines.app
 
     @property
     def async_engine(self) -> AsyncEngine:
         """The asyncio engine of the application role, bound per transaction like ``engine``."""
-        if self._async_engine is None:
-            self._async_engine = create_async_engine(
-                self.url.set(drivername=f"postgresql+{DRIVER_NAME}"), **self._bound_options()
-            )
-        return self._async_engine
+        return self.engines.async_app
 
     @property
     def admin_engine(self) -> Engine:
         """The admin role's engine: no tenant binding; used by :func:`platform_context`."""
-        if self._admin_engine is None:
-            self._admin_engine = create_engine(_plain_url(self.admin_url))
-        return self._admin_engine
+        return self.engines.admin
 
     @property
     def async_admin_engine(self) -> AsyncEngine:
         """The asyncio engine of the admin role (no tenant binding)."""
-        if self._async_admin_engine is None:
-            self._async_admin_engine = create_async_engine(_plain_url(self.admin_url))
-        return self._async_admin_engine
+        return self.engines.async_admin
 
-    def _main_engine(self, *, async_: bool) -> Engine:
-        """The main database's application engine (sync, or the async engine's sync_engine)."""
-        return self.async_engine.sync_engine if async_ else self.engine
+    @property
+    def tenant_engines(self) -> EngineCache:
+        """Database tenants' engines (LRU); ``tenant_engines.stats()`` gives its counters."""
+        return self.engines.tenants
 
-    def server_admin_url(self, server: str) -> URL:
-        """The admin URL of a server database tenants can be placed on (``"main"`` included)."""
-        try:
-            return self.servers[server]
-        except KeyError:
-            raise ProvisioningError(
-                f"Unknown server {server!r}; configured: {', '.join(sorted(self.servers))}. "
-                "Pass servers={name: admin_url} to Tenancy."
-            ) from None
+    @property
+    def _fault_injector(self) -> Callable[[str], None] | None:
+        """Test hook: called with each provisioning step's name; raise to simulate a failure."""
+        return self._steps.injector
 
-    def tenant_heads(self) -> tuple[str, ...] | None:
-        """The tenant stream's head revisions of ``migrations`` (None when not configured): what a
-        location created from the models is stamped with."""
-        if self.migrations is None:
-            return None
-        from .versions import TENANT, config_stream_heads, load_config
-
-        config = load_config(self.migrations)
-        self.migrations = config
-        return config_stream_heads(config, TENANT)
-
-    def secret(self) -> bytes:
-        """The key tenant role passwords are derived from."""
-        key = self._secret or os.environ.get("SQLA_TENANCY_SECRET_KEY", "").encode()
-        if len(key) < 16:
-            raise ProvisioningError(
-                "Database tenants need a secret key of at least 16 bytes to derive their role "
-                "passwords: pass Tenancy(secret_key=...) or set SQLA_TENANCY_SECRET_KEY."
-            )
-        return key
-
-    def _tenant_engine(self, tenant: Tenant, url: Callable[[], URL], *, async_: bool) -> Engine:
-        """A database tenant's engine, from the LRU cache; ``url`` is called on a miss only (it
-        derives the role's password: no HMAC on the hot path)."""
-
-        def make() -> Engine:
-            options = {**self._bound_options(), **self._tenant_engine_options}
-            if async_:
-                return create_async_engine(url(), **options).sync_engine
-            return create_engine(url(), **options)
-
-        return self.tenant_engines.get((tenant.id, async_), make)
+    @_fault_injector.setter
+    def _fault_injector(self, injector: Callable[[str], None] | None) -> None:
+        self._steps.injector = injector
 
     def connect(self) -> Connection:
         """A Core connection to the active tenant's placement (its own database for a database
         tenant; the main database otherwise), bound per transaction like a session's."""
         return self.bind_for_current().connect()
+
+    def placement(self, name: str) -> Placement:
+        """The placement called ``name`` (:class:`ProvisioningError` if there is none)."""
+        return self.services.placement(name)
+
+    def strategy_named(self, name: str) -> Placement:
+        """The former name of :meth:`placement`."""
+        return self.services.placement(name)
+
+    def _database_placement(self) -> DatabaseStrategy:
+        placement = self.placement("database")
+        assert isinstance(placement, DatabaseStrategy)
+        return placement
 
     def prepare_server(
         self, superuser_url: str | URL, server: str = "main", *, restrict_maintenance_databases: bool = True
@@ -271,13 +292,8 @@ class Tenancy:
             shared cluster) needs its own ``GRANT CONNECT``; pass False to leave them as they
             are, and provisioning logs a warning naming what each new tenant's login role can open.
         """
-        from .strategies.database import DatabaseStrategy
-
-        strategy = self._strategies["database"]
-        assert isinstance(strategy, DatabaseStrategy)
-        strategy.prepare_server(
-            self,
-            make_url(superuser_url).set(drivername="postgresql+psycopg"),
+        self._database_placement().prepare_server(
+            plain_url(make_url(superuser_url)),
             server,
             restrict_maintenance_databases=restrict_maintenance_databases,
         )
@@ -286,10 +302,7 @@ class Tenancy:
         """Re-import the infrastructure schemas into every database tenant (or just ``tenant``), so
         that added, dropped and renamed columns and new tables are seen. Idempotent; each tenant is
         refreshed in one transaction. Returns the tenants refreshed."""
-        from .strategies.database import DatabaseStrategy
-
-        strategy = self._strategies["database"]
-        assert isinstance(strategy, DatabaseStrategy)
+        placement = self._database_placement()
         if tenant is not None:
             targets = [self.get_tenant(tenant)]
         else:
@@ -301,7 +314,7 @@ class Tenancy:
         for target in targets:
             if target.strategy != "database":
                 raise TenancyError(f"Tenant {target.slug!r} is not a database tenant.")
-            strategy.import_foreign_schemas(self, target)
+            placement.import_foreign_schemas(target)
         return targets
 
     # -- sessions ---------------------------------------------------------------------------
@@ -315,14 +328,6 @@ class Tenancy:
         """An ``async_sessionmaker`` whose sync session class is :class:`TenantSession`."""
         kw.setdefault("sync_session_class", TenantSession)
         return async_sessionmaker(tenancy=self, tenancy_async=True, **kw)
-
-    def tenant_tables(self) -> list[Table]:
-        """The application's tenant tables (every table outside the infrastructure schemas)."""
-        return [t for t in self.metadata.sorted_tables if t.schema not in self.infrastructure_schemas]
-
-    def infrastructure_tables(self) -> list[Table]:
-        """The tables in the infrastructure schemas."""
-        return [t for t in self.metadata.sorted_tables if t.schema in self.infrastructure_schemas]
 
     # -- resolution (hot path: every transaction begin) ---------------------------------------
 
@@ -339,38 +344,6 @@ class Tenancy:
         """The engine a session uses now: the admin engine in :func:`platform_context`, else the
         active tenant's placement."""
         return self.router.current().engine(async_)
-
-    def strategy_named(self, name: str) -> Strategy:
-        """The placement strategy called ``name`` (:class:`ProvisioningError` if unknown)."""
-        try:
-            return self._strategies[name]
-        except KeyError:
-            raise ProvisioningError(
-                f"Unknown strategy {name!r}; choose one of {', '.join(sorted(self._strategies))}."
-            ) from None
-
-    def _strategy(self, tenant: Tenant) -> Strategy:
-        try:
-            return self._strategies[tenant.strategy]
-        except KeyError:
-            raise TenancyError(
-                f"Tenant {tenant.slug!r} uses strategy {tenant.strategy!r}, which this version "
-                f"does not support (available: {', '.join(sorted(self._strategies))})."
-            ) from None
-
-    def _check_app_role(self) -> None:
-        """Refuse an application role that row-level security would not restrain."""
-        rows = self.registry._query(
-            "select rolsuper, rolbypassrls from pg_roles where rolname = current_user", ()
-        )
-        superuser, bypass = rows[0]
-        if (superuser or bypass) and not self.allow_bypassrls:
-            raise UnsafeRoleError(
-                f"The application role {self.url.username!r} is "
-                f"{'a superuser' if superuser else 'BYPASSRLS'}, so row-level security would not "
-                "isolate tenants. Connect `url` as a NOSUPERUSER NOBYPASSRLS role (keep the "
-                "privileged one for admin_url), or pass allow_bypassrls=True in development."
-            )
 
     # -- registry API -----------------------------------------------------------------------
 
@@ -389,7 +362,7 @@ class Tenancy:
         with their RLS, the application role's grants and the default tenant."""
         from .installer import install
 
-        install(self)
+        install(self.config, self.engines.admin, self.registry)
 
     def create_tenant(
         self, slug: str, *, strategy: str = "shared", name: str | None = None, server: str | None = None
@@ -407,12 +380,7 @@ class Tenancy:
         """
         from .lifecycle import create_tenant
 
-        return create_tenant(self, slug, strategy=strategy, name=name, server=server)
-
-    def _step(self, name: str) -> None:
-        """Provisioning checkpoint; tests inject failures here (``_fault_injector``)."""
-        if self._fault_injector is not None:
-            self._fault_injector(name)
+        return create_tenant(self.services, slug, strategy=strategy, name=name, server=server)
 
     def update_tenant(self, slug: str, *, name: str) -> Tenant:
         """Rename a tenant (its display name; the slug is permanent)."""
@@ -444,9 +412,8 @@ class Tenancy:
         (e.g. users, for an audit trail)."""
         from .lifecycle import delete_tenant
 
-        delete_tenant(
-            self, self.get_tenant(lookup_key(slug)), keep_infrastructure_rows=keep_infrastructure_rows
-        )
+        tenant = self.get_tenant(lookup_key(slug))
+        delete_tenant(self.services, tenant, keep_infrastructure_rows=keep_infrastructure_rows)
 
     def export_tenant(self, slug: str, path: str | os.PathLike[str], *, pg_dump: str | None = None) -> Path:
         """Write one tenant's data to ``path`` as a SQL script that restores into an empty database
@@ -454,7 +421,7 @@ class Tenancy:
         from .export import export_tenant
 
         tenant = self.get_tenant(lookup_key(slug))
-        return export_tenant(self, tenant, Path(path), pg_dump=Path(pg_dump) if pg_dump else None)
+        return export_tenant(self.services, tenant, Path(path), pg_dump=Path(pg_dump) if pg_dump else None)
 
     # -- teardown ---------------------------------------------------------------------------
 
@@ -464,29 +431,17 @@ class Tenancy:
         From async code use :meth:`dispose_async` (this raises inside a running event loop when
         async engines exist, rather than leave their connections half-closed).
         """
-        if self._async_engine is not None or self._async_admin_engine is not None:
+        if self.engines.has_async:
             try:
                 asyncio.get_running_loop()
             except RuntimeError:
                 asyncio.run(self.dispose_async())
                 return
             raise TenancyError("Inside an event loop, call `await tenancy.dispose_async()` instead.")
-        self._dispose_sync()
+        self.registry.close()
+        self.engines.dispose_sync()
 
     async def dispose_async(self) -> None:
         """Dispose the async engines (tenant databases' included), then everything else."""
-        # Async pools must close their connections inside SQLAlchemy's greenlet bridge.
-        await greenlet_spawn(self.tenant_engines.clear)
-        if self._async_engine is not None:
-            await self._async_engine.dispose()
-        if self._async_admin_engine is not None:
-            await self._async_admin_engine.dispose()
-        self._async_engine = self._async_admin_engine = None
-        self._dispose_sync()
-
-    def _dispose_sync(self) -> None:
+        await self.engines.dispose_async()
         self.registry.close()
-        self.tenant_engines.clear()
-        self.engine.dispose()
-        if self._admin_engine is not None:
-            self._admin_engine.dispose()

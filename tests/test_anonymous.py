@@ -93,8 +93,8 @@ class World:
 
     def anonymous_role(self, tenant: Tenant) -> str:
         if tenant.strategy == "shared":
-            return anonymous_role(self.tenancy)
-        return tenant_anonymous_role(self.tenancy, tenant.slug)
+            return anonymous_role(self.tenancy.config)
+        return tenant_anonymous_role(self.tenancy.config, tenant.slug)
 
 
 class AnonymousSuite:
@@ -345,7 +345,7 @@ def test_install_is_idempotent_and_takes_back_an_opt_in(tenancy_factory: Callabl
     tenancy = tenancy_factory(Base.metadata, infrastructure_schemas=("directory",))
     tenancy.install()
     tenancy.install()
-    role = anonymous_role(tenancy)
+    role = anonymous_role(tenancy.config)
 
     def privileges() -> set[str]:
         with tenancy.admin_engine.connect() as conn:
@@ -380,7 +380,7 @@ def test_the_application_role_keeps_its_privileges_and_sees_no_filter(
     with tenant_context(slug), tenancy.sessionmaker()() as s:
         s.add_all([Article(title="shown", is_public=True), Article(title="draft")])
         s.commit()
-        role = anonymous_role(tenancy)
+        role = anonymous_role(tenancy.config)
         inherits = s.execute(text("select pg_has_role(current_user, :r, 'USAGE')"), {"r": role}).scalar()
         can_switch = s.execute(text("select pg_has_role(current_user, :r, 'MEMBER')"), {"r": role}).scalar()
         assert (inherits, can_switch) == (False, True)

@@ -200,15 +200,14 @@ def test_every_name_the_library_creates_is_one_it_lists_as_its_own(
     can ever derive its name (and no clean-up ever drop it)."""
     from sqla_tenancy.lifecycle import library_names
 
-    owned = library_names(prepared)
+    owned = library_names(prepared.config)
     tenants = [
         prepared.create_tenant(slug, strategy=strategy)
         for slug, strategy in (("acme", "shared"), ("globex", "schema"), ("initech", "database"))
     ]
     derived = set()
     for tenant in tenants:
-        placement = prepared.strategy_named(tenant.strategy)
-        derived |= set(placement.derived_names(prepared, tenant))
+        derived |= set(prepared.placement(tenant.strategy).derived_names(tenant))
     assert not derived & set(owned)
     prefix = prepared.name_prefix.replace("_", "\\_")
     with prepared.admin_engine.connect() as conn:

@@ -41,7 +41,7 @@ def test_lifecycle(tenancy: Tenancy) -> None:
 
 
 def test_unknown_strategy_creates_nothing(tenancy: Tenancy) -> None:
-    with pytest.raises(ProvisioningError, match="Unknown strategy"):
+    with pytest.raises(ProvisioningError, match="Unknown placement"):
         tenancy.create_tenant("acme", strategy="cloud")
     assert [t.slug for t in tenancy.list_tenants()] == ["default"]
 

@@ -80,10 +80,10 @@ def test_each_placement_binds_its_schema_and_role(
     full: tuple[str | None, str | None],
     anonymous: tuple[str | None, str | None],
 ) -> None:
-    placement = offline.strategy_named(strategy)
+    placement = offline.placement(strategy)
     record = tenant(strategy)
-    assert placement.binding(offline, record) == binding_statement(TENANT_ID, schema=full[0], role=full[1])
-    assert placement.anonymous_binding(offline, record) == binding_statement(
+    assert placement.binding(record) == binding_statement(TENANT_ID, schema=full[0], role=full[1])
+    assert placement.anonymous_binding(record) == binding_statement(
         TENANT_ID, schema=anonymous[0], role=anonymous[1]
     )
 

@@ -6,9 +6,9 @@ tenant's ``strategy`` column.
 
 from __future__ import annotations
 
-from .base import Strategy
+from .base import Placement, Strategy
 from .database import DatabaseStrategy
 from .schema import SchemaStrategy
 from .shared import SharedStrategy
 
-__all__ = ["DatabaseStrategy", "SchemaStrategy", "SharedStrategy", "Strategy"]
+__all__ = ["DatabaseStrategy", "Placement", "SchemaStrategy", "SharedStrategy", "Strategy"]

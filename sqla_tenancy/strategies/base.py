@@ -9,9 +9,8 @@ from sqlalchemy.engine import Engine
 
 if TYPE_CHECKING:
     from ..registry import Tenant
-    from ..tenancy import Tenancy
 
-__all__ = ["Strategy", "run_script"]
+__all__ = ["Placement", "Strategy", "run_script"]
 
 
 def run_script(conn: Connection, script: str) -> None:
@@ -27,9 +26,11 @@ def run_script(conn: Connection, script: str) -> None:
         cursor.close()
 
 
-class Strategy(Protocol):
-    """Provision, bind and remove one placement's tenants.
+class Placement(Protocol):
+    """Provision, bind and remove one placement's tenants: everything placement-specific.
 
+    A placement is built once per :class:`~sqla_tenancy.Tenancy` with what it works with (the
+    configuration, the engines, the provisioning steps), so that nobody else branches on its name.
     ``provision`` and ``deprovision`` run on the admin side; ``binding`` and ``engine`` run on every
     transaction begin and ``Session.get_bind`` call, so they must be cheap (cache what they build).
     """
@@ -40,34 +41,38 @@ class Strategy(Protocol):
     #: each tenant has engines of its own (else: the main engine, bound per transaction)
     per_tenant_engines: bool
 
-    def provision(self, tenancy: Tenancy, tenant: Tenant, *, admin: Connection | None) -> dict[str, Any]:
+    def provision(self, tenant: Tenant, *, admin: Connection | None) -> dict[str, Any]:
         """Create the tenant's storage; return what the registry keeps as its ``location``.
 
         ``admin`` is in the transaction that inserts the tenant's registry row (None for
-        non-transactional strategies, which manage their own connections). Call
-        ``tenancy._step(name)`` before each step (fault-injection tests rely on it)."""
+        non-transactional placements, which manage their own connections). Call the placement's
+        ``steps(name)`` before each step (fault-injection tests rely on it)."""
 
     def deprovision(
-        self, tenancy: Tenancy, tenant: Tenant, *, admin: Connection | None, keep_infrastructure_rows: bool
+        self, tenant: Tenant, *, admin: Connection | None, keep_infrastructure_rows: bool
     ) -> None:
         """Remove the tenant's data and storage (and, unless kept, its infrastructure rows).
-        ``admin`` is in the deleting transaction (None for non-transactional strategies)."""
+        ``admin`` is in the deleting transaction (None for non-transactional placements)."""
 
-    def compensate(self, tenancy: Tenancy, tenant: Tenant) -> None:
-        """Idempotently remove whatever a failed provisioning left (non-transactional strategies;
+    def compensate(self, tenant: Tenant) -> None:
+        """Idempotently remove whatever a failed provisioning left (non-transactional placements;
         transactional ones roll back instead and do nothing here)."""
 
-    def derived_names(self, tenancy: Tenancy, tenant: Tenant) -> dict[tuple[str, str], str]:
+    def derived_names(self, tenant: Tenant) -> dict[tuple[str, str], str]:
         """The databases, schemas and roles provisioning ``tenant`` creates, as
         ``{(kind, name): what it is}`` (checked against the library's own names first)."""
 
-    def binding(self, tenancy: Tenancy, tenant: Tenant) -> bytes:
+    def binding(self, tenant: Tenant) -> bytes:
         """The transaction-local statements that bind a transaction to ``tenant``."""
 
-    def anonymous_binding(self, tenancy: Tenancy, tenant: Tenant) -> bytes:
+    def anonymous_binding(self, tenant: Tenant) -> bytes:
         """The same, for an anonymous scope: ending in ``SET LOCAL ROLE`` to the placement's
         anonymous role (see :mod:`sqla_tenancy.anonymous`)."""
 
-    def engine(self, tenancy: Tenancy, tenant: Tenant, *, async_: bool) -> Engine:
+    def engine(self, tenant: Tenant, *, async_: bool) -> Engine:
         """The (sync) engine a session uses for ``tenant``; the async engine's sync_engine when
         ``async_``."""
+
+
+#: The former name of :class:`Placement`.
+Strategy = Placement

@@ -51,9 +51,9 @@ from ..anonymous import create_tenant_anonymous_role, grant_database_tenant
 from ..binding import binding_statement
 from ..dialect import DRIVER_NAME
 from ..errors import ProvisioningError
+from ..grants import tenants_group, tenants_group_grants
 from ..identifiers import database_name, quote_ident, quote_literal, role_name
-from ..installer import tenants_group, tenants_group_grants
-from ..registry import REGISTRY_SCHEMA
+from ..registry import REGISTRY_SCHEMA, TenantStore
 from ..rls import (
     current_tenant_function_ddl,
     fdw_role_name,
@@ -63,8 +63,10 @@ from .schema import tenant_ddl_template
 from .shared import delete_tenant_rows, main_tenant_revision
 
 if TYPE_CHECKING:
+    from ..config import TenancyConfig
+    from ..engines import Engines
     from ..registry import Tenant
-    from ..tenancy import Tenancy
+    from ..steps import Steps
 
 __all__ = [
     "DatabaseStrategy",
@@ -88,9 +90,9 @@ FOREIGN_SERVER = "tenancy_main"
 _JOURNAL = "journal"
 
 
-def template_database(tenancy: Tenancy) -> str:
-    """The template database every tenant database of ``tenancy`` is cloned from, on each server."""
-    return f"{tenancy.name_prefix}_template"
+def template_database(config: TenancyConfig) -> str:
+    """The template database every tenant database is cloned from, on each server."""
+    return f"{config.name_prefix}_template"
 
 
 def creation_marker(tenant: Tenant) -> str:
@@ -135,13 +137,13 @@ def databases_open_to(conn: Connection, role: str, *, besides: Iterable[str] = (
     return [OpenDatabase(name, bool(public)) for name, public in rows]
 
 
-def maintenance_databases(tenancy: Tenancy, superuser_url: URL, server: str) -> list[str]:
+def maintenance_databases(config: TenancyConfig, superuser_url: URL, server: str) -> list[str]:
     """The databases ``prepare_server`` closes to ``PUBLIC`` on ``server`` (those that exist):
     ``postgres``, ``template1``, the superuser URL's database and the server admin URL's. The
     main database is :meth:`Tenancy.install`'s to restrict, and is left out."""
-    names = {"postgres", "template1", superuser_url.database, tenancy.server_admin_url(server).database}
+    names = {"postgres", "template1", superuser_url.database, config.server_admin_url(server).database}
     if server == "main":
-        names -= {tenancy.admin_url.database, tenancy.url.database}
+        names -= {config.admin_url.database, config.url.database}
     return sorted(name for name in names if name)
 
 
@@ -179,27 +181,31 @@ class DatabaseStrategy:
     transactional = False
     per_tenant_engines = True
 
-    def __init__(self) -> None:
-        self._templates_ready: set[tuple[int, str]] = set()
+    def __init__(self, config: TenancyConfig, engines: Engines, steps: Steps) -> None:
+        self.config = config
+        self.engines = engines
+        self.steps = steps
+        #: servers whose template this process has brought up to date (migrations refresh it too)
+        self._templates_ready: set[str] = set()
 
     # -- names and connections --------------------------------------------------------------
 
-    def names(self, tenancy: Tenancy, tenant: Tenant, server: str | None = None) -> Names:
+    def names(self, tenant: Tenant, server: str | None = None) -> Names:
         server = server or tenant.location.get("server") or "main"
         return Names(
             server=server,
-            database=database_name(tenant.slug, tenancy.name_prefix),
-            app_role=role_name(tenant.slug, "app", tenancy.name_prefix),
-            fdw_role=fdw_role_name(tenant.id, tenancy.name_prefix),
-            template=template_database(tenancy),
-            anon_role=role_name(tenant.slug, "anon", tenancy.name_prefix),
-            temporary=f"{tenancy.name_prefix}-new-{tenant.id.hex}",
+            database=database_name(tenant.slug, self.config.name_prefix),
+            app_role=role_name(tenant.slug, "app", self.config.name_prefix),
+            fdw_role=fdw_role_name(tenant.id, self.config.name_prefix),
+            template=template_database(self.config),
+            anon_role=role_name(tenant.slug, "anon", self.config.name_prefix),
+            temporary=f"{self.config.name_prefix}-new-{tenant.id.hex}",
         )
 
-    def derived_names(self, tenancy: Tenancy, tenant: Tenant) -> dict[tuple[str, str], str]:
+    def derived_names(self, tenant: Tenant) -> dict[tuple[str, str], str]:
         """What provisioning ``tenant`` would create, as ``{(kind, name): what it is}`` (kinds:
         ``database``, ``schema``, ``role``), for the check against the library's own names."""
-        names = self.names(tenancy, tenant)
+        names = self.names(tenant)
         return {
             ("database", names.database): "database",
             ("role", names.app_role): "login role",
@@ -207,24 +213,22 @@ class DatabaseStrategy:
             ("role", names.fdw_role): "FDW role",
         }
 
-    def _admin(
-        self, tenancy: Tenancy, server: str, database: str | None = None, *, autocommit: bool = True
-    ) -> Engine:
+    def _admin(self, server: str, database: str | None = None, *, autocommit: bool = True) -> Engine:
         """A short-lived admin engine on ``server`` (``CREATE DATABASE`` needs autocommit)."""
-        url = tenancy.server_admin_url(server)
+        url = self.config.server_admin_url(server)
         if database is not None:
             url = url.set(database=database)
         if autocommit:
             return create_engine(url, isolation_level="AUTOCOMMIT", poolclass=_NullPool)
         return create_engine(url, poolclass=_NullPool)
 
-    def app_url(self, tenancy: Tenancy, tenant: Tenant) -> URL:
-        names = self.names(tenancy, tenant)
-        base = tenancy.server_admin_url(names.server)
+    def app_url(self, tenant: Tenant) -> URL:
+        names = self.names(tenant)
+        base = self.config.server_admin_url(names.server)
         return base.set(
             drivername=f"postgresql+{DRIVER_NAME}",
             username=names.app_role,
-            password=derive_password(tenancy.secret(), names.app_role),
+            password=derive_password(self.config.secret(), names.app_role),
             database=names.database,
         )
 
@@ -232,7 +236,6 @@ class DatabaseStrategy:
 
     def prepare_server(
         self,
-        tenancy: Tenancy,
         superuser_url: URL,
         server: str,
         *,
@@ -241,8 +244,8 @@ class DatabaseStrategy:
         """One-time, superuser-only set-up of a server: the template database with postgres_fdw,
         and (unless declined) the maintenance databases closed to ``PUBLIC``, so that tenants'
         login roles cannot open them (see :func:`maintenance_databases`)."""
-        template = template_database(tenancy)
-        admin_role = tenancy.server_admin_url(server).username
+        template = template_database(self.config)
+        admin_role = self.config.server_admin_url(server).username
         assert admin_role
         su = create_engine(superuser_url, isolation_level="AUTOCOMMIT", poolclass=_NullPool)
         try:
@@ -256,8 +259,8 @@ class DatabaseStrategy:
                     )
                 conn.exec_driver_sql(f"REVOKE ALL ON DATABASE {quote_ident(template)} FROM PUBLIC")
                 if restrict_maintenance_databases:
-                    admin_database = tenancy.server_admin_url(server).database
-                    databases = maintenance_databases(tenancy, superuser_url, server)
+                    admin_database = self.config.server_admin_url(server).database
+                    databases = maintenance_databases(self.config, superuser_url, server)
                     _restrict(conn, databases, grant=(admin_role, admin_database))
         finally:
             su.dispose()
@@ -272,12 +275,12 @@ class DatabaseStrategy:
                 )
         finally:
             su.dispose()
-        self.refresh_template(tenancy, server)
+        self.refresh_template(server)
 
-    def refresh_template(self, tenancy: Tenancy, server: str) -> None:
+    def refresh_template(self, server: str) -> None:
         """(Re)create the tenant tables and the policy function in the template database."""
-        template = template_database(tenancy)
-        engine = self._admin(tenancy, server, template, autocommit=False)
+        template = template_database(self.config)
+        engine = self._admin(server, template, autocommit=False)
         try:
             with engine.begin() as conn:
                 has_fdw = conn.execute(
@@ -297,10 +300,10 @@ class DatabaseStrategy:
                     ).scalars()
                 )
                 if not have:
-                    script = tenant_ddl_template(tenancy)
+                    script = tenant_ddl_template(self.config)
                     if script:
                         run_script(conn, f"SET LOCAL search_path = public;\n{script}")
-                    heads = tenancy.tenant_heads()
+                    heads = self.config.tenant_heads()
                     if heads is not None:
                         # Built from the models: at the tenant stream's head. From here on the
                         # fleet runner migrates the template like any tenant database.
@@ -312,26 +315,24 @@ class DatabaseStrategy:
 
     # -- provisioning -------------------------------------------------------------------------
 
-    def provision(
-        self, tenancy: Tenancy, tenant: Tenant, *, admin: Connection | None = None
-    ) -> dict[str, Any]:
-        names = self.names(tenancy, tenant)
-        secret = tenancy.secret()
-        self._refuse_existing(tenancy, tenant, names)
+    def provision(self, tenant: Tenant, *, admin: Connection | None = None) -> dict[str, Any]:
+        names = self.names(tenant)
+        secret = self.config.secret()
+        self._refuse_existing(tenant, names)
         marker = quote_literal(creation_marker(tenant))
-        tenancy._step("template")
-        key = (id(tenancy), names.server)
+        self.steps("template")
+        key = names.server
         if key not in self._templates_ready:  # once per process and server (migrations refresh it)
-            self.refresh_template(tenancy, names.server)
+            self.refresh_template(names.server)
             self._templates_ready.add(key)
         _journal(
-            tenancy,
+            self.engines.admin,
             tenant,
             _role_entry(names.server, names.app_role),
             _role_entry(names.server, names.anon_role),
         )
-        tenancy._step("app_role")
-        roles = self._admin(tenancy, names.server, autocommit=False)
+        self.steps("app_role")
+        roles = self._admin(names.server, autocommit=False)
         try:
             with roles.begin() as conn:  # both roles with their markers, or nothing
                 _create_role(conn, names.app_role, derive_password(secret, names.app_role))
@@ -340,13 +341,13 @@ class DatabaseStrategy:
                     conn.exec_driver_sql(f"COMMENT ON ROLE {quote_ident(role)} IS {marker}")
         finally:
             roles.dispose()
-        _journal(tenancy, tenant, _database_entry(names))
-        tenancy._step("database")
-        server_engine = self._admin(tenancy, names.server)
+        _journal(self.engines.admin, tenant, _database_entry(names))
+        self.steps("database")
+        server_engine = self._admin(names.server)
         try:
             with server_engine.connect() as conn:
                 temporary, app_role = quote_ident(names.temporary), quote_ident(names.app_role)
-                strategy = tenancy.create_database_strategy
+                strategy = self.config.create_database_strategy
                 option = f" STRATEGY = {strategy.upper()}" if strategy else ""
                 # A migration of the template (alembic_ext) holds this lock while connected to
                 # it; CREATE DATABASE refuses a template with other sessions.
@@ -361,30 +362,30 @@ class DatabaseStrategy:
                 conn.exec_driver_sql(f"COMMENT ON DATABASE {temporary} IS {marker}")
                 conn.exec_driver_sql(f"REVOKE ALL ON DATABASE {temporary} FROM PUBLIC")
                 conn.exec_driver_sql(f"GRANT CONNECT ON DATABASE {temporary} TO {app_role}")
-                tenancy._step("rename_database")
+                self.steps("rename_database")
                 # Refused if the name was taken since _refuse_existing: nothing of theirs is touched.
                 conn.exec_driver_sql(f"ALTER DATABASE {temporary} RENAME TO {quote_ident(names.database)}")
                 _warn_open(conn, tenant, names.app_role, "login role", names.server, own=names.database)
         finally:
             server_engine.dispose()
-        _journal(tenancy, tenant, _role_entry("main", names.fdw_role))
-        tenancy._step("fdw_role")
-        with tenancy.admin_engine.begin() as conn:
+        _journal(self.engines.admin, tenant, _role_entry("main", names.fdw_role))
+        self.steps("fdw_role")
+        with self.engines.admin.begin() as conn:
             _create_role(conn, names.fdw_role, derive_password(secret, names.fdw_role), inherit=True)
             conn.exec_driver_sql(f"COMMENT ON ROLE {quote_ident(names.fdw_role)} IS {marker}")
             # CONNECT and the infrastructure privileges come with the tenants' group.
-            group = quote_ident(tenants_group(tenancy))
+            group = quote_ident(tenants_group(self.config))
             conn.exec_driver_sql(f"GRANT {group} TO {quote_ident(names.fdw_role)}")
-            main_database = tenancy.admin_url.database or ""
+            main_database = self.config.admin_url.database or ""
             _warn_open(conn, tenant, names.fdw_role, "FDW role", "main", own=main_database)
-        tenancy._step("fdw")
-        revision = self.import_foreign_schemas(tenancy, tenant, names=names, create_server=True)
+        self.steps("fdw")
+        revision = self.import_foreign_schemas(tenant, names=names, create_server=True)
         return {**names.location(), "_revision": revision}
 
-    def _refuse_existing(self, tenancy: Tenancy, tenant: Tenant, names: Names) -> None:
+    def _refuse_existing(self, tenant: Tenant, names: Names) -> None:
         """Refuse, before anything is created, a database or role that exists under one of the
         tenant's names: provisioning neither adopts such an object nor, on failure, drops it."""
-        engine = self._admin(tenancy, names.server)
+        engine = self._admin(names.server)
         try:
             with engine.connect() as conn:
                 if conn.execute(
@@ -400,24 +401,24 @@ class DatabaseStrategy:
                     _refuse_existing_role(conn, role)
         finally:
             engine.dispose()
-        with tenancy.admin_engine.connect() as conn:
+        with self.engines.admin.connect() as conn:
             _refuse_existing_role(conn, names.fdw_role)
 
     def import_foreign_schemas(
-        self, tenancy: Tenancy, tenant: Tenant, *, names: Names | None = None, create_server: bool = False
+        self, tenant: Tenant, *, names: Names | None = None, create_server: bool = False
     ) -> str | None:
         """(Re)import every infrastructure schema into the tenant's database, in one transaction,
         so tenant queries never see a half-refreshed schema. Returns the database's tenant stream
         revision (None when its schema is not managed by migrations)."""
-        names = names or self.names(tenancy, tenant)
-        with tenancy.admin_engine.begin() as conn:  # new infrastructure tables: grant them first
-            run_script(conn, ";\n".join(tenants_group_grants(tenancy)))
+        names = names or self.names(tenant)
+        with self.engines.admin.begin() as conn:  # new infrastructure tables: grant them first
+            run_script(conn, ";\n".join(tenants_group_grants(self.config)))
         # The admin URL reaches the main database directly (the application URL may go through a
         # transaction pooler, which postgres_fdw's sessions must not).
-        main = tenancy.admin_url
-        secret = tenancy.secret()
-        engine = self._admin(tenancy, names.server, names.database, autocommit=False)
-        admin_role = tenancy.server_admin_url(names.server).username or ""
+        main = self.config.admin_url
+        secret = self.config.secret()
+        engine = self._admin(names.server, names.database, autocommit=False)
+        admin_role = self.config.server_admin_url(names.server).username or ""
         try:
             with engine.begin() as conn:
                 statements = []
@@ -447,7 +448,7 @@ class DatabaseStrategy:
                         f"ALTER DEFAULT PRIVILEGES IN SCHEMA public "
                         f"GRANT USAGE, SELECT ON SEQUENCES TO {app}",
                     ]
-                for schema in sorted(tenancy.infrastructure_schemas):
+                for schema in sorted(self.config.infrastructure_schemas):
                     s = quote_ident(schema)
                     statements += [
                         f"DROP SCHEMA IF EXISTS {s} CASCADE",
@@ -459,9 +460,9 @@ class DatabaseStrategy:
                     ]
                 run_script(conn, ";\n".join(statements))
                 if create_server:
-                    grant_database_tenant(conn, tenancy, names.anon_role)
+                    grant_database_tenant(conn, self.config, names.anon_role)
                 # Foreign tables do not apply the remote defaults: give them the portable ones.
-                for schema, table, column, expression in self._remote_defaults(tenancy, tenant):
+                for schema, table, column, expression in self._remote_defaults(tenant):
                     target = f"{quote_ident(schema)}.{quote_ident(table)}"
                     conn.exec_driver_sql("SAVEPOINT tenancy_default")
                     try:
@@ -485,11 +486,11 @@ class DatabaseStrategy:
             engine.dispose()
         return revision
 
-    def _remote_defaults(self, tenancy: Tenancy, tenant: Tenant) -> list[tuple[str, str, str, str]]:
+    def _remote_defaults(self, tenant: Tenant) -> list[tuple[str, str, str, str]]:
         """The infrastructure columns' defaults, as the foreign tables should have them: the
         policy function becomes this tenant's id; sequences are left to the main side's trigger
         (``tenancy.fill_serial``), since a tenant database cannot call a remote ``nextval``."""
-        with tenancy.admin_engine.connect() as conn:
+        with self.engines.admin.connect() as conn:
             rows = conn.execute(
                 text(
                     "select n.nspname, c.relname, a.attname, pg_get_expr(d.adbin, d.adrelid) "
@@ -500,7 +501,7 @@ class DatabaseStrategy:
                     "where n.nspname = any(:schemas) and c.relkind in ('r', 'p') "
                     "order by 1, 2, 3"
                 ),
-                {"schemas": sorted(tenancy.infrastructure_schemas)},
+                {"schemas": sorted(self.config.infrastructure_schemas)},
             ).all()
         tenant_literal = f"{quote_literal(str(tenant.id))}::uuid"
         defaults = []
@@ -512,19 +513,19 @@ class DatabaseStrategy:
             defaults.append((schema, table, column, expression))
         return defaults
 
-    def compensate(self, tenancy: Tenancy, tenant: Tenant) -> None:
+    def compensate(self, tenant: Tenant) -> None:
         """Undo a provisioning of ``tenant`` that failed or crashed, from its journal: drop each
         journaled database and role that exists and carries the tenant's marker (and the
         attempt's temporary database, whose name is the attempt's own). An object under a
         journaled name without the marker was not made by this tenant: it is left alone, with a
         warning. Idempotent. Raises :class:`ProvisioningError` if something could not be dropped;
         the registry row then stays, so that a retry cleans up again."""
-        tenancy.tenant_engines.discard(lambda key: key[0] == tenant.id)  # type: ignore[index]
+        self.engines.tenants.discard(lambda key: key[0] == tenant.id)  # type: ignore[index]
         marker = creation_marker(tenant)
         failures: list[str] = []
-        for entry in reversed(self._journal_of(tenancy, tenant)):
+        for entry in reversed(self._journal_of(tenant)):
             try:
-                self._undo(tenancy, tenant, entry, marker)
+                self._undo(tenant, entry, marker)
             except (exc.DBAPIError, ProvisioningError) as error:
                 failures.append(f"{entry.get('kind')} {entry.get('name')!r}: {getattr(error, 'orig', error)}")
         if failures:
@@ -534,16 +535,16 @@ class DatabaseStrategy:
                 "strategy='database') cleans up again."
             )
 
-    def _journal_of(self, tenancy: Tenancy, tenant: Tenant) -> list[dict[str, Any]]:
+    def _journal_of(self, tenant: Tenant) -> list[dict[str, Any]]:
         """The journal of ``tenant``'s provisioning, from its registry row. Should the row be gone
         (deleted while the tenant was being provisioned), every object provisioning would have
         journaled: each is dropped only if it carries the tenant's marker, so only what the
         provisioning created goes."""
-        with tenancy.admin_engine.connect() as conn:
-            row = tenancy.store.get(conn, tenant.id)
+        with self.engines.admin.connect() as conn:
+            row = TenantStore().get(conn, tenant.id)
         location = row.location if row is not None else None
         if location is None:
-            names = self.names(tenancy, tenant)
+            names = self.names(tenant)
             return [
                 _role_entry(names.server, names.app_role),
                 _role_entry(names.server, names.anon_role),
@@ -553,7 +554,7 @@ class DatabaseStrategy:
         journal = location.get(_JOURNAL, [])
         return [entry for entry in journal if isinstance(entry, dict)] if isinstance(journal, list) else []
 
-    def _undo(self, tenancy: Tenancy, tenant: Tenant, entry: dict[str, Any], marker: str) -> None:
+    def _undo(self, tenant: Tenant, entry: dict[str, Any], marker: str) -> None:
         kind, name, server = entry.get("kind"), entry.get("name"), entry.get("server", "main")
         if kind not in ("database", "role") or not isinstance(name, str) or not isinstance(server, str):
             raise ProvisioningError(f"unreadable journal entry {entry!r}")
@@ -562,7 +563,7 @@ class DatabaseStrategy:
             if kind == "database"
             else "select shobj_description(oid, 'pg_authid') from pg_roles where rolname = :n"
         )
-        engine = self._admin(tenancy, server)
+        engine = self._admin(server)
         try:
             with engine.connect() as conn:
                 temporary = entry.get("temporary")
@@ -587,21 +588,21 @@ class DatabaseStrategy:
             engine.dispose()
 
     def deprovision(
-        self, tenancy: Tenancy, tenant: Tenant, *, admin: Connection | None, keep_infrastructure_rows: bool
+        self, tenant: Tenant, *, admin: Connection | None, keep_infrastructure_rows: bool
     ) -> None:
         if not keep_infrastructure_rows:
-            with tenancy.admin_engine.begin() as conn:
-                delete_tenant_rows(tenant, reversed(tenancy.infrastructure_tables()), admin=conn)
+            with self.engines.admin.begin() as conn:
+                delete_tenant_rows(tenant, reversed(self.config.infrastructure_tables()), admin=conn)
         if _JOURNAL in tenant.location:  # never activated: only what its journal names
-            self.compensate(tenancy, tenant)
+            self.compensate(tenant)
             return
         # An active tenant's objects are the ones its registry row names.
-        names = self.names(tenancy, tenant)
+        names = self.names(tenant)
         database = tenant.location.get("database", names.database)
         app_role = tenant.location.get("role", names.app_role)
         fdw_role = tenant.location.get("fdw_role", names.fdw_role)
-        tenancy.tenant_engines.discard(lambda key: key[0] == tenant.id)  # type: ignore[index]
-        server_engine = self._admin(tenancy, names.server)
+        self.engines.tenants.discard(lambda key: key[0] == tenant.id)  # type: ignore[index]
+        server_engine = self._admin(names.server)
         try:
             with server_engine.connect() as conn:
                 conn.exec_driver_sql(f"DROP DATABASE IF EXISTS {quote_ident(database)} WITH (FORCE)")
@@ -609,22 +610,22 @@ class DatabaseStrategy:
                 conn.exec_driver_sql(f"DROP ROLE IF EXISTS {quote_ident(names.anon_role)}")
         finally:
             server_engine.dispose()
-        with tenancy.admin_engine.begin() as conn:
+        with self.engines.admin.begin() as conn:
             # its only privileges come from the group membership, which DROP ROLE removes
             conn.exec_driver_sql(f"DROP ROLE IF EXISTS {quote_ident(fdw_role)}")
 
     # -- routing ------------------------------------------------------------------------------
 
-    def binding(self, tenancy: Tenancy, tenant: Tenant) -> bytes:
+    def binding(self, tenant: Tenant) -> bytes:
         # The pool serves this tenant only, its full and its anonymous transactions alike: pin
         # the role and the path all the same, and the setting for RLS on the tenant's own tables.
         return binding_statement(tenant.id)
 
-    def anonymous_binding(self, tenancy: Tenancy, tenant: Tenant) -> bytes:
-        return binding_statement(tenant.id, role=self.names(tenancy, tenant).anon_role)
+    def anonymous_binding(self, tenant: Tenant) -> bytes:
+        return binding_statement(tenant.id, role=self.names(tenant).anon_role)
 
-    def engine(self, tenancy: Tenancy, tenant: Tenant, *, async_: bool) -> Engine:
-        return tenancy._tenant_engine(tenant, lambda: self.app_url(tenancy, tenant), async_=async_)
+    def engine(self, tenant: Tenant, *, async_: bool) -> Engine:
+        return self.engines.tenant(tenant.id, lambda: self.app_url(tenant), async_=async_)
 
 
 def _role_entry(server: str, role: str) -> dict[str, str]:
@@ -635,11 +636,11 @@ def _database_entry(names: Names) -> dict[str, str]:
     return {"kind": "database", "server": names.server, "name": names.database, "temporary": names.temporary}
 
 
-def _journal(tenancy: Tenancy, tenant: Tenant, *entries: dict[str, str]) -> None:
+def _journal(admin: Engine, tenant: Tenant, *entries: dict[str, str]) -> None:
     """Record ``entries`` in the journal of ``tenant``'s registry row, committed before they are
     created: the clean-up drops nothing the journal does not name."""
-    with tenancy.admin_engine.begin() as conn:
-        if not tenancy.store.journal(conn, tenant.id, _JOURNAL, entries):
+    with admin.begin() as conn:
+        if not TenantStore().journal(conn, tenant.id, _JOURNAL, entries):
             raise ProvisioningError(
                 f"The registry row of tenant {tenant.slug!r} changed while it was being provisioned "
                 "(deleted by another process?); its provisioning was stopped and undone."

@@ -19,30 +19,33 @@ import threading
 from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import Connection, create_mock_engine
+from sqlalchemy.dialects.postgresql import psycopg as postgresql_psycopg
 from sqlalchemy.engine import Engine
 from sqlalchemy.schema import CreateIndex
 
 from ..anonymous import anonymous_gate, schema_tenant_ddl, tenant_anonymous_role
 from ..binding import binding_statement
 from ..errors import ProvisioningError
+from ..grants import tenants_group
 from ..identifiers import quote_ident, role_name, schema_name
-from ..installer import tenants_group
 from ..registry import REGISTRY_SCHEMA
 from ..rls import TENANT_ID_INFO_KEY, enable_rls_ddl, is_tenant_scoped
 from .base import run_script
 from .shared import delete_tenant_rows
 
 if TYPE_CHECKING:
+    from ..config import TenancyConfig
+    from ..engines import Engines
     from ..registry import Tenant
-    from ..tenancy import Tenancy
+    from ..steps import Steps
 
 __all__ = ["SchemaStrategy", "tenant_ddl_template"]
 
 
-def tenant_ddl_template(tenancy: Tenancy) -> str:
+def tenant_ddl_template(config: TenancyConfig) -> str:
     """The DDL creating every tenant table (types, sequences, indexes, RLS included), unqualified,
     as one multi-statement script: run it with ``search_path`` set to the tenant's schema."""
-    tables = tenancy.tenant_tables()
+    tables = config.tenant_tables()
     qualified = sorted(t.fullname for t in tables if t.schema is not None)
     if qualified:
         raise ProvisioningError(
@@ -50,7 +53,7 @@ def tenant_ddl_template(tenancy: Tenancy) -> str:
             "name a schema: move them to an infrastructure schema or drop the explicit schema."
         )
     statements: list[str] = []
-    dialect = tenancy.engine.dialect
+    dialect = postgresql_psycopg.dialect()  # type: ignore[no-untyped-call]
 
     def collect(sql: Any, *args: Any, **kwargs: Any) -> None:
         # An index on tenant_id alone is useless where every row has the same tenant (and each
@@ -60,7 +63,7 @@ def tenant_ddl_template(tenancy: Tenancy) -> str:
         statements.append(str(sql.compile(dialect=dialect)).strip())
 
     mock = create_mock_engine("postgresql+psycopg://", collect)
-    tenancy.metadata.create_all(mock, tables=tables, checkfirst=False)
+    config.metadata.create_all(mock, tables=tables, checkfirst=False)
     # tenant_id stays meaningful in every placement: RLS on the tenant-scoped tables here too.
     for table in tables:
         if is_tenant_scoped(table):
@@ -79,35 +82,38 @@ class SchemaStrategy:
     transactional = True
     per_tenant_engines = False
 
-    def __init__(self) -> None:
-        self._templates: dict[int, str] = {}
+    def __init__(self, config: TenancyConfig, engines: Engines, steps: Steps) -> None:
+        self.config = config
+        self.engines = engines
+        self.steps = steps
+        self._ddl: str | None = None
         self._lock = threading.Lock()
 
-    def _template(self, tenancy: Tenancy) -> str:
-        key = id(tenancy.metadata)
+    def _template(self) -> str:
+        """The tenant tables' DDL, compiled once (the MetaData is the configuration's)."""
         with self._lock:
-            if key not in self._templates:
-                self._templates[key] = tenant_ddl_template(tenancy)
-            return self._templates[key]
+            if self._ddl is None:
+                self._ddl = tenant_ddl_template(self.config)
+            return self._ddl
 
-    def names(self, tenancy: Tenancy, slug: str) -> tuple[str, str]:
+    def names(self, slug: str) -> tuple[str, str]:
         """The tenant's schema and role."""
-        return schema_name(slug, tenancy.name_prefix), role_name(slug, "app", tenancy.name_prefix)
+        return schema_name(slug, self.config.name_prefix), role_name(slug, "app", self.config.name_prefix)
 
-    def derived_names(self, tenancy: Tenancy, tenant: Tenant) -> dict[tuple[str, str], str]:
+    def derived_names(self, tenant: Tenant) -> dict[tuple[str, str], str]:
         """What provisioning ``tenant`` would create, as ``{(kind, name): what it is}``, for the
         check against the library's own names."""
-        schema, role = self.names(tenancy, tenant.slug)
+        schema, role = self.names(tenant.slug)
         return {
             ("schema", schema): "schema",
             ("role", role): "role",
-            ("role", tenant_anonymous_role(tenancy, tenant.slug)): "anonymous role",
+            ("role", tenant_anonymous_role(self.config, tenant.slug)): "anonymous role",
         }
 
-    def provision(self, tenancy: Tenancy, tenant: Tenant, *, admin: Connection | None) -> dict[str, Any]:
+    def provision(self, tenant: Tenant, *, admin: Connection | None) -> dict[str, Any]:
         assert admin is not None
-        schema, role = self.names(tenancy, tenant.slug)
-        anonymous = tenant_anonymous_role(tenancy, tenant.slug)
+        schema, role = self.names(tenant.slug)
+        anonymous = tenant_anonymous_role(self.config, tenant.slug)
         s, r, anon = quote_ident(schema), quote_ident(role), quote_ident(anonymous)
         if admin.exec_driver_sql("select 1 from pg_namespace where nspname = %(s)s", {"s": schema}).first():
             raise ProvisioningError(
@@ -125,7 +131,7 @@ class SchemaStrategy:
                 "on this cluster using the same name_prefix?). Give Tenancy a distinct "
                 "name_prefix, or drop the leftover role."
             )
-        tenancy._step("schema")
+        self.steps("schema")
         # The role and its default privileges come before the tables, so that the tables are
         # granted as they are created: a GRANT ... ON ALL TABLES IN SCHEMA would scan pg_class,
         # whose size grows with the fleet.
@@ -143,15 +149,15 @@ class SchemaStrategy:
                 ]
             ),
         )
-        tenancy._step("tables")
-        template = self._template(tenancy)
+        self.steps("tables")
+        template = self._template()
         if template:
             # Unqualified names land in the first schema of the path; public stays reachable for
             # extension types during DDL only.
             script = f"SET LOCAL search_path = {s}, public;\n{template};\nSET LOCAL search_path = DEFAULT"
             run_script(admin, script)
         revision: dict[str, Any] = {}
-        heads = tenancy.tenant_heads()
+        heads = self.config.tenant_heads()
         if heads is not None:
             # Born at the tenant stream's head: the fleet runner has nothing to replay here.
             from ..versions import TENANT, VERSION_TABLES, format_revision, version_table_script
@@ -162,39 +168,39 @@ class SchemaStrategy:
                 f"{version_table_script(schema, TENANT, heads)};\nREVOKE ALL ON {version_table} FROM {r}",
             )
             revision["_revision"] = format_revision(heads)
-        tenancy._step("role")
+        self.steps("role")
         # its own schema, and the infrastructure through the group every tenant role belongs to
         run_script(
             admin,
             ";\n".join(
                 [
                     f"GRANT USAGE ON SCHEMA {s} TO {r}",
-                    f"GRANT {quote_ident(tenants_group(tenancy))} TO {r}",
-                    *schema_tenant_ddl(tenancy, schema, anonymous),
+                    f"GRANT {quote_ident(tenants_group(self.config))} TO {r}",
+                    *schema_tenant_ddl(self.config, schema, anonymous),
                 ]
             ),
         )
-        tenancy._step("membership")
-        app_role = tenancy.url.username
+        self.steps("membership")
+        app_role = self.config.app_role
         assert app_role
         # PostgreSQL 16+: membership only for SET ROLE, without inheriting the tenant's privileges.
         option = " WITH INHERIT FALSE" if (admin.dialect.server_version_info or (0,)) >= (16,) else ""
         run_script(
             admin,
             f"GRANT {r} TO {quote_ident(app_role)}{option};\n"
-            f"GRANT {anon} TO {quote_ident(anonymous_gate(tenancy))}",
+            f"GRANT {anon} TO {quote_ident(anonymous_gate(self.config))}",
         )
         return {"schema": schema, "role": role, **revision}
 
     def deprovision(
-        self, tenancy: Tenancy, tenant: Tenant, *, admin: Connection | None, keep_infrastructure_rows: bool
+        self, tenant: Tenant, *, admin: Connection | None, keep_infrastructure_rows: bool
     ) -> None:
         assert admin is not None
-        schema, role = self.names(tenancy, tenant.slug)
+        schema, role = self.names(tenant.slug)
         s, r = quote_ident(schema), quote_ident(role)
         if not keep_infrastructure_rows:
-            delete_tenant_rows(tenant, reversed(tenancy.infrastructure_tables()), admin=admin)
-        anonymous = quote_ident(tenant_anonymous_role(tenancy, tenant.slug))
+            delete_tenant_rows(tenant, reversed(self.config.infrastructure_tables()), admin=admin)
+        anonymous = quote_ident(tenant_anonymous_role(self.config, tenant.slug))
         statements = [
             f"DROP SCHEMA IF EXISTS {s} CASCADE",
             f"DROP ROLE IF EXISTS {r}",
@@ -202,17 +208,17 @@ class SchemaStrategy:
         ]
         run_script(admin, ";\n".join(statements))
 
-    def compensate(self, tenancy: Tenancy, tenant: Tenant) -> None:
+    def compensate(self, tenant: Tenant) -> None:
         """Nothing to do: provisioning is transactional."""
 
-    def binding(self, tenancy: Tenancy, tenant: Tenant) -> bytes:
-        return self._binding(tenancy, tenant, self.names(tenancy, tenant.slug)[1])
+    def binding(self, tenant: Tenant) -> bytes:
+        return self._binding(tenant, self.names(tenant.slug)[1])
 
-    def anonymous_binding(self, tenancy: Tenancy, tenant: Tenant) -> bytes:
-        return self._binding(tenancy, tenant, tenant_anonymous_role(tenancy, tenant.slug))
+    def anonymous_binding(self, tenant: Tenant) -> bytes:
+        return self._binding(tenant, tenant_anonymous_role(self.config, tenant.slug))
 
-    def _binding(self, tenancy: Tenancy, tenant: Tenant, role: str) -> bytes:
-        return binding_statement(tenant.id, schema=self.names(tenancy, tenant.slug)[0], role=role)
+    def _binding(self, tenant: Tenant, role: str) -> bytes:
+        return binding_statement(tenant.id, schema=self.names(tenant.slug)[0], role=role)
 
-    def engine(self, tenancy: Tenancy, tenant: Tenant, *, async_: bool) -> Engine:
-        return tenancy._main_engine(async_=async_)
+    def engine(self, tenant: Tenant, *, async_: bool) -> Engine:
+        return self.engines.main(async_)

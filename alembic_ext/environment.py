@@ -28,13 +28,13 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
 
-import alembic.context
 from alembic import util as alembic_util
 from alembic.operations import ops
 from alembic.runtime.environment import EnvironmentContext
 from alembic.runtime.migration import MigrationContext
 from sqlalchemy import Connection, Engine, text
 
+from sqla_tenancy.alembic_compat import running_environment
 from sqla_tenancy.keys import check_tenant_keys
 from sqla_tenancy.registry import REGISTRY_SCHEMA
 from sqla_tenancy.rls import is_tenant_scoped, policy_names, tenant_column_name
@@ -57,8 +57,8 @@ _COMMANDS: dict[str, Command] = {"upgrade": "upgrade", "downgrade": "downgrade",
 
 
 def _environment() -> EnvironmentContext:
-    env = getattr(alembic.context, "_proxy", None)
-    if not isinstance(env, EnvironmentContext):
+    env = running_environment()
+    if env is None:
         raise MigrationError("run_env() is called from a project's env.py, while Alembic runs a command.")
     return env
 

@@ -23,6 +23,7 @@ from sqlalchemy import Connection, Engine, create_engine, event, text
 from sqlalchemy.pool import NullPool
 
 from sqla_tenancy import locks
+from sqla_tenancy.alembic_compat import downgrade_steps, stamp_steps, upgrade_steps
 from sqla_tenancy.anonymous import grant_database_tenant, table_access_ddl, tenant_anonymous_role
 from sqla_tenancy.grants import finish_tables
 from sqla_tenancy.identifiers import quote_ident, quote_literal
@@ -229,12 +230,12 @@ class LocationRunner:
                 steps = []
             elif command == "upgrade":
                 assert isinstance(dest, str)
-                steps = list(script._upgrade_revs(dest, rev))
+                steps = upgrade_steps(script, dest, rev)
             elif command == "downgrade":
                 assert isinstance(dest, str)
-                steps = list(script._downgrade_revs(dest, rev))
+                steps = downgrade_steps(script, dest, rev)
             else:
-                steps = list(script._stamp_revs(dest if isinstance(dest, tuple) else (dest,), rev))
+                steps = stamp_steps(script, dest if isinstance(dest, tuple) else (dest,), rev)
             # what the location was at (as Alembic just read it), and whether it moves
             self._seen = (format_revision(current), bool(steps))
             return steps

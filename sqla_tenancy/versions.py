@@ -21,6 +21,7 @@ from pathlib import Path
 from alembic.config import Config
 from alembic.script import ScriptDirectory
 
+from .alembic_compat import version_directories
 from .identifiers import quote_ident, quote_literal
 
 __all__ = [
@@ -91,7 +92,7 @@ def config_stream_heads(config: Config, stream: str) -> tuple[str, ...]:
     if not config.get_main_option("script_location"):
         raise ValueError("The Alembic configuration has no script_location.")
     script = ScriptDirectory.from_config(config)
-    stamp = tuple(os.stat(d).st_mtime for d in script._version_locations if os.path.isdir(d))
+    stamp = tuple(os.stat(d).st_mtime for d in version_directories(script) if os.path.isdir(d))
     keys = ("script_location", "version_locations", "path_separator")
     options = tuple((k, v) for k in keys if (v := config.get_main_option(k)) is not None)
     return _heads(options, stream, stamp)

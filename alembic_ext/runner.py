@@ -24,12 +24,11 @@ from sqlalchemy.pool import NullPool
 
 from sqla_tenancy import locks
 from sqla_tenancy.alembic_compat import downgrade_steps, stamp_steps, upgrade_steps
-from sqla_tenancy.anonymous import grant_database_tenant, table_access_ddl, tenant_anonymous_role
+from sqla_tenancy.binding import UNBIND
 from sqla_tenancy.grants import finish_tables
-from sqla_tenancy.identifiers import quote_ident, quote_literal
+from sqla_tenancy.identifiers import quote_ident
 from sqla_tenancy.installer import ensure_registry
 from sqla_tenancy.registry import REGISTRY_SCHEMA, TenantStore
-from sqla_tenancy.rls import TENANT_SETTING
 
 from .locations import MIGRATED_STATUSES, Location, update_registry_copy
 from .versions import INFRASTRUCTURE, TENANT, VERSION_TABLES, format_revision, has_stream
@@ -300,13 +299,12 @@ class LocationRunner:
         if location.kind in ("main", "schema"):
             nested = main.in_transaction()
             with _transaction(main):
-                if tenant is not None:
+                placement = self.tenancy.router.placement_of(tenant) if tenant is not None else None
+                if tenant is not None and placement is not None:
                     # one round trip: the binding, and the lock held until this transaction ends
                     lock = locks.xact_lock_sql(locks.tenant_key(tenant.slug))
                     main.exec_driver_sql(
-                        f"SET LOCAL search_path = {quote_ident(location.schema or '')}; "
-                        f"SET LOCAL {TENANT_SETTING} = {quote_literal(str(tenant.id))}; "
-                        + (lock if writes else "SELECT 1")
+                        f"{placement.migration_binding(tenant)}; {lock if writes else 'SELECT 1'}"
                     )
                     if writes and not _still_there(main, location):
                         return _gone(location, started)
@@ -314,19 +312,11 @@ class LocationRunner:
                 if writes:
                     if location.kind == "main" and after != before:
                         finish_tables(self.tenancy.config, main, self.tenancy.tenant_tables())
-                    if location.kind == "schema" and before is None and tenant is not None:
-                        # the tenant's role gets every table of its schema by default privileges
-                        table = (
-                            f"{quote_ident(location.version_schema)}.{quote_ident(VERSION_TABLES[TENANT])}"
-                        )
-                        role = tenant.location.get("role")
-                        if role:
-                            main.exec_driver_sql(f"REVOKE ALL ON {table} FROM {quote_ident(role)}")
-                    if location.kind == "schema" and after != before and tenant is not None:
-                        self._sync_schema_anonymous(main, location.schema or "", tenant.slug)
+                    if tenant is not None and placement is not None and after != before:
+                        placement.after_migration(main, tenant, created=before is None)
                     update_registry_copy(main, location, after)
                 if tenant is not None and nested:  # a caller's outer transaction goes on unbound
-                    main.exec_driver_sql(f"SET LOCAL search_path TO DEFAULT; SET LOCAL {TENANT_SETTING} = ''")
+                    main.exec_driver_sql(UNBIND)
             return _outcome(location.name, location.kind, TENANT, before, after, started)
         registry = control if control is not None else main
         if tenant is not None and writes:
@@ -336,21 +326,6 @@ class LocationRunner:
                         return _gone(location, started)
                 return self._run_database(registry, location, started)
         return self._run_database(registry, location, started)
-
-    def _sync_schema_anonymous(self, conn: Connection, schema: str, slug: str) -> None:
-        """After a schema tenant's tables changed: what its anonymous role may read, per the
-        models' current opt-ins (tenants created before anonymous roles existed have none)."""
-        role = tenant_anonymous_role(self.tenancy.config, slug)
-        if not _role_exists(conn, role):
-            return
-        present = set(
-            conn.execute(
-                text("select tablename from pg_tables where schemaname = :s"), {"s": schema}
-            ).scalars()
-        )
-        tables = [t for t in self.tenancy.tenant_tables() if t.schema is None and t.name in present]
-        for statement in table_access_ddl(tables, role, schema=schema):
-            conn.exec_driver_sql(statement)
 
     def _run_database(self, registry: Connection, location: Location, started: float) -> Outcome:
         if location.kind == "template" and self.command != "display":
@@ -370,29 +345,17 @@ class LocationRunner:
     def _run_database_locked(self, registry: Connection, location: Location, started: float) -> Outcome:
         assert location.database is not None
         tenant = location.tenant
+        placement = self.tenancy.router.placement_of(tenant) if tenant is not None else None
         with self._connect(location.server, location.database) as conn, _transaction(conn):
-            if tenant is not None:
-                conn.exec_driver_sql(f"SET LOCAL {TENANT_SETTING} = {quote_literal(str(tenant.id))}")
+            if tenant is not None and placement is not None:
+                conn.exec_driver_sql(placement.migration_binding(tenant))
             before, after = self._apply(conn, TENANT, location.version_schema)
-            role = tenant.location.get("role") if tenant is not None else None
-            if self.command != "display" and after != before and role:
-                app = quote_ident(role)
-                conn.exec_driver_sql(
-                    f"GRANT SELECT, INSERT, UPDATE, DELETE ON ALL TABLES IN SCHEMA public TO {app}; "
-                    f"GRANT USAGE, SELECT ON ALL SEQUENCES IN SCHEMA public TO {app}"
-                )
-                assert tenant is not None
-                anonymous = tenant_anonymous_role(self.tenancy.config, tenant.slug)
-                if _role_exists(conn, anonymous):
-                    grant_database_tenant(conn, self.tenancy.config, anonymous, fresh=False)
+            if self.command != "display" and after != before and tenant is not None and placement is not None:
+                placement.after_migration(conn, tenant, created=before is None)
         if self.command != "display" and location.kind == "database":
             with _transaction(registry):
                 update_registry_copy(registry, location, after)
         return _outcome(location.name, location.kind, TENANT, before, after, started)
-
-
-def _role_exists(conn: Connection, role: str) -> bool:
-    return conn.execute(text("select 1 from pg_roles where rolname = :r"), {"r": role}).first() is not None
 
 
 def _read_revision(conn: Connection, schema: str, stream: str) -> str | None:

@@ -56,6 +56,8 @@ __all__ = [
     "grant_database_tenant",
     "is_anonymous_readable",
     "main_database_ddl",
+    "refuse_existing_role",
+    "role_exists",
     "schema_tenant_ddl",
     "table_access_ddl",
     "tenant_anonymous_role",
@@ -202,14 +204,25 @@ def grant_database_tenant(conn: Connection, config: TenancyConfig, role: str, *,
         conn.exec_driver_sql(statement)
 
 
+def role_exists(conn: Connection, role: str) -> bool:
+    """Whether ``role`` exists on ``conn``'s server (roles are cluster-wide)."""
+    return conn.execute(text("select 1 from pg_roles where rolname = :r"), {"r": role}).first() is not None
+
+
+def refuse_existing_role(conn: Connection, role: str) -> None:
+    """:class:`ProvisioningError` when ``role`` exists: provisioning creates its roles, it neither
+    adopts nor (on failure) drops one it did not make."""
+    if role_exists(conn, role):
+        raise ProvisioningError(
+            f"Role {role!r} exists already, and provisioning did not create it (roles are "
+            "cluster-wide: is another application on this cluster using the same name_prefix?). "
+            "sqla-tenancy neither adopts nor drops it: give Tenancy a distinct name_prefix, or drop it."
+        )
+
+
 def create_tenant_anonymous_role(conn: Connection, role: str, *, member: str) -> None:
     """Create a database tenant's anonymous role and let ``member`` (its NOINHERIT login role)
     switch to it."""
-    exists = conn.execute(text("select 1 from pg_roles where rolname = :r"), {"r": role}).first()
-    if exists:
-        raise ProvisioningError(
-            f"Role {role!r} exists already (roles are cluster-wide: is another application on this "
-            "cluster using the same name_prefix?). Give Tenancy a distinct name_prefix, or drop it."
-        )
+    refuse_existing_role(conn, role)
     conn.exec_driver_sql(f"CREATE ROLE {quote_ident(role)} {_ROLE_OPTIONS} NOINHERIT")
     conn.exec_driver_sql(f"GRANT {quote_ident(role)} TO {quote_ident(member)}")

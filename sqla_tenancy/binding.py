@@ -23,7 +23,13 @@ import uuid
 from .identifiers import quote_ident, quote_literal
 from .rls import TENANT_SETTING
 
-__all__ = ["CLEAR_LEFTOVERS", "binding_statement", "tenant_setting"]
+__all__ = [
+    "CLEAR_LEFTOVERS",
+    "UNBIND",
+    "binding_statement",
+    "migration_binding_statement",
+    "tenant_setting",
+]
 
 #: Sent in front of a tenant's ``BEGIN``: removes what another transaction on the same connection
 #: may have left for the next one to find. Each statement is a no-op on a clean connection. They
@@ -47,3 +53,15 @@ def binding_statement(tenant_id: uuid.UUID, *, schema: str | None = None, role: 
     path = "DEFAULT" if schema is None else f"{quote_ident(schema)}, pg_temp"
     who = "NONE" if role is None else quote_ident(role)
     return f"SET LOCAL search_path = {path}; SET LOCAL ROLE {who}; {tenant_setting(tenant_id)}".encode()
+
+
+def migration_binding_statement(tenant_id: uuid.UUID, *, schema: str | None = None) -> str:
+    """What binds an admin transaction migrating a tenant's location: unqualified names resolve in
+    ``schema`` (``None``: the default path), and the policies see the tenant. The role stays the
+    admin's: migrations own the tables."""
+    path = "DEFAULT" if schema is None else quote_ident(schema)
+    return f"SET LOCAL search_path = {path}; {tenant_setting(tenant_id)}"
+
+
+#: Undoes :func:`migration_binding_statement` for the rest of a caller's transaction.
+UNBIND = f"SET LOCAL search_path = DEFAULT; SET LOCAL {TENANT_SETTING} = ''"

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import IO, TYPE_CHECKING
 
 from sqlalchemy import Connection, Table
+from sqlalchemy.engine import URL
 from sqlalchemy.schema import CreateIndex, CreateTable
 
 from .binaries import find_bindir
@@ -66,14 +67,13 @@ def export_tenant(services: Services, tenant: Tenant, path: Path, *, pg_dump: Pa
         for statement in current_tenant_function_ddl(REGISTRY_SCHEMA):
             out.write(statement.strip() + ";\n")
         out.write("\n")
-        if tenant.strategy in ("schema", "database"):
+        target = services.router.placement_of(tenant).dump_target(tenant)
+        tables: list[Table] = []
+        if target is not None:  # tables of its own: dumped whole
             out.flush()
-            _pg_dump(services, tenant, out, pg_dump or find_pg_dump())
-            tables: list[Table] = []
-        elif tenant.strategy == "shared":
-            tables = [t for t in services.config.tenant_tables() if is_tenant_scoped(t)]
-        else:
-            raise TenancyError(f"export of {tenant.strategy!r} tenants is not supported yet")
+            _pg_dump(tenant, target, out, pg_dump or find_pg_dump())
+        else:  # rows in shared tables
+            tables += [t for t in services.config.tenant_tables() if is_tenant_scoped(t)]
         tables += [t for t in services.config.infrastructure_tables() if is_tenant_scoped(t)]
         with services.engines.admin.begin() as admin:
             admin.exec_driver_sql(tenant_setting(tenant.id))
@@ -90,17 +90,9 @@ _NEWER_SETTINGS = {
 }
 
 
-def _pg_dump(services: Services, tenant: Tenant, out: IO[str], pg_dump: Path) -> None:
-    """``pg_dump`` of the tenant's schema, or of its database's ``public`` schema (the foreign
-    schemas, the foreign server and the user mappings, which hold a password, stay out)."""
-    if tenant.strategy == "schema":
-        schema = tenant.location.get("schema")
-        url = services.config.admin_url
-    else:
-        schema = "public"
-        url = services.config.server_admin_url(tenant.location.get("server", "main")).set(
-            database=tenant.location.get("database")
-        )
+def _pg_dump(tenant: Tenant, target: tuple[URL, str], out: IO[str], pg_dump: Path) -> None:
+    """``pg_dump`` of the schema where the tenant's tables are (its placement's ``dump_target``)."""
+    url, schema = target
     if not schema or not url.database:
         raise TenancyError(f"tenant {tenant.slug!r} has no location recorded in the registry")
     env = {**os.environ, "PGPASSWORD": url.password or ""}

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any, Protocol
 
 from sqlalchemy import Connection
-from sqlalchemy.engine import Engine
+from sqlalchemy.engine import URL, Engine
 
 if TYPE_CHECKING:
     from ..registry import Tenant
@@ -61,6 +61,19 @@ class Placement(Protocol):
     def derived_names(self, tenant: Tenant) -> dict[tuple[str, str], str]:
         """The databases, schemas and roles provisioning ``tenant`` creates, as
         ``{(kind, name): what it is}`` (checked against the library's own names first)."""
+
+    def dump_target(self, tenant: Tenant) -> tuple[URL, str] | None:
+        """Where ``pg_dump`` finds the tenant's own tables, whole: an admin URL of their database
+        and the schema (``None``: the tenant's rows share tables and are exported row by row)."""
+
+    def migration_binding(self, tenant: Tenant) -> str:
+        """What binds an admin transaction migrating the tenant's location (see
+        :func:`~sqla_tenancy.binding.migration_binding_statement`)."""
+
+    def after_migration(self, conn: Connection, tenant: Tenant, *, created: bool) -> None:
+        """Bring the tenant's grants in line with the tables a migration just changed at its
+        location; ``conn`` is the migration's transaction there, ``created`` whether the tenant
+        stream's version table was just made."""
 
     def binding(self, tenant: Tenant) -> bytes:
         """The transaction-local statements that bind a transaction to ``tenant``."""

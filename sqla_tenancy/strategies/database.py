@@ -47,8 +47,13 @@ from sqlalchemy.engine import URL, Engine
 from sqlalchemy.pool import NullPool as _NullPool
 
 from .. import locks
-from ..anonymous import create_tenant_anonymous_role, grant_database_tenant
-from ..binding import binding_statement
+from ..anonymous import (
+    create_tenant_anonymous_role,
+    grant_database_tenant,
+    refuse_existing_role,
+    role_exists,
+)
+from ..binding import binding_statement, migration_binding_statement
 from ..dialect import DRIVER_NAME
 from ..errors import ProvisioningError
 from ..grants import tenants_group, tenants_group_grants
@@ -398,11 +403,11 @@ class DatabaseStrategy:
                         "distinct name_prefix if another application uses these names."
                     )
                 for role in (names.app_role, names.anon_role):
-                    _refuse_existing_role(conn, role)
+                    refuse_existing_role(conn, role)
         finally:
             engine.dispose()
         with self.engines.admin.connect() as conn:
-            _refuse_existing_role(conn, names.fdw_role)
+            refuse_existing_role(conn, names.fdw_role)
 
     def import_foreign_schemas(
         self, tenant: Tenant, *, names: Names | None = None, create_server: bool = False
@@ -616,6 +621,25 @@ class DatabaseStrategy:
 
     # -- routing ------------------------------------------------------------------------------
 
+    def migration_binding(self, tenant: Tenant) -> str:
+        return migration_binding_statement(tenant.id)
+
+    def after_migration(self, conn: Connection, tenant: Tenant, *, created: bool) -> None:
+        names = self.names(tenant)
+        app = quote_ident(names.app_role)
+        conn.exec_driver_sql(
+            f"GRANT SELECT, INSERT, UPDATE, DELETE ON ALL TABLES IN SCHEMA public TO {app}; "
+            f"GRANT USAGE, SELECT ON ALL SEQUENCES IN SCHEMA public TO {app}"
+        )
+        if role_exists(conn, names.anon_role):  # tenants created before anonymous roles existed
+            grant_database_tenant(conn, self.config, names.anon_role, fresh=False)
+
+    def dump_target(self, tenant: Tenant) -> tuple[URL, str] | None:
+        # its public schema: the foreign schemas, the foreign server and the user mappings (which
+        # hold a password) stay out
+        names = self.names(tenant)
+        return self.config.server_admin_url(names.server).set(database=names.database), "public"
+
     def binding(self, tenant: Tenant) -> bytes:
         # The pool serves this tenant only, its full and its anonymous transactions alike: pin
         # the role and the path all the same, and the setting for RLS on the tenant's own tables.
@@ -685,18 +709,8 @@ def _warn_open(conn: Connection, tenant: Tenant, role: str, what: str, server: s
     )
 
 
-def _refuse_existing_role(conn: Connection, role: str) -> None:
-    exists = conn.execute(text("select 1 from pg_roles where rolname = :r"), {"r": role}).first()
-    if exists:
-        raise ProvisioningError(
-            f"Role {role!r} exists already, and provisioning did not create it (roles are "
-            "cluster-wide: is another application on this cluster using the same name_prefix?). "
-            "sqla-tenancy neither adopts nor drops it: give Tenancy a distinct name_prefix, or drop it."
-        )
-
-
 def _create_role(conn: Connection, role: str, password: str, *, inherit: bool = False) -> None:
-    _refuse_existing_role(conn, role)
+    refuse_existing_role(conn, role)
     # Only a SCRAM verifier goes over the wire (and into any server log), never the password.
     run_script(
         conn,

@@ -18,18 +18,26 @@ from __future__ import annotations
 import threading
 from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import Connection, create_mock_engine
+from sqlalchemy import Connection, create_mock_engine, text
 from sqlalchemy.dialects.postgresql import psycopg as postgresql_psycopg
-from sqlalchemy.engine import Engine
+from sqlalchemy.engine import URL, Engine
 from sqlalchemy.schema import CreateIndex
 
-from ..anonymous import anonymous_gate, schema_tenant_ddl, tenant_anonymous_role
-from ..binding import binding_statement
+from ..anonymous import (
+    anonymous_gate,
+    refuse_existing_role,
+    role_exists,
+    schema_tenant_ddl,
+    table_access_ddl,
+    tenant_anonymous_role,
+)
+from ..binding import binding_statement, migration_binding_statement
 from ..errors import ProvisioningError
 from ..grants import tenants_group
 from ..identifiers import quote_ident, role_name, schema_name
 from ..registry import REGISTRY_SCHEMA
 from ..rls import TENANT_ID_INFO_KEY, enable_rls_ddl, is_tenant_scoped
+from ..versions import TENANT, VERSION_TABLES
 from .base import run_script
 from .shared import delete_tenant_rows
 
@@ -121,16 +129,8 @@ class SchemaStrategy:
                 "it; sqla-tenancy neither adopts nor drops it. Drop or rename it if it is a "
                 "leftover, or give Tenancy a distinct name_prefix."
             )
-        exists = admin.exec_driver_sql(
-            "select rolname from pg_roles where rolname in (%(r)s, %(a)s) order by rolname",
-            {"r": role, "a": anonymous},
-        ).first()
-        if exists:
-            raise ProvisioningError(
-                f"Role {exists[0]!r} exists already (roles are cluster-wide: is another application "
-                "on this cluster using the same name_prefix?). Give Tenancy a distinct "
-                "name_prefix, or drop the leftover role."
-            )
+        for name in (role, anonymous):
+            refuse_existing_role(admin, name)
         self.steps("schema")
         # The role and its default privileges come before the tables, so that the tables are
         # granted as they are created: a GRANT ... ON ALL TABLES IN SCHEMA would scan pg_class,
@@ -160,7 +160,7 @@ class SchemaStrategy:
         heads = self.config.tenant_heads()
         if heads is not None:
             # Born at the tenant stream's head: the fleet runner has nothing to replay here.
-            from ..versions import TENANT, VERSION_TABLES, format_revision, version_table_script
+            from ..versions import format_revision, version_table_script
 
             version_table = f"{s}.{quote_ident(VERSION_TABLES[TENANT])}"
             run_script(
@@ -210,6 +210,31 @@ class SchemaStrategy:
 
     def compensate(self, tenant: Tenant) -> None:
         """Nothing to do: provisioning is transactional."""
+
+    def migration_binding(self, tenant: Tenant) -> str:
+        return migration_binding_statement(tenant.id, schema=self.names(tenant.slug)[0])
+
+    def after_migration(self, conn: Connection, tenant: Tenant, *, created: bool) -> None:
+        schema, role = self.names(tenant.slug)
+        if created:
+            # the tenant's role gets every table of its schema by default privileges: not this one
+            table = f"{quote_ident(schema)}.{quote_ident(VERSION_TABLES[TENANT])}"
+            conn.exec_driver_sql(f"REVOKE ALL ON {table} FROM {quote_ident(role)}")
+        anonymous = tenant_anonymous_role(self.config, tenant.slug)
+        if not role_exists(conn, anonymous):  # tenants created before anonymous roles existed
+            return
+        # what the anonymous role may read, per the models' current opt-ins
+        present = set(
+            conn.execute(
+                text("select tablename from pg_tables where schemaname = :s"), {"s": schema}
+            ).scalars()
+        )
+        tables = [t for t in self.config.tenant_tables() if t.schema is None and t.name in present]
+        for statement in table_access_ddl(tables, anonymous, schema=schema):
+            conn.exec_driver_sql(statement)
+
+    def dump_target(self, tenant: Tenant) -> tuple[URL, str] | None:
+        return self.config.admin_url, self.names(tenant.slug)[0]
 
     def binding(self, tenant: Tenant) -> bytes:
         return self._binding(tenant, self.names(tenant.slug)[1])

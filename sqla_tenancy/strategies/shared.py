@@ -7,10 +7,10 @@ from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import Connection, Table, text
-from sqlalchemy.engine import Engine
+from sqlalchemy.engine import URL, Engine
 
 from ..anonymous import anonymous_role
-from ..binding import binding_statement, tenant_setting
+from ..binding import binding_statement, migration_binding_statement, tenant_setting
 from ..identifiers import quote_ident
 from ..keys import check_tenant_keys
 from ..rls import is_tenant_scoped, qualified_name, tenant_column_name
@@ -93,6 +93,15 @@ class SharedStrategy:
 
     def derived_names(self, tenant: Tenant) -> dict[tuple[str, str], str]:
         return {}  # a shared tenant is a registry row, nothing named
+
+    def migration_binding(self, tenant: Tenant) -> str:
+        return migration_binding_statement(tenant.id)
+
+    def after_migration(self, conn: Connection, tenant: Tenant, *, created: bool) -> None:
+        """Nothing per tenant: the main database's tables are granted for every shared tenant."""
+
+    def dump_target(self, tenant: Tenant) -> tuple[URL, str] | None:
+        return None  # its rows share the main database's tables: exported row by row
 
     def binding(self, tenant: Tenant) -> bytes:
         return binding_statement(tenant.id)

@@ -98,11 +98,7 @@ def create_tenant(
 ) -> Tenant:
     validate_slug(slug)
     placement = services.placement(strategy)
-    if server is not None:
-        if strategy != "database":
-            raise ProvisioningError("server= applies to strategy='database' only.")
-        services.config.server_admin_url(server)  # raises for an unknown server
-    location: dict[str, Any] = {"server": server or "main"} if strategy == "database" else {}
+    location = placement.initial_location(server)
     # The id is chosen here, so that every name the tenant would get (an FDW role's carries the
     # id) is checked before anything, the registry row included, exists.
     draft = Tenant(

@@ -41,6 +41,10 @@ class Placement(Protocol):
     #: each tenant has engines of its own (else: the main engine, bound per transaction)
     per_tenant_engines: bool
 
+    def initial_location(self, server: str | None) -> dict[str, Any]:
+        """The registry location a new tenant starts with, on ``server`` (``None``: the default);
+        :class:`~sqla_tenancy.ProvisioningError` for a server the placement cannot use."""
+
     def provision(self, tenant: Tenant, *, admin: Connection | None) -> dict[str, Any]:
         """Create the tenant's storage; return what the registry keeps as its ``location``.
 

@@ -320,6 +320,10 @@ class DatabaseStrategy:
 
     # -- provisioning -------------------------------------------------------------------------
 
+    def initial_location(self, server: str | None) -> dict[str, Any]:
+        self.config.server_admin_url(server or "main")  # ProvisioningError for an unknown server
+        return {"server": server or "main"}
+
     def provision(self, tenant: Tenant, *, admin: Connection | None = None) -> dict[str, Any]:
         names = self.names(tenant)
         secret = self.config.secret()

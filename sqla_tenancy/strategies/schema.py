@@ -118,6 +118,11 @@ class SchemaStrategy:
             ("role", tenant_anonymous_role(self.config, tenant.slug)): "anonymous role",
         }
 
+    def initial_location(self, server: str | None) -> dict[str, Any]:
+        if server is not None:
+            raise ProvisioningError("server= applies to placement='database' only.")
+        return {}
+
     def provision(self, tenant: Tenant, *, admin: Connection | None) -> dict[str, Any]:
         assert admin is not None
         schema, role = self.names(tenant.slug)

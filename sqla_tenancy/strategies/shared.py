@@ -11,6 +11,7 @@ from sqlalchemy.engine import URL, Engine
 
 from ..anonymous import anonymous_role
 from ..binding import binding_statement, migration_binding_statement, tenant_setting
+from ..errors import ProvisioningError
 from ..identifiers import quote_ident
 from ..keys import check_tenant_keys
 from ..rls import is_tenant_scoped, qualified_name, tenant_column_name
@@ -62,13 +63,16 @@ class SharedStrategy:
         self.engines = engines
         self.steps = steps
 
+    def initial_location(self, server: str | None) -> dict[str, Any]:
+        if server is not None:
+            raise ProvisioningError("server= applies to placement='database' only.")
+        return {}
+
     def provision(self, tenant: Tenant, *, admin: Connection | None) -> dict[str, Any]:
         # The tables exist already (install() / migrations); a shared tenant is only a registry
         # row. Refuse when a tenant table in the main database cannot be isolated by RLS.
         unscoped = [t.fullname for t in self.config.tenant_tables() if not is_tenant_scoped(t)]
         if unscoped:
-            from ..errors import ProvisioningError
-
             raise ProvisioningError(
                 "Shared tenants need every tenant table to carry tenant_id, but "
                 f"{', '.join(sorted(unscoped))} do(es) not: add the TenantScoped mixin, move the "

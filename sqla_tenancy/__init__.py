@@ -6,14 +6,20 @@ from .context import current_tenant, no_tenant_context, platform_context, run_in
 from .dialect import TenancyDialect, TenancyDialectAsync
 from .errors import (
     AutocommitNotAllowed,
+    ConfigurationError,
+    ConnectionBudgetExceeded,
+    CrossTenantAccess,
+    ExportError,
     InvalidTenantSlug,
     ProvisioningError,
     TenancyError,
     TenantNotFound,
     TenantRequired,
     TenantSuspended,
+    UnknownPlacement,
     UnsafeKeyError,
     UnsafeRoleError,
+    UnsupportedOperation,
 )
 from .keys import tenant_foreign_key, tenant_unique, unique_across_tenants, unsafe_keys
 from .models import TenantScoped, anonymous_readable, tenant_id_column
@@ -25,6 +31,10 @@ __version__ = "0.1.0"
 
 __all__ = [
     "AutocommitNotAllowed",
+    "ConfigurationError",
+    "ConnectionBudgetExceeded",
+    "CrossTenantAccess",
+    "ExportError",
     "InvalidTenantSlug",
     "ProvisioningError",
     "Tenancy",
@@ -37,8 +47,10 @@ __all__ = [
     "TenantScoped",
     "TenantSession",
     "TenantSuspended",
+    "UnknownPlacement",
     "UnsafeKeyError",
     "UnsafeRoleError",
+    "UnsupportedOperation",
     "anonymous_readable",
     "current_tenant",
     "no_tenant_context",

@@ -53,7 +53,7 @@ from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any, Literal
 
 from .context import tenant_context
-from .errors import TenancyError, TenantNotFound
+from .errors import ConfigurationError, TenancyError, TenantNotFound, TenantRequired, TenantSuspended
 from .registry import Tenant, access_key_hash
 from .resolvers import (
     DEFAULT_RESOLVERS,
@@ -75,6 +75,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "AccessKeyNotRetrievable",
+    "HttpAnswer",
     "Admission",
     "AuthenticationRequired",
     "Checkpoint",
@@ -84,6 +85,7 @@ __all__ = [
     "TenantMismatch",
     "admit",
     "bearer_token",
+    "http_answer",
     "issue_access_key",
     "revoke_access_key",
     "rotate_access_key",
@@ -109,7 +111,7 @@ _TOKEN68 = re.compile(r"[A-Za-z0-9\-._~+/]+=*")
 # -- errors ---------------------------------------------------------------------------------------
 
 
-class CheckpointConfigError(TenancyError, ValueError):
+class CheckpointConfigError(ConfigurationError):
     """The checkpoint or verifier is configured in a way that would be unsafe or unusable."""
 
 
@@ -120,8 +122,6 @@ class AuthenticationRequired(RequestRejected):
     tenant), so that it cannot learn which tenants exist; the reason is in ``str(exc)`` for logs.
     """
 
-    status = 401
-    code = "unauthorized"
     DETAIL = "Authenticate with a bearer token, or present the tenant's access key."
 
     def __init__(self, reason: str) -> None:
@@ -135,9 +135,6 @@ class AuthenticationRequired(RequestRejected):
 class InvalidToken(RequestRejected):
     """The bearer token failed verification (401): bad signature or algorithm, expired, not yet
     valid, wrong audience or issuer, or malformed."""
-
-    status = 401
-    code = "invalid_token"
 
     def __init__(self, reason: str) -> None:
         super().__init__(f"Bearer token rejected: {reason}", detail="The bearer token is not valid.")
@@ -154,11 +151,48 @@ class AccessKeyNotRetrievable(TenancyError):
 class TenantMismatch(RequestRejected):
     """The verified token belongs to another tenant than the one the request targets (403)."""
 
-    status = 403
-    code = "tenant_mismatch"
-
     def __init__(self, reason: str) -> None:
         super().__init__(reason, detail="This token does not grant access to the requested tenant.")
+
+
+@dataclass(frozen=True, slots=True)
+class HttpAnswer:
+    """What a refused request is answered: a status, a JSON body, extra headers."""
+
+    status: int
+    code: str
+    detail: str
+    headers: Mapping[str, str]
+
+    def body(self) -> dict[str, str]:
+        """``{"error": <code>, "detail": <detail>}``."""
+        return {"error": self.code, "detail": self.detail}
+
+
+#: How each refusal is answered: the one table from errors to HTTP. ``None`` as the detail: the
+#: exception's own (``RequestRejected.detail``, else its message).
+_ANSWERS: dict[type[TenancyError], tuple[int, str, str | None]] = {
+    TenantRequired: (400, "tenant_required", None),
+    TenantNotFound: (404, "tenant_not_found", "Unknown tenant."),
+    TenantSuspended: (403, "tenant_suspended", "This tenant is suspended."),
+    AuthenticationRequired: (401, "unauthorized", None),
+    InvalidToken: (401, "invalid_token", None),
+    TenantMismatch: (403, "tenant_mismatch", None),
+}
+
+
+def http_answer(exc: BaseException) -> HttpAnswer | None:
+    """The answer to a request refused with ``exc``; ``None`` when ``exc`` is no refusal (an error
+    to let through)."""
+    for cls in type(exc).__mro__:
+        entry = _ANSWERS.get(cls)
+        if entry is not None:
+            status, code, detail = entry
+            if detail is None:
+                detail = exc.detail if isinstance(exc, RequestRejected) else str(exc)
+            headers = exc.headers if isinstance(exc, RequestRejected) else {}
+            return HttpAnswer(status, code, detail, headers)
+    return None
 
 
 # -- token verification -----------------------------------------------------------------------------

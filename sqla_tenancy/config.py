@@ -16,7 +16,7 @@ from typing import Any
 from sqlalchemy import MetaData, Table
 from sqlalchemy.engine import URL, make_url
 
-from .errors import ProvisioningError, TenancyError
+from .errors import ConfigurationError, ProvisioningError
 from .identifiers import validate_prefix, validate_slug
 
 __all__ = ["CREATE_DATABASE_STRATEGIES", "MigrationsSource", "TenancyConfig", "plain_url"]
@@ -122,14 +122,14 @@ class TenancyConfig:
         """Check the arguments of ``Tenancy(...)`` and build the configuration."""
         app = make_url(url)
         if app.get_backend_name() != "postgresql":
-            raise TenancyError(f"sqla-tenancy needs PostgreSQL; got a {app.get_backend_name()} URL")
+            raise ConfigurationError(f"sqla-tenancy needs PostgreSQL; got a {app.get_backend_name()} URL")
         admin = make_url(admin_url) if admin_url is not None else app
         if default_tenant is not None and default_tenant != "default":
             validate_slug(default_tenant)
         if create_database_strategy not in CREATE_DATABASE_STRATEGIES:
-            raise TenancyError("create_database_strategy must be 'file_copy', 'wal_log' or None")
+            raise ConfigurationError("create_database_strategy must be 'file_copy', 'wal_log' or None")
         if max_tenant_engines < 1:
-            raise ValueError("max_tenant_engines must be at least 1")
+            raise ConfigurationError("max_tenant_engines must be at least 1")
         known = {"main": admin}
         for name, server_url in (servers or {}).items():
             known[name] = plain_url(make_url(server_url))

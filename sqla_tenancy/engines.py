@@ -27,7 +27,7 @@ from sqlalchemy.util import greenlet_spawn
 
 from .config import TenancyConfig, plain_url
 from .dialect import DRIVER_NAME, Binder
-from .errors import TenancyError
+from .errors import ConnectionBudgetExceeded
 
 __all__ = ["EngineCache", "EngineStats", "Engines"]
 
@@ -137,7 +137,7 @@ class EngineCache:
         @event.listens_for(engine, "do_connect")
         def _acquire(dialect: Any, conn_rec: Any, cargs: Any, cparams: Any) -> Any:
             if self._budget is not None and not self._budget.acquire(timeout=self.budget_timeout):
-                raise TenancyError(
+                raise ConnectionBudgetExceeded(
                     f"All {self.max_connections} tenant database connections are in use; raise "
                     "max_tenant_connections or lower the pool sizes."
                 )

@@ -1,4 +1,6 @@
-"""The exceptions sqla-tenancy raises. All derive from :class:`TenancyError`."""
+"""The exceptions sqla-tenancy raises: one vocabulary of domain errors, all derived from
+:class:`TenancyError`. What an HTTP client is answered for each is decided at the edge, in one
+table (:func:`sqla_tenancy.resolvers.http_answer`), not by the errors themselves."""
 
 from __future__ import annotations
 
@@ -6,14 +8,20 @@ from collections.abc import Sequence
 
 __all__ = [
     "AutocommitNotAllowed",
+    "ConfigurationError",
+    "ConnectionBudgetExceeded",
+    "CrossTenantAccess",
+    "ExportError",
     "InvalidTenantSlug",
     "ProvisioningError",
     "TenancyError",
     "TenantNotFound",
     "TenantRequired",
     "TenantSuspended",
+    "UnknownPlacement",
     "UnsafeKeyError",
     "UnsafeRoleError",
+    "UnsupportedOperation",
 ]
 
 
@@ -33,8 +41,9 @@ class TenantRequired(TenancyError):
         )
 
 
-class TenantNotFound(TenancyError):
-    """No tenant in the registry matches the given slug or id."""
+class TenantNotFound(TenancyError, LookupError):
+    """No tenant in the registry matches the given slug or id (or the reference is not a
+    canonical one, which no tenant can match)."""
 
     def __init__(self, ref: object) -> None:
         self.ref = ref
@@ -58,6 +67,42 @@ class InvalidTenantSlug(TenancyError, ValueError):
 
 class ProvisioningError(TenancyError):
     """Creating, changing or deleting a tenant's storage failed; nothing was left half-made."""
+
+
+class UnknownPlacement(ProvisioningError, LookupError):
+    """A placement name (``strategy=``, or a registry row's) that this version does not know."""
+
+    def __init__(self, name: str, known: Sequence[str], *, tenant: str | None = None) -> None:
+        self.name = name
+        who = (
+            f"Tenant {tenant!r} uses an unknown placement {name!r}"
+            if tenant
+            else f"Unknown placement {name!r}"
+        )
+        super().__init__(f"{who}; the placements of this version are {', '.join(sorted(known))}.")
+
+
+class ConfigurationError(TenancyError, ValueError):
+    """sqla-tenancy (a Tenancy, a checkpoint, an integration) is configured in a way that cannot
+    work; the message names the argument to change."""
+
+
+class UnsupportedOperation(TenancyError):
+    """An operation that does not apply to this tenant (the default tenant cannot be deleted, a
+    shared tenant has no foreign schemas) or in this situation."""
+
+
+class CrossTenantAccess(TenancyError):
+    """An ORM object of one tenant was to be loaded or flushed for another tenant (or outside its
+    context); the message names both."""
+
+
+class ExportError(TenancyError):
+    """Exporting a tenant failed (``pg_dump`` missing or failing, no location recorded)."""
+
+
+class ConnectionBudgetExceeded(TenancyError):
+    """Every connection of ``max_tenant_connections`` stayed in use for the whole wait."""
 
 
 class UnsafeRoleError(TenancyError):

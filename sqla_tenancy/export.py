@@ -31,7 +31,7 @@ from sqlalchemy.schema import CreateIndex, CreateTable
 
 from .binaries import find_bindir
 from .binding import tenant_setting
-from .errors import TenancyError
+from .errors import ExportError
 from .identifiers import quote_ident, quote_literal
 from .registry import REGISTRY_SCHEMA, Tenant
 from .rls import current_tenant_function_ddl, is_tenant_scoped, qualified_name, tenant_column_name
@@ -53,7 +53,7 @@ def find_pg_dump(explicit: str | os.PathLike[str] | None = None) -> Path:
         found = shutil.which("pg_dump")
         if found:
             return Path(found)
-    raise TenancyError("pg_dump was not found: install PostgreSQL's client tools or pass pg_dump=")
+    raise ExportError("pg_dump was not found: install PostgreSQL's client tools or pass pg_dump=")
 
 
 def export_tenant(services: Services, tenant: Tenant, path: Path, *, pg_dump: Path | None = None) -> Path:
@@ -94,7 +94,7 @@ def _pg_dump(tenant: Tenant, target: tuple[URL, str], out: IO[str], pg_dump: Pat
     """``pg_dump`` of the schema where the tenant's tables are (its placement's ``dump_target``)."""
     url, schema = target
     if not schema or not url.database:
-        raise TenancyError(f"tenant {tenant.slug!r} has no location recorded in the registry")
+        raise ExportError(f"tenant {tenant.slug!r} has no location recorded in the registry")
     env = {**os.environ, "PGPASSWORD": url.password or ""}
     command = [
         str(pg_dump),
@@ -132,7 +132,7 @@ def _pg_dump(tenant: Tenant, target: tuple[URL, str], out: IO[str], pg_dump: Pat
         errors.seek(0)
         error = errors.read()
     if proc.returncode != 0:
-        raise TenancyError(f"pg_dump failed for tenant {tenant.slug!r}: {error.strip()}")
+        raise ExportError(f"pg_dump failed for tenant {tenant.slug!r}: {error.strip()}")
     # pg_dump empties search_path for the session; later statements qualify every name.
     out.write("\nSELECT pg_catalog.set_config('search_path', '', false);\n\n")
 

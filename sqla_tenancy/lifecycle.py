@@ -23,7 +23,7 @@ from sqlalchemy import Connection, text
 
 from . import locks
 from .anonymous import anonymous_gate, anonymous_group, anonymous_role
-from .errors import ProvisioningError, TenancyError
+from .errors import ProvisioningError, TenancyError, UnsupportedOperation
 from .grants import tenants_group
 from .identifiers import validate_slug
 from .registry import REGISTRY_SCHEMA, Tenant
@@ -202,7 +202,7 @@ def _clean_up(services: Services, placement: Strategy, tenant: Tenant) -> None:
 
 def delete_tenant(services: Services, tenant: Tenant, *, keep_infrastructure_rows: bool) -> None:
     if tenant.is_default:
-        raise TenancyError("The default tenant cannot be deleted.")
+        raise UnsupportedOperation("The default tenant cannot be deleted.")
     placement = services.placement(tenant.strategy)
     admin_engine = services.engines.admin
     if placement.transactional:

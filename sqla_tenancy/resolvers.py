@@ -12,13 +12,13 @@ order; the first that yields a reference wins:
 * :class:`ClaimResolver`: a claim of the verified bearer token (``tenant`` by default).
 
 :func:`resolve_tenant` turns the reference into a :class:`Tenant` through the registry's cache and
-gives each unusable outcome its own :class:`RequestRejected`, decided before the application's pool
-is touched:
+raises the domain error of each unusable outcome, decided before the application's pool is touched
+(the integrations answer it as :func:`~sqla_tenancy.checkpoint.http_answer` says):
 
 * no reference, and the Tenancy has a default tenant: the default tenant serves the request;
-* no reference and no default tenant: 400 ``tenant_required`` (:class:`TenantNotResolved`);
-* an unknown or malformed reference: 404 ``tenant_not_found`` (:class:`UnknownTenant`);
-* a suspended tenant: 403 ``tenant_suspended`` (:class:`TenantUnavailable`).
+* no reference and no default tenant: :class:`~sqla_tenancy.TenantRequired`, 400 ``tenant_required``;
+* an unknown or malformed reference: :class:`~sqla_tenancy.TenantNotFound`, 404 ``tenant_not_found``;
+* a suspended tenant: :class:`~sqla_tenancy.TenantSuspended`, 403 ``tenant_suspended``.
 
 **One tenant per name.** A reference is taken exactly as the request sent it: nothing is stripped,
 case-folded, decoded or otherwise normalised between the request and the registry. It names a
@@ -39,9 +39,9 @@ import re
 import uuid
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, ClassVar, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
-from .errors import InvalidTenantSlug, TenancyError, TenantNotFound
+from .errors import InvalidTenantSlug, TenancyError, TenantNotFound, TenantRequired, TenantSuspended
 from .identifiers import validate_slug
 from .registry import Tenant
 from .routing import lookup_key
@@ -57,6 +57,7 @@ __all__ = [
     "RequestRejected",
     "RequestView",
     "SubdomainResolver",
+    "NO_TENANT_NAMED",
     "TenantNotResolved",
     "TenantResolver",
     "TenantUnavailable",
@@ -78,14 +79,15 @@ _MAX_REFERENCE_LENGTH = 64
 
 
 class RequestRejected(TenancyError):
-    """A request may not proceed; carries the HTTP answer the integrations send.
+    """A request may not proceed for a reason only the request's edge knows (authentication, see
+    :mod:`sqla_tenancy.checkpoint`). Resolution itself raises the domain errors
+    (:class:`~sqla_tenancy.TenantNotFound`, :class:`~sqla_tenancy.TenantSuspended`,
+    :class:`~sqla_tenancy.TenantRequired`); :func:`sqla_tenancy.checkpoint.http_answer` says how
+    each is answered.
 
     ``str(exc)`` is the detailed reason, for logs; ``detail`` is what the client is told, which may
     say less (see :class:`~sqla_tenancy.checkpoint.AuthenticationRequired`).
     """
-
-    status: ClassVar[int] = 400
-    code: ClassVar[str] = "bad_request"
 
     def __init__(self, reason: str, *, detail: str | None = None) -> None:
         super().__init__(reason)
@@ -96,48 +98,17 @@ class RequestRejected(TenancyError):
         """Extra response headers (``WWW-Authenticate`` for 401 answers)."""
         return {}
 
-    def body(self) -> dict[str, str]:
-        """The JSON body of the response: ``{"error": <code>, "detail": <detail>}``."""
-        return {"error": self.code, "detail": self.detail}
 
+#: Former names of the domain errors resolution raises (one concept, one class).
+UnknownTenant = TenantNotFound
+TenantUnavailable = TenantSuspended
+TenantNotResolved = TenantRequired
 
-class TenantNotResolved(RequestRejected):
-    """No resolver found a tenant in the request and the Tenancy has no default tenant (400)."""
-
-    status = 400
-    code = "tenant_required"
-
-    def __init__(self, reason: str | None = None) -> None:
-        super().__init__(
-            reason
-            or "The request names no tenant and no default tenant is configured: send the tenant "
-            "(e.g. the X-Tenant-ID header) or configure Tenancy(default_tenant=...)."
-        )
-
-
-class UnknownTenant(RequestRejected):
-    """The request names a tenant the registry does not know, or not in a usable form (404)."""
-
-    status = 404
-    code = "tenant_not_found"
-
-    def __init__(self, ref: object) -> None:
-        self.ref = ref
-        super().__init__(f"No tenant {ref!r} in the registry.", detail="Unknown tenant.")
-
-
-class TenantUnavailable(RequestRejected):
-    """The tenant exists but is suspended: no query may run for it until it is resumed (403)."""
-
-    status = 403
-    code = "tenant_suspended"
-
-    def __init__(self, slug: str) -> None:
-        self.slug = slug
-        super().__init__(
-            f"Tenant {slug!r} is suspended; `tenancy.resume_tenant({slug!r})` lifts it.",
-            detail="This tenant is suspended.",
-        )
+#: What a request that names no tenant, where no default tenant is configured, is told.
+NO_TENANT_NAMED = (
+    "The request names no tenant and no default tenant is configured: send the tenant "
+    "(e.g. the X-Tenant-ID header) or configure Tenancy(default_tenant=...)."
+)
 
 
 # -- the request, as resolvers see it ---------------------------------------------------------------
@@ -275,7 +246,7 @@ class ClaimResolver:
 
     Only the checkpoint verifies tokens, so without one (or without a token) this yields nothing;
     nor does a token without the claim. A claim that is present but not a string (a number, a
-    list, ``null``) names no tenant: :class:`UnknownTenant`, rather than the default tenant.
+    list, ``null``) names no tenant: :class:`~sqla_tenancy.TenantNotFound`, rather than the default tenant.
     Put it last to let an explicit header or host win, and the checkpoint refuse a mismatch.
     """
 
@@ -287,7 +258,7 @@ class ClaimResolver:
             return None
         value = request.claims[self.claim]
         if not isinstance(value, str):
-            raise UnknownTenant(value)
+            raise TenantNotFound(value)
         return value
 
     def __repr__(self) -> str:
@@ -328,40 +299,40 @@ def registry_key(tenancy: Tenancy, ref: str) -> str | uuid.UUID | None:
 
 
 def lookup_tenant(tenancy: Tenancy, ref: str) -> Tenant:
-    """The tenant a client-supplied reference names, whatever its status; :class:`UnknownTenant`
-    if the reference is malformed or unknown. Uses the registry's cache, not a connection of the
-    application's pool."""
+    """The tenant a client-supplied reference names, whatever its status;
+    :class:`~sqla_tenancy.TenantNotFound` if the reference is malformed or unknown. Uses the
+    registry's cache, not a connection of the application's pool."""
     key = registry_key(tenancy, ref)
     if key is None:
-        raise UnknownTenant(ref)
+        raise TenantNotFound(ref)
     try:
         return tenancy.get_tenant(key)
     except TenantNotFound:
-        raise UnknownTenant(ref) from None
+        raise TenantNotFound(ref) from None
 
 
 def ensure_usable(tenant: Tenant) -> Tenant:
-    """``tenant`` if queries may run for it: :class:`TenantUnavailable` when it is suspended,
-    :class:`UnknownTenant` while it is still being provisioned or deleted."""
+    """``tenant`` if queries may run for it: :class:`~sqla_tenancy.TenantSuspended` when it is suspended,
+    :class:`~sqla_tenancy.TenantNotFound` while it is still being provisioned or deleted."""
     if tenant.status == "active":
         return tenant
     if tenant.status == "suspended":
-        raise TenantUnavailable(tenant.slug)
-    raise UnknownTenant(tenant.slug)
+        raise TenantSuspended(tenant.slug)
+    raise TenantNotFound(tenant.slug)
 
 
 def default_reference(tenancy: Tenancy) -> str:
-    """The default tenant's slug; :class:`TenantNotResolved` when the Tenancy has none."""
+    """The default tenant's slug; :class:`~sqla_tenancy.TenantRequired` when the Tenancy has none."""
     if tenancy.default_tenant is None:
-        raise TenantNotResolved()
+        raise TenantRequired(NO_TENANT_NAMED)
     return tenancy.default_tenant
 
 
 def resolve_tenant(tenancy: Tenancy, request: RequestView, resolvers: Sequence[TenantResolver]) -> Tenant:
     """The usable tenant the request targets (the default tenant when it names none).
 
-    Raises :class:`TenantNotResolved` (400), :class:`UnknownTenant` (404) or
-    :class:`TenantUnavailable` (403). No authentication happens here: use
+    Raises :class:`~sqla_tenancy.TenantRequired` (400), :class:`~sqla_tenancy.TenantNotFound`
+    (404) or :class:`~sqla_tenancy.TenantSuspended` (403). No authentication happens here: use
     :func:`sqla_tenancy.checkpoint.admit` for that.
     """
     ref = resolve_reference(request, resolvers)

@@ -16,10 +16,10 @@ from sqlalchemy import Engine
 from .context import _scope
 from .errors import (
     InvalidTenantSlug,
-    TenancyError,
     TenantNotFound,
     TenantRequired,
     TenantSuspended,
+    UnknownPlacement,
     UnsafeRoleError,
 )
 from .registry import Registry, Tenant
@@ -249,14 +249,11 @@ class Router:
         return self.registry.get(lookup_key(ref))
 
     def placement_of(self, tenant: Tenant) -> Placement:
-        """The placement serving ``tenant``."""
+        """The placement serving ``tenant`` (:class:`UnknownPlacement` if there is none)."""
         try:
             return self.placements[tenant.strategy]
         except KeyError:
-            raise TenancyError(
-                f"Tenant {tenant.slug!r} uses placement {tenant.strategy!r}, which this version "
-                f"does not support (available: {', '.join(sorted(self.placements))})."
-            ) from None
+            raise UnknownPlacement(tenant.strategy, list(self.placements), tenant=tenant.slug) from None
 
     def check_app_role(self) -> None:
         """Refuse an application role that row-level security would not restrain."""

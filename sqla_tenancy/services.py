@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 from .config import TenancyConfig
 from .engines import Engines
-from .errors import ProvisioningError
+from .errors import UnknownPlacement
 from .registry import Registry, TenantStore
 from .routing import Router
 from .steps import Steps
@@ -32,10 +32,8 @@ class Services:
     steps: Steps
 
     def placement(self, name: str) -> Placement:
-        """The placement called ``name`` (:class:`ProvisioningError` if there is none)."""
+        """The placement called ``name`` (:class:`UnknownPlacement` if there is none)."""
         try:
             return self.placements[name]
         except KeyError:
-            raise ProvisioningError(
-                f"Unknown placement {name!r}; choose one of {', '.join(sorted(self.placements))}."
-            ) from None
+            raise UnknownPlacement(name, list(self.placements)) from None

@@ -25,7 +25,7 @@ from sqlalchemy.engine import Connection, Result
 from sqlalchemy.orm import Mapper, Session
 
 from .context import tenant_context
-from .errors import TenancyError
+from .errors import CrossTenantAccess, TenancyError
 from .routing import Route, Router, token_scope
 
 __all__ = ["TenantSession"]
@@ -131,7 +131,7 @@ class TenantSession(Session):
         scope = token_scope(owner)
         if scope is None:
             here = self._describe(current.token) if current is not None else "no tenant context"
-            raise TenancyError(
+            raise CrossTenantAccess(
                 f"An object that belongs to {self._describe(owner)} is being loaded again in {here}. "
                 "Load it again inside the context it was loaded in (objects of platform_context() "
                 "are loaded again inside platform_context() only)."
@@ -247,7 +247,7 @@ def _refuse_cross_tenant_flush(session: Session, flush_context: Any, instances: 
         state = inspect(obj)
         owner = state.identity_token if state.key is None else state.key[2]
         if owner != token:
-            raise TenancyError(
+            raise CrossTenantAccess(
                 f"{type(obj).__name__} belongs to {session._describe(owner)} but the session is "
                 f"flushing for {session._describe(token)}. Flush (or commit) inside the "
                 "tenant_context the object was added or loaded in."

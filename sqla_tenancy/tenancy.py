@@ -23,7 +23,7 @@ from sqlalchemy.orm import sessionmaker as orm_sessionmaker
 from .config import TenancyConfig, plain_url
 from .context import set_active_resolver
 from .engines import EngineCache, Engines
-from .errors import TenancyError, TenantNotFound
+from .errors import TenantNotFound, UnsupportedOperation
 from .registry import Registry, Tenant, TenantStore
 from .routing import Router, lookup_key
 from .services import Services
@@ -313,7 +313,9 @@ class Tenancy:
             ]
         for target in targets:
             if target.strategy != "database":
-                raise TenancyError(f"Tenant {target.slug!r} is not a database tenant.")
+                raise UnsupportedOperation(
+                    f"Tenant {target.slug!r} is not a database tenant: it has no foreign schemas."
+                )
             placement.import_foreign_schemas(target)
         return targets
 
@@ -400,7 +402,7 @@ class Tenancy:
             tenant_id = self.store.update(admin, key, **values)
         if tenant_id is None:
             if self.get_tenant(key).is_default:  # TenantNotFound when there is no such tenant
-                raise TenancyError("The default tenant cannot be renamed, suspended or resumed.")
+                raise UnsupportedOperation("The default tenant cannot be renamed, suspended or resumed.")
             raise TenantNotFound(slug)
         self.registry.invalidate([tenant_id])
         return self.get_tenant(tenant_id)
@@ -437,7 +439,7 @@ class Tenancy:
             except RuntimeError:
                 asyncio.run(self.dispose_async())
                 return
-            raise TenancyError("Inside an event loop, call `await tenancy.dispose_async()` instead.")
+            raise UnsupportedOperation("Inside an event loop, call `await tenancy.dispose_async()` instead.")
         self.registry.close()
         self.engines.dispose_sync()
 

@@ -2,7 +2,7 @@
 
 Every generated input (a header, a token claim, a subdomain label, a path segment, an access key)
 either maps to the tenant whose canonical slug or canonical id string (``str(tenant.id)``) it is,
-or is refused with a :class:`RequestRejected`. Nothing is stripped, case-folded, decoded or
+or is refused (an error ``http_answer`` answers). Nothing is stripped, case-folded, decoded or
 otherwise normalised on the way: ``"acme\\n"``, ``" acme"``, ``"ACME"``, a fullwidth
 ``"\\uff41cme"``, an upper-case UUID or ``{uuid}`` name no tenant.
 
@@ -29,14 +29,13 @@ from hypothesis import HealthCheck, assume, event, given, settings
 from hypothesis import strategies as st
 from sqlalchemy import exc, text
 
-from sqla_tenancy import InvalidTenantSlug, Tenancy, Tenant
-from sqla_tenancy.checkpoint import Admission, Checkpoint, JWTVerifier, admit, issue_access_key
+from sqla_tenancy import InvalidTenantSlug, Tenancy, TenancyError, Tenant
+from sqla_tenancy.checkpoint import Admission, Checkpoint, JWTVerifier, admit, http_answer, issue_access_key
 from sqla_tenancy.identifiers import MAX_SLUG_LENGTH, SLUG_PATTERN
 from sqla_tenancy.resolvers import (
     ClaimResolver,
     HeaderResolver,
     PathPrefixResolver,
-    RequestRejected,
     RequestView,
     SubdomainResolver,
     TenantResolver,
@@ -262,22 +261,25 @@ def token(claim: str) -> str:
     return jwt.encode({"tenant": claim, "sub": "user-1", "exp": int(time.time()) + 600}, SECRET, "HS256")
 
 
-def outcome(run: Callable[[], Admission]) -> Admission | RequestRejected:
+def outcome(run: Callable[[], Admission]) -> Admission | TenancyError:
+    """The admission, or the refusal (an error the integrations answer, see http_answer)."""
     try:
         admission = run()
-    except RequestRejected as refused:
+    except TenancyError as refused:
+        if http_answer(refused) is None:
+            raise
         event(f"refused: {type(refused).__name__}")
         return refused
     event("admitted")
     return admission
 
 
-def assert_maps_exactly(world: World, ref: str, result: Admission | RequestRejected) -> None:
+def assert_maps_exactly(world: World, ref: str, result: Admission | TenancyError) -> None:
     """``result`` is the admission of the tenant ``ref`` spells, or a refusal when it spells none
     (a suspended tenant is refused as itself)."""
     expected = world.named(ref)
     if expected is None:
-        assert isinstance(result, RequestRejected), (ref, result)
+        assert isinstance(result, TenancyError), (ref, result)
         assert not isinstance(result, TenantUnavailable), (ref, result)
     elif expected.status == "suspended":
         assert isinstance(result, TenantUnavailable) and result.slug == expected.slug, (ref, result)
@@ -375,7 +377,7 @@ def test_a_signed_claim_admits_exactly_the_tenant_it_spells(world: World, data: 
         if isinstance(result, Admission):
             assert result.credential == "token"
     else:
-        assert isinstance(result, RequestRejected), (claim, how, target, result)
+        assert isinstance(result, TenancyError), (claim, how, target, result)
 
 
 @PROPERTY
@@ -396,7 +398,7 @@ def test_only_the_exact_access_key_admits_and_only_its_tenant(world: World, data
         if isinstance(result, Admission):
             assert (result.credential, result.database_role) == ("access_key", "anonymous")
     else:
-        assert isinstance(result, RequestRejected), (owner, presented, target, result)
+        assert isinstance(result, TenancyError), (owner, presented, target, result)
 
 
 def _canonical_slug(s: str) -> bool:

@@ -50,10 +50,11 @@ from sqlalchemy.orm import sessionmaker
 from starlette.requests import HTTPConnection
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from ..checkpoint import Admission, Checkpoint, admit
+from ..checkpoint import Admission, Checkpoint, HttpAnswer, admit, http_answer
 from ..context import no_tenant_context
+from ..errors import TenancyError
 from ..registry import Tenant
-from ..resolvers import RequestRejected, RequestView, TenantResolver, default_resolvers
+from ..resolvers import RequestView, TenantResolver, default_resolvers
 from ..session import TenantSession
 from ..tenancy import Tenancy
 from . import IntegrationError
@@ -158,25 +159,31 @@ class TenancyMiddleware:
         )
         try:
             state.admission = await anyio.to_thread.run_sync(admit_request)
-        except RequestRejected as exc:
-            log.info("%s %s refused with %d: %s", view.method, view.path, exc.status, exc)
-            await _refuse(scope, send, exc)
+        except TenancyError as exc:
+            answer = http_answer(exc)
+            if answer is None:
+                raise
+            log.info("%s %s refused with %d: %s", view.method, view.path, answer.status, exc)
+            await _refuse(scope, send, answer)
             return
         with state.admission.context():  # anonymous admissions get the anonymous database role
             await self.app(scope, receive, send)
 
 
-async def _refuse(scope: Scope, send: Send, exc: RequestRejected) -> None:
+async def _refuse(scope: Scope, send: Send, answer: HttpAnswer) -> None:
     if scope["type"] == "websocket":
-        await send({"type": "websocket.close", "code": 1008, "reason": exc.code})
+        await send({"type": "websocket.close", "code": 1008, "reason": answer.code})
         return
-    body = json.dumps(exc.body()).encode()
+    body = json.dumps(answer.body()).encode()
     headers = [
         (b"content-type", b"application/json"),
         (b"content-length", str(len(body)).encode()),
-        *((name.lower().encode("latin-1"), value.encode("latin-1")) for name, value in exc.headers.items()),
+        *(
+            (name.lower().encode("latin-1"), value.encode("latin-1"))
+            for name, value in answer.headers.items()
+        ),
     ]
-    await send({"type": "http.response.start", "status": exc.status, "headers": headers})
+    await send({"type": "http.response.start", "status": answer.status, "headers": headers})
     await send({"type": "http.response.body", "body": body})
 
 

@@ -47,10 +47,11 @@ from typing import Any, AnyStr, TypeVar
 
 from flask import Flask, Response, current_app, g, request, stream_with_context
 
-from ..checkpoint import Admission, Checkpoint, admit
+from ..checkpoint import Admission, Checkpoint, HttpAnswer, admit, http_answer
 from ..context import no_tenant_context, tenant_context
+from ..errors import TenancyError
 from ..registry import Tenant
-from ..resolvers import RequestRejected, RequestView, TenantResolver, default_resolvers
+from ..resolvers import RequestView, TenantResolver, default_resolvers
 from ..session import TenantSession
 from ..tenancy import Tenancy
 from . import IntegrationError
@@ -222,10 +223,13 @@ class TenancyFlask:
             return None
         try:
             admission = admit(self.tenancy, view, checkpoint=self.checkpoint, resolvers=self.resolvers)
-        except RequestRejected as exc:
-            log.info("%s %s refused with %d: %s", request.method, request.path, exc.status, exc)
+        except TenancyError as exc:
+            answer = http_answer(exc)
+            if answer is None:
+                raise
+            log.info("%s %s refused with %d: %s", request.method, request.path, answer.status, exc)
             state.enter(no_tenant_context(_REFUSED))  # the after_request hooks still run
-            return _error_response(exc)
+            return _error_response(answer)
         state.admission = admission
         state.enter(admission.context())  # anonymous admissions get the anonymous database role
         return None
@@ -242,9 +246,9 @@ class TenancyFlask:
                 state.context.__exit__(None, None, None)
 
 
-def _error_response(exc: RequestRejected) -> Response:
+def _error_response(answer: HttpAnswer) -> Response:
     response = current_app.response_class(
-        json.dumps(exc.body()), status=exc.status, mimetype="application/json"
+        json.dumps(answer.body()), status=answer.status, mimetype="application/json"
     )
-    response.headers.update(exc.headers)
+    response.headers.update(answer.headers)
     return response

@@ -19,8 +19,8 @@ from sqlalchemy import create_engine, text
 from sqlalchemy.pool import NullPool
 
 from sqla_tenancy.errors import TenantNotFound
+from sqla_tenancy.placements.database import template_database
 from sqla_tenancy.registry import REGISTRY_SCHEMA, Tenant, TenantStore
-from sqla_tenancy.strategies.database import template_database
 
 if TYPE_CHECKING:
     from sqlalchemy import Connection

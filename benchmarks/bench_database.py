@@ -1,6 +1,6 @@
 """What database placement costs: provisioning, a foreign-table look-up, and many databases.
 
-Every tenant measured here is a *database* tenant (``create_tenant(slug, strategy="database")``): a
+Every tenant measured here is a *database* tenant (``create_tenant(slug, placement="database")``): a
 database of its own cloned from ``<prefix>_template`` (the tenant table ``projects``, with its
 row-level security), a login role for the application, an FDW login role on the main database, and
 the infrastructure schema ``auth`` (a tenant-scoped ``users`` table) imported as postgres_fdw
@@ -174,7 +174,7 @@ class Fixture:
         start = time.perf_counter()
         while len(self.slugs) < count:
             slug = slug_for(len(self.slugs))
-            self.tenancy.create_tenant(slug, strategy="database")
+            self.tenancy.create_tenant(slug, placement="database")
             self.slugs.append(slug)
         return time.perf_counter() - start
 
@@ -256,7 +256,7 @@ def run_provision(fx: Fixture, count: int) -> Provisioning:
                     continue
                 marks.clear()
                 start = perf()
-                fx.tenancy.create_tenant(slug, strategy="database")
+                fx.tenancy.create_tenant(slug, placement="database")
                 end = perf()
                 fx.slugs.append(slug)
                 result.tenant_ms.append((end - start) * 1000)
@@ -332,7 +332,7 @@ def seed_lookup(fx: Fixture, rows: int) -> LookupFixture:
     """The two tenants, ``rows`` users each (main database) and ``rows`` projects in the database
     tenant's own database; statistics up to date."""
     tenancy = fx.tenancy
-    db_tenant = tenancy.create_tenant(DB_TENANT, strategy="database")
+    db_tenant = tenancy.create_tenant(DB_TENANT, placement="database")
     shared = tenancy.create_tenant(SHARED_TENANT)
     users: dict[str, list[int]] = {}
     with tenancy.admin_engine.begin() as conn:

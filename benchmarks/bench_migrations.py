@@ -154,7 +154,7 @@ def new_fleet(server: TestServer, workdir: Path, *, prefix: str | None = None) -
 def create_schema_tenants(fleet: Fleet, count: int) -> float:
     started = time.perf_counter()
     for i in range(count):
-        fleet.tenancy.create_tenant(f"s{i:05d}", strategy="schema")
+        fleet.tenancy.create_tenant(f"s{i:05d}", placement="schema")
     return time.perf_counter() - started
 
 
@@ -227,7 +227,7 @@ def part_database(server: TestServer, workdir: Path, tenants: int) -> list[str]:
     fleet.tenancy.prepare_server(server.superuser_url)
     started = time.perf_counter()
     for i in range(tenants):
-        fleet.tenancy.create_tenant(f"d{i:04d}", strategy="database")
+        fleet.tenancy.create_tenant(f"d{i:04d}", placement="database")
     print(f"\ndatabase: {tenants} database tenants created in {time.perf_counter() - started:.1f} s")
     wall, median = run_revision(fleet, 2, tenants, "c_db")
     print(
@@ -272,12 +272,12 @@ def part_template(server: TestServer, workdir: Path, history: int, samples: int)
             if variant == "template":
                 use("full")
                 started = time.perf_counter()
-                t.create_tenant(f"tpl{i:03d}", strategy="database")
+                t.create_tenant(f"tpl{i:03d}", placement="database")
                 from_template.append(time.perf_counter() - started)
             else:
                 use("empty")
                 started = time.perf_counter()
-                t.create_tenant(f"rep{i:03d}", strategy="database")
+                t.create_tenant(f"rep{i:03d}", placement="database")
                 report = migrate_fleet(t, fleet.ini, streams=(TENANT,), tenants=[f"rep{i:03d}"])
                 replayed.append(time.perf_counter() - started)
                 assert report.ok and report.outcomes[0].status == "upgraded", report.as_dict()

@@ -1,6 +1,6 @@
 """What schema placement costs: provisioning a fleet, one transaction, and a growing catalog.
 
-Every tenant here is a *schema* tenant (``create_tenant(slug, strategy="schema")``): a schema of its
+Every tenant here is a *schema* tenant (``create_tenant(slug, placement="schema")``): a schema of its
 own holding the three tenant tables (``projects``, ``tasks`` -> ``projects``, ``comments`` ->
 ``tasks``, each tenant-scoped with row-level security and a couple of indexes), and a NOLOGIN role
 that may use that schema and the infrastructure schema ``auth`` (a tenant-scoped ``users`` table).
@@ -179,7 +179,7 @@ class Fleet:
         for number in range(len(self.tenants) + 1, size + 1):
             slug = f"t{number:05d}"
             start = perf()
-            tenant = create(slug, strategy="schema")
+            tenant = create(slug, placement="schema")
             elapsed = perf() - start
             self.tenants.append(tenant)
             self.times_ms.append(elapsed * 1000)

@@ -238,7 +238,7 @@ def provision_demo(
         first_project: dict[str, int] = {}
         for demo in demo_tenants:
             if demo.placement is not None:
-                tenancy.create_tenant(demo.slug, strategy=demo.placement, name=demo.name)
+                tenancy.create_tenant(demo.slug, placement=demo.placement, name=demo.name)
             with tenant_context(demo.slug), Session() as session:
                 session.add_all(User(email=email, name=name) for email, name in demo.users)
                 for project_name, titles in demo.projects.items():

@@ -100,6 +100,18 @@ class _TenancyMixin:
     tenant_of_context: Callable[[], uuid.UUID] | None = None
     _states: weakref.WeakKeyDictionary[Any, _ConnState]
 
+    def __init__(
+        self,
+        binder: Binder | None = None,
+        tenant_of_context: Callable[[], uuid.UUID] | None = None,
+        **kwargs: Any,
+    ) -> None:
+        # create_engine(url, binder=..., tenant_of_context=...) hands these to the dialect
+        super().__init__(**kwargs)
+        self._states = weakref.WeakKeyDictionary()
+        self.binder = binder
+        self.tenant_of_context = tenant_of_context
+
     def _state(self, driver: Any) -> _ConnState:
         try:
             return self._states[driver]
@@ -202,18 +214,6 @@ class TenancyDialect(_TenancyMixin, PGDialect_psycopg):
     driver = DRIVER_NAME
     supports_statement_cache = True
 
-    def __init__(
-        self,
-        binder: Binder | None = None,
-        tenant_of_context: Callable[[], uuid.UUID] | None = None,
-        **kwargs: Any,
-    ) -> None:
-        # create_engine(url, binder=..., tenant_of_context=...) hands these to the dialect
-        super().__init__(**kwargs)  # type: ignore[no-untyped-call]
-        self._states = weakref.WeakKeyDictionary()
-        self.binder = binder
-        self.tenant_of_context = tenant_of_context
-
     def _set_driver(self, connection: Any, *, autocommit: bool, isolation_level: Any = ...) -> None:
         driver = _driver(connection)
         if driver.autocommit != autocommit:
@@ -234,18 +234,6 @@ class TenancyDialectAsync(_TenancyMixin, PGDialectAsync_psycopg):
 
     driver = DRIVER_NAME
     supports_statement_cache = True
-
-    def __init__(
-        self,
-        binder: Binder | None = None,
-        tenant_of_context: Callable[[], uuid.UUID] | None = None,
-        **kwargs: Any,
-    ) -> None:
-        # create_engine(url, binder=..., tenant_of_context=...) hands these to the dialect
-        super().__init__(**kwargs)  # type: ignore[no-untyped-call]
-        self._states = weakref.WeakKeyDictionary()
-        self.binder = binder
-        self.tenant_of_context = tenant_of_context
 
     def _set_driver(self, connection: Any, *, autocommit: bool, isolation_level: Any = ...) -> None:
         driver = _driver(connection)

@@ -70,7 +70,7 @@ class ProvisioningError(TenancyError):
 
 
 class UnknownPlacement(ProvisioningError, LookupError):
-    """A placement name (``strategy=``, or a registry row's) that this version does not know."""
+    """A placement name (``placement=``, or a registry row's) that this version does not know."""
 
     def __init__(self, name: str, known: Sequence[str], *, tenant: str | None = None) -> None:
         self.name = name

@@ -26,13 +26,13 @@ from .anonymous import anonymous_gate, anonymous_group, anonymous_role
 from .errors import ProvisioningError, TenancyError, UnsupportedOperation
 from .grants import tenants_group
 from .identifiers import validate_slug
+from .placements.database import template_database
 from .registry import REGISTRY_SCHEMA, Tenant
-from .strategies.database import template_database
 
 if TYPE_CHECKING:
     from .config import TenancyConfig
+    from .placements import Placement
     from .services import Services
-    from .strategies import Strategy
 
 __all__ = ["NamedObject", "create_tenant", "delete_tenant", "library_names"]
 
@@ -81,7 +81,7 @@ def library_names(config: TenancyConfig) -> dict[NamedObject, str]:
     return names
 
 
-def _refuse_library_names(config: TenancyConfig, placement: Strategy, tenant: Tenant) -> None:
+def _refuse_library_names(config: TenancyConfig, placement: Placement, tenant: Tenant) -> None:
     owned = library_names(config)
     for (kind, name), what in placement.derived_names(tenant).items():
         owner = owned.get((kind, name))
@@ -94,10 +94,10 @@ def _refuse_library_names(config: TenancyConfig, placement: Strategy, tenant: Te
 
 
 def create_tenant(
-    services: Services, slug: str, *, strategy: str, name: str | None, server: str | None
+    services: Services, slug: str, *, placement_name: str, name: str | None, server: str | None
 ) -> Tenant:
     validate_slug(slug)
-    placement = services.placement(strategy)
+    placement = services.placement(placement_name)
     location = placement.initial_location(server)
     # The id is chosen here, so that every name the tenant would get (an FDW role's carries the
     # id) is checked before anything, the registry row included, exists.
@@ -105,7 +105,7 @@ def create_tenant(
         id=uuid.uuid4(),
         slug=slug,
         name=name or slug,
-        strategy=strategy,
+        strategy=placement_name,
         status="provisioning",
         created_at=datetime.now(timezone.utc),
         location=location,
@@ -144,7 +144,7 @@ def create_tenant(
                 guard.execute(text(locks.UNLOCK), {"key": locks.tenant_key(slug)})
                 guard.commit()
     services.registry.invalidate([tenant.id])
-    log.info("created tenant %s (%s)", slug, strategy)
+    log.info("created tenant %s (%s)", slug, placement_name)
     return tenant
 
 
@@ -158,7 +158,7 @@ def _register(services: Services, admin: Connection, draft: Tenant) -> Tenant:
 
 
 def _provision(
-    services: Services, placement: Strategy, tenant: Tenant, admin: Connection | None
+    services: Services, placement: Placement, tenant: Tenant, admin: Connection | None
 ) -> dict[str, Any]:
     try:
         location = {**tenant.location, **placement.provision(tenant, admin=admin)}
@@ -174,7 +174,7 @@ def _provision(
 
 
 def _activate(services: Services, admin: Connection, tenant: Tenant, location: dict[str, Any]) -> Tenant:
-    # A strategy reports the tenant stream revision the tenant was born at under "_revision".
+    # A placement reports the tenant stream revision the tenant was born at under "_revision".
     location = dict(location)
     revision = location.pop("_revision", None)
     active = services.store.activate(admin, tenant, location, revision)
@@ -192,7 +192,7 @@ def _leftover(services: Services, admin: Connection, slug: str) -> Tenant | None
     return tenant if tenant is not None and tenant.status == "provisioning" else None
 
 
-def _clean_up(services: Services, placement: Strategy, tenant: Tenant) -> None:
+def _clean_up(services: Services, placement: Placement, tenant: Tenant) -> None:
     """Remove every trace of a failed provisioning; the row goes last, once nothing is left."""
     placement.compensate(tenant)
     with services.engines.admin.begin() as admin:

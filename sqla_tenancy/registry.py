@@ -57,6 +57,7 @@ __all__ = [
     "REGISTRY_SCHEMA",
     "SLUG_CHECK",
     "STATUSES",
+    "PLACEMENTS",
     "STRATEGIES",
     "Registry",
     "Tenant",
@@ -72,7 +73,10 @@ log = logging.getLogger(__name__)
 
 REGISTRY_SCHEMA = "tenancy"
 NOTIFY_CHANNEL = "sqla_tenancy_registry"
-STRATEGIES = ("shared", "schema", "database")
+#: The placements' stored names (the ``strategy`` column's values).
+PLACEMENTS = ("shared", "schema", "database")
+#: The former name of :data:`PLACEMENTS`.
+STRATEGIES = PLACEMENTS
 STATUSES = ("provisioning", "active", "suspended", "deleting")
 
 #: The slug rule as SQL, for the registry's CHECK constraint: PostgreSQL's ``^...$`` anchors the
@@ -120,7 +124,7 @@ tenants_table = Table(
     Column("revision", Text, nullable=True),
     Column("created_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
     Column("updated_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
-    CheckConstraint(f"strategy in {STRATEGIES!r}", name="tenants_strategy_check"),
+    CheckConstraint(f"strategy in {PLACEMENTS!r}", name="tenants_strategy_check"),
     CheckConstraint(f"status in {STATUSES!r}", name="tenants_status_check"),
     CheckConstraint(SLUG_CHECK, name="tenants_slug_check"),
     Index("tenants_access_key_hash_key", "access_key_hash", unique=True),
@@ -144,6 +148,12 @@ class Tenant:
     location: dict[str, Any] = field(default_factory=dict, compare=False, hash=False)
     #: the tenant migration stream's revision at the tenant's location (registry copy), if known
     revision: str | None = field(default=None, compare=False, hash=False)
+
+    @property
+    def placement(self) -> str:
+        """The tenant's placement: ``"shared"``, ``"schema"`` or ``"database"`` (stored, for
+        compatibility, in the registry's ``strategy`` column, and readable as ``strategy``)."""
+        return self.strategy
 
     @property
     def is_active(self) -> bool:

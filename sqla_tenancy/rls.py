@@ -1,7 +1,7 @@
 """DDL for row-level security: the SQL function policies call, and the per-table policies.
 
 This is the one place that knows what the policies look like; :meth:`Tenancy.install`, the
-provisioning strategies and the Alembic extension all build their DDL from here.
+placements and the Alembic extension all build their DDL from here.
 
 Policies compare ``tenant_id`` with ``tenancy.current_tenant_id()``, which reads the
 transaction-local setting ``app.current_tenant_id``. When no tenant is bound the function returns

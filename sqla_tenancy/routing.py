@@ -27,7 +27,7 @@ from .registry import Registry, Tenant
 if TYPE_CHECKING:
     from .config import TenancyConfig
     from .engines import Engines
-    from .strategies import Placement
+    from .placements import Placement
 
 __all__ = ["AnonymousRoute", "Route", "Router", "lookup_key", "token_scope"]
 

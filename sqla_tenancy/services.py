@@ -10,10 +10,10 @@ from dataclasses import dataclass
 from .config import TenancyConfig
 from .engines import Engines
 from .errors import UnknownPlacement
+from .placements import Placement
 from .registry import Registry, TenantStore
 from .routing import Router
 from .steps import Steps
-from .strategies import Placement
 
 __all__ = ["Services"]
 

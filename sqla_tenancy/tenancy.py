@@ -10,6 +10,7 @@ import asyncio
 import logging
 import os
 import uuid
+import warnings
 import weakref
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
@@ -24,12 +25,12 @@ from .config import TenancyConfig, plain_url
 from .context import set_active_resolver
 from .engines import EngineCache, Engines
 from .errors import TenantNotFound, UnsupportedOperation
+from .placements import DatabasePlacement, Placement, SchemaPlacement, SharedPlacement
 from .registry import Registry, Tenant, TenantStore
 from .routing import Router, lookup_key
 from .services import Services
 from .session import TenantSession
 from .steps import Steps
-from .strategies import DatabaseStrategy, Placement, SchemaStrategy, SharedStrategy
 
 __all__ = ["Tenancy", "active_tenancy"]
 
@@ -142,9 +143,9 @@ class Tenancy:
         engines.bind(self.router.binding, self.router.current_tenant_id)
         self._steps = steps = Steps()
         placements.update(
-            shared=SharedStrategy(config, engines, steps),
-            schema=SchemaStrategy(config, engines, steps),
-            database=DatabaseStrategy(config, engines, steps),
+            shared=SharedPlacement(config, engines, steps),
+            schema=SchemaPlacement(config, engines, steps),
+            database=DatabasePlacement(config, engines, steps),
         )
         #: the only writer of the registry table (see :class:`~sqla_tenancy.registry.TenantStore`)
         self.store = TenantStore()
@@ -270,9 +271,9 @@ class Tenancy:
         """The former name of :meth:`placement`."""
         return self.services.placement(name)
 
-    def _database_placement(self) -> DatabaseStrategy:
+    def _database_placement(self) -> DatabasePlacement:
         placement = self.placement("database")
-        assert isinstance(placement, DatabaseStrategy)
+        assert isinstance(placement, DatabasePlacement)
         return placement
 
     def prepare_server(
@@ -367,11 +368,18 @@ class Tenancy:
         install(self.config, self.engines.admin, self.registry)
 
     def create_tenant(
-        self, slug: str, *, strategy: str = "shared", name: str | None = None, server: str | None = None
+        self,
+        slug: str,
+        *,
+        placement: str | None = None,
+        name: str | None = None,
+        server: str | None = None,
+        strategy: str | None = None,
     ) -> Tenant:
         """Register and provision a tenant; returns it active.
 
-        ``strategy`` is the placement: ``"shared"`` (rows in the main database's tables, guarded
+        ``placement`` (default ``"shared"``; ``strategy`` is its former, deprecated name):
+        ``"shared"`` (rows in the main database's tables, guarded
         by RLS), ``"schema"`` (a schema of its own in the main database) or ``"database"`` (a
         database of its own, on the main cluster or on ``server``, one of the ``servers`` given to
         Tenancy). A failure at any step leaves nothing behind (:class:`ProvisioningError`) and
@@ -382,7 +390,18 @@ class Tenancy:
         """
         from .lifecycle import create_tenant
 
-        return create_tenant(self.services, slug, strategy=strategy, name=name, server=server)
+        if strategy is not None:
+            if placement is not None:
+                raise TypeError("create_tenant() takes placement=, or its former name placement=, not both")
+            warnings.warn(
+                "create_tenant(placement=...) is deprecated: pass placement=... instead",
+                DeprecationWarning,
+                stacklevel=2,
+            )
+            placement = strategy
+        return create_tenant(
+            self.services, slug, placement_name=placement or "shared", name=name, server=server
+        )
 
     def update_tenant(self, slug: str, *, name: str) -> Tenant:
         """Rename a tenant (its display name; the slug is permanent)."""

@@ -108,8 +108,8 @@ class AnonymousSuite:
         tenancy.install()
         if self.placement == "database":
             tenancy.prepare_server(tenancy_server.superuser_url)
-        a = tenancy.create_tenant("acme", strategy=self.placement)
-        b = tenancy.create_tenant("globex", strategy=self.placement)
+        a = tenancy.create_tenant("acme", placement=self.placement)
+        b = tenancy.create_tenant("globex", placement=self.placement)
         maker = tenancy.sessionmaker()
         for tenant in (a, b):
             slug = tenant.slug

@@ -29,9 +29,9 @@ def test_the_layers_contract_is_kept() -> None:
     [
         ("errors.py", "from . import tenancy", "sqla_tenancy.errors -> sqla_tenancy.tenancy"),
         (
-            "strategies/shared.py",
+            "placements/shared.py",
             "from .. import lifecycle",
-            "sqla_tenancy.strategies.shared -> sqla_tenancy.lifecycle",
+            "sqla_tenancy.placements.shared -> sqla_tenancy.lifecycle",
         ),
         ("tenancy.py", "import alembic_ext", "sqla_tenancy.tenancy -> alembic_ext"),
     ],

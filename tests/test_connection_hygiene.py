@@ -103,7 +103,7 @@ def world(tenancy_server: TestServer) -> Iterator[World]:
         tenancy.install()
         tenancy.prepare_server(tenancy_server.superuser_url)
         tenants = {
-            slug: tenancy.create_tenant(slug, strategy=placement)
+            slug: tenancy.create_tenant(slug, placement=placement)
             for slug, placement in (
                 (SHARED, "shared"),
                 (SHARED_2, "shared"),

@@ -12,8 +12,8 @@ from sqlalchemy import create_engine, exc, func, select, text
 from sqlalchemy.engine import URL
 
 from sqla_tenancy import ProvisioningError, Tenancy, tenant_context
+from sqla_tenancy.placements.database import derive_password
 from sqla_tenancy.rls import fdw_role_name
-from sqla_tenancy.strategies.database import derive_password
 from sqla_tenancy.testing import TemporaryCluster, TestServer
 
 from .conftest import SECRET
@@ -24,7 +24,7 @@ from .models import INFRASTRUCTURE, Base, Project, Task, User
 def dbt(tenancy: Tenancy, tenancy_server: TestServer) -> Iterator[Tenancy]:
     tenancy.prepare_server(tenancy_server.superuser_url)
     for slug in ("acme", "globex"):
-        tenancy.create_tenant(slug, strategy="database")
+        tenancy.create_tenant(slug, placement="database")
         with tenant_context(slug), tenancy.sessionmaker()() as s:
             project = Project(name=f"{slug}-p")
             s.add(project)
@@ -42,7 +42,7 @@ def database_tenants(
     t.install()
     t.prepare_server(server.superuser_url)
     for slug in slugs:
-        t.create_tenant(slug, strategy="database")
+        t.create_tenant(slug, placement="database")
     return t
 
 
@@ -162,7 +162,7 @@ def test_tenant_role_opens_its_own_database_and_no_maintenance_database(
     tenancy: Tenancy, tenancy_server: TestServer, maintenance_databases_open: None
 ) -> None:
     tenancy.prepare_server(tenancy_server.superuser_url)  # restricts them by default
-    tenancy.create_tenant("acme", strategy="database")
+    tenancy.create_tenant("acme", placement="database")
     dbt = tenancy
     role = f"{dbt.name_prefix}_acme_app"
     password = derive_password(SECRET.encode(), role)
@@ -204,7 +204,7 @@ def test_declining_the_maintenance_restriction_is_reported_at_provisioning(
     tenancy.prepare_server(tenancy_server.superuser_url, restrict_maintenance_databases=False)
     role = f"{tenancy.name_prefix}_acme_app"
     with caplog.at_level(logging.WARNING, logger="sqla_tenancy"):
-        tenancy.create_tenant("acme", strategy="database")
+        tenancy.create_tenant("acme", placement="database")
     [warning] = [r.getMessage() for r in caplog.records if role in r.getMessage()]
     assert "postgres" in warning and "template1" in warning
     assert tenancy.url.database not in warning  # install() closed the main database
@@ -220,7 +220,7 @@ def test_no_plaintext_password_in_registry_or_logs(
 ) -> None:
     tenancy.prepare_server(tenancy_server.superuser_url)
     with caplog.at_level(logging.DEBUG):
-        acme = tenancy.create_tenant("acme", strategy="database")
+        acme = tenancy.create_tenant("acme", placement="database")
     secrets = [
         derive_password(SECRET.encode(), r)
         for r in (f"{tenancy.name_prefix}_acme_app", fdw_role_name(acme.id, tenancy.name_prefix))
@@ -248,7 +248,7 @@ def test_all_steps_are_exercised(tenancy: Tenancy, tenancy_server: TestServer) -
     tenancy.prepare_server(tenancy_server.superuser_url)
     seen: list[str] = []
     tenancy._fault_injector = seen.append
-    tenancy.create_tenant("acme", strategy="database")
+    tenancy.create_tenant("acme", placement="database")
     assert seen == STEPS
 
 
@@ -263,14 +263,14 @@ def test_failure_at_any_step_leaves_nothing(tenancy: Tenancy, tenancy_server: Te
     before, template = catalog(tenancy), template_oid(tenancy)
     tenancy._fault_injector = inject
     with pytest.raises((ProvisioningError, RuntimeError), match="injected"):
-        tenancy.create_tenant("acme", strategy="database")
+        tenancy.create_tenant("acme", placement="database")
     assert catalog(tenancy) == before
     assert template_oid(tenancy) == template  # the clean-up never touches the template
     tenancy._fault_injector = None
-    tenancy.create_tenant("acme", strategy="database")
+    tenancy.create_tenant("acme", placement="database")
     with tenant_context("acme"), tenancy.sessionmaker()() as s:
         assert s.scalars(select(Project)).all() == []
-    tenancy.create_tenant("globex", strategy="database")  # and the server serves the next one
+    tenancy.create_tenant("globex", placement="database")  # and the server serves the next one
 
 
 def test_retry_cleans_up_after_a_crashed_attempt(tenancy: Tenancy, tenancy_server: TestServer) -> None:
@@ -283,10 +283,10 @@ def test_retry_cleans_up_after_a_crashed_attempt(tenancy: Tenancy, tenancy_serve
 
     tenancy._fault_injector = crash
     with pytest.raises(KeyboardInterrupt):
-        tenancy.create_tenant("acme", strategy="database")
+        tenancy.create_tenant("acme", placement="database")
     assert catalog(tenancy) == before  # BaseException still runs the clean-up
     tenancy._fault_injector = None
-    tenancy.create_tenant("acme", strategy="database")
+    tenancy.create_tenant("acme", placement="database")
     assert catalog(tenancy)["databases"] - before["databases"] == {f"{tenancy.name_prefix}_acme"}
     # (killed processes: tests/test_provisioning_safety.py)
 
@@ -308,11 +308,11 @@ def test_a_crashed_attempt_without_a_journal_drops_nothing(
         )
     tenancy_server.execute(f'create database "{database}" owner "{tenancy_server.admin_role}"')
     with pytest.raises(ProvisioningError, match="exists already"):
-        tenancy.create_tenant("acme", strategy="database")
+        tenancy.create_tenant("acme", placement="database")
     after = catalog(tenancy)
     assert database in after["databases"] and "acme" not in after["tenants"]
     tenancy_server.execute(f'drop database "{database}"')  # what the message asks for
-    tenancy.create_tenant("acme", strategy="database")
+    tenancy.create_tenant("acme", placement="database")
 
 
 def test_delete_leaves_nothing(dbt: Tenancy) -> None:
@@ -413,7 +413,7 @@ def test_tenant_on_another_server(tenancy: Tenancy, tenancy_server: TestServer) 
         )
         try:
             remote.prepare_server(eu.url(), server="eu")
-            remote.create_tenant("faraway", strategy="database", server="eu")
+            remote.create_tenant("faraway", placement="database", server="eu")
             with tenant_context("faraway"), remote.sessionmaker()() as s:
                 s.add_all([Project(name="far"), User(email="far@eu.test")])
                 s.commit()
@@ -425,7 +425,7 @@ def test_tenant_on_another_server(tenancy: Tenancy, tenancy_server: TestServer) 
                     == 1
                 )
             with pytest.raises(ProvisioningError, match="Unknown server"):
-                remote.create_tenant("nowhere", strategy="database", server="mars")
+                remote.create_tenant("nowhere", placement="database", server="mars")
             remote.delete_tenant("faraway")
             with create_engine(eu.url()).connect() as conn:
                 assert (
@@ -447,7 +447,7 @@ def test_concurrent_creation_of_one_slug(tenancy: Tenancy, tenancy_server: TestS
 
     def attempt() -> None:
         try:
-            tenancy.create_tenant("acme", strategy="database")
+            tenancy.create_tenant("acme", placement="database")
             outcomes.append("created")
         except ProvisioningError as error:
             outcomes.append("exists" if "exists already" in str(error) else repr(error))

@@ -17,7 +17,7 @@ from .models import Project, Task, User
 
 def seed(tenancy: Tenancy, placement: str) -> None:
     for slug, count in (("acme", 3), ("globex", 2)):
-        tenancy.create_tenant(slug, strategy=placement)
+        tenancy.create_tenant(slug, placement=placement)
         with tenant_context(slug), tenancy.sessionmaker()() as s:
             for i in range(count):
                 project = Project(name=f"{slug}-project-{i}")

@@ -63,8 +63,8 @@ class IsolationSuite:
     def world(self, tenancy: Tenancy, tenancy_server: TestServer) -> Iterator[World]:
         if self.placement == "database":
             tenancy.prepare_server(tenancy_server.superuser_url)
-        a = tenancy.create_tenant("acme", strategy=self.placement)
-        b = tenancy.create_tenant("globex", strategy=self.placement)
+        a = tenancy.create_tenant("acme", placement=self.placement)
+        b = tenancy.create_tenant("globex", placement=self.placement)
         maker = tenancy.sessionmaker()
         for tenant, names in ((a, ["a1", "a2", "a3"]), (b, ["b1", "b2"])):
             with tenant_context(tenant), maker() as s:

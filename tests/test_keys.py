@@ -80,8 +80,8 @@ class TenantKeysSuite:
     def world(self, tenancy: Tenancy, tenancy_server: TestServer) -> Iterator[World]:
         if self.placement == "database":
             tenancy.prepare_server(tenancy_server.superuser_url)
-        acme = tenancy.create_tenant("acme", strategy=self.placement)
-        globex = tenancy.create_tenant("globex", strategy=self.placement)
+        acme = tenancy.create_tenant("acme", placement=self.placement)
+        globex = tenancy.create_tenant("globex", placement=self.placement)
         maker = tenancy.sessionmaker()
         ids: dict[str, set[int]] = {}
         for tenant, names in ((acme, ["a1", "a2", "a3"]), (globex, ["b1"])):

@@ -119,7 +119,7 @@ def bounced(tenancy_server: TestServer, tenancy_database: str) -> Iterator[Bounc
             expected: dict[str, Expected] = {}
             for slug in SLUGS:
                 placement = "shared" if slug in SHARED else "schema"
-                tenant = tenancy.create_tenant(slug, strategy=placement)
+                tenant = tenancy.create_tenant(slug, placement=placement)
                 if placement == "shared":
                     expected[slug] = Expected(tenant, tenancy_server.app_role, "public")
                 else:
@@ -422,7 +422,7 @@ def single_server_connection(tenancy_server: TestServer, tenancy_database: str) 
             tenancy.install()
             tenancy_server.execute(f"GRANT TEMPORARY ON DATABASE {quote_ident(tenancy_database)} TO PUBLIC")
             for slug, placement in (("alpha", "shared"), ("charlie", "schema")):
-                tenancy.create_tenant(slug, strategy=placement)
+                tenancy.create_tenant(slug, placement=placement)
                 with tenant_context(slug), tenancy.sessionmaker()() as s:
                     s.add(Project(name=f"{slug}-1"))
                     s.commit()

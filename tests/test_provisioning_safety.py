@@ -81,10 +81,10 @@ def test_an_existing_database_of_the_tenants_name_is_refused_and_left_alone(
     tenancy_server.execute(f'create database "{name}" owner "{tenancy_server.admin_role}"')
     oid = database_oid(prepared, name)
     with pytest.raises(ProvisioningError, match=rf"database '{name}' exists already"):
-        prepared.create_tenant("acme", strategy="database")
+        prepared.create_tenant("acme", placement="database")
     assert database_oid(prepared, name) == oid  # the very same database, untouched
     assert tenant_objects(prepared, "acme") == {**NOTHING, "databases": {name}}
-    prepared.create_tenant("globex", strategy="database")  # the server still works
+    prepared.create_tenant("globex", placement="database")  # the server still works
     with tenant_context("globex"), prepared.sessionmaker()() as s:
         assert s.scalars(select(Project)).all() == []
 
@@ -98,10 +98,10 @@ def test_an_existing_role_of_the_tenants_name_is_refused_and_left_alone(
         conn.execute(text(f'create role "{role}" nologin'))
     oid = role_oid(prepared, role)
     with pytest.raises(ProvisioningError, match=rf"[Rr]ole '{role}' exists already"):
-        prepared.create_tenant("acme", strategy="database")
+        prepared.create_tenant("acme", placement="database")
     assert role_oid(prepared, role) == oid
     assert tenant_objects(prepared, "acme") == {**NOTHING, "roles": {role}}
-    prepared.create_tenant("globex", strategy="database")
+    prepared.create_tenant("globex", placement="database")
 
 
 # -- names the library owns -------------------------------------------------------------------------
@@ -111,9 +111,9 @@ def test_the_template_slug_is_refused_and_the_template_survives(prepared: Tenanc
     template = f"{prepared.name_prefix}_template"
     oid = database_oid(prepared, template)
     with pytest.raises(InvalidTenantSlug, match="reserved"):
-        prepared.create_tenant("template", strategy="database")
+        prepared.create_tenant("template", placement="database")
     assert database_oid(prepared, template) == oid
-    prepared.create_tenant("acme", strategy="database")  # later database tenants still work
+    prepared.create_tenant("acme", placement="database")  # later database tenants still work
 
 
 def test_a_tenant_database_named_like_a_servers_admin_database_is_refused(
@@ -135,7 +135,7 @@ def test_a_tenant_database_named_like_a_servers_admin_database_is_refused(
     oid = database_oid(t, admin_database)
     before = catalog(t)
     with pytest.raises(ProvisioningError, match=r"admin database of server 'other'"):
-        t.create_tenant("ops", strategy="database")
+        t.create_tenant("ops", placement="database")
     assert catalog(t) == before
     assert database_oid(t, admin_database) == oid
 
@@ -160,7 +160,7 @@ def test_a_tenant_database_named_like_the_main_database_is_refused(
         t.prepare_server(tenancy_server.superuser_url)
         before = catalog(t)
         with pytest.raises(ProvisioningError, match=r"the main database"):
-            t.create_tenant("main", strategy="database")
+            t.create_tenant("main", placement="database")
         assert catalog(t) == before
         with t.admin_engine.connect() as conn:
             assert conn.execute(text("select current_database()")).scalar() == main
@@ -187,7 +187,7 @@ def test_a_tenant_schema_named_like_an_infrastructure_schema_is_refused(
         conn.execute(text(f'create table "{ledger}".entries (id int)'))
     before = catalog(t)
     with pytest.raises(ProvisioningError, match=r"an infrastructure schema"):
-        t.create_tenant("ledger", strategy="schema")
+        t.create_tenant("ledger", placement="schema")
     assert catalog(t) == before
     with t.admin_engine.connect() as conn:
         assert conn.execute(text(f'select count(*) from "{ledger}".entries')).scalar() == 0
@@ -202,7 +202,7 @@ def test_every_name_the_library_creates_is_one_it_lists_as_its_own(
 
     owned = library_names(prepared.config)
     tenants = [
-        prepared.create_tenant(slug, strategy=strategy)
+        prepared.create_tenant(slug, placement=strategy)
         for slug, strategy in (("acme", "shared"), ("globex", "schema"), ("initech", "database"))
     ]
     derived = set()
@@ -263,7 +263,7 @@ CRASH_SCRIPT = textwrap.dedent(
             os._exit({crashed})  # no clean-up, no unlock, no goodbye: a killed process
 
     tenancy._fault_injector = crash
-    tenancy.create_tenant(options["slug"], strategy="database")
+    tenancy.create_tenant(options["slug"], placement="database")
     """
 ).format(crashed=CRASHED)
 
@@ -294,7 +294,7 @@ def test_a_crash_at_any_step_is_cleaned_up_by_the_retry(prepared: Tenancy, step:
     oid = database_oid(prepared, template)
     before = catalog(prepared)
     crash_during_creation(prepared, "acme", step)
-    prepared.create_tenant("acme", strategy="database")
+    prepared.create_tenant("acme", placement="database")
     acme = prepared.get_tenant("acme")
     after = catalog(prepared)
     assert after["databases"] - before["databases"] == {f"{prepared.name_prefix}_acme"}
@@ -318,7 +318,7 @@ def test_a_crashed_attempts_clean_up_leaves_a_database_it_did_not_create(
     tenancy_server.execute(f'create database "{name}" owner "{tenancy_server.admin_role}"')
     oid = database_oid(prepared, name)
     with pytest.raises(ProvisioningError, match=rf"database '{name}' exists already"):
-        prepared.create_tenant("acme", strategy="database")
+        prepared.create_tenant("acme", placement="database")
     assert database_oid(prepared, name) == oid
     assert "left alone" in caplog.text
     # the crashed attempt's roles are gone, and so is its row
@@ -340,7 +340,7 @@ def test_a_registry_row_deleted_during_provisioning_still_leaves_nothing(
 
     prepared._fault_injector = delete_row
     with pytest.raises(ProvisioningError, match="changed while it was being provisioned"):
-        prepared.create_tenant("acme", strategy="database")
+        prepared.create_tenant("acme", placement="database")
     assert catalog(prepared) == before
     prepared._fault_injector = None
-    prepared.create_tenant("acme", strategy="database")
+    prepared.create_tenant("acme", placement="database")

@@ -42,7 +42,7 @@ def test_lifecycle(tenancy: Tenancy) -> None:
 
 def test_unknown_strategy_creates_nothing(tenancy: Tenancy) -> None:
     with pytest.raises(ProvisioningError, match="Unknown placement"):
-        tenancy.create_tenant("acme", strategy="cloud")
+        tenancy.create_tenant("acme", placement="cloud")
     assert [t.slug for t in tenancy.list_tenants()] == ["default"]
 
 
@@ -108,3 +108,11 @@ def test_cache_is_really_a_cache(tenancy: Tenancy) -> None:
     # No listener, long TTL: the other process keeps its cached entry (so the test above passing
     # is the notification's doing, not a registry read per transaction).
     assert _watch(tenancy, ttl=300.0, listen=False, limit=1.5) is None
+
+
+def test_strategy_is_the_deprecated_name_of_placement(tenancy: Tenancy) -> None:
+    with pytest.warns(DeprecationWarning, match="placement="):
+        tenant = tenancy.create_tenant("acme", strategy="schema")
+    assert (tenant.placement, tenant.strategy) == ("schema", "schema")
+    with pytest.raises(TypeError, match="not both"):
+        tenancy.create_tenant("globex", placement="shared", strategy="shared")

@@ -16,7 +16,7 @@ from .test_binding import session_level_setting
 @pytest.fixture
 def two(tenancy: Tenancy) -> Iterator[Tenancy]:
     for slug, names in (("acme", ["a1", "a2"]), ("globex", ["b1"])):
-        tenancy.create_tenant(slug, strategy="schema")
+        tenancy.create_tenant(slug, placement="schema")
         with tenant_context(slug), tenancy.sessionmaker()() as s:
             s.add_all(Project(name=n) for n in names)
             s.commit()
@@ -117,12 +117,12 @@ def test_failure_at_any_step_leaves_nothing(tenancy: Tenancy, step: str) -> None
     before = catalog(tenancy)
     tenancy._fault_injector = inject
     with pytest.raises(ProvisioningError if step != "register" else RuntimeError, match="injected"):
-        tenancy.create_tenant("acme", strategy="schema")
+        tenancy.create_tenant("acme", placement="schema")
     assert seen[-1] == step
     assert catalog(tenancy) == before
     assert [t.slug for t in tenancy.list_tenants()] == ["default"]
     tenancy._fault_injector = None
-    tenancy.create_tenant("acme", strategy="schema")
+    tenancy.create_tenant("acme", placement="schema")
     with tenant_context("acme"), tenancy.sessionmaker()() as s:
         assert s.scalars(select(Project)).all() == []
 
@@ -130,7 +130,7 @@ def test_failure_at_any_step_leaves_nothing(tenancy: Tenancy, step: str) -> None
 def test_all_steps_are_exercised(tenancy: Tenancy) -> None:
     seen: list[str] = []
     tenancy._fault_injector = seen.append
-    tenancy.create_tenant("acme", strategy="schema")
+    tenancy.create_tenant("acme", placement="schema")
     assert seen == STEPS
 
 
@@ -140,7 +140,7 @@ def test_leftover_role_is_reported_and_nothing_is_made(tenancy: Tenancy) -> None
         conn.execute(text(f'create role "{role}" nologin'))
     before = catalog(tenancy)
     with pytest.raises(ProvisioningError, match="name_prefix"):
-        tenancy.create_tenant("acme", strategy="schema")
+        tenancy.create_tenant("acme", placement="schema")
     assert catalog(tenancy) == before
     assert [t.slug for t in tenancy.list_tenants()] == ["default"]
 
@@ -152,7 +152,7 @@ def test_an_existing_schema_of_the_tenants_name_is_refused_and_left_alone(tenanc
         conn.execute(text(f'create table "{schema}".kept (id int)'))
     before = catalog(tenancy)
     with pytest.raises(ProvisioningError, match=rf"schema '{schema}' exists already"):
-        tenancy.create_tenant("acme", strategy="schema")
+        tenancy.create_tenant("acme", placement="schema")
     assert catalog(tenancy) == before
     assert [t.slug for t in tenancy.list_tenants()] == ["default"]
     with tenancy.admin_engine.connect() as conn:

@@ -73,7 +73,7 @@ def world(tenancy_server: TestServer) -> Iterator[World]:
         tenants = {
             "acme": tenancy.create_tenant("acme"),
             "globex": tenancy.create_tenant("globex"),
-            "hooli": tenancy.create_tenant("hooli", strategy="schema"),
+            "hooli": tenancy.create_tenant("hooli", placement="schema"),
             "initech": tenancy.create_tenant("initech"),
         }
         maker = tenancy.sessionmaker()

@@ -74,7 +74,7 @@ class Project:
         the new revision."""
         command.upgrade(self.config(), "head")
         for slug in slugs:
-            self.tenancy.create_tenant(slug, strategy="schema")
+            self.tenancy.create_tenant(slug, placement="schema")
         schema = self.tenancy.get_tenant(broken).location["schema"]
         with self.tenancy.admin_engine.begin() as conn:
             conn.exec_driver_sql(f'ALTER TABLE "{schema}".projects ADD COLUMN code integer')

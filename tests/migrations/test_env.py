@@ -19,10 +19,10 @@ from .test_fleet import ADD_PRIORITY, DROP_PRIORITY, project_columns, registry_r
 def tenants(migrated: Project) -> Project:
     t = migrated.tenancy
     t.prepare_server(migrated.server.superuser_url)
-    t.create_tenant("acme", strategy="schema")
-    t.create_tenant("globex", strategy="schema")
-    t.create_tenant("initech", strategy="database")
-    t.create_tenant("umbrella", strategy="shared")
+    t.create_tenant("acme", placement="schema")
+    t.create_tenant("globex", placement="schema")
+    t.create_tenant("initech", placement="database")
+    t.create_tenant("umbrella", placement="shared")
     return migrated
 
 

@@ -58,7 +58,7 @@ def fleet(migrated: Project) -> Project:
         ("d1", "database"),
         ("d2", "database"),
     ):
-        t.create_tenant(slug, strategy=strategy)
+        t.create_tenant(slug, placement=strategy)
     return migrated
 
 
@@ -96,7 +96,7 @@ def test_one_revision_reaches_every_location(fleet: Project, tmp_path: Path) -> 
     assert [(o.kind, o.status) for o in again.outcomes] == [("template", "unchanged")]
 
     # A database tenant created now is cloned from the upgraded template: born at the new head.
-    fleet.tenancy.create_tenant("d3", strategy="database")
+    fleet.tenancy.create_tenant("d3", placement="database")
     assert registry_revisions(fleet.tenancy)["d3"] == new
     assert "priority" in project_columns(fleet.tenancy, "d3")
 
@@ -253,7 +253,7 @@ def test_cloning_the_template_waits_for_its_migration(fleet: Project) -> None:
         key = template_key(f"{t.name_prefix}_template")
         holder.execute(text("select pg_advisory_lock(hashtext(:k))"), {"k": key})
         holder.commit()
-        creator = threading.Thread(target=lambda: created.append(t.create_tenant("d9", strategy="database")))
+        creator = threading.Thread(target=lambda: created.append(t.create_tenant("d9", placement="database")))
         creator.start()
         time.sleep(0.7)
         assert not created  # still waiting

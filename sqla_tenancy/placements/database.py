@@ -74,7 +74,7 @@ if TYPE_CHECKING:
     from ..steps import Steps
 
 __all__ = [
-    "DatabaseStrategy",
+    "DatabasePlacement",
     "OpenDatabase",
     "creation_marker",
     "databases_open_to",
@@ -179,7 +179,7 @@ class Names:
         }
 
 
-class DatabaseStrategy:
+class DatabasePlacement:
     """A database per tenant, with the infrastructure reached through postgres_fdw."""
 
     name = "database"
@@ -541,7 +541,7 @@ class DatabaseStrategy:
             raise ProvisioningError(
                 f"Cleaning up the failed provisioning of tenant {tenant.slug!r} left {'; '.join(failures)}. "
                 f"Its registry row is kept: once the cause is fixed, create_tenant({tenant.slug!r}, "
-                "strategy='database') cleans up again."
+                "placement='database') cleans up again."
             )
 
     def _journal_of(self, tenant: Tenant) -> list[dict[str, Any]]:

@@ -22,7 +22,7 @@ if TYPE_CHECKING:
     from ..registry import Tenant
     from ..steps import Steps
 
-__all__ = ["SharedStrategy", "delete_tenant_rows", "main_tenant_revision"]
+__all__ = ["SharedPlacement", "delete_tenant_rows", "main_tenant_revision"]
 
 
 def delete_tenant_rows(tenant: Tenant, tables: Iterable[Table], *, admin: Connection) -> None:
@@ -51,7 +51,7 @@ def main_tenant_revision(conn: Connection) -> str | None:
     return value if isinstance(value, str) else None
 
 
-class SharedStrategy:
+class SharedPlacement:
     """Rows in the main database, isolated by RLS on ``tenant_id``."""
 
     name = "shared"
@@ -76,7 +76,7 @@ class SharedStrategy:
             raise ProvisioningError(
                 "Shared tenants need every tenant table to carry tenant_id, but "
                 f"{', '.join(sorted(unscoped))} do(es) not: add the TenantScoped mixin, move the "
-                "table to an infrastructure schema, or give this tenant another strategy."
+                "table to an infrastructure schema, or give this tenant another placement."
             )
         # Its rows would share tables with other tenants: keys must not cross tenants.
         check_tenant_keys(self.config.metadata, infrastructure_schemas=self.config.infrastructure_schemas)

@@ -47,7 +47,7 @@ if TYPE_CHECKING:
     from ..registry import Tenant
     from ..steps import Steps
 
-__all__ = ["SchemaStrategy", "tenant_ddl_template"]
+__all__ = ["SchemaPlacement", "tenant_ddl_template"]
 
 
 def tenant_ddl_template(config: TenancyConfig) -> str:
@@ -83,7 +83,7 @@ def tenant_ddl_template(config: TenancyConfig) -> str:
     return ";\n".join(statements)
 
 
-class SchemaStrategy:
+class SchemaPlacement:
     """A schema and a role per tenant, in the main database."""
 
     name = "schema"

@@ -10,7 +10,7 @@ from sqlalchemy.engine import URL, Engine
 if TYPE_CHECKING:
     from ..registry import Tenant
 
-__all__ = ["Placement", "Strategy", "run_script"]
+__all__ = ["Placement", "run_script"]
 
 
 def run_script(conn: Connection, script: str) -> None:
@@ -89,7 +89,3 @@ class Placement(Protocol):
     def engine(self, tenant: Tenant, *, async_: bool) -> Engine:
         """The (sync) engine a session uses for ``tenant``; the async engine's sync_engine when
         ``async_``."""
-
-
-#: The former name of :class:`Placement`.
-Strategy = Placement

@@ -1,16 +1,27 @@
-"""Pure decisions, tested without a database: binding statements, identity tokens, references."""
+"""Pure decisions, tested without a database: binding statements, identity tokens, references,
+and the router's decisions over a registry held in memory."""
 
 from __future__ import annotations
 
+import dataclasses
 import uuid
 from collections.abc import Iterator
 from datetime import datetime, timezone
 
 import pytest
 
-from sqla_tenancy import Tenancy, Tenant
+from sqla_tenancy import (
+    Tenancy,
+    Tenant,
+    TenantNotFound,
+    TenantRequired,
+    TenantSuspended,
+    no_tenant_context,
+    platform_context,
+    tenant_context,
+)
 from sqla_tenancy.binding import CLEAR_LEFTOVERS, binding_statement
-from sqla_tenancy.routing import lookup_key, token_scope
+from sqla_tenancy.routing import Router, lookup_key, token_scope
 
 from .models import INFRASTRUCTURE, Base
 
@@ -104,3 +115,97 @@ def test_only_the_canonical_uuid_string_is_an_id() -> None:
         f"urn:uuid:{TENANT_ID}",
     ):
         assert lookup_key(spelling) == spelling  # a string, which no slug matches
+
+
+# -- the router's decisions, over a registry held in memory ---------------------------------------
+
+
+class MemoryRegistry:
+    """What the router reads of a registry (tenants by slug and id, a generation, the role's
+    attributes), held in memory: the router's decisions need no database."""
+
+    def __init__(self, *tenants: Tenant) -> None:
+        self.generation = 0
+        self.lookups = 0
+        self.by_key: dict[object, Tenant] = {}
+        for t in tenants:
+            self.put(t)
+
+    def put(self, t: Tenant) -> None:
+        self.by_key[t.slug] = self.by_key[t.id] = t
+        self.generation += 1
+
+    def get_entry(self, key: object) -> tuple[Tenant, float]:
+        self.lookups += 1
+        try:
+            return self.by_key[key], float("inf")
+        except KeyError:
+            raise TenantNotFound(key) from None
+
+    def get(self, key: object) -> Tenant:
+        return self.get_entry(key)[0]
+
+    def role_attributes(self) -> tuple[bool, bool]:
+        return False, False
+
+
+def shared(slug: str, status: str = "active") -> Tenant:
+    return Tenant(
+        id=uuid.uuid5(uuid.NAMESPACE_DNS, slug),
+        slug=slug,
+        name=slug,
+        strategy="shared",
+        status=status,
+        created_at=datetime(2026, 1, 1, tzinfo=timezone.utc),
+    )
+
+
+@pytest.fixture
+def routed(offline: Tenancy) -> Iterator[tuple[Router, MemoryRegistry]]:
+    registry = MemoryRegistry(shared("default"), shared("acme"), shared("initech", status="suspended"))
+    yield Router(offline.config, registry, offline.engines, offline.services.placements), registry  # type: ignore[arg-type]
+
+
+def test_the_router_routes_the_active_tenant_and_falls_back_to_the_default(
+    routed: tuple[Router, MemoryRegistry],
+) -> None:
+    router, _ = routed
+    with tenant_context("acme"):
+        route = router.current()
+        assert route.tenant is not None and route.tenant.slug == "acme"
+        assert route.binding == binding_statement(shared("acme").id)
+        assert route.token == str(shared("acme").id)
+    assert router.current().tenant == shared("default")
+
+
+def test_the_router_refuses_what_may_not_run(routed: tuple[Router, MemoryRegistry]) -> None:
+    router, _ = routed
+    with tenant_context("initech"), pytest.raises(TenantSuspended):
+        router.current()
+    with tenant_context("nosuch"), pytest.raises(TenantNotFound):
+        router.current()
+    with no_tenant_context("a preflight"), pytest.raises(TenantRequired, match="a preflight"):
+        router.current()
+    with platform_context("test"):
+        assert router.current() is router.platform and router.current().binding is None
+        with pytest.raises(TenantRequired):
+            router.current_tenant_id()
+
+
+def test_an_anonymous_scope_has_a_route_of_its_own(routed: tuple[Router, MemoryRegistry]) -> None:
+    router, _ = routed
+    with tenant_context("acme", anonymous=True):
+        route = router.current()
+    assert route.token == f"{shared('acme').id}:anonymous"
+    assert route.binding == binding_statement(shared("acme").id, role="tenant_anonymous")
+
+
+def test_the_router_memoises_until_the_registry_changes(routed: tuple[Router, MemoryRegistry]) -> None:
+    router, registry = routed
+    with tenant_context("acme"):
+        first = router.current()
+        looked_up = registry.lookups
+        assert router.current() is first and registry.lookups == looked_up
+        registry.put(dataclasses.replace(shared("acme"), status="suspended"))
+        with pytest.raises(TenantSuspended):
+            router.current()

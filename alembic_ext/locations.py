@@ -19,6 +19,7 @@ from sqlalchemy import create_engine, text
 from sqlalchemy.pool import NullPool
 
 from sqla_tenancy.errors import TenantNotFound
+from sqla_tenancy.placements import MigrationSite
 from sqla_tenancy.placements.database import template_database
 from sqla_tenancy.registry import REGISTRY_SCHEMA, Tenant, TenantStore
 
@@ -71,23 +72,23 @@ class Location:
         return f"template database {self.database} on {self.server}"
 
 
-def main_location(tenants: Iterable[Tenant]) -> Location:
-    shared = tuple(t for t in tenants if t.strategy == "shared" and t.status in MIGRATED_STATUSES)
+def main_location(tenancy: Tenancy, tenants: Iterable[Tenant]) -> Location:
+    """The main database: its tenant tables are those of every tenant without a site of its own."""
+    shared = tuple(t for t in tenants if _site(tenancy, t) is None and t.status in MIGRATED_STATUSES)
     return Location("main", "main", shared)
 
 
-def _location_of(tenant: Tenant) -> Location:
-    if tenant.strategy == "schema":
-        return Location("schema", tenant.slug, (tenant,), schema=tenant.location.get("schema"))
-    if tenant.strategy == "database":
-        return Location(
-            "database",
-            tenant.slug,
-            (tenant,),
-            server=tenant.location.get("server", "main"),
-            database=tenant.location.get("database"),
-        )
-    raise ValueError(f"tenant {tenant.slug!r} has no location of its own ({tenant.strategy})")
+def _site(tenancy: Tenancy, tenant: Tenant) -> MigrationSite | None:
+    return tenancy.router.placement_of(tenant).migration_site(tenant)
+
+
+def _location_of(tenancy: Tenancy, tenant: Tenant) -> Location:
+    site = _site(tenancy, tenant)
+    if site is None:
+        raise ValueError(f"tenant {tenant.slug!r} has no location of its own ({tenant.placement})")
+    return Location(
+        site.kind, tenant.slug, (tenant,), server=site.server, database=site.database, schema=site.schema
+    )
 
 
 def tenant_locations(
@@ -120,14 +121,14 @@ def tenant_locations(
             if tenant not in chosen:
                 chosen.append(tenant)
         locations: list[Location] = []
-        if any(t.strategy == "shared" for t in chosen):
-            locations.append(main_location(live))
-        locations += [_location_of(t) for t in chosen if t.strategy != "shared"]
+        if any(_site(tenancy, t) is None for t in chosen):
+            locations.append(main_location(tenancy, live))
+        locations += [_location_of(tenancy, t) for t in chosen if _site(tenancy, t) is not None]
         return locations
-    locations = [main_location(live)]
+    locations = [main_location(tenancy, live)]
     if templates:
         locations += template_locations(tenancy)
-    locations += [_location_of(t) for t in live if t.strategy != "shared"]
+    locations += [_location_of(tenancy, t) for t in live if _site(tenancy, t) is not None]
     return locations
 
 

@@ -7,9 +7,9 @@ placement).
 
 from __future__ import annotations
 
-from .base import Placement
+from .base import MigrationSite, Placement
 from .database import DatabasePlacement
 from .schema import SchemaPlacement
 from .shared import SharedPlacement
 
-__all__ = ["DatabasePlacement", "Placement", "SchemaPlacement", "SharedPlacement"]
+__all__ = ["DatabasePlacement", "MigrationSite", "Placement", "SchemaPlacement", "SharedPlacement"]

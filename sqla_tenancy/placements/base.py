@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Protocol
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 from sqlalchemy import Connection
 from sqlalchemy.engine import URL, Engine
@@ -10,7 +11,7 @@ from sqlalchemy.engine import URL, Engine
 if TYPE_CHECKING:
     from ..registry import Tenant
 
-__all__ = ["Placement", "run_script"]
+__all__ = ["MigrationSite", "Placement", "run_script"]
 
 
 def run_script(conn: Connection, script: str) -> None:
@@ -24,6 +25,17 @@ def run_script(conn: Connection, script: str) -> None:
         cursor.execute(script.encode())
     finally:
         cursor.close()
+
+
+@dataclass(frozen=True)
+class MigrationSite:
+    """Where a tenant's tables of its own are, for the tenant stream's migrations: a schema of
+    the main database (``kind="schema"``) or a database on a server (``kind="database"``)."""
+
+    kind: Literal["schema", "database"]
+    server: str = "main"
+    database: str | None = None
+    schema: str | None = None
 
 
 class Placement(Protocol):
@@ -69,6 +81,10 @@ class Placement(Protocol):
     def dump_target(self, tenant: Tenant) -> tuple[URL, str] | None:
         """Where ``pg_dump`` finds the tenant's own tables, whole: an admin URL of their database
         and the schema (``None``: the tenant's rows share tables and are exported row by row)."""
+
+    def migration_site(self, tenant: Tenant) -> MigrationSite | None:
+        """Where the tenant stream is applied for ``tenant`` alone (``None``: its tables are the
+        main database's shared ones, migrated once for every such tenant)."""
 
     def migration_binding(self, tenant: Tenant) -> str:
         """What binds an admin transaction migrating the tenant's location (see

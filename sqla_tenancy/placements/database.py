@@ -63,7 +63,7 @@ from ..rls import (
     current_tenant_function_ddl,
     fdw_role_name,
 )
-from .base import run_script
+from .base import MigrationSite, run_script
 from .schema import tenant_ddl_template
 from .shared import delete_tenant_rows, main_tenant_revision
 
@@ -624,6 +624,10 @@ class DatabasePlacement:
             conn.exec_driver_sql(f"DROP ROLE IF EXISTS {quote_ident(fdw_role)}")
 
     # -- routing ------------------------------------------------------------------------------
+
+    def migration_site(self, tenant: Tenant) -> MigrationSite | None:
+        names = self.names(tenant)
+        return MigrationSite("database", server=names.server, database=names.database)
 
     def migration_binding(self, tenant: Tenant) -> str:
         return migration_binding_statement(tenant.id)

@@ -38,7 +38,7 @@ from ..identifiers import quote_ident, role_name, schema_name
 from ..registry import REGISTRY_SCHEMA
 from ..rls import TENANT_ID_INFO_KEY, enable_rls_ddl, is_tenant_scoped
 from ..versions import TENANT, VERSION_TABLES
-from .base import run_script
+from .base import MigrationSite, run_script
 from .shared import delete_tenant_rows
 
 if TYPE_CHECKING:
@@ -215,6 +215,9 @@ class SchemaPlacement:
 
     def compensate(self, tenant: Tenant) -> None:
         """Nothing to do: provisioning is transactional."""
+
+    def migration_site(self, tenant: Tenant) -> MigrationSite | None:
+        return MigrationSite("schema", schema=self.names(tenant.slug)[0])
 
     def migration_binding(self, tenant: Tenant) -> str:
         return migration_binding_statement(tenant.id, schema=self.names(tenant.slug)[0])

@@ -15,6 +15,7 @@ from ..errors import ProvisioningError
 from ..identifiers import quote_ident
 from ..keys import check_tenant_keys
 from ..rls import is_tenant_scoped, qualified_name, tenant_column_name
+from .base import MigrationSite
 
 if TYPE_CHECKING:
     from ..config import TenancyConfig
@@ -97,6 +98,9 @@ class SharedPlacement:
 
     def derived_names(self, tenant: Tenant) -> dict[tuple[str, str], str]:
         return {}  # a shared tenant is a registry row, nothing named
+
+    def migration_site(self, tenant: Tenant) -> MigrationSite | None:
+        return None  # the main database's tables, migrated once for every shared tenant
 
     def migration_binding(self, tenant: Tenant) -> str:
         return migration_binding_statement(tenant.id)

@@ -9,9 +9,12 @@ from sqlalchemy import Connection
 from sqlalchemy.engine import URL, Engine
 
 if TYPE_CHECKING:
+    from ..config import TenancyConfig
+    from ..engines import Engines
     from ..registry import Tenant
+    from ..steps import Steps
 
-__all__ = ["MigrationSite", "Placement", "run_script"]
+__all__ = ["MigrationSite", "Placement", "PlacementBase", "run_script"]
 
 
 def run_script(conn: Connection, script: str) -> None:
@@ -105,3 +108,13 @@ class Placement(Protocol):
     def engine(self, tenant: Tenant, *, async_: bool) -> Engine:
         """The (sync) engine a session uses for ``tenant``; the async engine's sync_engine when
         ``async_``."""
+
+
+class PlacementBase:
+    """What every placement is built with: the configuration, the engines and the provisioning
+    steps (the implementations derive from it; :class:`Placement` is their contract)."""
+
+    def __init__(self, config: TenancyConfig, engines: Engines, steps: Steps) -> None:
+        self.config = config
+        self.engines = engines
+        self.steps = steps

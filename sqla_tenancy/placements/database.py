@@ -63,7 +63,7 @@ from ..rls import (
     current_tenant_function_ddl,
     fdw_role_name,
 )
-from .base import MigrationSite, run_script
+from .base import MigrationSite, PlacementBase, run_script
 from .schema import tenant_ddl_template
 from .shared import delete_tenant_rows, main_tenant_revision
 
@@ -179,7 +179,7 @@ class Names:
         }
 
 
-class DatabasePlacement:
+class DatabasePlacement(PlacementBase):
     """A database per tenant, with the infrastructure reached through postgres_fdw."""
 
     name = "database"
@@ -187,9 +187,7 @@ class DatabasePlacement:
     per_tenant_engines = True
 
     def __init__(self, config: TenancyConfig, engines: Engines, steps: Steps) -> None:
-        self.config = config
-        self.engines = engines
-        self.steps = steps
+        super().__init__(config, engines, steps)
         #: servers whose template this process has brought up to date (migrations refresh it too)
         self._templates_ready: set[str] = set()
 

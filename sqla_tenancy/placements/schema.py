@@ -38,7 +38,7 @@ from ..identifiers import quote_ident, role_name, schema_name
 from ..registry import REGISTRY_SCHEMA
 from ..rls import TENANT_ID_INFO_KEY, enable_rls_ddl, is_tenant_scoped
 from ..versions import TENANT, VERSION_TABLES
-from .base import MigrationSite, run_script
+from .base import MigrationSite, PlacementBase, run_script
 from .shared import delete_tenant_rows
 
 if TYPE_CHECKING:
@@ -83,7 +83,7 @@ def tenant_ddl_template(config: TenancyConfig) -> str:
     return ";\n".join(statements)
 
 
-class SchemaPlacement:
+class SchemaPlacement(PlacementBase):
     """A schema and a role per tenant, in the main database."""
 
     name = "schema"
@@ -91,9 +91,7 @@ class SchemaPlacement:
     per_tenant_engines = False
 
     def __init__(self, config: TenancyConfig, engines: Engines, steps: Steps) -> None:
-        self.config = config
-        self.engines = engines
-        self.steps = steps
+        super().__init__(config, engines, steps)
         self._ddl: str | None = None
         self._lock = threading.Lock()
 

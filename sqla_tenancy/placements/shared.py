@@ -15,13 +15,10 @@ from ..errors import ProvisioningError
 from ..identifiers import quote_ident
 from ..keys import check_tenant_keys
 from ..rls import is_tenant_scoped, qualified_name, tenant_column_name
-from .base import MigrationSite
+from .base import MigrationSite, PlacementBase
 
 if TYPE_CHECKING:
-    from ..config import TenancyConfig
-    from ..engines import Engines
     from ..registry import Tenant
-    from ..steps import Steps
 
 __all__ = ["SharedPlacement", "delete_tenant_rows", "main_tenant_revision"]
 
@@ -52,17 +49,12 @@ def main_tenant_revision(conn: Connection) -> str | None:
     return value if isinstance(value, str) else None
 
 
-class SharedPlacement:
+class SharedPlacement(PlacementBase):
     """Rows in the main database, isolated by RLS on ``tenant_id``."""
 
     name = "shared"
     transactional = True
     per_tenant_engines = False
-
-    def __init__(self, config: TenancyConfig, engines: Engines, steps: Steps) -> None:
-        self.config = config
-        self.engines = engines
-        self.steps = steps
 
     def initial_location(self, server: str | None) -> dict[str, Any]:
         if server is not None:

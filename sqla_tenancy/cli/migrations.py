@@ -1,4 +1,4 @@
-"""The ``sqla-tenancy`` command line.
+"""``sqla-tenancy init`` and ``sqla-tenancy migrate``.
 
 ``sqla-tenancy init``
     create ``alembic.ini`` and a migrations directory with both streams.
@@ -19,28 +19,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-__all__ = ["app", "main"]
-
-app = typer.Typer(
-    name="sqla-tenancy",
-    help="Multi-tenancy for SQLAlchemy on PostgreSQL: migrations and fleet operations.",
-    no_args_is_help=True,
-    add_completion=False,
-)
-
-#: exit codes besides 0 (success) and 1 (a tenant or the infrastructure failed)
-EXIT_LOCKED = 3
-EXIT_USAGE = 2
-
-AppOption = Annotated[
-    Optional[str],  # noqa: UP045 - typer reads the annotation at runtime
-    typer.Option(
-        "--app",
-        envvar="SQLA_TENANCY_APP",
-        help="The application's Tenancy as module:attribute (or a function returning it).",
-    ),
-]
-ConfigOption = Annotated[Path, typer.Option("--config", "-c", help="The project's alembic.ini.")]
+from ._app import EXIT_LOCKED, EXIT_USAGE, AppOption, ConfigOption, app
 
 
 @app.command()
@@ -101,7 +80,7 @@ def migrate(
     from alembic_ext import MigrationError, MigrationLocked, migrate_fleet
     from alembic_ext.versions import INFRASTRUCTURE, STREAMS, TENANT
 
-    from .errors import TenancyError
+    from ..errors import TenancyError
 
     console = Console(stderr=True)
     streams: tuple[str, ...] = STREAMS
@@ -188,8 +167,3 @@ def _summary(console: Console, result: object) -> None:
         console.print(table)
     if result.stopped:
         console.print(f"stopped: {result.stopped}")
-
-
-def main() -> None:
-    """Entry point of the ``sqla-tenancy`` console script."""
-    app()

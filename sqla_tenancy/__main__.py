@@ -1,0 +1,5 @@
+"""``python -m sqla_tenancy``: the ``sqla-tenancy`` command line."""
+
+from .cli import main
+
+main()

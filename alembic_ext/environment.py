@@ -157,6 +157,16 @@ def _run(
             if refreshed:
                 log.info("refreshed the foreign tables of %d database tenant(s)", len(refreshed))
     if TENANT in streams:
+        if (
+            runner.command == "display"
+            and main.execute(text("select to_regclass(:t)"), {"t": f"{REGISTRY_SCHEMA}.tenants"}).scalar()
+            is None
+        ):
+            if say:
+                say(
+                    "tenant stream: not installed yet (the first `alembic upgrade head` creates the registry)"
+                )
+            return
         for location in tenant_locations(tenancy, only=only):
             if say:
                 say(f"tenant stream, {location.describe()}:")

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from . import devserver as _devserver  # noqa: F401
 from . import migrations as _migrations  # noqa: F401  (each module registers its commands)
+from . import run as _run  # noqa: F401
 from . import tenants as _tenants  # noqa: F401
 from ._app import app
 

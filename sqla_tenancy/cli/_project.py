@@ -16,11 +16,11 @@ import os
 import sys
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
+from contextvars import ContextVar
 from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn
 
-import click
 import typer
 
 from ._app import EXIT_FAILED, EXIT_REFUSED, EXIT_USAGE
@@ -29,8 +29,8 @@ if TYPE_CHECKING:
     from ..registry import Tenant
     from ..tenancy import Tenancy
 
-#: key of ``click.Context.meta`` under which a host CLI puts a ``() -> Tenancy`` provider
-PROVIDER_KEY = "sqla_tenancy.tenancy_provider"
+#: set by a host command line (``flask tenancy``) to a ``() -> Tenancy`` that replaces ``--app``
+tenancy_provider: ContextVar[Callable[[], Tenancy] | None] = ContextVar("tenancy_provider", default=None)
 
 
 def fail(message: str, code: int = EXIT_FAILED) -> NoReturn:
@@ -42,8 +42,7 @@ def fail(message: str, code: int = EXIT_FAILED) -> NoReturn:
 def load_tenancy(app_spec: str | None, config: Path) -> Tenancy:
     """The application's Tenancy (see the module docstring), with its ``migrations`` set to
     ``config`` when it has none and the file exists; exit 2 with one line when it cannot be found."""
-    ctx = click.get_current_context(silent=True)
-    provider = ctx.meta.get(PROVIDER_KEY) if ctx is not None else None
+    provider = tenancy_provider.get()
     if provider is not None and app_spec is None:
         tenancy: Tenancy = provider()
         return tenancy

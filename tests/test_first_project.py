@@ -150,7 +150,9 @@ def test_the_first_project_page_works_as_written(project: Path) -> None:
             text=True,
             timeout=600,
         )
-        assert proc.returncode == 0, f"the page's commands failed:\n{proc.stdout[-6000:]}\n{proc.stderr[-6000:]}"
+        assert proc.returncode == 0, (
+            f"the page's commands failed:\n{proc.stdout[-6000:]}\n{proc.stderr[-6000:]}"
+        )
         # the user's own pytest ran and passed (the last command of the page)
         assert re.search(r"\b1 passed\b", proc.stdout), proc.stdout[-3000:]
         # what the page promises, checked from outside
@@ -167,7 +169,9 @@ def test_the_first_project_page_works_as_written(project: Path) -> None:
         assert len(revisions) == 1 and None not in revisions, tenants
         behind = _cli(project, "tenants", "list", "--behind", "--json")
         assert (behind.returncode, json.loads(behind.stdout)) == (0, [])
-        ran = _cli(project, "run", "--tenant", "acme", "--tenant", "globex", "--json", "myapp.jobs:count_projects")
+        ran = _cli(
+            project, "run", "--tenant", "acme", "--tenant", "globex", "--json", "myapp.jobs:count_projects"
+        )
         assert ran.returncode == 0, ran.stderr
         counts = {o["tenant"]: o["result"] for o in json.loads(ran.stdout)["tenants"]}
         assert counts == {"acme": "1", "globex": "1"}  # each sees its own seeded project only

@@ -69,7 +69,7 @@ def operation(tenancy: Tenancy | None = None) -> Iterator[None]:
     of the Tenancy's pools afterwards."""
     from sqlalchemy.exc import DBAPIError
 
-    from ..errors import ConfigurationError, TenancyError
+    from ..errors import ConfigurationError, InvalidTenantSlug, TenancyError
 
     try:
         yield
@@ -82,7 +82,7 @@ def operation(tenancy: Tenancy | None = None) -> Iterator[None]:
             url = tenancy.url
             where = f" at {url.host}:{url.port or 5432}/{url.database}"
         fail(f"cannot reach the database{where}: {first}")
-    except ConfigurationError as exc:
+    except (ConfigurationError, InvalidTenantSlug) as exc:
         fail(str(exc), EXIT_USAGE)
     except TenancyError as exc:
         fail(str(exc))

@@ -1,0 +1,138 @@
+"""The pytest plugin's tenant fixtures, on the suite's own model: the application's Tenancy is
+rebound to the test server, every test gets an empty tenant, and writes never outlive a test."""
+
+from __future__ import annotations
+
+import pytest
+from sqlalchemy import func, select, text
+from sqlalchemy.orm import Session
+
+from sqla_tenancy import Tenancy, Tenant, TenantSession, tenant_context
+from sqla_tenancy.testing.isolation import IsolationReport
+
+from .conftest import SECRET
+from .models import INFRASTRUCTURE, Base, Project, Task
+
+#: what an application module holds: its URLs point nowhere the tests could reach
+APP = Tenancy(
+    "postgresql+psycopg://app:secret@db.invalid/production",
+    admin_url="postgresql+psycopg://owner:secret@db.invalid/production",
+    metadata=Base.metadata,
+    infrastructure_schemas=INFRASTRUCTURE,
+    secret_key=SECRET,
+    registry_ttl=2.0,
+)
+
+
+@pytest.fixture(scope="session")
+def tenancy_app() -> Tenancy:
+    return APP
+
+
+def projects(session: Session) -> list[str]:
+    return list(session.scalars(select(Project.name).order_by(Project.name)))
+
+
+def test_the_applications_own_object_is_rebound_to_the_test_server(app_tenancy: Tenancy) -> None:
+    assert app_tenancy is APP
+    assert app_tenancy.url.host != "db.invalid" and app_tenancy.admin_url.host != "db.invalid"
+    assert app_tenancy.config.registry_ttl == 2.0  # the application's other settings are kept
+    with app_tenancy.admin_engine.connect() as conn:
+        assert conn.execute(text("select to_regclass('tasks')")).scalar() == "tasks"
+
+
+@pytest.mark.tenant(placement="all")
+def test_the_tenant_is_fresh_and_active_in_every_placement(
+    tenant: Tenant, tenant_placement: str, tenant_session: TenantSession
+) -> None:
+    assert tenant.strategy == tenant_placement
+    assert projects(tenant_session) == []
+    tenant_session.add(Project(name="apollo"))
+    tenant_session.commit()  # the application's commit works (it releases a SAVEPOINT)
+    assert projects(tenant_session) == ["apollo"]
+
+
+@pytest.mark.tenant(placement=["shared", "schema"])
+@pytest.mark.parametrize("step", ["write", "then read"])
+def test_writes_are_rolled_back_after_each_test(
+    app_tenancy: Tenancy, tenant: Tenant, step: str
+) -> None:
+    Session = app_tenancy.sessionmaker()
+    with Session() as session:
+        assert projects(session) == []  # nothing left by the previous step
+        project = Project(name=f"left by {step}")
+        session.add(project)
+        session.flush()
+        session.add(Task(project_id=project.id, title="t"))
+        session.commit()
+    with Session() as session:
+        assert projects(session) == [f"left by {step}"]
+
+
+@pytest.mark.parametrize("step", ["commit through Core", "then read"])
+def test_core_commits_outside_the_test_transaction_are_cleaned_up(
+    app_tenancy: Tenancy, tenant: Tenant, tenant_session: TenantSession, step: str
+) -> None:
+    assert projects(tenant_session) == []
+    with app_tenancy.connect() as conn, conn.begin():  # a connection of its own: really commits
+        conn.execute(text("insert into projects (name) values (:n)"), {"n": step})
+
+
+def test_a_failed_flush_rolls_back_to_the_savepoint_only(tenant: Tenant, tenant_session: TenantSession) -> None:
+    tenant_session.add(Project(name="kept"))
+    tenant_session.commit()
+    tenant_session.add(Task(project_id=-1, title="orphan"))  # the foreign key refuses it
+    with pytest.raises(Exception, match="foreign key"):
+        tenant_session.commit()
+    tenant_session.rollback()
+    assert projects(tenant_session) == ["kept"]
+
+
+def test_make_tenant_as_tenant_and_platform_session(
+    app_tenancy: Tenancy,
+    tenant: Tenant,
+    make_tenant,
+    as_tenant,
+    platform_session: Session,
+) -> None:
+    other = make_tenant("globex", placement="schema")
+    Session = app_tenancy.sessionmaker()
+    with as_tenant("globex"), Session() as session:
+        session.add(Project(name="globex project"))
+        session.commit()
+    with Session() as session:  # back in the test's tenant
+        assert projects(session) == []
+    with as_tenant(other), Session() as session:
+        assert projects(session) == ["globex project"]
+    assert other.slug in {t.slug for t in app_tenancy.list_tenants()}
+    assert platform_session.scalar(select(func.count()).select_from(Project)) >= 0
+
+
+def test_the_isolation_checker_as_a_fixture(tenant_isolation) -> None:
+    report: IsolationReport = tenant_isolation(placements=["shared", "schema"])
+    assert report.ok and report.checks > 50
+
+
+@pytest.mark.tenant(placement="schema")
+async def test_async_sessions_serve_the_tenant(app_tenancy: Tenancy, tenant: Tenant) -> None:
+    Session = app_tenancy.async_sessionmaker()
+    async with Session() as session:
+        session.add(Project(name="async"))
+        await session.commit()
+        names = (await session.scalars(select(Project.name))).all()
+    assert names == ["async"]
+
+
+@pytest.mark.tenant(placement="schema")
+async def test_async_writes_do_not_outlive_their_test(app_tenancy: Tenancy, tenant: Tenant) -> None:
+    Session = app_tenancy.async_sessionmaker()
+    async with Session() as session:
+        assert (await session.scalars(select(Project.name))).all() == []
+
+
+def test_outside_the_tenant_fixture_no_context_is_left(app_tenancy: Tenancy) -> None:
+    from sqla_tenancy.context import current_tenant_ref
+
+    assert current_tenant_ref() is None
+    with tenant_context("default"), app_tenancy.sessionmaker()() as session:
+        assert projects(session) == []

@@ -10,24 +10,8 @@ from sqlalchemy.orm import Session
 from sqla_tenancy import Tenancy, Tenant, TenantSession, tenant_context
 from sqla_tenancy.testing.isolation import IsolationReport
 
-from .conftest import SECRET
-from .models import INFRASTRUCTURE, Base, Project, Task
-
-#: what an application module holds: its URLs point nowhere the tests could reach
-APP = Tenancy(
-    "postgresql+psycopg://app:secret@db.invalid/production",
-    admin_url="postgresql+psycopg://owner:secret@db.invalid/production",
-    metadata=Base.metadata,
-    infrastructure_schemas=INFRASTRUCTURE,
-    secret_key=SECRET,
-    registry_ttl=2.0,
-)
-
-
-@pytest.fixture(scope="session")
-def tenancy_app() -> Tenancy:
-    return APP
-
+from .conftest import APP
+from .models import Project, Task
 
 def projects(session: Session) -> list[str]:
     return list(session.scalars(select(Project.name).order_by(Project.name)))

@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import importlib
 import secrets
+import sys
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field, fields
@@ -71,6 +72,7 @@ __all__ = [
     "tenancy_factory",
     "tenancy_server",
     "tenant",
+    "tenant_factory",
     "tenant_header",
     "tenant_isolation",
     "tenant_placement",
@@ -271,6 +273,9 @@ def _tenant_kit(tenancy_app: Tenancy, tenancy_server: TestServer) -> Iterator[Te
         tenancy_app.prepare_server(tenancy_server.superuser_url)
         _migrate(tenancy_app)
         kit = TenantKit(tenancy_app)
+        factories = sys.modules.get("sqla_tenancy.testing.factories")
+        if factories is not None:
+            factories.bind_factories(tenancy_app)
 
         def committed(conn: Connection) -> None:
             kit.dirty = True
@@ -319,6 +324,7 @@ def tenant(_tenant_kit: TenantKit, tenant_placement: str) -> Iterator[Tenant]:
             with tenant_context(made):
                 yield made
         finally:
+            _close_factory_sessions()
             tenancy.delete_tenant(made.slug)
         return
     pooled = kit.pooled(tenant_placement)
@@ -330,11 +336,32 @@ def tenant(_tenant_kit: TenantKit, tenant_placement: str) -> Iterator[Tenant]:
         try:
             yield pooled
         finally:
+            _close_factory_sessions()
             unpin_connection(pooled.id)
             transaction.rollback()
             outer.close()
     if kit.dirty:
         kit.reset(tenant_placement)
+
+
+def _close_factory_sessions() -> None:
+    """Close the factories' sessions, if the test used factories (factory-boy stays optional)."""
+    factories = sys.modules.get("sqla_tenancy.testing.factories")
+    if factories is not None:
+        factories.close_sessions()
+
+
+@pytest.fixture
+def tenant_factory(app_tenancy: Tenancy) -> Iterator[Any]:
+    """:class:`~sqla_tenancy.testing.factories.TenantFactory`, on the application's Tenancy; the
+    tenants it made are deleted after the test. Needs factory-boy (``sqla-tenancy[testing]``)."""
+    from .factories import TenantFactory, bind_factories
+
+    bind_factories(app_tenancy)
+    try:
+        yield TenantFactory
+    finally:
+        TenantFactory.cleanup()
 
 
 @pytest.fixture

@@ -3,11 +3,16 @@ placement, and it catches each mistake planted in the database behind the librar
 
 from __future__ import annotations
 
+import json
+from collections.abc import Callable
+
 import pytest
 from sqlalchemy import create_engine
 from sqlalchemy.pool import NullPool
+from typer.testing import CliRunner, Result
 
 from sqla_tenancy import Tenancy, Tenant
+from sqla_tenancy.cli import app
 from sqla_tenancy.testing import TestServer
 from sqla_tenancy.testing.isolation import (
     IsolationError,
@@ -16,6 +21,7 @@ from sqla_tenancy.testing.isolation import (
     check_tenant_isolation,
 )
 
+from .conftest import SECRET
 from .models import Project, Task, User
 
 
@@ -190,3 +196,60 @@ def test_a_unique_key_of_an_infrastructure_table_is_caught_from_every_placement(
         tenancy.prepare_server(tenancy_server.superuser_url)
     report = check_tenant_isolation(tenancy, [User], placements=[placement])
     assert report.operations() == {(placement, "auth.users", "unique key")}, report.summary()
+
+
+# -- the command line -------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def cli_env(tenancy: Tenancy, monkeypatch: pytest.MonkeyPatch) -> Tenancy:
+    monkeypatch.setenv("CHECK_TEST_URL", tenancy.url.render_as_string(hide_password=False))
+    monkeypatch.setenv("CHECK_TEST_ADMIN_URL", tenancy.admin_url.render_as_string(hide_password=False))
+    monkeypatch.setenv("CHECK_TEST_PREFIX", tenancy.name_prefix)
+    monkeypatch.setenv("CHECK_TEST_SECRET", SECRET)
+    monkeypatch.delenv("SQLA_TENANCY_APP", raising=False)
+    return tenancy
+
+
+def check_cli(*args: str) -> Result:
+    return CliRunner().invoke(app, ["check-isolation", "--app", "tests.isolation_app:tenancy", *args])
+
+
+def test_the_cli_passes_a_correct_setup(cli_env: Tenancy) -> None:
+    result = check_cli("--placement", "shared", "--placement", "schema")
+    assert result.exit_code == 0, result.output
+    assert result.output.startswith("ok: ")
+
+
+def test_the_cli_reports_findings_as_json_and_exits_1(cli_env: Tenancy) -> None:
+    plant(cli_env, "GRANT SELECT ON projects TO PUBLIC")
+    result = check_cli("--placement", "shared", "--model", "projects", "--json")
+    assert result.exit_code == 1, result.output
+    report = json.loads(result.output)
+    assert report["ok"] is False
+    assert [(f["model"], f["operation"], f["placement"], f["via"]) for f in report["findings"]] == [
+        ("projects", "grant", "shared", "catalog")
+    ]
+
+
+def test_the_cli_refuses_an_unknown_model_or_no_app(cli_env: Tenancy) -> None:
+    result = check_cli("--model", "nope")
+    assert result.exit_code == 2 and "no table nope" in result.output
+    result = CliRunner().invoke(app, ["check-isolation"])
+    assert result.exit_code == 2 and "--app" in result.output
+
+
+# -- the example apps' models -------------------------------------------------------------------------
+
+
+def test_the_example_apps_models_pass_in_every_placement(
+    tenancy_factory: Callable[..., Tenancy], tenancy_server: TestServer
+) -> None:
+    from examples.common import INFRASTRUCTURE_SCHEMAS, Base
+
+    tenancy = tenancy_factory(Base.metadata, infrastructure_schemas=INFRASTRUCTURE_SCHEMAS, secret_key=SECRET)
+    tenancy.install()
+    tenancy.prepare_server(tenancy_server.superuser_url)
+    report = assert_tenant_isolation(tenancy)
+    assert set(report.models) == {"projects", "tasks", "auth.users"}
+    assert report.placements == ["shared", "schema", "database"]

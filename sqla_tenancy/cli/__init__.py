@@ -10,6 +10,7 @@ configuration error; 3 another migration holds the lock; 4 refused at a confirma
 
 from __future__ import annotations
 
+from . import check as _check  # noqa: F401  (registers its commands)
 from . import migrations as _migrations  # noqa: F401  (registers its commands)
 from ._app import app
 

@@ -48,7 +48,6 @@ def unpin_connection(key: object) -> None:
     _pinned.pop(key, None)
 
 
-
 class TenantSession(Session):
     """A :class:`~sqlalchemy.orm.Session` bound to whichever tenant is active when it runs SQL.
 

@@ -91,7 +91,9 @@ def test_factories_refuse_to_create_outside_any_tenant(app_tenancy: Tenancy) -> 
 
 
 @pytest.mark.parametrize("placement", ["shared", "schema", "database"])
-def test_tenant_factory_provisions_and_cleans_up(app_tenancy: Tenancy, tenant_factory, placement: str) -> None:
+def test_tenant_factory_provisions_and_cleans_up(
+    app_tenancy: Tenancy, tenant_factory, placement: str
+) -> None:
     made = tenant_factory(placement=placement)
     assert made.strategy == placement and made.status == "active"
     with tenant_context(made):

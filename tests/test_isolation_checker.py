@@ -51,8 +51,15 @@ def test_a_table_without_rls_is_caught(tenancy: Tenancy) -> None:
     plant(tenancy, "ALTER TABLE projects DISABLE ROW LEVEL SECURITY")
     report = check_tenant_isolation(tenancy, [Project], placements=["shared"])
     found = ops(report)
-    assert {("projects", "see"), ("projects", "count"), ("projects", "update"), ("projects", "delete"),
-            ("projects", "insert"), ("projects", "rls"), ("projects", "no tenant")} <= found
+    assert {
+        ("projects", "see"),
+        ("projects", "count"),
+        ("projects", "update"),
+        ("projects", "delete"),
+        ("projects", "insert"),
+        ("projects", "rls"),
+        ("projects", "no tenant"),
+    } <= found
     leak = next(f for f in report.findings if f.operation == "see" and f.via == "orm")
     assert leak.placement == "shared" and leak.leaked_row is not None
     assert leak.leaked_row["name"].startswith("iso-shared-b-")
@@ -128,7 +135,9 @@ PLACEMENTS = ["shared", "schema", "database"]
 
 
 @pytest.fixture
-def pair(tenancy: Tenancy, tenancy_server: TestServer, request: pytest.FixtureRequest) -> tuple[Tenant, Tenant]:
+def pair(
+    tenancy: Tenancy, tenancy_server: TestServer, request: pytest.FixtureRequest
+) -> tuple[Tenant, Tenant]:
     placement = request.param
     if placement == "database":
         tenancy.prepare_server(tenancy_server.superuser_url)

@@ -13,6 +13,7 @@ from sqla_tenancy.testing.isolation import IsolationReport
 from .conftest import APP
 from .models import Project, Task
 
+
 def projects(session: Session) -> list[str]:
     return list(session.scalars(select(Project.name).order_by(Project.name)))
 
@@ -38,9 +39,7 @@ def test_the_tenant_is_fresh_and_active_in_every_placement(
 
 @pytest.mark.tenant(placement=["shared", "schema"])
 @pytest.mark.parametrize("step", ["write", "then read"])
-def test_writes_are_rolled_back_after_each_test(
-    app_tenancy: Tenancy, tenant: Tenant, step: str
-) -> None:
+def test_writes_are_rolled_back_after_each_test(app_tenancy: Tenancy, tenant: Tenant, step: str) -> None:
     Session = app_tenancy.sessionmaker()
     with Session() as session:
         assert projects(session) == []  # nothing left by the previous step
@@ -62,7 +61,9 @@ def test_core_commits_outside_the_test_transaction_are_cleaned_up(
         conn.execute(text("insert into projects (name) values (:n)"), {"n": step})
 
 
-def test_a_failed_flush_rolls_back_to_the_savepoint_only(tenant: Tenant, tenant_session: TenantSession) -> None:
+def test_a_failed_flush_rolls_back_to_the_savepoint_only(
+    tenant: Tenant, tenant_session: TenantSession
+) -> None:
     tenant_session.add(Project(name="kept"))
     tenant_session.commit()
     tenant_session.add(Task(project_id=-1, title="orphan"))  # the foreign key refuses it

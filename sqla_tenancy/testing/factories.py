@@ -25,8 +25,9 @@ it after each test).
 
 from __future__ import annotations
 
+import contextlib
 import weakref
-from typing import Any
+from typing import Any, ClassVar
 
 import factory
 from factory.alchemy import SQLAlchemyModelFactory
@@ -108,7 +109,7 @@ class TenantFactory(factory.Factory):  # type: ignore[misc]
     name = None
     server = None
 
-    _made: list[tuple[weakref.ref[Tenancy], str]] = []
+    _made: ClassVar[list[tuple[weakref.ref[Tenancy], str]]] = []
 
     @classmethod
     def _build(cls, model_class: Any, *args: Any, **kwargs: Any) -> Any:
@@ -131,7 +132,5 @@ class TenantFactory(factory.Factory):  # type: ignore[misc]
             tenancy = ref()
             if tenancy is None:
                 continue
-            try:
+            with contextlib.suppress(TenancyError):  # deleted by the test already
                 tenancy.delete_tenant(slug)
-            except TenancyError:
-                pass  # deleted by the test already

@@ -43,8 +43,6 @@ from __future__ import annotations
 
 import datetime as dt
 import decimal
-import enum
-import itertools
 import json
 import logging
 import secrets
@@ -245,7 +243,7 @@ def _made_up_value(column: Any, tag: str, n: int) -> Any:
     if isinstance(kind, sqltypes.Enum):
         choices = list(kind.enums)
         if kind.enum_class is not None:
-            return list(kind.enum_class)[0]
+            return next(iter(kind.enum_class))
         return choices[0]
     if isinstance(kind, sqltypes.Boolean):
         return n % 2 == 0
@@ -303,6 +301,17 @@ def _factory_values(factory: ValueFactory, table: Table) -> dict[str, Any]:
             "return a mapping of column names to values (or be a factory-boy factory)."
         )
     return dict(built)
+
+
+def _tenant_column(table: Table) -> str:
+    """The tenant column of a tenant-scoped table (the checker probes no other)."""
+    name = tenant_column_name(table)
+    assert name is not None, table.fullname
+    return name
+
+
+def _has_default(column: Any) -> bool:
+    return column.server_default is not None or column.default is not None
 
 
 def _mapped_classes(tables: Iterable[Table]) -> dict[Table, type[Any]]:
@@ -369,8 +378,10 @@ class _Checker:
 
     # -- set-up -------------------------------------------------------------------------------
 
-    def _values(self, table: Table, tag: str, n: int, parents: Mapping[Table, list[dict[str, Any]]]) -> dict:
-        tenant_column = tenant_column_name(table)
+    def _values(
+        self, table: Table, tag: str, n: int, parents: Mapping[Table, list[dict[str, Any]]]
+    ) -> dict[str, Any]:
+        tenant_column = _tenant_column(table)
         given = _factory_values(self.factories[table], table) if table in self.factories else {}
         fk_columns: dict[str, Any] = {}
         for fk in table.foreign_key_constraints:
@@ -391,9 +402,7 @@ class _Checker:
                 values[name] = fk_columns[name]
             elif name in given:
                 values[name] = given[name]
-            elif column is table.autoincrement_column:
-                continue
-            elif column.server_default is not None or column.default is not None:
+            elif column is table.autoincrement_column or _has_default(column):
                 continue
             elif column.foreign_keys:
                 if not column.nullable:
@@ -463,7 +472,7 @@ class _Checker:
             self._no_tenant(a, b)
         report.checks = self.checks
 
-    def _find(self, operation: str, via: str, detail: str, row: Mapping[str, Any] | None = None) -> None:
+    def _find(self, operation: str, via: str, detail: str, row: Any = None) -> None:
         self.report.findings.append(
             Finding(self.table.fullname, operation, self.placement, via, detail, dict(row) if row else None)
         )
@@ -471,8 +480,8 @@ class _Checker:
     def _skip(self, why: str) -> None:
         self.report.skipped.append(f"[{self.placement}] {self.table.fullname}: {why}")
 
-    def _foreign(self, rows: Iterable[Mapping[str, Any]], a: _Seeded) -> list[dict[str, Any]]:
-        column = tenant_column_name(self.table)
+    def _foreign(self, rows: Iterable[Any], a: _Seeded) -> list[dict[str, Any]]:
+        column = _tenant_column(self.table)
         return [dict(r) for r in rows if r[column] != a.tenant.id]
 
     @contextmanager
@@ -493,13 +502,14 @@ class _Checker:
             finally:
                 session.rollback()
 
-    def _probe(self, conn: Connection, operation: str, via: str, run: Callable[[], Any]) -> Any:
-        """Run one statement in a savepoint; a refusal by the database is what isolation looks like
-        for writes (returned as the exception)."""
+    def _probe(self, conn: Connection, statement: Any, run: Callable[[Any], Any] | None = None) -> Any:
+        """Run one statement (with ``run``, default ``conn.execute``) in a savepoint of ``conn``'s
+        transaction; a refusal by the database, which is what isolation looks like for writes, is
+        returned as the exception."""
         self.checks += 1
         savepoint = conn.begin_nested()
         try:
-            result = run()
+            result = (run or conn.execute)(statement)
         except DBAPIError as exc:
             savepoint.rollback()
             return exc
@@ -512,7 +522,7 @@ class _Checker:
     # see / count ----------------------------------------------------------------------------
 
     def _see_and_count(self, table: Table, a: _Seeded, b: _Seeded) -> None:
-        column = tenant_column_name(table)
+        column = _tenant_column(table)
         own = len(a.rows[table])
         target = b.rows[table][0]
         model = self.classes.get(table)
@@ -541,7 +551,9 @@ class _Checker:
             count = conn.execute(select(func.count()).select_from(table)).scalar()
             if count != own:
                 self._find("count", "core", f"A counts {count} rows, it has {own}")
-            for row in self._foreign(conn.execute(text(f"SELECT * FROM {qualified_name(table)}")).mappings(), a):
+            for row in self._foreign(
+                conn.execute(text(f"SELECT * FROM {qualified_name(table)}")).mappings(), a
+            ):
                 self._find("see", "sql", "raw SQL of A returned B's row", row)
                 break
             count = conn.execute(text(f"SELECT count(*) FROM {qualified_name(table)}")).scalar()
@@ -550,9 +562,9 @@ class _Checker:
             b_place = self._location_schema(b.tenant, table)
             if b_place is not None:
                 name = f"{quote_ident(b_place)}.{quote_ident(table.name)}"
-                got = self._probe(conn, "see", "sql", lambda: conn.execute(text(f"SELECT * FROM {name}")).mappings().all())
+                got = self._probe(conn, text(f"SELECT * FROM {name}"))
                 if not isinstance(got, Exception):
-                    for row in self._foreign(got, a):
+                    for row in self._foreign(got.mappings().all(), a):
                         self._find("see", "sql", f"A read B's schema-qualified table {name}", row)
                         break
 
@@ -568,7 +580,7 @@ class _Checker:
     # update / delete / insert ---------------------------------------------------------------
 
     def _updatable(self, table: Table) -> Any:
-        tenant = tenant_column_name(table)
+        tenant = _tenant_column(table)
         for column in table.columns:
             if (
                 column.name != tenant
@@ -585,13 +597,14 @@ class _Checker:
         return None
 
     def _mutations(self, table: Table, a: _Seeded, b: _Seeded) -> None:
+        stmt: Any
         own = a.rows[table]
         target = b.rows[table][0]
         pk_cols = list(table.primary_key.columns)
         a_keys = {tuple(r[c.name] for c in pk_cols) for r in own}
         aimed_expected = 1 if tuple(target[c.name] for c in pk_cols) in a_keys else 0
         column = self._updatable(table)
-        tenant_col = table.c[tenant_column_name(table)]
+        tenant_col = table.c[_tenant_column(table)]
         model = self.classes.get(table)
         where = self._pk_where(table, target)
         sql_where = " AND ".join(f"{quote_ident(c.name)} = :k{i}" for i, c in enumerate(pk_cols))
@@ -603,39 +616,76 @@ class _Checker:
                 return
             if result.rowcount > expected:
                 what = "aimed at B's primary key" if aimed else "with no WHERE"
-                self._find(op, via, f"A's {op.upper()} {what} affected {result.rowcount} rows, A has {expected}",
-                           target if aimed else None)
+                self._find(
+                    op,
+                    via,
+                    f"A's {op.upper()} {what} affected {result.rowcount} rows, A has {expected}",
+                    target if aimed else None,
+                )
 
         with self._as(a) as conn:
             if column is not None:
                 new = _made_up_value(column, "hacked", 0)
-                for via, stmt in (("core", update(table).where(*where).values({column.name: new})),
-                                  ("sql", text(f"UPDATE {name} SET {quote_ident(column.name)} = :v WHERE {sql_where}").bindparams(v=new, **sql_keys))):
-                    touched("update", via, self._probe(conn, "update", via, lambda s=stmt: conn.execute(s)), aimed_expected, True)
+                for via, stmt in (
+                    ("core", update(table).where(*where).values({column.name: new})),
+                    (
+                        "sql",
+                        text(
+                            f"UPDATE {name} SET {quote_ident(column.name)} = :v WHERE {sql_where}"
+                        ).bindparams(v=new, **sql_keys),
+                    ),
+                ):
+                    touched(
+                        "update",
+                        via,
+                        self._probe(conn, stmt),
+                        aimed_expected,
+                        True,
+                    )
                 stmt = text(f"UPDATE {name} SET {quote_ident(column.name)} = {quote_ident(column.name)}")
-                touched("update", "sql", self._probe(conn, "update", "sql", lambda: conn.execute(stmt)), len(own), False)
+                touched(
+                    "update",
+                    "sql",
+                    self._probe(conn, stmt),
+                    len(own),
+                    False,
+                )
             else:
                 self._skip("no column the checker can update: UPDATE probes skipped")
-            for via, stmt in (("core", delete(table).where(*where)),
-                              ("sql", text(f"DELETE FROM {name} WHERE {sql_where}").bindparams(**sql_keys))):
-                touched("delete", via, self._probe(conn, "delete", via, lambda s=stmt: conn.execute(s)), aimed_expected, True)
+            for via, stmt in (
+                ("core", delete(table).where(*where)),
+                ("sql", text(f"DELETE FROM {name} WHERE {sql_where}").bindparams(**sql_keys)),
+            ):
+                touched(
+                    "delete",
+                    via,
+                    self._probe(conn, stmt),
+                    aimed_expected,
+                    True,
+                )
             stmt = text(f"DELETE FROM {name}")
-            touched("delete", "sql", self._probe(conn, "delete", "sql", lambda: conn.execute(stmt)), len(own), False)
+            touched(
+                "delete",
+                "sql",
+                self._probe(conn, stmt),
+                len(own),
+                False,
+            )
             # insert a row carrying B's tenant id; move an own row to B
             values = self._values(table, f"{self.placement}-x", 0, a.rows)
             values[tenant_col.name] = b.tenant.id
             for via, stmt in (("core", insert(table).values(**values)),):
-                got = self._probe(conn, "insert", via, lambda s=stmt: conn.execute(s))
+                got = self._probe(conn, stmt)
                 if not isinstance(got, Exception):
                     self._find("insert", via, "A inserted a row carrying B's tenant id", values)
             columns = ", ".join(quote_ident(k) for k in values)
             params = ", ".join(f":{k}" for k in values)
             stmt = text(f"INSERT INTO {name} ({columns}) VALUES ({params})").bindparams(**values)
-            if not isinstance(self._probe(conn, "insert", "sql", lambda: conn.execute(stmt)), Exception):
+            if not isinstance(self._probe(conn, stmt), Exception):
                 self._find("insert", "sql", "A inserted a row carrying B's tenant id", values)
             mine = self._pk_where(table, own[0])
             stmt = update(table).where(*mine).values({tenant_col.name: b.tenant.id})
-            got = self._probe(conn, "insert", "core", lambda: conn.execute(stmt))
+            got = self._probe(conn, stmt)
             if not isinstance(got, Exception) and got.rowcount:
                 self._find("insert", "core", "A moved its own row to B (UPDATE SET tenant_id = B)", own[0])
         if model is None:
@@ -644,10 +694,27 @@ class _Checker:
             conn = session.connection()
             if column is not None:
                 new = _made_up_value(column, "hacked", 1)
-                stmt = update(model).where(*where).values({column.key: new}).execution_options(synchronize_session=False)
-                touched("update", "orm", self._probe(conn, "update", "orm", lambda: session.execute(stmt)), aimed_expected, True)
+                stmt = (
+                    update(model)
+                    .where(*where)
+                    .values({column.key: new})
+                    .execution_options(synchronize_session=False)
+                )
+                touched(
+                    "update",
+                    "orm",
+                    self._probe(conn, stmt, session.execute),
+                    aimed_expected,
+                    True,
+                )
             stmt = delete(model).where(*where).execution_options(synchronize_session=False)
-            touched("delete", "orm", self._probe(conn, "delete", "orm", lambda: session.execute(stmt)), aimed_expected, True)
+            touched(
+                "delete",
+                "orm",
+                self._probe(conn, stmt, session.execute),
+                aimed_expected,
+                True,
+            )
 
             def add() -> None:
                 obj = model(**{table.c[k].key: v for k, v in values.items()})
@@ -695,7 +762,7 @@ class _Checker:
         return [(r[0], r[1], list(r[2]), bool(r[3])) for r in rows]
 
     def _keys(self, table: Table, a: _Seeded, b: _Seeded) -> None:
-        tenant = tenant_column_name(table)
+        tenant = _tenant_column(table)
         source = b.rows[table][0]
         with self._as(a) as conn:
             if table.schema is not None:  # infrastructure: the main database's table holds the keys
@@ -711,22 +778,36 @@ class _Checker:
                 for c in copied:
                     values[c] = source[c]
                 if kind == "f":
-                    fk = next((f for f in table.foreign_key_constraints
-                               if {e.parent.name for e in f.elements} - {tenant} == set(copied)), None)
+                    fk = next(
+                        (
+                            f
+                            for f in table.foreign_key_constraints
+                            if {e.parent.name for e in f.elements} - {tenant} == set(copied)
+                        ),
+                        None,
+                    )
                     if fk is not None and self._a_has_parent(a, fk, source, tenant):
                         self._skip(f"foreign key {name}: A holds a parent with B's key values; not probed")
                         continue
                 stmt = insert(table).values(**values)
-                got = self._probe(conn, "key", "sql", lambda s=stmt: conn.execute(s))
+                got = self._probe(conn, stmt)
                 state = getattr(getattr(got, "orig", None), "sqlstate", None)
                 if kind == "u" and state == "23505":
-                    self._find("unique key", "sql",
-                               f"{name} ({', '.join(columns)}) refused A a value B holds: the key "
-                               f"crosses tenants (add {tenant}: tenant_unique())", {c: source[c] for c in copied})
+                    self._find(
+                        "unique key",
+                        "sql",
+                        f"{name} ({', '.join(columns)}) refused A a value B holds: the key "
+                        f"crosses tenants (add {tenant}: tenant_unique())",
+                        {c: source[c] for c in copied},
+                    )
                 if kind == "f" and not isinstance(got, Exception):
-                    self._find("foreign key", "sql",
-                               f"{name} ({', '.join(columns)}) let A's row reference B's row (make it "
-                               "tenant_foreign_key())", {c: source[c] for c in copied})
+                    self._find(
+                        "foreign key",
+                        "sql",
+                        f"{name} ({', '.join(columns)}) let A's row reference B's row (make it "
+                        "tenant_foreign_key())",
+                        {c: source[c] for c in copied},
+                    )
 
     def _a_has_parent(self, a: _Seeded, fk: Any, source: Mapping[str, Any], tenant: str | None) -> bool:
         parents = a.rows.get(fk.referred_table, [])
@@ -738,7 +819,9 @@ class _Checker:
     @contextmanager
     def _admin_at(self, tenant: Tenant, table: Table) -> Iterator[tuple[Connection, str]]:
         """An admin connection where ``tenant``'s ``table`` lives, and its qualified name there."""
-        target = None if table.schema is not None else self.tenancy.placement(tenant.strategy).dump_target(tenant)
+        target = (
+            None if table.schema is not None else self.tenancy.placement(tenant.strategy).dump_target(tenant)
+        )
         if target is None:
             with self.tenancy.admin_engine.connect() as conn:
                 yield conn, qualified_name(table)
@@ -766,29 +849,45 @@ class _Checker:
                 self._catalog_at(conn, table, name, tenant)
 
     def _catalog_at(self, conn: Connection, table: Table, name: str, tenant: Tenant) -> None:
-        column = tenant_column_name(table)
+        column = _tenant_column(table)
         place = name if name == qualified_name(table) else f"{name} (tenant {tenant.slug})"
         self.checks += 4
         row = conn.execute(
-            text("select relrowsecurity, relforcerowsecurity, relacl::text[] from pg_class "
-                 "where oid = cast(:t as regclass)"),
+            text(
+                "select relrowsecurity, relforcerowsecurity, relacl::text[] from pg_class "
+                "where oid = cast(:t as regclass)"
+            ),
             {"t": name},
         ).one()
         if not row[0]:
-            self._find("rls", "catalog", f"row-level security is not enabled on {place}: every tenant "
-                       "sees every row (ALTER TABLE ... ENABLE ROW LEVEL SECURITY, or Tenancy.install())")
+            self._find(
+                "rls",
+                "catalog",
+                f"row-level security is not enabled on {place}: every tenant "
+                "sees every row (ALTER TABLE ... ENABLE ROW LEVEL SECURITY, or Tenancy.install())",
+            )
         if not row[1]:
-            self._find("rls", "catalog", f"row-level security is enabled but not forced on {place}: the "
-                       "table's owner bypasses it (ALTER TABLE ... FORCE ROW LEVEL SECURITY)")
+            self._find(
+                "rls",
+                "catalog",
+                f"row-level security is enabled but not forced on {place}: the "
+                "table's owner bypasses it (ALTER TABLE ... FORCE ROW LEVEL SECURITY)",
+            )
         for entry in row[2] or []:
             grantee, _, rest = entry.partition("=")
             if grantee == "" and rest.split("/")[0]:
-                self._find("grant", "catalog", f"{place} grants {rest.split('/')[0]!r} to PUBLIC: every "
-                           f"role, other tenants' included, may use it (REVOKE ALL ON {name} FROM PUBLIC)")
+                self._find(
+                    "grant",
+                    "catalog",
+                    f"{place} grants {rest.split('/')[0]!r} to PUBLIC: every "
+                    f"role, other tenants' included, may use it (REVOKE ALL ON {name} FROM PUBLIC)",
+                )
         policies = conn.execute(
-            text("select polname, polcmd, polpermissive, coalesce(pg_get_expr(polqual, polrelid), ''), "
-                 "coalesce(pg_get_expr(polwithcheck, polrelid), '') from pg_policy "
-                 "where polrelid = cast(:t as regclass)"),
+            text(
+                "select polname, polcmd, polpermissive, coalesce(pg_get_expr(polqual, polrelid), ''), "
+                "coalesce(pg_get_expr(polwithcheck, polrelid), '') from pg_policy "
+                "where polrelid = cast(:t as regclass)"
+            ),
             {"t": name},
         ).all()
         commands = {"r": "SELECT", "a": "INSERT", "w": "UPDATE", "d": "DELETE", "*": "ALL"}
@@ -798,16 +897,24 @@ class _Checker:
             guards = [e for e in (qual, check) if e]
             compares = bool(guards) and all("current_tenant_id()" in e and str(column) in e for e in guards)
             if permissive and not compares:
-                self._find("policy", "catalog", f"permissive policy {polname!r} ({command}) on {place} does "
-                           f"not compare {column} with the tenant (USING {qual or '-'} WITH CHECK "
-                           f"{check or '-'}): policies are OR-ed, so it opens the table to every tenant")
+                self._find(
+                    "policy",
+                    "catalog",
+                    f"permissive policy {polname!r} ({command}) on {place} does "
+                    f"not compare {column} with the tenant (USING {qual or '-'} WITH CHECK "
+                    f"{check or '-'}): policies are OR-ed, so it opens the table to every tenant",
+                )
             if compares:
                 covered |= set(_COMMANDS) if command == "ALL" else {command}
         for command in _COMMANDS:
             if command not in covered:
-                self._find("policy", "catalog", f"no tenant policy for {command} on {place}: the command "
-                           "is refused for every tenant, or allowed by another policy to all of them "
-                           "(Tenancy.install() creates one per command)")
+                self._find(
+                    "policy",
+                    "catalog",
+                    f"no tenant policy for {command} on {place}: the command "
+                    "is refused for every tenant, or allowed by another policy to all of them "
+                    "(Tenancy.install() creates one per command)",
+                )
         if table.schema is None:
             schema = name.split(".")[0].strip('"') if "." in name else None
             if schema is not None and schema != "public" and schema not in self.schemas_seen:
@@ -818,8 +925,12 @@ class _Checker:
                 for entry in acl or []:
                     grantee, _, rest = entry.partition("=")
                     if grantee == "" and rest.split("/")[0]:
-                        self._find("grant", "catalog", f"schema {schema} grants {rest.split('/')[0]!r} to "
-                                   f"PUBLIC (REVOKE ALL ON SCHEMA {quote_ident(schema)} FROM PUBLIC)")
+                        self._find(
+                            "grant",
+                            "catalog",
+                            f"schema {schema} grants {rest.split('/')[0]!r} to "
+                            f"PUBLIC (REVOKE ALL ON SCHEMA {quote_ident(schema)} FROM PUBLIC)",
+                        )
 
     # pooled connections and no tenant -------------------------------------------------------
 
@@ -853,21 +964,37 @@ class _Checker:
                 for conn in held:
                     with conn.begin():
                         self.checks += 1
-                        bound = conn.execute(text("select current_setting('app.current_tenant_id', true)")).scalar()
+                        bound = conn.execute(
+                            text("select current_setting('app.current_tenant_id', true)")
+                        ).scalar()
                         if bound != str(b.tenant.id):
-                            self._find("pooled connection", "sql",
-                                       f"B's transaction runs with tenant id {bound!r} left by A's on the same "
-                                       "connection")
+                            self._find(
+                                "pooled connection",
+                                "sql",
+                                f"B's transaction runs with tenant id {bound!r} left by A's on the same "
+                                "connection",
+                            )
                         for table in self.targets:
                             self.table = table
-                            column = tenant_column_name(table)
-                            leaked = conn.execute(
-                                text(f"SELECT * FROM {qualified_name(table)} WHERE {quote_ident(column)} = :a"),
-                                {"a": a.tenant.id},
-                            ).mappings().first()
+                            column = _tenant_column(table)
+                            leaked = (
+                                conn.execute(
+                                    text(
+                                        f"SELECT * FROM {qualified_name(table)} "
+                                        f"WHERE {quote_ident(column)} = :a"
+                                    ),
+                                    {"a": a.tenant.id},
+                                )
+                                .mappings()
+                                .first()
+                            )
                             if leaked is not None:
-                                self._find("pooled connection", "sql",
-                                           "B's transaction on a connection A used sees A's rows", leaked)
+                                self._find(
+                                    "pooled connection",
+                                    "sql",
+                                    "B's transaction on a connection A used sees A's rows",
+                                    leaked,
+                                )
             finally:
                 for conn in held:
                     conn.close()
@@ -876,21 +1003,25 @@ class _Checker:
         for table in self.targets:
             self.table = table
             model = self.classes.get(table)
-            attempts: list[tuple[str, Callable[[], Any]]] = [
-                ("core", lambda t=table: self._run_core(select(t))),
-                ("sql", lambda t=table: self._run_core(text(f"SELECT * FROM {qualified_name(t)}"))),
+            attempts: list[tuple[str, Callable[[Any], list[dict[str, Any]]], Any]] = [
+                ("core", self._run_core, select(table)),
+                ("sql", self._run_core, text(f"SELECT * FROM {qualified_name(table)}")),
             ]
             if model is not None:
-                attempts.insert(0, ("orm", lambda m=model: self._run_orm(m)))
-            for via, attempt in attempts:
+                attempts.insert(0, ("orm", self._run_orm, model))
+            for via, attempt, target in attempts:
                 self.checks += 1
                 with no_tenant_context("the isolation checker runs this outside any tenant"):
                     try:
-                        rows = attempt()
+                        rows = attempt(target)
                     except TenantRequired:
                         continue
-                self._find("no tenant", via, "a query with no tenant ran instead of raising TenantRequired",
-                           rows[0] if rows else None)
+                self._find(
+                    "no tenant",
+                    via,
+                    "a query with no tenant ran instead of raising TenantRequired",
+                    rows[0] if rows else None,
+                )
             if table.schema is not None or self.placement == "shared":
                 self._unbound_connection(table)
 
@@ -909,14 +1040,14 @@ class _Checker:
         try:
             with engine.connect() as conn:
                 try:
-                    row = conn.execute(text(f"SELECT * FROM {qualified_name(table)} LIMIT 1")).mappings().first()
+                    row = (
+                        conn.execute(text(f"SELECT * FROM {qualified_name(table)} LIMIT 1"))
+                        .mappings()
+                        .first()
+                    )
                 except DBAPIError:
                     return  # refused: closed
         finally:
             engine.dispose()
         if row is not None:
             self._find("no tenant", "sql", "the application role, with no tenant bound, reads rows", row)
-
-
-def _unused(*_: object) -> None:  # keep imports used by type checkers in one place
-    _ = (enum, itertools)

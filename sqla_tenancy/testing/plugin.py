@@ -35,6 +35,7 @@ The application's own :class:`Tenancy` (see ``docs/testing.md``):
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import secrets
 import sys
@@ -165,7 +166,9 @@ def load_tenancy(spec: str) -> Tenancy:
     if callable(value) and not isinstance(value, Tenancy):
         value = value()
     if not isinstance(value, Tenancy):
-        raise pytest.UsageError(f"{APP_INI} = {spec!r} is not a sqla_tenancy.Tenancy (got {type(value).__name__}).")
+        raise pytest.UsageError(
+            f"{APP_INI} = {spec!r} is not a sqla_tenancy.Tenancy (got {type(value).__name__})."
+        )
     return value
 
 
@@ -178,7 +181,8 @@ def rebind(tenancy: Tenancy, server: TestServer, database: str, *, secret_key: s
     kept = {
         f.name: getattr(config, f.name)
         for f in fields(config)
-        if f.name not in ("url", "admin_url", "registry_url", "servers", "name_prefix", "secret_key", "migrations")
+        if f.name
+        not in ("url", "admin_url", "registry_url", "servers", "name_prefix", "secret_key", "migrations")
     }
     kept["infrastructure_schemas"] = tuple(kept["infrastructure_schemas"])
     kept["engine_options"] = dict(kept["engine_options"])
@@ -202,7 +206,9 @@ def _migrate(tenancy: Tenancy) -> None:
         from alembic import command
         from alembic.config import Config
 
-        config = tenancy.migrations if isinstance(tenancy.migrations, Config) else Config(str(tenancy.migrations))
+        config = (
+            tenancy.migrations if isinstance(tenancy.migrations, Config) else Config(str(tenancy.migrations))
+        )
         config.attributes["tenancy"] = tenancy
         command.upgrade(config, "head")
     tenancy.install()
@@ -281,10 +287,8 @@ def _tenant_kit(tenancy_app: Tenancy, tenancy_server: TestServer) -> Iterator[Te
             kit.dirty = True
 
         engines = [tenancy_app.engine]
-        try:
+        with contextlib.suppress(ImportError):  # no greenlet: no async engine either
             engines.append(tenancy_app.async_engine.sync_engine)
-        except ImportError:  # no greenlet: no async engine either
-            pass
         for engine in engines:
             event.listen(engine, "commit", committed)
         yield kit
@@ -377,10 +381,8 @@ def make_tenant(_tenant_kit: TenantKit) -> Iterator[Callable[..., Tenant]]:
 
     yield make
     for created in reversed(made):
-        try:
+        with contextlib.suppress(TenancyError):  # the test deleted it
             _tenant_kit.tenancy.delete_tenant(created.slug)
-        except TenancyError:
-            pass  # the test deleted it
 
 
 @pytest.fixture
@@ -422,8 +424,9 @@ def tenant_isolation(app_tenancy: Tenancy) -> Callable[..., IsolationReport]:
 # -- HTTP clients ---------------------------------------------------------------------------------
 
 
-def _headers(tenant: Tenant, as_user: str | None, token: Callable[[Tenant, str], str] | None,
-             header: str) -> dict[str, str]:
+def _headers(
+    tenant: Tenant, as_user: str | None, token: Callable[[Tenant, str], str] | None, header: str
+) -> dict[str, str]:
     headers = {header: tenant.slug}
     if as_user is not None:
         if token is None:
@@ -467,9 +470,7 @@ def tenant_header() -> str:
 
 
 @pytest.fixture
-def flask_client(
-    tenant_token: Callable[[Tenant, str], str] | None, tenant_header: str
-) -> Callable[..., Any]:
+def flask_client(tenant_token: Callable[[Tenant, str], str] | None, tenant_header: str) -> Callable[..., Any]:
     """``flask_client(app, tenant, as_user=None)``: Flask's test client sending the tenant header
     and, with ``as_user``, a bearer token minted by ``tenant_token``."""
 
@@ -487,9 +488,7 @@ def flask_client(
 
 
 @pytest.fixture
-def asgi_client(
-    tenant_token: Callable[[Tenant, str], str] | None, tenant_header: str
-) -> Callable[..., Any]:
+def asgi_client(tenant_token: Callable[[Tenant, str], str] | None, tenant_header: str) -> Callable[..., Any]:
     """``asgi_client(app, tenant, as_user=None)``: an ``httpx.AsyncClient`` on the ASGI app
     (FastAPI, Starlette) sending the tenant header and, with ``as_user``, a bearer token."""
 

@@ -30,15 +30,16 @@ from .routing import Route, Router, token_scope
 
 __all__ = ["TenantSession", "pin_connection", "unpin_connection"]
 
-#: Connections pinned by route key (a tenant's id) by the testing kit: a synchronous session
-#: serving that tenant joins the connection's transaction with a SAVEPOINT, as SQLAlchemy's
-#: "joining a Session into an external transaction" recipe does, so that the application's own
-#: ``commit()`` only releases the savepoint and the test rolls everything back at the end.
+#: Connections pinned by route key (a tenant's id) by the testing kit: a session serving that
+#: tenant joins the connection's transaction with a SAVEPOINT, as SQLAlchemy's "joining a Session
+#: into an external transaction" recipe does, so that the application's own ``commit()`` only
+#: releases the savepoint and the test rolls everything back at the end. (An ``AsyncSession``'s
+#: statements then run on that synchronous connection, blocking: acceptable in tests only.)
 _pinned: dict[object, Connection] = {}
 
 
 def pin_connection(key: object, connection: Connection) -> None:
-    """Serve every synchronous :class:`TenantSession` of route ``key`` (a tenant's id) from
+    """Serve every :class:`TenantSession` (async sessions' included) of route ``key`` (a tenant's id) from
     ``connection``, inside a SAVEPOINT of its transaction (see :mod:`sqla_tenancy.testing`)."""
     _pinned[key] = connection
 
@@ -97,7 +98,7 @@ class TenantSession(Session):
         if bind is not None:
             return bind
         route = self._route()
-        if _pinned and not self._tenancy_async:
+        if _pinned:
             pinned = _pinned.get(route.key)
             if pinned is not None:
                 self.join_transaction_mode = "create_savepoint"

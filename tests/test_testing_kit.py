@@ -3,12 +3,21 @@ rebound to the test server, every test gets an empty tenant, and writes never ou
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
+from fastapi import Depends, FastAPI
+from flask import Flask, g, request
 from sqlalchemy import func, select, text
+from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import Session
 
 from sqla_tenancy import Tenancy, Tenant, TenantSession, tenant_context
+from sqla_tenancy.checkpoint import Checkpoint, JWTVerifier
+from sqla_tenancy.integrations.asgi import TenancyMiddleware, get_async_session, get_session
+from sqla_tenancy.integrations.flask import TenancyFlask
 from sqla_tenancy.testing.isolation import IsolationReport
+from sqla_tenancy.testing.plugin import hmac_token_minter
 
 from .conftest import APP
 from .models import Project, Task
@@ -121,3 +130,81 @@ def test_outside_the_tenant_fixture_no_context_is_left(app_tenancy: Tenancy) -> 
     assert current_tenant_ref() is None
     with tenant_context("default"), app_tenancy.sessionmaker()() as session:
         assert projects(session) == []
+
+
+# -- tenant-bound HTTP clients ----------------------------------------------------------------------
+
+JWT_SECRET = "testing-kit-hs256-secret-0123456789abcdef"
+
+
+@pytest.fixture
+def tenant_token():
+    return hmac_token_minter(JWT_SECRET)
+
+
+def checkpoint() -> Checkpoint:
+    return Checkpoint(verifier=JWTVerifier(JWT_SECRET, algorithms=["HS256"]))
+
+
+@pytest.fixture
+def flask_app(app_tenancy: Tenancy) -> Flask:
+    app = Flask(__name__)
+    ext = TenancyFlask(app, tenancy=app_tenancy, checkpoint=checkpoint())
+
+    @app.get("/projects")
+    def list_projects() -> dict[str, Any]:
+        return {"projects": projects(ext.session), "sub": g.get("sub")}
+
+    @app.post("/projects")
+    def add_project() -> tuple[dict[str, Any], int]:
+        ext.session.add(Project(name=request.get_json()["name"]))
+        ext.session.commit()
+        return {"ok": True}, 201
+
+    return app
+
+
+@pytest.mark.tenant(placement="all")
+def test_the_flask_client_acts_for_the_tenant(
+    flask_app: Flask, tenant: Tenant, make_tenant, flask_client, tenant_session: TenantSession
+) -> None:
+    client = flask_client(flask_app, tenant, as_user="ada@example.com")
+    assert client.post("/projects", json={"name": "apollo"}).status_code == 201
+    assert client.get("/projects").get_json()["projects"] == ["apollo"]
+    assert projects(tenant_session) == ["apollo"]  # the same (rolled-back) transaction
+    other = flask_client(flask_app, make_tenant(placement=tenant.strategy), as_user="bob@example.com")
+    assert other.get("/projects").get_json()["projects"] == []
+    # without a token the checkpoint refuses the request
+    assert flask_client(flask_app, tenant).get("/projects").status_code == 401
+
+
+def test_a_client_asked_for_a_user_needs_a_token_minter(flask_app: Flask, tenant: Tenant) -> None:
+    from sqla_tenancy.testing.plugin import _headers
+
+    with pytest.raises(pytest.UsageError, match="tenant_token"):
+        _headers(tenant, "ada", None, "X-Tenant-ID")
+
+
+@pytest.fixture
+def asgi_app(app_tenancy: Tenancy) -> FastAPI:
+    app = FastAPI()
+    app.add_middleware(TenancyMiddleware, tenancy=app_tenancy, checkpoint=checkpoint())
+
+    @app.get("/projects")
+    async def list_projects(session: AsyncSession = Depends(get_async_session)) -> dict[str, Any]:
+        return {"projects": list((await session.scalars(select(Project.name))).all())}
+
+    @app.post("/projects", status_code=201)
+    def add_project(body: dict[str, str], session: TenantSession = Depends(get_session)) -> dict[str, Any]:
+        session.add(Project(name=body["name"]))
+        session.commit()
+        return {"ok": True}
+
+    return app
+
+
+@pytest.mark.tenant(placement="all")
+async def test_the_asgi_client_acts_for_the_tenant(asgi_app: FastAPI, tenant: Tenant, asgi_client) -> None:
+    async with asgi_client(asgi_app, tenant, as_user="ada@example.com") as client:
+        assert (await client.post("/projects", json={"name": "gemini"})).status_code == 201
+        assert (await client.get("/projects")).json() == {"projects": ["gemini"]}

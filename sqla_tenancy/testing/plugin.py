@@ -35,6 +35,7 @@ The application's own :class:`Tenancy` (see ``docs/testing.md``):
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import importlib
 import secrets
@@ -329,6 +330,7 @@ def tenant(_tenant_kit: TenantKit, tenant_placement: str) -> Iterator[Tenant]:
                 yield made
         finally:
             _close_factory_sessions()
+            _close_async_engine(tenancy, made)
             tenancy.delete_tenant(made.slug)
         return
     pooled = kit.pooled(tenant_placement)
@@ -346,6 +348,21 @@ def tenant(_tenant_kit: TenantKit, tenant_placement: str) -> Iterator[Tenant]:
             outer.close()
     if kit.dirty:
         kit.reset(tenant_placement)
+
+
+def _close_async_engine(tenancy: Tenancy, tenant: Tenant) -> None:
+    """Close a database tenant's async pool in an event loop of its own: the test's loop is gone
+    by teardown, and ``DROP DATABASE`` cannot end the tenant role's sessions."""
+    try:
+        from sqlalchemy.util import greenlet_spawn
+    except ImportError:  # pragma: no cover - SQLAlchemy without its asyncio extra
+        return
+    key = (tenant.id, True)
+
+    async def close() -> None:
+        await greenlet_spawn(tenancy.engines.tenants.discard, lambda k: k == key)
+
+    asyncio.run(close())
 
 
 def _close_factory_sessions() -> None:

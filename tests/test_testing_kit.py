@@ -3,7 +3,7 @@ rebound to the test server, every test gets an empty tenant, and writes never ou
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Annotated, Any
 
 import pytest
 from fastapi import Depends, FastAPI
@@ -185,17 +185,21 @@ def test_a_client_asked_for_a_user_needs_a_token_minter(flask_app: Flask, tenant
         _headers(tenant, "ada", None, "X-Tenant-ID")
 
 
+SessionDep = Annotated[TenantSession, Depends(get_session)]
+AsyncSessionDep = Annotated[AsyncSession, Depends(get_async_session)]
+
+
 @pytest.fixture
 def asgi_app(app_tenancy: Tenancy) -> FastAPI:
     app = FastAPI()
     app.add_middleware(TenancyMiddleware, tenancy=app_tenancy, checkpoint=checkpoint())
 
     @app.get("/projects")
-    async def list_projects(session: AsyncSession = Depends(get_async_session)) -> dict[str, Any]:
+    async def list_projects(session: AsyncSessionDep) -> dict[str, Any]:
         return {"projects": list((await session.scalars(select(Project.name))).all())}
 
     @app.post("/projects", status_code=201)
-    def add_project(body: dict[str, str], session: TenantSession = Depends(get_session)) -> dict[str, Any]:
+    def add_project(body: dict[str, str], session: SessionDep) -> dict[str, Any]:
         session.add(Project(name=body["name"]))
         session.commit()
         return {"ok": True}

@@ -3,6 +3,7 @@ placement, and it catches each mistake planted in the database behind the librar
 
 from __future__ import annotations
 
+import itertools
 import json
 from collections.abc import Callable
 
@@ -17,6 +18,7 @@ from sqla_tenancy.testing import TestServer
 from sqla_tenancy.testing.isolation import (
     IsolationError,
     IsolationReport,
+    IsolationSetupError,
     assert_tenant_isolation,
     check_tenant_isolation,
 )
@@ -262,3 +264,67 @@ def test_the_example_apps_models_pass_in_every_placement(
     report = assert_tenant_isolation(tenancy)
     assert set(report.models) == {"projects", "tasks", "auth.users"}
     assert report.placements == ["shared", "schema", "database"]
+
+
+# -- registered factories ---------------------------------------------------------------------------
+
+
+def test_registered_factories_supply_the_rows(tenancy: Tenancy) -> None:
+    import factory
+
+    from sqla_tenancy.testing.factories import TenantModelFactory
+
+    class ProjectFactory(TenantModelFactory):
+        class Meta:
+            model = Project
+
+        name = factory.Sequence(lambda n: f"from-factory-boy-{n}")
+
+    emails = itertools.count()
+    plant(tenancy, "ALTER TABLE projects DISABLE ROW LEVEL SECURITY")
+    report = check_tenant_isolation(
+        tenancy,
+        [Project, User],
+        placements=["shared"],
+        factories={
+            Project: ProjectFactory,
+            "auth.users": lambda: {"email": f"u{next(emails) % 2}@example.com"},
+        },
+    )
+    leak = next(f for f in report.findings if f.operation == "see" and f.via == "core")
+    assert leak.leaked_row is not None and leak.leaked_row["name"].startswith("from-factory-boy-")
+    # users got the callable's values (the same two addresses in both tenants): no unique-key finding
+    assert ("shared", "auth.users", "unique key") not in report.operations()
+
+
+def test_a_column_the_checker_cannot_fill_asks_for_a_factory(
+    tenancy_factory: Callable[..., Tenancy],
+) -> None:
+    from sqlalchemy import Column, Integer, MetaData, Table
+    from sqlalchemy.types import UserDefinedType
+
+    from sqla_tenancy import tenant_id_column
+
+    class Point(UserDefinedType[object]):
+        cache_ok = True
+
+        def get_col_spec(self, **kw: object) -> str:
+            return "point"
+
+    metadata = MetaData()
+    Table(
+        "places",
+        metadata,
+        Column("id", Integer, primary_key=True),
+        tenant_id_column(),
+        Column("at", Point(), nullable=False),
+    )
+    tenancy = tenancy_factory(metadata)
+    tenancy.install()
+    with pytest.raises(IsolationSetupError, match=r"places\.at .*factories="):
+        check_tenant_isolation(tenancy, placements=["shared"])
+    report = check_tenant_isolation(
+        tenancy, placements=["shared"], factories={"places": lambda: {"at": "(1,2)"}}
+    )
+    assert report.ok, report.summary()
+    assert any("no ORM class" in s for s in report.skipped)

@@ -4,7 +4,9 @@ database per test.
 The script writes a small project into a temporary directory (a model, its ``Tenancy``, a pytest
 ini naming it) and a test module of ``--tests`` tenant tests per placement, each doing what a
 typical test does: write two projects and a task through a session, ``commit()``, read them back.
-The baseline runs the same test body on a fresh database per test (``tenancy_factory`` +
+``kit, database, fresh=True`` provisions a database tenant per test (cloned from the server's
+template database) instead of emptying a pooled one. The baseline runs the same test body on a
+fresh database per test (``tenancy_factory`` +
 ``install()`` + ``create_tenant``), as a suite without the kit would. Each group runs in a pytest
 subprocess; a hook records every test's setup + call + teardown time.
 
@@ -15,7 +17,7 @@ stops the server).
 Run::
 
     python benchmarks/bench_testing_kit.py                       # 200 tests per placement
-    python benchmarks/bench_testing_kit.py --tests 50 --baseline 10
+    python benchmarks/bench_testing_kit.py --tests 50 --fresh 10 --baseline 10
 
 This is a benchmark, not a test: it asserts nothing about timings.
 """
@@ -113,6 +115,13 @@ def test_kit(i, app_tenancy, tenant):
         work(session)
 
 
+@pytest.mark.parametrize("i", range(N))
+@pytest.mark.tenant(placement="{placement}", fresh=True)
+def test_fresh_tenant(i, app_tenancy, tenant):
+    with app_tenancy.sessionmaker()() as session:
+        work(session)
+
+
 @pytest.mark.parametrize("i", range({baseline}))
 def test_fresh_database(i, tenancy_factory):
     t = tenancy_factory(Base.metadata, secret_key="benchmark secret key of 32+ bytes")
@@ -166,6 +175,7 @@ def main() -> None:
     )
     parser.add_argument("--tests", type=int, default=200, help="tenant tests per placement")
     parser.add_argument("--baseline", type=int, default=30, help="fresh-database tests")
+    parser.add_argument("--fresh", type=int, default=50, help="database tests with fresh=True")
     parser.add_argument("--warmup", type=int, default=10, help="tests left out of the per-test figures")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="bench-testing-kit-") as tmp:
@@ -178,6 +188,8 @@ def main() -> None:
         for placement in ("shared", "schema", "database"):
             wall, per = run_group(project, placement, args.tests, args.baseline, "test_kit")
             rows.append((f"kit, {placement}", len(per), wall, per))
+        wall, per = run_group(project, "database", args.fresh, args.baseline, "test_fresh_tenant")
+        rows.append(("kit, database, fresh=True", len(per), wall, per))
         wall, per = run_group(project, "shared", 0, args.baseline, "test_fresh_database")
         rows.append(("fresh database per test", len(per), wall, per))
     header = f"{'group':<26} {'tests':>5} {'wall s':>8} {'mean ms':>9} {'median ms':>10}"

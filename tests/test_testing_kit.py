@@ -20,7 +20,7 @@ from sqla_tenancy.testing.isolation import IsolationReport
 from sqla_tenancy.testing.plugin import hmac_token_minter
 
 from .conftest import APP
-from .models import Project, Task
+from .models import Project, Task, User
 
 
 def projects(session: Session) -> list[str]:
@@ -212,3 +212,25 @@ async def test_the_asgi_client_acts_for_the_tenant(asgi_app: FastAPI, tenant: Te
     async with asgi_client(asgi_app, tenant, as_user="ada@example.com") as client:
         assert (await client.post("/projects", json={"name": "gemini"})).status_code == 201
         assert (await client.get("/projects")).json() == {"projects": ["gemini"]}
+
+
+@pytest.mark.tenant(placement="database")
+@pytest.mark.parametrize("step", ["write", "then read"])
+def test_a_pooled_database_tenant_is_emptied_after_each_test(
+    tenant: Tenant, tenant_session: TenantSession, step: str
+) -> None:
+    assert projects(tenant_session) == []
+    assert tenant_session.scalars(select(User)).all() == []  # infrastructure rows (through the FDW)
+    project = Project(name=step)
+    tenant_session.add_all([project, User(email=f"{step}@example.com")])
+    tenant_session.flush()
+    assert project.id == 1  # identities restart
+    tenant_session.commit()
+
+
+@pytest.mark.tenant(placement="all", fresh=True)
+def test_a_fresh_tenant_is_provisioned_for_the_test(
+    app_tenancy: Tenancy, tenant: Tenant, tenant_placement: str, _tenant_kit
+) -> None:
+    assert tenant.strategy == tenant_placement
+    assert tenant.id not in {t.id for t in _tenant_kit.pool.values()}

@@ -27,7 +27,8 @@ The application's own :class:`Tenancy` (see ``docs/testing.md``):
     a tenant for the test, active (``tenant_context``) for the whole test; its placement comes from
     ``@pytest.mark.tenant(placement=...)`` (``"all"``: the test runs once per placement). Shared and
     schema tenants are reused between tests and every test's writes are rolled back (the
-    application's ``commit()`` releases a SAVEPOINT); database tenants are made per test.
+    application's ``commit()`` releases a SAVEPOINT); a pooled database tenant is emptied after
+    each test; ``fresh=True`` on the marker provisions a tenant for the test.
 ``make_tenant``, ``as_tenant``, ``tenant_session``, ``platform_session``, ``tenant_isolation``,
 ``flask_client``, ``asgi_client``
     see their docstrings.
@@ -46,13 +47,16 @@ from dataclasses import dataclass, field, fields
 from typing import Any
 
 import pytest
-from sqlalchemy import Connection, MetaData, event
+from sqlalchemy import Connection, Engine, MetaData, create_engine, event
+from sqlalchemy.pool import NullPool
 from sqlalchemy.orm import Session
 
+from ..config import plain_url
 from ..context import tenant_context
 from ..errors import TenancyError
 from ..placements.shared import delete_tenant_rows
 from ..registry import Tenant
+from ..rls import qualified_name
 from ..session import TenantSession, pin_connection, unpin_connection
 from ..tenancy import Tenancy
 from .isolation import ALL_PLACEMENTS, IsolationReport, assert_tenant_isolation
@@ -98,8 +102,9 @@ def pytest_addoption(parser: pytest.Parser) -> None:
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line(
         "markers",
-        "tenant(placement='shared'): the placement of the `tenant` fixture's tenant: 'shared', "
-        "'schema', 'database', or 'all' (or a list) to run the test once per placement.",
+        "tenant(placement='shared', fresh=False): the placement of the `tenant` fixture's tenant: "
+        "'shared', 'schema', 'database', or 'all' (or a list) to run the test once per placement; "
+        "fresh=True provisions a tenant for the test instead of reusing a pooled one.",
     )
 
 
@@ -238,6 +243,8 @@ class TenantKit:
     #: set when something committed on an application engine during the current test
     dirty: bool = False
     serial: int = 0
+    #: admin engines of the pooled database tenants' databases
+    admins: dict[Any, Engine] = field(default_factory=dict)
 
     def slug(self, stem: str = "t") -> str:
         self.serial += 1
@@ -250,6 +257,26 @@ class TenantKit:
                 self.slug(f"pool_{placement}_"), placement=placement
             )
         return tenant
+
+    def empty(self, tenant: Tenant) -> None:
+        """Remove every row of a pooled database tenant: its own tables are truncated (identities
+        restarted), its rows in the infrastructure tables deleted."""
+        engine = self.admins.get(tenant.id)
+        if engine is None:
+            target = self.tenancy.placement(tenant.strategy).dump_target(tenant)
+            assert target is not None
+            engine = self.admins[tenant.id] = create_engine(plain_url(target[0]), poolclass=NullPool)
+        tables = [t for t in self.tenancy.tenant_tables() if t.schema is None]
+        if tables:
+            names = ", ".join(qualified_name(t) for t in tables)
+            with engine.begin() as conn:
+                conn.exec_driver_sql(f"TRUNCATE {names} RESTART IDENTITY CASCADE")
+        with self.tenancy.admin_engine.begin() as admin:
+            delete_tenant_rows(tenant, self.tenancy.infrastructure_tables(), admin=admin)
+
+    def close(self) -> None:
+        for engine in self.admins.values():
+            engine.dispose()
 
     def reset(self, placement: str) -> None:
         """Forget the pooled tenant after a test committed outside the rolled-back transaction
@@ -293,6 +320,7 @@ def _tenant_kit(tenancy_app: Tenancy, tenancy_server: TestServer) -> Iterator[Te
         for engine in engines:
             event.listen(engine, "commit", committed)
         yield kit
+        kit.close()
     finally:
         tenancy_app.dispose()
         tenancy_server.drop_database(database)
@@ -313,17 +341,31 @@ def tenant_placement(request: pytest.FixtureRequest) -> str:
 
 
 @pytest.fixture
-def tenant(_tenant_kit: TenantKit, tenant_placement: str) -> Iterator[Tenant]:
+def tenant(_tenant_kit: TenantKit, tenant_placement: str, request: pytest.FixtureRequest) -> Iterator[Tenant]:
     """A tenant with no rows, active for the whole test (``tenant_context``).
 
     Shared and schema tenants come from a pool and the test runs inside an outer transaction that
     is rolled back at the end; the application's sessions join it with a SAVEPOINT, so their
-    ``commit()`` works as usual. Database tenants are provisioned for the test (from the server's
-    template database) and deleted after it.
+    ``commit()`` works as usual. A database tenant's writes are committed for real (a transaction
+    cannot span its database and the main one): the pooled database tenant is emptied after the
+    test (its tables truncated, its infrastructure rows deleted). With
+    ``@pytest.mark.tenant(..., fresh=True)`` the test gets a tenant provisioned for it (a
+    database cloned from the server's template, for database tenants) and deleted after it.
     """
     kit = _tenant_kit
     tenancy = kit.tenancy
-    if tenant_placement not in ROLLBACK_PLACEMENTS:
+    marker = request.node.get_closest_marker("tenant")
+    fresh = bool(marker is not None and marker.kwargs.get("fresh", False))
+    if tenant_placement not in ROLLBACK_PLACEMENTS and not fresh:
+        pooled = kit.pooled(tenant_placement)
+        try:
+            with tenant_context(pooled):
+                yield pooled
+        finally:
+            _close_factory_sessions()
+            kit.empty(pooled)
+        return
+    if fresh:
         made = tenancy.create_tenant(kit.slug(), placement=tenant_placement)
         try:
             with tenant_context(made):

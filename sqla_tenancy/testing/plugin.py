@@ -48,8 +48,8 @@ from typing import Any
 
 import pytest
 from sqlalchemy import Connection, Engine, MetaData, create_engine, event
-from sqlalchemy.pool import NullPool
 from sqlalchemy.orm import Session
+from sqlalchemy.pool import NullPool
 
 from ..config import plain_url
 from ..context import tenant_context

@@ -41,6 +41,7 @@ The checker creates tenants and rows and deletes them at the end: run it against
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import decimal
 import json
@@ -997,6 +998,8 @@ class _Checker:
                                 )
             finally:
                 for conn in held:
+                    with contextlib.suppress(DBAPIError), conn.begin():
+                        conn.exec_driver_sql("RESET ALL")  # leave the pool as it was found
                     conn.close()
 
     def _no_tenant(self, a: _Seeded, b: _Seeded) -> None:

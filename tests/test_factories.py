@@ -103,3 +103,30 @@ def test_tenant_factory_provisions_and_cleans_up(
     assert made.slug not in {t.slug for t in app_tenancy.list_tenants()}
     with pytest.raises(Exception, match="build"):
         TenantFactory.build()
+
+
+def test_the_seeding_recipe(tenancy_factory, tenancy_server) -> None:
+    """docs/testing.md, "Seeding a development database", on the suite's model."""
+    from sqla_tenancy.testing.factories import bind_factories
+
+    from .conftest import SECRET
+    from .models import INFRASTRUCTURE, Base
+
+    tenancy = tenancy_factory(Base.metadata, infrastructure_schemas=INFRASTRUCTURE, secret_key=SECRET)
+    tenancy.install()
+    tenancy.prepare_server(tenancy_server.superuser_url)
+    bind_factories(tenancy)
+    try:
+        for slug, placement in [("acme", "database"), ("globex", "shared"), ("initech", "schema")]:
+            TenantFactory(slug=slug, placement=placement)
+            with tenant_context(slug):
+                for project in ProjectRFactory.create_batch(3):
+                    TaskRFactory.create_batch(5, project=project)
+        for slug in ("acme", "globex", "initech"):
+            with tenant_context(slug), tenancy.sessionmaker()() as session:
+                assert len(session.scalars(select(ProjectR)).all()) == 3
+                assert len(session.scalars(select(TaskR)).all()) == 15
+        TenantFactory.cleanup()
+        assert [t.slug for t in tenancy.list_tenants()] == ["default"]
+    finally:
+        bind_factories(None)

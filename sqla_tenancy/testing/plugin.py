@@ -307,9 +307,6 @@ def _tenant_kit(tenancy_app: Tenancy, tenancy_server: TestServer) -> Iterator[Te
         tenancy_app.prepare_server(tenancy_server.superuser_url)
         _migrate(tenancy_app)
         kit = TenantKit(tenancy_app)
-        factories = sys.modules.get("sqla_tenancy.testing.factories")
-        if factories is not None:
-            factories.bind_factories(tenancy_app)
 
         def committed(conn: Connection) -> None:
             kit.dirty = True
@@ -354,6 +351,9 @@ def tenant(_tenant_kit: TenantKit, tenant_placement: str, request: pytest.Fixtur
     """
     kit = _tenant_kit
     tenancy = kit.tenancy
+    factories = sys.modules.get("sqla_tenancy.testing.factories")
+    if factories is not None:  # the test may use factories: they write through this Tenancy
+        factories.bind_factories(tenancy)
     marker = request.node.get_closest_marker("tenant")
     fresh = bool(marker is not None and marker.kwargs.get("fresh", False))
     if tenant_placement not in ROLLBACK_PLACEMENTS and not fresh:

@@ -328,3 +328,10 @@ def test_a_column_the_checker_cannot_fill_asks_for_a_factory(
     )
     assert report.ok, report.summary()
     assert any("no ORM class" in s for s in report.skipped)
+
+
+def test_the_cli_says_when_a_placement_is_not_available(cli_env: Tenancy) -> None:
+    result = check_cli("--placement", "database")  # prepare_server() was never run
+    assert result.exit_code == 2, result.output
+    assert "could not create a database tenant" in result.output
+    assert [t.slug for t in cli_env.list_tenants()] == ["default"]  # nothing left behind

@@ -28,10 +28,9 @@ def check_isolation(
 ) -> None:
     """Prove that tenants cannot reach each other's rows (exit code 1 on a finding).
 
-    Creates two tenants per placement in the application's database, writes rows for both into
-    every tenant-scoped table and tries to read, count, update, delete and insert across them
-    through the ORM, Core and raw SQL; checks keys, pooled connections, queries with no tenant,
-    row-level security, policies and grants. The tenants are deleted at the end.
+    Creates two tenants per placement, probes reads, counts, writes, keys,
+    pooled connections, queries with no tenant and the catalog, then deletes
+    them again. Run it against a development or CI database.
     """
     from alembic_ext import MigrationError
     from alembic_ext.fleet import load_app

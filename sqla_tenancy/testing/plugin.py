@@ -29,9 +29,14 @@ The application's own :class:`Tenancy` (see ``docs/testing.md``):
     schema tenants are reused between tests and every test's writes are rolled back (the
     application's ``commit()`` releases a SAVEPOINT); a pooled database tenant is emptied after
     each test; ``fresh=True`` on the marker provisions a tenant for the test.
-``make_tenant``, ``as_tenant``, ``tenant_session``, ``platform_session``, ``tenant_isolation``,
-``flask_client``, ``asgi_client``
+``make_tenant``, ``as_tenant``, ``tenant_session``, ``platform_session``, ``tenant_factory``,
+``tenant_isolation``, ``flask_client``, ``asgi_client`` (with ``tenant_token`` and
+``tenant_header``, which applications override)
     see their docstrings.
+
+The rebinding re-runs ``Tenancy.__init__`` on the application's object with the test server's
+URLs and the application's other settings (``servers=`` aside: those are the application's
+servers), so that modules which imported the object at start-up use the test database too.
 """
 
 from __future__ import annotations

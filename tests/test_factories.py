@@ -14,17 +14,23 @@ from .models import Project, Task
 
 
 class _Related(DeclarativeBase):
-    """Project and Task's tables, mapped with a relationship (the suite's models have none)."""
+    """Project and Task's tables, mapped with a relationship (the suite's models have none).
+    tests/test_isolation.py maps the same tables with relationships of its own: ``overlaps``
+    tells SQLAlchemy that the two mappings never write through one session."""
+
+
+#: the relationships of the two mappings of the same tables (here and in tests/test_isolation.py)
+OVERLAPS = "tasks,eager_tasks,project"
 
 
 class ProjectR(_Related):
     __table__ = Project.__table__
-    tasks: Mapped[list[TaskR]] = relationship(back_populates="project")
+    tasks: Mapped[list[TaskR]] = relationship(back_populates="project", overlaps=OVERLAPS)
 
 
 class TaskR(_Related):
     __table__ = Task.__table__
-    project: Mapped[ProjectR] = relationship(back_populates="tasks")
+    project: Mapped[ProjectR] = relationship(back_populates="tasks", overlaps=OVERLAPS)
 
 
 assert any(isinstance(c, ForeignKeyConstraint) for c in Task.__table__.constraints)

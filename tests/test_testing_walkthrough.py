@@ -80,3 +80,39 @@ def test_the_walkthrough_runs_under_xdist(tmp_path: Path) -> None:
     result = run_walkthrough(tmp_path, "-n", "2")
     assert result.returncode == 0, result.stdout[-6000:] + result.stderr[-3000:]
     assert re.search(r"\b6 passed\b", result.stdout), result.stdout[-3000:]
+
+
+def test_the_tenant_fixtures_say_what_they_need(tmp_path: Path) -> None:
+    """A project that asks for a tenant without naming its Tenancy is told how to name it; the
+    plugin stays out of the way of tests that ask for none of its fixtures."""
+    (tmp_path / "test_it.py").write_text(
+        "def test_plain():\n    assert True\n\n\ndef test_needs_a_tenant(tenant):\n    pass\n"
+    )
+    site = tmp_path / "site"
+    site.mkdir()
+    for package in ("sqla_tenancy", "alembic_ext"):
+        (site / package).symlink_to(ROOT / package)
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PYTEST_", "SQLA_TENANCY_APP"))}
+    env["PYTHONPATH"] = str(site)
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pytest",
+            "-q",
+            "-p",
+            "no:cacheprovider",
+            "-p",
+            "no:pytest_alembic",
+            "test_it.py",
+        ],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert "sqla_tenancy_app = myapp.db:tenancy" in result.stdout, result.stdout[-3000:]
+    assert re.search(r"\b1 passed\b", result.stdout) and re.search(r"\b1 error\b", result.stdout), (
+        result.stdout
+    )

@@ -978,17 +978,11 @@ class _Checker:
                         for table in self.targets:
                             self.table = table
                             column = _tenant_column(table)
-                            leaked = (
-                                conn.execute(
-                                    text(
-                                        f"SELECT * FROM {qualified_name(table)} "
-                                        f"WHERE {quote_ident(column)} = :a"
-                                    ),
-                                    {"a": a.tenant.id},
-                                )
-                                .mappings()
-                                .first()
-                            )
+                            stmt = text(
+                                f"SELECT * FROM {qualified_name(table)} WHERE {quote_ident(column)} = :a"
+                            ).bindparams(a=a.tenant.id)
+                            got = self._probe(conn, stmt)  # refused (an error) is closed too
+                            leaked = None if isinstance(got, Exception) else got.mappings().first()
                             if leaked is not None:
                                 self._find(
                                     "pooled connection",

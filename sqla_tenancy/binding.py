@@ -39,6 +39,11 @@ __all__ = [
 CLEAR_LEFTOVERS = b"CLOSE ALL; UNLISTEN *; SELECT pg_advisory_unlock_all(); DISCARD TEMP; COMMIT"
 
 
+#: Citus (sqla_tenancy.distribution): the application engines' sessions propagate ``SET LOCAL`` to
+#: the workers (a connection option, so the binding stays one round trip with ``BEGIN``)
+PROPAGATE_OPTION = "-c citus.propagate_set_commands=local"
+
+
 def tenant_setting(tenant_id: uuid.UUID) -> str:
     """``SET LOCAL app.current_tenant_id = '<id>'``."""
     return f"SET LOCAL {TENANT_SETTING} = {quote_literal(str(tenant_id))}"

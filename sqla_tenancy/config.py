@@ -94,6 +94,9 @@ class TenancyConfig:
     create_database_strategy: str | None
     #: the project's Alembic configuration, if its schema is managed by migrations
     migrations: MigrationsSource = field(default_factory=MigrationsSource)
+    #: the main database is a Citus coordinator: tenant tables are distributed by ``tenant_id``
+    #: (see :mod:`sqla_tenancy.distribution`)
+    distributed: bool = False
 
     @classmethod
     def create(
@@ -118,6 +121,7 @@ class TenancyConfig:
         max_tenant_connections: int | None = None,
         create_database_strategy: str | None = None,
         migrations: str | os.PathLike[str] | Any | None = None,
+        distributed: bool = False,
     ) -> TenancyConfig:
         """Check the arguments of ``Tenancy(...)`` and build the configuration."""
         app = make_url(url)
@@ -153,6 +157,7 @@ class TenancyConfig:
             max_tenant_connections=max_tenant_connections,
             create_database_strategy=create_database_strategy,
             migrations=MigrationsSource(migrations),
+            distributed=distributed,
         )
 
     # -- derived --------------------------------------------------------------------------------

@@ -25,6 +25,7 @@ from sqlalchemy.engine import URL
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 from sqlalchemy.util import greenlet_spawn
 
+from .binding import PROPAGATE_OPTION
 from .config import TenancyConfig, plain_url
 from .dialect import DRIVER_NAME, Binder
 from .errors import ConnectionBudgetExceeded
@@ -195,6 +196,10 @@ class Engines:
         """Give the bound engines their binder (the router's, which itself needs these engines:
         hence a step of its own) and create the application engine."""
         self._bound = {**self.config.engine_options, "binder": binder, "tenant_of_context": tenant_of_context}
+        if self.config.distributed:  # Citus: SET LOCAL reaches the workers (sqla_tenancy.distribution)
+            connect_args = dict(self._bound.get("connect_args", {}))
+            connect_args["options"] = f"{connect_args.get('options', '')} {PROPAGATE_OPTION}".strip()
+            self._bound["connect_args"] = connect_args
         self._tenant_options = {
             **self._bound,
             "pool_size": self.config.tenant_pool_size,

@@ -113,7 +113,9 @@ def finish_tables(config: TenancyConfig, conn: Connection, tables: list[Table]) 
         t for t in tables if conn.execute(text("select to_regclass(:t)"), {"t": qualified_name(t)}).scalar()
     ]
     for table in existing:
-        if table.schema in config.infrastructure_schemas:
+        # (on Citus, no database tenants write through postgres_fdw, and Citus refuses triggers
+        # on reference tables)
+        if table.schema in config.infrastructure_schemas and not config.distributed:
             for statement in fill_serial_ddl(conn, table):
                 conn.exec_driver_sql(statement)
     for statement in tenants_group_grants(config, existing):

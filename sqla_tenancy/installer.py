@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING
 
 from sqlalchemy import Connection, Engine, text
 
+from .distribution import distribute_tables, prepare_distributed_ddl
 from .grants import finish_tables, registry_grants
 from .identifiers import quote_ident
 from .keys import check_tenant_keys
@@ -108,6 +109,13 @@ def install(config: TenancyConfig, admin: Engine, registry: Registry) -> None:
     with admin.begin() as conn:
         conn.execute(text("select pg_advisory_xact_lock(:k)"), {"k": INSTALL_KEY})
         _install(config, conn)
+    if config.distributed:
+        # Citus creates a schema made in a busy transaction on the workers only once that
+        # transaction commits: distribute in the next one.
+        with admin.begin() as conn:
+            conn.execute(text("select pg_advisory_xact_lock(:k)"), {"k": INSTALL_KEY})
+            prepare_distributed_ddl(conn)
+            distribute_tables(config, conn)
     registry.invalidate()
 
 

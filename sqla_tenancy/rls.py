@@ -63,9 +63,12 @@ def current_tenant_function_ddl(schema: str = "tenancy", *, fdw_prefix: str | No
         body = f"SELECT {setting}"
     else:
         marker = f"{fdw_prefix}_fdw_"
+        # The cast applies to the CASE, not inside it: an engine that evaluates the branches
+        # eagerly (Citus evaluates stable expressions on the coordinator) must not cast another
+        # role's name to uuid.
         body = (
-            f"SELECT CASE WHEN left(session_user::text, {len(marker)}) = '{marker}' "
-            f"THEN substr(session_user::text, {len(marker) + 1})::uuid ELSE {setting} END"
+            f"SELECT coalesce((CASE WHEN left(session_user::text, {len(marker)}) = '{marker}' "
+            f"THEN substr(session_user::text, {len(marker) + 1}) END)::uuid, {setting})"
         )
     return [
         f"""

@@ -16,13 +16,14 @@ from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import Connection, Engine, MetaData, Table
+from sqlalchemy import Connection, Engine, MetaData, Table, event
 from sqlalchemy.engine import URL, make_url
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 from sqlalchemy.orm import sessionmaker as orm_sessionmaker
 
 from .config import TenancyConfig, plain_url
 from .context import set_active_resolver
+from .distribution import tenant_filter
 from .engines import EngineCache, Engines
 from .errors import TenantNotFound, UnsupportedOperation
 from .placements import DatabasePlacement, Placement, SchemaPlacement, SharedPlacement
@@ -88,6 +89,10 @@ class Tenancy:
         fleet runner leaves them alone.
     :param registry_listen: keep a LISTEN connection so that registry changes made by other
         processes arrive within a second; with False only ``registry_ttl`` bounds staleness.
+    :param distributed: the main database is a Citus coordinator: ``install()`` distributes the
+        tenant tables by ``tenant_id`` (colocated) and makes the other infrastructure tables
+        reference tables, and every binding propagates the tenant to the workers. See
+        :mod:`sqla_tenancy.distribution` and ``docs/scale-out.md``.
     """
 
     def __init__(
@@ -112,6 +117,7 @@ class Tenancy:
         max_tenant_connections: int | None = None,
         create_database_strategy: str | None = None,
         migrations: str | os.PathLike[str] | Any | None = None,
+        distributed: bool = False,
     ) -> None:
         global _active
         #: everything given here, validated (see :class:`~sqla_tenancy.config.TenancyConfig`)
@@ -135,6 +141,7 @@ class Tenancy:
             max_tenant_connections=max_tenant_connections,
             create_database_strategy=create_database_strategy,
             migrations=migrations,
+            distributed=distributed,
         )
         self.registry = Registry(config.registry_url, ttl=config.registry_ttl, listen=config.registry_listen)
         self.engines = engines = Engines(config)
@@ -151,8 +158,17 @@ class Tenancy:
         self.store = TenantStore()
         #: the parts above, as the operations (lifecycle, installer, export, migrations) use them
         self.services = Services(config, engines, self.registry, self.store, self.router, placements, steps)
+        self._session_class: type[TenantSession] = TenantSession
+        if config.distributed:
+            # ORM statements carry the tenant filter Citus routes by (see sqla_tenancy.distribution)
+            self._session_class = type("DistributedTenantSession", (TenantSession,), {})
+            event.listen(self._session_class, "do_orm_execute", tenant_filter(self._filter_tenant_id))
         set_active_resolver(self.router)
         _active = weakref.ref(self)
+
+    def _filter_tenant_id(self) -> uuid.UUID | None:
+        tenant = self.router.current().tenant  # None inside platform_context()
+        return tenant.id if tenant is not None else None
 
     # -- configuration, as attributes (read-only) --------------------------------------------
 
@@ -324,12 +340,12 @@ class Tenancy:
 
     def sessionmaker(self, **kw: Any) -> orm_sessionmaker[TenantSession]:
         """A ``sessionmaker`` of :class:`TenantSession` routed by the active tenant."""
-        kw.setdefault("class_", TenantSession)
+        kw.setdefault("class_", self._session_class)
         return orm_sessionmaker(tenancy=self, **kw)
 
     def async_sessionmaker(self, **kw: Any) -> async_sessionmaker[AsyncSession]:
         """An ``async_sessionmaker`` whose sync session class is :class:`TenantSession`."""
-        kw.setdefault("sync_session_class", TenantSession)
+        kw.setdefault("sync_session_class", self._session_class)
         return async_sessionmaker(tenancy=self, tenancy_async=True, **kw)
 
     # -- resolution (hot path: every transaction begin) ---------------------------------------

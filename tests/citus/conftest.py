@@ -1,0 +1,121 @@
+"""A Citus coordinator with two workers for the whole run, and a distributed Tenancy on it.
+
+Skipped, with the command that enables them, when Citus is not built into the test PostgreSQL
+(``python -m sqla_tenancy.testing.citus build ../shared/vendor/citus-14.0.1.tar.gz``; .ci/run
+does it) and no ``$SQLA_TENANCY_CITUS_DSN`` names a cluster.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+from collections.abc import Iterator
+
+import pytest
+from sqlalchemy import MetaData, PrimaryKeyConstraint, create_engine
+from sqlalchemy.engine import URL
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+from sqla_tenancy import Tenancy, TenantScoped, tenant_foreign_key
+from sqla_tenancy.identifiers import quote_ident, quote_literal
+from sqla_tenancy.testing.citus import CITUS_DSN_ENV, CitusCluster, citus_installed
+from sqla_tenancy.testing.server import DSN_ENV
+
+ENABLE = (
+    "Citus is not built into the test PostgreSQL: run `python -m sqla_tenancy.testing.citus build "
+    f"../shared/vendor/citus-14.0.1.tar.gz` (.ci/run does), or set {CITUS_DSN_ENV}"
+)
+
+
+class Base(DeclarativeBase):
+    metadata = MetaData()
+
+
+class Plan(Base):
+    """Global infrastructure (no tenant_id): a reference table on every node."""
+
+    __tablename__ = "plans"
+    __table_args__ = {"schema": "billing"}
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    name: Mapped[str]
+
+
+class Project(TenantScoped, Base):
+    __tablename__ = "projects"
+    __table_args__ = (PrimaryKeyConstraint("tenant_id", "id"),)
+
+    id: Mapped[int] = mapped_column(autoincrement=True)
+    name: Mapped[str]
+
+
+class Task(TenantScoped, Base):
+    __tablename__ = "tasks"
+    __table_args__ = (
+        PrimaryKeyConstraint("tenant_id", "id"),
+        tenant_foreign_key(["project_id"], ["projects.id"], ondelete="CASCADE"),
+    )
+
+    id: Mapped[int] = mapped_column(autoincrement=True)
+    project_id: Mapped[int]
+    title: Mapped[str]
+
+
+@pytest.fixture(scope="session")
+def citus() -> Iterator[CitusCluster]:
+    if not os.environ.get(CITUS_DSN_ENV):
+        if os.environ.get(DSN_ENV):
+            pytest.skip(
+                f"the Citus suite runs on the embedded PostgreSQL (unset {DSN_ENV}), or set {CITUS_DSN_ENV}"
+            )
+        if citus_installed() is None:
+            pytest.skip(ENABLE)
+    with CitusCluster(workers=2) as cluster:
+        yield cluster
+
+
+@pytest.fixture(scope="session")
+def citus_roles(citus: CitusCluster) -> dict[str, URL]:
+    """An admin role and an application role, as production has them, reachable between nodes."""
+    suffix = secrets.token_hex(3)
+    roles = {
+        "admin": (f"citus_admin_{suffix}", secrets.token_urlsafe(12)),
+        "app": (f"citus_app_{suffix}", secrets.token_urlsafe(12)),
+    }
+    engine = create_engine(citus.superuser_url, isolation_level="AUTOCOMMIT")
+    with engine.connect() as conn:
+        admin, app = roles["admin"], roles["app"]
+        conn.exec_driver_sql(
+            f"CREATE ROLE {quote_ident(admin[0])} LOGIN CREATEROLE BYPASSRLS PASSWORD {quote_literal(admin[1])}"
+        )
+        conn.exec_driver_sql(f"CREATE ROLE {quote_ident(app[0])} LOGIN PASSWORD {quote_literal(app[1])}")
+        for statement in (
+            f"GRANT CREATE ON DATABASE postgres TO {quote_ident(admin[0])}",
+            f"ALTER SCHEMA public OWNER TO {quote_ident(admin[0])}",
+        ):  # on every node: database privileges and the public schema are not propagated
+            conn.exec_driver_sql(f"SELECT run_command_on_all_nodes({quote_literal(statement)})")
+    engine.dispose()
+    for role, password in roles.values():
+        citus.authorize(role, password)
+    return {
+        who: citus.superuser_url.set(username=role, password=password, database="postgres")
+        for who, (role, password) in roles.items()
+    }
+
+
+@pytest.fixture(scope="session")
+def distributed(citus_roles: dict[str, URL]) -> Iterator[Tenancy]:
+    tenancy = Tenancy(
+        citus_roles["app"],
+        admin_url=citus_roles["admin"],
+        metadata=Base.metadata,
+        infrastructure_schemas=["billing"],
+        distributed=True,
+        registry_listen=False,
+        name_prefix=f"c{secrets.token_hex(3)}",
+    )
+    tenancy.install()
+    for slug in ("acme", "globex"):
+        tenancy.create_tenant(slug)
+    yield tenancy
+    tenancy.dispose()

@@ -415,6 +415,11 @@ class Tenancy:
                 stacklevel=2,
             )
             placement = strategy
+        if self.config.distributed and (placement or "shared") != "shared":
+            raise UnsupportedOperation(
+                f"distributed=True (Citus) serves shared tenants only so far; a {placement} tenant "
+                "is not supported on a distributed main database (see docs/scale-out.md)."
+            )
         return create_tenant(
             self.services, slug, placement_name=placement or "shared", name=name, server=server
         )

@@ -85,8 +85,9 @@ def citus_roles(citus: CitusCluster) -> dict[str, URL]:
     engine = create_engine(citus.superuser_url, isolation_level="AUTOCOMMIT")
     with engine.connect() as conn:
         admin, app = roles["admin"], roles["app"]
+        attributes = "LOGIN CREATEROLE BYPASSRLS"
         conn.exec_driver_sql(
-            f"CREATE ROLE {quote_ident(admin[0])} LOGIN CREATEROLE BYPASSRLS PASSWORD {quote_literal(admin[1])}"
+            f"CREATE ROLE {quote_ident(admin[0])} {attributes} PASSWORD {quote_literal(admin[1])}"
         )
         conn.exec_driver_sql(f"CREATE ROLE {quote_ident(app[0])} LOGIN PASSWORD {quote_literal(app[1])}")
         for statement in (

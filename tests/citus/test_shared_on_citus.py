@@ -56,7 +56,8 @@ def test_each_tenant_sees_only_its_rows_on_the_workers(seeded: Tenancy) -> None:
             assert raw == expected  # raw SQL too: RLS is evaluated on the workers
             joined = session.execute(
                 text(
-                    "select count(*) from tasks t join projects p on p.tenant_id = t.tenant_id and p.id = t.project_id"
+                    "select count(*) from tasks t "
+                    "join projects p on p.tenant_id = t.tenant_id and p.id = t.project_id"
                 )
             ).scalar()
             assert joined == len(expected)
@@ -138,6 +139,15 @@ async def test_async_sessions_are_bound_and_routed_the_same_way(seeded: Tenancy)
                 assert isinstance(session, AsyncSession)
                 assert sorted(await session.scalars(select(Project.name))) == expected
     await seeded.dispose_async()
+
+
+def test_other_placements_are_refused_on_a_distributed_main_database(distributed: Tenancy) -> None:
+    from sqla_tenancy import UnsupportedOperation
+
+    for placement in ("schema", "database"):
+        with pytest.raises(UnsupportedOperation, match="serves shared tenants only so far"):
+            distributed.create_tenant(f"not_{placement}", placement=placement)
+    assert {t.slug for t in distributed.list_tenants()} == {"default", "acme", "globex"}
 
 
 def test_a_primary_key_without_tenant_id_is_refused_before_citus_sees_it() -> None:

@@ -14,23 +14,33 @@ import warnings
 import weakref
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, overload
 
 from sqlalchemy import Connection, Engine, MetaData, Table
 from sqlalchemy.engine import URL, make_url
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 from sqlalchemy.orm import sessionmaker as orm_sessionmaker
 
+from .audit import attach_platform_reason
 from .config import TenancyConfig, plain_url
 from .context import set_active_resolver
 from .engines import EngineCache, Engines
 from .errors import TenantNotFound, UnsupportedOperation
+from .events import EventName, Events, Hook, TenantEvent
 from .placements import DatabasePlacement, Placement, SchemaPlacement, SharedPlacement
 from .registry import Registry, Tenant, TenantStore
 from .routing import Router, lookup_key
 from .services import Services
 from .session import TenantSession
 from .steps import Steps
+
+if TYPE_CHECKING:
+    from sqlalchemy.sql import Executable
+
+    from .audit import AuditEntry
+    from .doctor import Finding
+    from .fleet import TenantResult, TenantRow
+    from .sandbox import StatementResult
 
 __all__ = ["Tenancy", "active_tenancy"]
 
@@ -142,6 +152,9 @@ class Tenancy:
         self.router = Router(config, self.registry, engines, placements)
         engines.bind(self.router.binding, self.router.current_tenant_id)
         self._steps = steps = Steps()
+        #: lifecycle callbacks (see :meth:`on` and :mod:`sqla_tenancy.events`)
+        self.events = Events()
+        steps.observer = self.events.step
         placements.update(
             shared=SharedPlacement(config, engines, steps),
             schema=SchemaPlacement(config, engines, steps),
@@ -152,6 +165,7 @@ class Tenancy:
         #: the parts above, as the operations (lifecycle, installer, export, migrations) use them
         self.services = Services(config, engines, self.registry, self.store, self.router, placements, steps)
         set_active_resolver(self.router)
+        attach_platform_reason()  # platform_context's reason reaches the audit triggers
         _active = weakref.ref(self)
 
     # -- configuration, as attributes (read-only) --------------------------------------------
@@ -399,9 +413,27 @@ class Tenancy:
                 stacklevel=2,
             )
             placement = strategy
-        return create_tenant(
-            self.services, slug, placement_name=placement or "shared", name=name, server=server
-        )
+        placement = placement or "shared"
+        self.events.emit(TenantEvent("before_create", slug, placement=placement))
+        with self.events.subject(slug, placement):
+            tenant = create_tenant(self.services, slug, placement_name=placement, name=name, server=server)
+        try:
+            if placement == "schema":
+                from .audit import audit_new_schema_tenant
+
+                audit_new_schema_tenant(self.services, tenant)
+            if self.events.has("after_create"):
+                self.events.after(
+                    TenantEvent("after_create", slug, tenant, placement),
+                    done="the tenant was deleted again, so nothing of it is left: fix the callback "
+                    "and create it again.",
+                )
+        except BaseException:
+            from .lifecycle import delete_tenant
+
+            delete_tenant(self.services, self.get_tenant(tenant.id), keep_infrastructure_rows=False)
+            raise
+        return tenant
 
     def update_tenant(self, slug: str, *, name: str) -> Tenant:
         """Rename a tenant (its display name; the slug is permanent)."""
@@ -409,11 +441,39 @@ class Tenancy:
 
     def suspend_tenant(self, slug: str) -> Tenant:
         """Refuse every query for the tenant (in every process, within a second) until resumed."""
-        return self._update(slug, status="suspended")
+        return self._with_events("suspend", slug, lambda: self._update(slug, status="suspended"))
 
     def resume_tenant(self, slug: str) -> Tenant:
         """Lift a suspension; every process serves the tenant again within a second."""
-        return self._update(slug, status="active")
+        return self._with_events("resume", slug, lambda: self._update(slug, status="active"))
+
+    def _with_events(self, action: str, slug: str, operation: Callable[[], Tenant]) -> Tenant:
+        before = self.get_tenant(lookup_key(slug))
+        self.events.emit(TenantEvent(f"before_{action}", before.slug, before, before.strategy))
+        tenant = operation()
+        self.events.after(
+            TenantEvent(f"after_{action}", tenant.slug, tenant, tenant.strategy),
+            done=f"the tenant stays {tenant.status}.",
+        )
+        return tenant
+
+    # -- lifecycle events -------------------------------------------------------------------
+
+    @overload
+    def on(self, event: EventName, fn: Hook) -> Hook: ...
+
+    @overload
+    def on(self, event: EventName, fn: None = None) -> Callable[[Hook], Hook]: ...
+
+    def on(self, event: EventName, fn: Hook | None = None) -> Hook | Callable[[Hook], Hook]:
+        """Run ``fn(event)`` on a lifecycle event (``"before_create"``, ``"after_create"``,
+        ``"before_delete"``, ..., ``"step"``); without ``fn``, a decorator. See
+        :mod:`sqla_tenancy.events` for what a failing callback does."""
+        return self.events.on(event, fn)
+
+    def off(self, event: EventName, fn: Hook) -> None:
+        """Stop running ``fn`` on ``event``."""
+        self.events.off(event, fn)
 
     def _update(self, slug: str | uuid.UUID | Tenant, **values: str) -> Tenant:
         key = lookup_key(slug)
@@ -434,7 +494,12 @@ class Tenancy:
         from .lifecycle import delete_tenant
 
         tenant = self.get_tenant(lookup_key(slug))
-        delete_tenant(self.services, tenant, keep_infrastructure_rows=keep_infrastructure_rows)
+        self.events.emit(TenantEvent("before_delete", tenant.slug, tenant, tenant.strategy))
+        with self.events.subject(tenant.slug, tenant.strategy):
+            delete_tenant(self.services, tenant, keep_infrastructure_rows=keep_infrastructure_rows)
+        self.events.after(
+            TenantEvent("after_delete", tenant.slug, tenant, tenant.strategy), done="the tenant is deleted."
+        )
 
     def export_tenant(self, slug: str, path: str | os.PathLike[str], *, pg_dump: str | None = None) -> Path:
         """Write one tenant's data to ``path`` as a SQL script that restores into an empty database
@@ -443,6 +508,84 @@ class Tenancy:
 
         tenant = self.get_tenant(lookup_key(slug))
         return export_tenant(self.services, tenant, Path(path), pg_dump=Path(pg_dump) if pg_dump else None)
+
+    # -- day-2 operations -------------------------------------------------------------------
+
+    def doctor(self) -> list[Finding]:
+        """Audit the live databases against the isolation model; the findings, errors first
+        (empty: nothing wrong). Changes nothing. See :mod:`sqla_tenancy.doctor`."""
+        from .doctor import doctor
+
+        return doctor(self.services)
+
+    def run_sql(
+        self, tenant: str | uuid.UUID | Tenant, script: str, *, timeout: float = 30.0
+    ) -> list[StatementResult]:
+        """Run a multi-statement SQL script as ``tenant``, in its sandbox: its own role and
+        search path, one transaction, ``timeout`` seconds. A script that would reach another
+        tenant or leave the sandbox is refused (:class:`ScriptRefused`) or rolled back; the
+        database is the boundary, not the text check. See :mod:`sqla_tenancy.sandbox`."""
+        from .sandbox import run_sql
+
+        return run_sql(self.services, self.get_tenant(lookup_key(tenant)), script, timeout=timeout)
+
+    def for_each_tenant(
+        self,
+        fn: Callable[[Tenant], Any],
+        *,
+        reason: str,
+        placements: Iterable[str] | None = None,
+        tenants: Iterable[str | uuid.UUID | Tenant] | None = None,
+        concurrency: int = 4,
+    ) -> list[TenantResult]:
+        """Call ``fn(tenant)`` for every active tenant (of ``placements``, or only ``tenants``),
+        each inside ``tenant_context(tenant)``, ``concurrency`` at a time, as a platform operation
+        logged with ``reason``. One result per tenant, failures included (see
+        :mod:`sqla_tenancy.fleet`)."""
+        from .fleet import for_each_tenant
+
+        return for_each_tenant(
+            self.services, fn, reason=reason, placements=placements, tenants=tenants, concurrency=concurrency
+        )
+
+    def query_all_tenants(
+        self,
+        statement: Executable,
+        *,
+        reason: str,
+        placements: Iterable[str] | None = None,
+        concurrency: int = 4,
+    ) -> list[TenantRow]:
+        """Run a SELECT over every active tenant and return its rows tagged with their tenant:
+        one query for all shared tenants, one per schema or database tenant, run concurrently
+        (see :mod:`sqla_tenancy.fleet`)."""
+        from .fleet import query_all_tenants
+
+        return query_all_tenants(
+            self.services, statement, reason=reason, placements=placements, concurrency=concurrency
+        )
+
+    def install_audit(self, *, tenant_writes: bool = False) -> None:
+        """Record every write made in :func:`platform_context` (and, with ``tenant_writes``,
+        every tenant's own writes too) to the main database's tables in ``tenancy.audit_log``,
+        by statement-level triggers. Idempotent. See :mod:`sqla_tenancy.audit`."""
+        from .audit import install_audit
+
+        install_audit(self.services, tenant_writes=tenant_writes)
+
+    def audit_log(
+        self,
+        *,
+        tenant: str | uuid.UUID | Tenant | None = None,
+        since: Any = None,
+        limit: int | None = 1000,
+    ) -> list[AuditEntry]:
+        """The audit trail, newest first: every entry, or those of ``tenant``, since ``since``
+        (a datetime)."""
+        from .audit import audit_log
+
+        target = self.get_tenant(lookup_key(tenant)) if tenant is not None else None
+        return audit_log(self.services, tenant=target, since=since, limit=limit)
 
     # -- teardown ---------------------------------------------------------------------------
 

@@ -4,14 +4,17 @@ from __future__ import annotations
 
 from .context import current_tenant, no_tenant_context, platform_context, run_in_context, tenant_context
 from .dialect import TenancyDialect, TenancyDialectAsync
+from .doctor import Finding
 from .errors import (
     AutocommitNotAllowed,
     ConfigurationError,
     ConnectionBudgetExceeded,
     CrossTenantAccess,
     ExportError,
+    HookFailed,
     InvalidTenantSlug,
     ProvisioningError,
+    ScriptRefused,
     TenancyError,
     TenantNotFound,
     TenantRequired,
@@ -21,9 +24,12 @@ from .errors import (
     UnsafeRoleError,
     UnsupportedOperation,
 )
+from .fleet import TenantResult, TenantRow
 from .keys import tenant_foreign_key, tenant_unique, unique_across_tenants, unsafe_keys
 from .models import TenantScoped, anonymous_readable, tenant_id_column
+from .events import TenantEvent
 from .registry import Tenant
+from .sandbox import StatementResult
 from .session import TenantSession
 from .tenancy import Tenancy
 
@@ -35,15 +41,22 @@ __all__ = [
     "ConnectionBudgetExceeded",
     "CrossTenantAccess",
     "ExportError",
+    "Finding",
+    "HookFailed",
     "InvalidTenantSlug",
     "ProvisioningError",
+    "ScriptRefused",
+    "StatementResult",
     "Tenancy",
     "TenancyDialect",
     "TenancyDialectAsync",
     "TenancyError",
     "Tenant",
+    "TenantEvent",
     "TenantNotFound",
     "TenantRequired",
+    "TenantResult",
+    "TenantRow",
     "TenantScoped",
     "TenantSession",
     "TenantSuspended",

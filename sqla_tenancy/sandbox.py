@@ -330,7 +330,7 @@ def _sandbox_role(services: Services, tenant: Tenant) -> Iterator[_Sandbox]:
         yield _Sandbox(url, binding, path)
     finally:
         with services.engines.admin.begin() as admin:
-            admin.exec_driver_sql(f"DROP OWNED BY {r}; DROP ROLE {r}")
+            admin.exec_driver_sql(_drop(role))
 
 
 def _drop_leftover(admin: Any, tenant: Tenant, role: str) -> None:
@@ -346,7 +346,14 @@ def _drop_leftover(admin: Any, tenant: Tenant, role: str) -> None:
             f"The role {role!r} exists and is not a run_sql sandbox of tenant {tenant.slug!r}: "
             "run_sql() neither adopts nor drops it. Find out what made it (sqla-tenancy doctor)."
         )
-    admin.exec_driver_sql(f"DROP OWNED BY {quote_ident(role)}; DROP ROLE {quote_ident(role)}")
+    admin.exec_driver_sql(_drop(role))
+
+
+def _drop(role: str) -> str:
+    """Drop a sandbox role and the privileges granted to it. ``DROP OWNED`` needs the
+    privileges of the role (PostgreSQL 16+): the admin role, which created it, takes them first."""
+    r = quote_ident(role)
+    return f"GRANT {r} TO CURRENT_USER; DROP OWNED BY {r}; DROP ROLE {r}"
 
 
 _STATE = (

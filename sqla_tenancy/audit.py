@@ -36,6 +36,7 @@ from sqlalchemy import Connection, Engine, event, text
 
 from .context import current_platform_reason
 from .dialect import TenancyDialect
+from .grants import tenants_group
 from .identifiers import quote_ident, quote_literal
 from .placements.base import run_script
 from .registry import REGISTRY_SCHEMA, Tenant
@@ -49,6 +50,7 @@ __all__ = [
     "REASON_SETTING",
     "AuditEntry",
     "attach_platform_reason",
+    "audit_grants",
     "audit_log",
     "audit_table_ddl",
     "install_audit",
@@ -61,6 +63,7 @@ AUDIT_TABLE = f"{REGISTRY_SCHEMA}.audit_log"
 #: The transaction-local setting that carries a platform context's reason to the triggers.
 REASON_SETTING = "app.platform_reason"
 _FUNCTION = f"{REGISTRY_SCHEMA}.audit_write"
+_STAMP = f"{REGISTRY_SCHEMA}.audit_stamp"
 _OPERATIONS = {"INSERT": "new_rows", "UPDATE": "new_rows", "DELETE": "old_rows"}
 
 
@@ -86,21 +89,21 @@ class AuditEntry:
 
 
 def audit_table_ddl(*, tenant_writes: bool) -> list[str]:
-    """The audit table, its index and the trigger function (``SECURITY DEFINER``, so that a
-    tenant's role can add to the trail without any right to read or change it)."""
+    """The audit table, its indexes, the trigger that stamps each entry with its writer, and
+    the trigger function the audited tables call."""
     audit_all = "true" if tenant_writes else "false"
     return [
         f"""
         CREATE TABLE IF NOT EXISTS {AUDIT_TABLE} (
             id bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
             at timestamptz NOT NULL DEFAULT now(),
-            transaction_id bigint NOT NULL,
+            transaction_id bigint NOT NULL DEFAULT txid_current(),
             tenant_id uuid,
             table_name text NOT NULL,
             operation text NOT NULL,
             row_count bigint NOT NULL,
-            actor text NOT NULL,
-            role text NOT NULL,
+            actor text NOT NULL DEFAULT session_user,
+            role text NOT NULL DEFAULT current_user,
             reason text,
             application text
         )
@@ -108,9 +111,27 @@ def audit_table_ddl(*, tenant_writes: bool) -> list[str]:
         f"CREATE INDEX IF NOT EXISTS audit_log_tenant_at ON {AUDIT_TABLE} (tenant_id, at)",
         f"CREATE INDEX IF NOT EXISTS audit_log_at ON {AUDIT_TABLE} (at)",
         f"REVOKE ALL ON {AUDIT_TABLE} FROM PUBLIC",
+        # Who wrote is the database's word, not the inserting statement's: the identity, the
+        # time and the transaction are set here, whatever an INSERT says.
+        f"""
+        CREATE OR REPLACE FUNCTION {_STAMP}() RETURNS trigger
+        LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
+        BEGIN
+            NEW.at := now();
+            NEW.transaction_id := txid_current();
+            NEW.actor := session_user;
+            NEW.role := current_user;
+            NEW.application := nullif(current_setting('application_name'), '');
+            RETURN NEW;
+        END $$
+        """,
+        f"DROP TRIGGER IF EXISTS audit_log_stamp ON {AUDIT_TABLE}",
+        f"CREATE TRIGGER audit_log_stamp BEFORE INSERT ON {AUDIT_TABLE} FOR EACH ROW EXECUTE FUNCTION {_STAMP}()",
+        # The trigger function runs as the writing role (SECURITY INVOKER: current_user is who
+        # wrote, which a SECURITY DEFINER function could not tell).
         f"""
         CREATE OR REPLACE FUNCTION {_FUNCTION}() RETURNS trigger
-        LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+        LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
         DECLARE
             reason text := nullif(current_setting('{REASON_SETTING}', true), '');
             rows_name text := CASE TG_OP WHEN 'DELETE' THEN 'old_rows' ELSE 'new_rows' END;
@@ -121,18 +142,22 @@ def audit_table_ddl(*, tenant_writes: bool) -> list[str]:
                 RETURN NULL;
             END IF;
             EXECUTE format(
-                'INSERT INTO {AUDIT_TABLE} (transaction_id, tenant_id, table_name, operation, '
-                'row_count, actor, role, reason, application) '
-                'SELECT txid_current(), %s, %L, %L, count(*), session_user, current_user, %L, '
-                'nullif(current_setting(''application_name''), '''') FROM %I GROUP BY 2',
+                'INSERT INTO {AUDIT_TABLE} (tenant_id, table_name, operation, row_count, reason) '
+                'SELECT %s, %L, %L, count(*), %L FROM %I GROUP BY 1',
                 CASE WHEN TG_ARGV[0] = '' THEN 'NULL::uuid' ELSE quote_ident(TG_ARGV[0]) END,
                 TG_TABLE_SCHEMA || '.' || TG_TABLE_NAME, TG_OP, reason, rows_name
             );
             RETURN NULL;
         END $$
         """,
-        f"REVOKE ALL ON FUNCTION {_FUNCTION}() FROM PUBLIC",
     ]
+
+
+def audit_grants(writers: list[str]) -> list[str]:
+    """``INSERT`` (only) on the trail for the roles that write audited tables: the application
+    role and the tenants' group (schema tenants' roles, FDW roles, run_sql sandboxes). They can
+    add an entry by hand, never read, change or delete one, nor hide who they are."""
+    return [f"GRANT INSERT ON {AUDIT_TABLE} TO {quote_ident(role)}" for role in writers]
 
 
 def trigger_ddl(target: str, tenant_column: str | None) -> list[str]:
@@ -179,6 +204,9 @@ def install_audit(services: Services, *, tenant_writes: bool = False) -> None:
     """Create the trail and its triggers (idempotent; one transaction)."""
     with services.engines.admin.begin() as conn:
         run_script(conn, ";\n".join(audit_table_ddl(tenant_writes=tenant_writes)))
+        config = services.config
+        writers = [tenants_group(config), *([config.app_role] if config.app_role else [])]
+        run_script(conn, ";\n".join(audit_grants(writers)))
         statements: list[str] = []
         for target, column in _audited_tables(services, conn):
             statements += trigger_ddl(target, column)

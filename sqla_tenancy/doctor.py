@@ -102,7 +102,8 @@ class _Doctor:
             tenant_schemas = sorted(str(t.location.get("schema", "")) for t in schema_tenants)
             schemas = self._application_schemas(conn, tenant_schemas)
             self._app_role(conn)
-            tables = self._tenant_tables(conn, schemas)
+            # the registry's own tables (the audit trail has a tenant_id) are not tenant tables
+            tables = self._tenant_tables(conn, [s for s in schemas if s != REGISTRY_SCHEMA])
             self._rls(conn, tables, where="the main database")
             self._views(conn, tables, schemas, where="the main database")
             self._keys(

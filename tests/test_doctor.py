@@ -79,7 +79,9 @@ def test_app_role_owning_a_tenant_table(tenancy: Tenancy, tenancy_server: TestSe
     assert finding.fix.startswith("ALTER TABLE projects OWNER TO ")
 
 
-def test_app_role_member_of_a_role_that_owns_tenant_tables(tenancy: Tenancy, tenancy_server: TestServer) -> None:
+def test_app_role_member_of_a_role_that_owns_tenant_tables(
+    tenancy: Tenancy, tenancy_server: TestServer
+) -> None:
     owner = f"{tenancy.name_prefix}_owner"
     superuser_sql(
         tenancy_server,
@@ -193,7 +195,10 @@ def test_public_may_create_temporary_tables_in_the_main_database(tenancy: Tenanc
     database = tenancy.url.database
     admin_sql(tenancy, f'GRANT TEMPORARY ON DATABASE "{database}" TO PUBLIC')
     finding = only(tenancy.doctor(), "public-temporary")
-    assert (finding.severity, finding.fix) == ("error", f'REVOKE TEMPORARY ON DATABASE "{database}" FROM PUBLIC')
+    assert (finding.severity, finding.fix) == (
+        "error",
+        f'REVOKE TEMPORARY ON DATABASE "{database}" FROM PUBLIC',
+    )
 
 
 def test_public_may_connect_to_the_main_database(tenancy: Tenancy) -> None:
@@ -216,7 +221,9 @@ def test_a_tenant_database_open_to_public(fleet: Tenancy) -> None:
     assert finding.severity == "error" and "REVOKE CONNECT, TEMPORARY" in finding.fix
 
 
-def test_a_tenant_login_role_that_can_open_another_database(fleet: Tenancy, tenancy_server: TestServer) -> None:
+def test_a_tenant_login_role_that_can_open_another_database(
+    fleet: Tenancy, tenancy_server: TestServer
+) -> None:
     role = fleet.get_tenant("initech").location["role"]
     superuser_sql(tenancy_server, "postgres", f'GRANT CONNECT ON DATABASE postgres TO "{role}"')
     try:
@@ -244,7 +251,7 @@ def test_an_fdw_mapping_not_bound_to_its_tenant(fleet: Tenancy, tenancy_server: 
     superuser_sql(
         tenancy_server,
         database,
-        f'ALTER USER MAPPING FOR "{fleet.admin_url.username}" SERVER tenancy_main OPTIONS (SET user \'{other}\')',
+        f"ALTER USER MAPPING FOR \"{fleet.admin_url.username}\" SERVER tenancy_main OPTIONS (SET user '{other}')",
     )
     finding = only(fleet.doctor(), "fdw-mapping-unbound")
     assert finding.severity == "error"
@@ -290,4 +297,3 @@ def test_a_database_with_the_prefix_and_no_registry_row(fleet: Tenancy, tenancy_
         assert finding.fix.endswith(f'DROP DATABASE "{database}"')
     finally:
         tenancy_server.execute(f'DROP DATABASE "{database}"')
-

@@ -24,10 +24,10 @@ from .errors import (
     UnsafeRoleError,
     UnsupportedOperation,
 )
+from .events import TenantEvent
 from .fleet import TenantResult, TenantRow
 from .keys import tenant_foreign_key, tenant_unique, unique_across_tenants, unsafe_keys
 from .models import TenantScoped, anonymous_readable, tenant_id_column
-from .events import TenantEvent
 from .registry import Tenant
 from .sandbox import StatementResult
 from .session import TenantSession

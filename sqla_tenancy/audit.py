@@ -126,7 +126,8 @@ def audit_table_ddl(*, tenant_writes: bool) -> list[str]:
         END $$
         """,
         f"DROP TRIGGER IF EXISTS audit_log_stamp ON {AUDIT_TABLE}",
-        f"CREATE TRIGGER audit_log_stamp BEFORE INSERT ON {AUDIT_TABLE} FOR EACH ROW EXECUTE FUNCTION {_STAMP}()",
+        f"CREATE TRIGGER audit_log_stamp BEFORE INSERT ON {AUDIT_TABLE} "
+        f"FOR EACH ROW EXECUTE FUNCTION {_STAMP}()",
         # The trigger function runs as the writing role (SECURITY INVOKER: current_user is who
         # wrote, which a SECURITY DEFINER function could not tell).
         f"""

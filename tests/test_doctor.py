@@ -6,7 +6,6 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 import pytest
-from sqlalchemy import text
 
 from sqla_tenancy import Tenancy
 from sqla_tenancy.doctor import Finding, findings_json
@@ -151,7 +150,8 @@ def test_a_foreign_key_without_tenant_id(tenancy: Tenancy) -> None:
     admin_sql(
         tenancy,
         "ALTER TABLE projects ADD CONSTRAINT projects_id_key UNIQUE (id)",
-        "ALTER TABLE tasks ADD CONSTRAINT tasks_project_fkey FOREIGN KEY (project_id) REFERENCES projects (id)",
+        "ALTER TABLE tasks ADD CONSTRAINT tasks_project_fkey "
+        "FOREIGN KEY (project_id) REFERENCES projects (id)",
     )
     findings = [f for f in tenancy.doctor() if f.check == "key-without-tenant"]
     assert {f.object for f in findings} == {
@@ -251,7 +251,8 @@ def test_an_fdw_mapping_not_bound_to_its_tenant(fleet: Tenancy, tenancy_server: 
     superuser_sql(
         tenancy_server,
         database,
-        f"ALTER USER MAPPING FOR \"{fleet.admin_url.username}\" SERVER tenancy_main OPTIONS (SET user '{other}')",
+        f'ALTER USER MAPPING FOR "{fleet.admin_url.username}" SERVER tenancy_main '
+        f"OPTIONS (SET user '{other}')",
     )
     finding = only(fleet.doctor(), "fdw-mapping-unbound")
     assert finding.severity == "error"

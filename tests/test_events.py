@@ -46,7 +46,7 @@ def test_events_arrive_in_order_with_the_tenant(t: Tenancy) -> None:
         seen.append((event.name, event.slug, event.tenant is not None))
 
     for name in ("before_create", "after_create", "before_suspend", "after_suspend"):
-        t.on(name, record)  # type: ignore[arg-type]
+        t.on(name, record)
 
     @t.on("before_resume")
     @t.on("after_resume")

@@ -11,6 +11,7 @@ configuration error; 3 another migration holds the lock; 4 refused at a confirma
 from __future__ import annotations
 
 from . import migrations as _migrations  # noqa: F401  (registers its commands)
+from . import ops as _ops  # noqa: F401  (doctor, sql, audit)
 from ._app import app
 
 __all__ = ["app", "main"]

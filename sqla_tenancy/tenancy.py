@@ -449,6 +449,8 @@ class Tenancy:
 
     def _with_events(self, action: str, slug: str, operation: Callable[[], Tenant]) -> Tenant:
         before = self.get_tenant(lookup_key(slug))
+        if before.is_default:  # refused before any callback runs
+            raise UnsupportedOperation("The default tenant cannot be renamed, suspended or resumed.")
         self.events.emit(TenantEvent(f"before_{action}", before.slug, before, before.strategy))
         tenant = operation()
         self.events.after(

@@ -101,3 +101,14 @@ def test_install_audit_is_idempotent(t: Tenancy, tenancy_server: TestServer) -> 
     with platform_context("again"), t.admin_engine.begin() as conn:
         conn.execute(text("update projects set name = name where name = 'acme-0'"))
     assert len(t.audit_log()) == 1
+
+
+async def test_an_async_platform_write_carries_its_reason(t: Tenancy) -> None:
+    Session = t.async_sessionmaker()
+    with platform_context("async backfill"):
+        async with Session() as s:
+            await s.execute(update(Project).where(Project.name == "acme-0").values(name="acme-0"))
+            await s.commit()
+    (entry,) = t.audit_log()
+    assert (entry.tenant, entry.reason) == ("acme", "async backfill")
+    await t.dispose_async()

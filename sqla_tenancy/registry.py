@@ -288,6 +288,33 @@ class TenantStore:
         ).scalar()
         return found if isinstance(found, uuid.UUID) else None
 
+    def move(
+        self,
+        conn: Connection,
+        tenant: Tenant,
+        *,
+        placement: str,
+        location: dict[str, Any],
+        revision: str | None,
+    ) -> bool:
+        """Switch an active tenant to another placement (:func:`sqla_tenancy.move.move_tenant`);
+        False when the row is no longer the active one of ``tenant``'s placement."""
+        result = conn.execute(
+            text(
+                f"update {_TABLE} set strategy = :placement, location = cast(:location as jsonb), "
+                "revision = :revision, updated_at = now() "
+                "where id = :id and strategy = :source and status = 'active' and not is_default"
+            ),
+            {
+                "placement": placement,
+                "location": json.dumps(location),
+                "revision": revision,
+                "id": tenant.id,
+                "source": tenant.strategy,
+            },
+        )
+        return result.rowcount == 1
+
     def delete(self, conn: Connection, tenant_id: uuid.UUID) -> None:
         conn.execute(text(f"delete from {_TABLE} where id = :id"), {"id": tenant_id})
 

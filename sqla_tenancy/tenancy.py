@@ -503,6 +503,30 @@ class Tenancy:
             TenantEvent("after_delete", tenant.slug, tenant, tenant.strategy), done="the tenant is deleted."
         )
 
+    def move_tenant(self, slug: str, placement: str, *, server: str | None = None) -> Tenant:
+        """Move a tenant to another placement (``"shared"`` and ``"schema"`` for now): its rows are
+        copied, checked per table (count and checksum), the registry switched and the source
+        removed, in one transaction; the tenant is read-only meanwhile. A failure at any step
+        leaves it active at its source with every row (:class:`~sqla_tenancy.move.MoveError`).
+        See :mod:`sqla_tenancy.move`."""
+        from .move import move_tenant
+
+        tenant = self.get_tenant(lookup_key(slug))
+        self.events.emit(
+            TenantEvent("before_move", tenant.slug, tenant, placement, details={"from": tenant.strategy})
+        )
+        with self.events.subject(tenant.slug, placement):
+            moved = move_tenant(self.services, tenant, placement, server=server)
+        if moved.strategy == "schema":
+            from .audit import audit_new_schema_tenant
+
+            audit_new_schema_tenant(self.services, moved)
+        self.events.after(
+            TenantEvent("after_move", moved.slug, moved, placement, details={"from": tenant.strategy}),
+            done=f"the tenant is a {placement} tenant now.",
+        )
+        return moved
+
     def export_tenant(self, slug: str, path: str | os.PathLike[str], *, pg_dump: str | None = None) -> Path:
         """Write one tenant's data to ``path`` as a SQL script that restores into an empty database
         with ``psql``; no row of another tenant is in it. See :mod:`sqla_tenancy.export`."""

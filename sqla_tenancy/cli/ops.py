@@ -9,50 +9,36 @@
 ``sqla-tenancy audit [--tenant acme] [--since 2026-01-01T00:00] [--json]``
     the audit trail of platform writes (:meth:`Tenancy.audit_log`), newest first.
 
-The application's Tenancy comes from ``--app module:attribute`` or ``$SQLA_TENANCY_APP``.
+The application's Tenancy is found as for every command (see :mod:`sqla_tenancy.cli._project`).
 """
 
 from __future__ import annotations
 
-import json
 import sys
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any, Optional
+from typing import Annotated, Optional
 
 import typer
 
-from ._app import EXIT_USAGE, AppOption, app
-
-if TYPE_CHECKING:
-    from ..tenancy import Tenancy
+from ._app import EXIT_USAGE, AppOption, ConfigOption, JsonOption, app
+from ._project import fail, load_tenancy, operation, print_json
 
 __all__ = ["audit", "doctor", "parse_since", "sql"]
-
-
-def _tenancy(app_spec: str | None) -> Tenancy:
-    from alembic_ext import MigrationError, load_app
-
-    try:
-        return load_app(app_spec)
-    except MigrationError as exc:
-        typer.echo(f"error: {exc}", err=True)
-        raise typer.Exit(EXIT_USAGE) from None
 
 
 @app.command()
 def doctor(
     app_spec: AppOption = None,
-    as_json: Annotated[bool, typer.Option("--json", help="Print the findings as JSON.")] = False,
+    config: ConfigOption = Path("alembic.ini"),
+    as_json: JsonOption = False,
 ) -> None:
     """Audit the databases against the isolation model; exit 1 on any error-level finding."""
     from ..doctor import findings_json
 
-    tenancy = _tenancy(app_spec)
-    try:
+    tenancy = load_tenancy(app_spec, config)
+    with operation(tenancy):
         findings = tenancy.doctor()
-    finally:
-        tenancy.dispose()
     if as_json:
         typer.echo(findings_json(findings))
     elif not findings:
@@ -73,35 +59,23 @@ def sql(
     tenant: Annotated[str, typer.Option("--tenant", "-t", help="The tenant the script runs as.")],
     file: Annotated[Path, typer.Option("--file", "-f", help="The SQL script ('-': standard input).")],
     app_spec: AppOption = None,
+    config: ConfigOption = Path("alembic.ini"),
     timeout: Annotated[float, typer.Option(help="Seconds the whole script may run.")] = 30.0,
-    as_json: Annotated[bool, typer.Option("--json", help="Print the results as JSON.")] = False,
+    as_json: JsonOption = False,
 ) -> None:
     """Run a SQL script as one tenant, in its sandbox, in one transaction."""
-    from ..errors import TenancyError
+    import psycopg
 
     script = sys.stdin.read() if str(file) == "-" else _read(file)
-    tenancy = _tenancy(app_spec)
-    try:
-        results = tenancy.run_sql(tenant, script, timeout=timeout)
-    except TenancyError as exc:
-        typer.echo(f"error: {exc}", err=True)
-        raise typer.Exit(1) from None
-    except Exception as exc:  # noqa: BLE001 - the database's error, one line, rolled back
-        message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        typer.echo(f"error: {type(exc).__name__}: {message} (rolled back)", err=True)
-        raise typer.Exit(1) from None
-    finally:
-        tenancy.dispose()
+    tenancy = load_tenancy(app_spec, config)
+    with operation(tenancy):
+        try:
+            results = tenancy.run_sql(tenant, script, timeout=timeout)
+        except psycopg.Error as exc:  # the database's error, one line; nothing was committed
+            message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            fail(f"{type(exc).__name__}: {message} (rolled back)")
     if as_json:
-        payload = [
-            {
-                "status": r.status,
-                "columns": list(r.columns),
-                "rows": [list(map(_plain, row)) for row in r.rows],
-            }
-            for r in results
-        ]
-        typer.echo(json.dumps(payload, indent=2))
+        print_json([{"status": r.status, "columns": list(r.columns), "rows": r.rows} for r in results])
         return
     for result in results:
         if result.columns:
@@ -117,10 +91,6 @@ def _read(file: Path) -> str:
     except OSError as exc:
         typer.echo(f"error: cannot read {file}: {exc.strerror}", err=True)
         raise typer.Exit(EXIT_USAGE) from None
-
-
-def _plain(value: Any) -> Any:
-    return value if value is None or isinstance(value, (bool, int, float, str)) else str(value)
 
 
 def parse_since(value: str, *, now: datetime | None = None) -> datetime:
@@ -151,22 +121,16 @@ def audit(
         typer.Option(help="From this time on: ISO date/time, or 30m, 12h, 7d back from now."),
     ] = None,
     limit: Annotated[int, typer.Option(min=1, help="At most this many entries.")] = 1000,
-    as_json: Annotated[bool, typer.Option("--json", help="Print the entries as JSON.")] = False,
+    config: ConfigOption = Path("alembic.ini"),
+    as_json: JsonOption = False,
 ) -> None:
     """The audit trail of platform writes, newest first."""
-    from ..errors import TenancyError
-
     start = parse_since(since) if since else None
-    tenancy = _tenancy(app_spec)
-    try:
+    tenancy = load_tenancy(app_spec, config)
+    with operation(tenancy):
         entries = tenancy.audit_log(tenant=tenant, since=start, limit=limit)
-    except TenancyError as exc:
-        typer.echo(f"error: {exc}", err=True)
-        raise typer.Exit(1) from None
-    finally:
-        tenancy.dispose()
     if as_json:
-        typer.echo(json.dumps([{k: _plain(v) for k, v in vars(e).items()} for e in entries], indent=2))
+        print_json([vars(e) for e in entries])
         return
     for e in entries:
         who = e.tenant or (str(e.tenant_id) if e.tenant_id else "-")

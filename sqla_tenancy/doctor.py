@@ -45,6 +45,8 @@ Severity = Literal["error", "warning"]
 #: PostgreSQL's ``polcmd`` letters, by command
 _COMMANDS = {"SELECT": "r", "INSERT": "a", "UPDATE": "w", "DELETE": "d"}
 _SYSTEM_SCHEMAS = ("pg_catalog", "information_schema", "pg_toast")
+#: the statuses of tenants whose objects exist and are audited (pending: the pool's)
+_LIVE = ("active", "suspended", "pending")
 
 
 @dataclass(frozen=True)
@@ -115,11 +117,11 @@ class _Doctor:
             self._migrations(tenants)
             main_database = self.config.admin_url.database or ""
             for tenant in tenants:
-                if tenant.strategy == "database" and tenant.status in ("active", "suspended"):
+                if tenant.strategy == "database" and tenant.status in _LIVE:
                     self._fdw_role(conn, tenant, main_database)
             conn.rollback()
         for tenant in tenants:
-            if tenant.strategy == "database" and tenant.status in ("active", "suspended"):
+            if tenant.strategy == "database" and tenant.status in _LIVE:
                 self._database_tenant(tenant)
 
     @contextmanager
@@ -488,7 +490,7 @@ class _Doctor:
             expected.update(names)
             server = str(tenant.location.get("server") or "main")
             servers.add(server)
-            if tenant.status not in ("active", "suspended"):
+            if tenant.status not in ("active", "suspended", "pending"):
                 continue
             for (kind, name), what in sorted(names.items()):
                 on = "main" if kind == "schema" or name.startswith(f"{self.prefix}_fdw_") else server
@@ -557,7 +559,7 @@ class _Doctor:
             return
         head = format_revision(heads)
         for tenant in tenants:
-            if tenant.status in ("active", "suspended") and tenant.revision != head:
+            if tenant.status in _LIVE and tenant.revision != head:
                 self.add(
                     "warning",
                     "tenant-behind-head",

@@ -416,7 +416,11 @@ class Tenancy:
         placement = placement or "shared"
         self.events.emit(TenantEvent("before_create", slug, placement=placement))
         with self.events.subject(slug, placement):
-            tenant = create_tenant(self.services, slug, placement_name=placement, name=name, server=server)
+            tenant = self._claim_pending(slug, placement, name=name, server=server)
+            if tenant is None:
+                tenant = create_tenant(
+                    self.services, slug, placement_name=placement, name=name, server=server
+                )
         try:
             if placement == "schema":
                 from .audit import audit_new_schema_tenant
@@ -434,6 +438,36 @@ class Tenancy:
             delete_tenant(self.services, self.get_tenant(tenant.id), keep_infrastructure_rows=False)
             raise
         return tenant
+
+    def _claim_pending(
+        self, slug: str, placement: str, *, name: str | None, server: str | None
+    ) -> Tenant | None:
+        """A database tenant from the pool (see :mod:`sqla_tenancy.pool`), or None."""
+        if placement != "database":
+            return None
+        from sqlalchemy.exc import DBAPIError
+
+        from .pool import claim
+
+        try:
+            return claim(self.services, slug, name=name, server=server)
+        except DBAPIError as error:  # e.g. somebody is connected to the pending database
+            log.warning("could not claim a pending tenant for %s (%s); provisioning one", slug, error.orig)
+            return None
+
+    def fill_pool(self, count: int, *, server: str | None = None) -> list[Tenant]:
+        """Provision ``count`` pending database tenants ahead, which ``create_tenant(...,
+        placement="database")`` then claims in one transaction instead of provisioning (see
+        :mod:`sqla_tenancy.pool`). Returns the tenants made."""
+        from .pool import fill_pool
+
+        return fill_pool(self.services, count, server=server)
+
+    def pending_tenants(self) -> list[Tenant]:
+        """The pool of pending database tenants, the next one claimed first."""
+        from .pool import pending_tenants
+
+        return pending_tenants(self.services)
 
     def update_tenant(self, slug: str, *, name: str) -> Tenant:
         """Rename a tenant (its display name; the slug is permanent)."""

@@ -505,9 +505,25 @@ class _Doctor:
                         f"restore it from a backup, or tenancy.delete_tenant({tenant.slug!r}) "
                         "and create it again",
                     )
+        # the name a run_sql() sandbox of a shared or schema tenant logs in as
+        sandboxes = {
+            fdw_role_name(t.id, self.prefix): t.slug for t in tenants if t.strategy in ("shared", "schema")
+        }
         for server in sorted(servers):
             for kind, name in self._prefixed(server, main):
                 if (kind, name) in expected:
+                    continue
+                owner = sandboxes.get(name) if kind == "role" else None
+                if owner is not None:
+                    self.add(
+                        "warning",
+                        "sandbox-role",
+                        f"role {name} on server {server}",
+                        f"A run_sql() sandbox role of tenant {owner!r}: a script is running for it "
+                        "now, or a run crashed and left it (it can log in, bound to that tenant).",
+                        f"if no script is running for {owner!r}, its next run_sql() replaces it; or, "
+                        f"as a superuser: DROP OWNED BY {quote_ident(name)}; DROP ROLE {quote_ident(name)}",
+                    )
                     continue
                 drop = {
                     "database": f"DROP DATABASE {quote_ident(name)}",

@@ -257,7 +257,6 @@ def check_script(script: str) -> list[str]:
 class _Sandbox:
     url: URL
     binding: bytes
-    search_path: str
 
 
 def run_sql(
@@ -281,7 +280,7 @@ def run_sql(
         guard.commit()
         try:
             if isinstance(placement, DatabasePlacement):
-                sandbox = _Sandbox(placement.app_url(tenant), binding_statement(tenant.id), '"$user", public')
+                sandbox = _Sandbox(placement.app_url(tenant), binding_statement(tenant.id))
                 return _run(sandbox, tenant, script, timeout)
             with _sandbox_role(services, tenant) as sandbox:
                 return _run(sandbox, tenant, script, timeout)
@@ -309,7 +308,6 @@ def _sandbox_role(services: Services, tenant: Tenant) -> Iterator[_Sandbox]:
             schema = str(tenant.location["schema"])
             statements.append(f"GRANT {quote_ident(str(tenant.location['role']))} TO {r}")
             binding = binding_statement(tenant.id, schema=schema)
-            path = f"{quote_ident(schema)}, pg_temp"
         else:
             existing = [
                 t
@@ -323,11 +321,10 @@ def _sandbox_role(services: Services, tenant: Tenant) -> Iterator[_Sandbox]:
                     f"GRANT USAGE, SELECT ON ALL SEQUENCES IN SCHEMA {quote_ident(schema)} TO {r}"
                 )
             binding = binding_statement(tenant.id)
-            path = '"$user", public'
         run_script(admin, ";\n".join(statements))
     url = config.admin_url.set(username=role, password=password)
     try:
-        yield _Sandbox(url, binding, path)
+        yield _Sandbox(url, binding)
     finally:
         with services.engines.admin.begin() as admin:
             admin.exec_driver_sql(_drop(role))

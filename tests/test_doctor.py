@@ -298,3 +298,11 @@ def test_a_database_with_the_prefix_and_no_registry_row(fleet: Tenancy, tenancy_
         assert finding.fix.endswith(f'DROP DATABASE "{database}"')
     finally:
         tenancy_server.execute(f'DROP DATABASE "{database}"')
+
+
+def test_a_sandbox_role_left_by_a_crashed_run(fleet: Tenancy) -> None:
+    acme = fleet.get_tenant("acme")
+    role = fdw_role_name(acme.id, fleet.name_prefix)
+    admin_sql(fleet, f'CREATE ROLE "{role}" LOGIN')
+    finding = only(fleet.doctor(), "sandbox-role")
+    assert finding.severity == "warning" and "'acme'" in finding.problem

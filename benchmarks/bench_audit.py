@@ -28,17 +28,22 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from sqlalchemy import Connection, text  # noqa: E402
+from sqlalchemy import Connection, text
 
-from sqla_tenancy import Tenancy, platform_context, tenant_context  # noqa: E402
-from sqla_tenancy.audit import trigger_ddl  # noqa: E402
-from sqla_tenancy.testing import TestServer  # noqa: E402
-from tests.models import INFRASTRUCTURE, Base  # noqa: E402
+from sqla_tenancy import Tenancy, platform_context, tenant_context
+from sqla_tenancy.audit import trigger_ddl
+from sqla_tenancy.testing import TestServer
+from tests.models import INFRASTRUCTURE, Base
 
 STATEMENTS = {
     "insert-1": "insert into projects (name, tenant_id) values ('x', :t)",
-    "insert-1000": "insert into projects (name, tenant_id) select 'x' || g, :t from generate_series(1, 1000) g",
-    "update-1000": "update projects set name = name where id in (select id from projects where tenant_id = :t limit 1000)",
+    "insert-1000": (
+        "insert into projects (name, tenant_id) select 'x' || g, :t from generate_series(1, 1000) g"
+    ),
+    "update-1000": (
+        "update projects set name = name "
+        "where id in (select id from projects where tenant_id = :t limit 1000)"
+    ),
 }
 
 
@@ -73,7 +78,9 @@ def main() -> None:
         acme = t.create_tenant("acme")
         with t.admin_engine.begin() as conn:
             conn.execute(
-                text("insert into projects (name, tenant_id) select 'seed', :t from generate_series(1, 5000)"),
+                text(
+                    "insert into projects (name, tenant_id) select 'seed', :t from generate_series(1, 5000)"
+                ),
                 {"t": acme.id},
             )
         t.install_audit()  # the trail (and the triggers on every table), then choose per variant
@@ -100,13 +107,15 @@ def main() -> None:
                         results.setdefault((name, "tenant", triggers), []).append(
                             timed(t.engine.connect, sql, acme.id, n)
                         )
-        print(f"{'statement':<12} {'writer':<9} {'no triggers':>12} {'triggers':>12} {'cost':>10} {'paired':>7}")
+        header = ("statement", "writer", "no triggers", "triggers", "cost", "paired")
+        print("{:<12} {:<9} {:>12} {:>12} {:>10} {:>7}".format(*header))
         for name in STATEMENTS:
             for writer in ("platform", "tenant"):
                 offs, ons = results[(name, writer, False)], results[(name, writer, True)]
                 off, on = statistics.median(offs) * 1e6, statistics.median(ons) * 1e6
                 paired = statistics.median(b / a for a, b in zip(offs, ons, strict=True))
-                print(f"{name:<12} {writer:<9} {off:>10.0f}us {on:>10.0f}us {on - off:>+8.0f}us {paired:>7.2f}")
+                cost = on - off
+                print(f"{name:<12} {writer:<9} {off:>10.0f}us {on:>10.0f}us {cost:>+8.0f}us {paired:>7.2f}")
         with t.admin_engine.connect() as conn:
             rows = conn.execute(text("select count(*) from tenancy.audit_log")).scalar()
         print(f"audit entries written: {rows}")

@@ -11,8 +11,10 @@ tenant (its role, its binding), so a bug in it cannot touch another tenant's row
 its tenant. The shared placement's tenants are one query, on the admin engine inside
 ``platform_context(reason)``: the statement is given its first tenant table's ``tenant_id`` as
 the tag, every other tenant table of its ``FROM`` clause is joined on the same tenant, and only
-active shared tenants' rows are kept. Each schema or database tenant is one query, as the
-tenant. The queries run concurrently, ``concurrency`` at a time.
+active shared tenants' rows are kept (a ``GROUP BY`` is extended by the tag, so that aggregates
+stay per tenant; a ``LIMIT`` applies to the shared tenants' rows together). Each schema or
+database tenant is one query, as the tenant. The queries run concurrently, ``concurrency`` at a
+time.
 """
 
 from __future__ import annotations
@@ -193,6 +195,8 @@ def _tagged(statement: Select[Any], tenant_ids: list[uuid.UUID]) -> Select[Any]:
     first, column = tables[0]
     tag = first.c[column]
     tagged = statement.add_columns(tag.label(_TAG)).where(tag.in_(tenant_ids))
+    if statement._group_by_clauses:  # an aggregate per group becomes an aggregate per tenant and group
+        tagged = tagged.group_by(tag)
     for table, other in tables[1:]:
         tagged = tagged.where(table.c[other] == tag)
     return tagged

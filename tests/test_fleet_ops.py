@@ -93,3 +93,15 @@ def test_suspended_tenants_are_left_out(t: Tenancy) -> None:
     t.suspend_tenant("d1")
     rows = t.query_all_tenants(select(Project.name), reason="test")
     assert {r.tenant.slug for r in rows} == {"s1", "s2", "c1"}
+
+
+def test_aggregates_stay_per_tenant(t: Tenancy) -> None:
+    statement = (
+        select(Project.name, func.count(Task.id).label("tasks"))
+        .join(Task, Task.project_id == Project.id)
+        .group_by(Project.name)
+    )
+    rows = t.query_all_tenants(statement, reason="test: usage report")
+    assert sorted((r.tenant.slug, r.row.name, r.row.tasks) for r in rows) == sorted(
+        (slug, f"{slug}-{n}", 1) for slug in PLACEMENTS for n in range(2)
+    )

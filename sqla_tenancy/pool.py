@@ -90,7 +90,8 @@ def claim(services: Services, slug: str, *, name: str | None, server: str | None
     with services.engines.admin.begin() as admin:
         admin.execute(text(locks.XACT_LOCK), {"key": locks.registration_key(slug)})
         if services.store.get(admin, slug) is not None:
-            raise ProvisioningError(f"Tenant {slug!r} exists already.")
+            # taken, or a crashed provisioning of it: provisioning refuses, or cleans up first
+            return None
         pending = services.store.claim_pending(admin, server="main")
         if pending is None:
             return None

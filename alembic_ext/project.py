@@ -93,14 +93,16 @@ alembic_ext.run_env. `alembic upgrade head` upgrades the infrastructure, then ev
 `alembic -x stream=infrastructure|tenant -x tenant=<slug>[,<slug>] upgrade head` narrows a command
 (-x goes before the command)."""
 
+import logging
 from logging.config import fileConfig
 
 from alembic import context
 
 from alembic_ext import run_env
 
-# Logging as alembic.ini configures it: each location's upgrades are reported.
-if context.config.config_file_name is not None:
+# Logging as alembic.ini configures it, each location's upgrades reported (unless the program
+# running Alembic configured logging itself).
+if context.config.config_file_name is not None and not logging.getLogger().handlers:
     fileConfig(context.config.config_file_name, disable_existing_loggers=False)
 
 # The application's Tenancy comes from the [sqla_tenancy] app option of alembic.ini

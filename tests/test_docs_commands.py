@@ -8,11 +8,11 @@ the file and the line. (tests/test_first_project.py runs the walk-through's comm
 
 from __future__ import annotations
 
+import importlib
 import re
 import shlex
 from pathlib import Path
 
-import click
 import pytest
 import typer
 
@@ -55,10 +55,18 @@ def _argv(command: str) -> list[str]:
     return shlex.split(command, comments=True)
 
 
-def _parse_click(group: click.Command, args: list[str]) -> None:
-    ctx = group.make_context("sqla-tenancy", list(args))
-    command: click.Command = group
-    while isinstance(command, click.Group):
+def _click_of(command: object) -> object:
+    """The click implementation behind a Typer command (recent Typer vendors its own copy)."""
+    try:
+        return importlib.import_module("typer._click")
+    except ImportError:
+        return importlib.import_module("click")
+
+
+def _parse_click(group: object, args: list[str]) -> None:
+    ctx = group.make_context("sqla-tenancy", list(args))  # type: ignore[attr-defined]
+    command = group
+    while hasattr(command, "resolve_command"):
         rest = [*getattr(ctx, "_protected_args", []), *ctx.args]
         if not rest:
             break
@@ -91,9 +99,44 @@ def test_command_parses(where: str, command: str) -> None:
 
     args = argv[3:] if argv[:3] == ["python", "-m", "sqla_tenancy"] else argv[1:]
     group = typer.main.get_command(app)
+    click = _click_of(group)
     try:
         _parse_click(group, args)
-    except click.exceptions.Exit:
+    except click.exceptions.Exit:  # type: ignore[attr-defined]
         pass  # --help
-    except click.ClickException as exc:
+    except click.ClickException as exc:  # type: ignore[attr-defined]
         pytest.fail(f"{where}: `{command}` is refused by sqla-tenancy's parser: {exc.format_message()}")
+
+
+def test_the_parser_check_catches_a_wrong_option() -> None:
+    from sqla_tenancy.cli import app
+
+    group = typer.main.get_command(app)
+    click = _click_of(group)
+    with pytest.raises(click.ClickException):  # type: ignore[attr-defined]
+        _parse_click(group, ["tenants", "list", "--no-such-option"])
+    with pytest.raises(click.ClickException):  # type: ignore[attr-defined]
+        _parse_click(group, ["migrate", "--tenant"])
+
+
+def _sql_blocks(page: Path) -> list[str]:
+    blocks, current = [], None
+    for line in page.read_text().splitlines():
+        if current is None and line.strip() == "```sql":
+            current = []
+        elif current is not None and line.strip() == "```":
+            blocks.append("\n".join(current))
+            current = None
+        elif current is not None:
+            current.append(line)
+    return blocks
+
+
+@pytest.mark.parametrize("page", ["quickstart.md", "first-project.md"])
+def test_the_role_set_up_in_the_docs_is_what_dev_server_runs(page: str) -> None:
+    """The set-up SQL the docs show is exactly what works: the statements `sqla-tenancy
+    dev-server` runs (and tests/test_first_project.py then uses)."""
+    from sqla_tenancy.privileges import setup_sql
+
+    expected = "\n".join(f"{statement};" for statement in setup_sql())
+    assert expected in _sql_blocks(ROOT / "docs" / page), f"docs/{page} must show:\n{expected}"

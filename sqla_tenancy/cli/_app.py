@@ -27,7 +27,7 @@ AppOption = Annotated[
         "--app",
         envvar="SQLA_TENANCY_APP",
         help="The application's Tenancy as module:attribute (or a function returning it); "
-        "default: $SQLA_TENANCY_APP, then the [sqla_tenancy] app of alembic.ini.",
+        "default: $SQLA_TENANCY_APP, then the app option of alembic.ini's sqla_tenancy section.",
     ),
 ]
 ConfigOption = Annotated[Path, typer.Option("--config", "-c", help="The project's alembic.ini.")]

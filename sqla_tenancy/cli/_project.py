@@ -16,11 +16,11 @@ import os
 import sys
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
+from contextvars import ContextVar
 from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn
 
-import click
 import typer
 
 from ._app import EXIT_FAILED, EXIT_REFUSED, EXIT_USAGE
@@ -29,8 +29,8 @@ if TYPE_CHECKING:
     from ..registry import Tenant
     from ..tenancy import Tenancy
 
-#: key of ``click.Context.meta`` under which a host CLI puts a ``() -> Tenancy`` provider
-PROVIDER_KEY = "sqla_tenancy.tenancy_provider"
+#: set by a host command line (``flask tenancy``) to a ``() -> Tenancy`` that replaces ``--app``
+tenancy_provider: ContextVar[Callable[[], Tenancy] | None] = ContextVar("tenancy_provider", default=None)
 
 
 def fail(message: str, code: int = EXIT_FAILED) -> NoReturn:
@@ -42,8 +42,7 @@ def fail(message: str, code: int = EXIT_FAILED) -> NoReturn:
 def load_tenancy(app_spec: str | None, config: Path) -> Tenancy:
     """The application's Tenancy (see the module docstring), with its ``migrations`` set to
     ``config`` when it has none and the file exists; exit 2 with one line when it cannot be found."""
-    ctx = click.get_current_context(silent=True)
-    provider = ctx.meta.get(PROVIDER_KEY) if ctx is not None else None
+    provider = tenancy_provider.get()
     if provider is not None and app_spec is None:
         tenancy: Tenancy = provider()
         return tenancy
@@ -70,7 +69,7 @@ def operation(tenancy: Tenancy | None = None) -> Iterator[None]:
     of the Tenancy's pools afterwards."""
     from sqlalchemy.exc import DBAPIError
 
-    from ..errors import ConfigurationError, TenancyError
+    from ..errors import ConfigurationError, InvalidTenantSlug, TenancyError
 
     try:
         yield
@@ -83,7 +82,7 @@ def operation(tenancy: Tenancy | None = None) -> Iterator[None]:
             url = tenancy.url
             where = f" at {url.host}:{url.port or 5432}/{url.database}"
         fail(f"cannot reach the database{where}: {first}")
-    except ConfigurationError as exc:
+    except (ConfigurationError, InvalidTenantSlug) as exc:
         fail(str(exc), EXIT_USAGE)
     except TenancyError as exc:
         fail(str(exc))
@@ -139,14 +138,15 @@ def print_table(
     """A rich table on stdout (plain text when stdout is not a terminal)."""
     from rich.console import Console
     from rich.table import Table
+    from rich.text import Text
 
     console = Console()
     if not rows and empty:
-        console.print(empty)
+        console.print(empty, markup=False, highlight=False)
         return
     table = Table(*columns, title=title, title_justify="left")
-    for row in rows:
-        table.add_row(*("" if v is None else str(v) for v in row))
+    for row in rows:  # Text: names and errors are shown as they are, never read as markup
+        table.add_row(*(Text("" if v is None else str(v)) for v in row))
     console.print(table)
 
 

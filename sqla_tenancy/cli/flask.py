@@ -2,8 +2,10 @@
 
 Registered through the ``flask.commands`` entry point, so every Flask app in an environment with
 sqla-tenancy installed has the group; its commands use the Tenancy of the app's
-:class:`~sqla_tenancy.integrations.flask.TenancyFlask` extension instead of ``--app``.
-``flask tenancy tenants list --json`` is ``sqla-tenancy tenants list --json`` for that app.
+:class:`~sqla_tenancy.integrations.flask.TenancyFlask` extension instead of ``--app``:
+``flask --app myapp tenancy tenants list --json`` is ``sqla-tenancy tenants list --json`` for
+that app. (The arguments are handed to the ``sqla-tenancy`` command line as they are: Flask's
+click and the one Typer runs on need not be the same.)
 """
 
 from __future__ import annotations
@@ -11,45 +13,38 @@ from __future__ import annotations
 from typing import Any
 
 import click
-import typer
 
-from ._project import PROVIDER_KEY
+from ._project import tenancy_provider
 
 
-def _tenancy_of_flask_app(ctx: click.Context) -> Any:
+def _tenancy_of(ctx: click.Context) -> Any:
     from flask.cli import ScriptInfo
 
     from ..integrations.flask import EXTENSION_KEY
 
-    app = ctx.ensure_object(ScriptInfo).load_app()
-    extension = app.extensions.get(EXTENSION_KEY)
+    flask_app = ctx.ensure_object(ScriptInfo).load_app()
+    extension = flask_app.extensions.get(EXTENSION_KEY)
     if extension is None:
         raise click.UsageError(
-            f"The Flask app {app.name!r} has no TenancyFlask extension: create it with "
+            f"The Flask app {flask_app.name!r} has no TenancyFlask extension: create it with "
             "TenancyFlask(app, tenancy=..., checkpoint=...) or call init_app(app)."
         )
     return extension.tenancy
 
 
-def _make_group() -> click.Group:
-    from . import app as sqla_tenancy_app
+@click.command(
+    "tenancy",
+    context_settings={"ignore_unknown_options": True, "allow_extra_args": True, "help_option_names": []},
+    add_help_option=False,
+    help="sqla-tenancy's commands (tenants, migrate, shell, run) for this app's TenancyFlask.",
+)
+@click.argument("args", nargs=-1, type=click.UNPROCESSED)
+@click.pass_context
+def tenancy_group(ctx: click.Context, args: tuple[str, ...]) -> None:
+    from . import app
 
-    commands = typer.main.get_command(sqla_tenancy_app)
-    assert isinstance(commands, click.Group)
-
-    @click.group(
-        "tenancy",
-        help="sqla-tenancy: tenants, migrations and runs as a tenant, for this app's TenancyFlask.",
-    )
-    @click.pass_context
-    def group(ctx: click.Context) -> None:
-        ctx.meta[PROVIDER_KEY] = lambda: _tenancy_of_flask_app(ctx)
-
-    for name, command in commands.commands.items():
-        if name != "dev-server":  # not tied to an application
-            group.add_command(command, name)
-    return group
-
-
-#: the ``flask tenancy`` group (entry point ``flask.commands``)
-tenancy_group = _make_group()
+    token = tenancy_provider.set(lambda: _tenancy_of(ctx))
+    try:
+        app(args=list(args), prog_name=f"{ctx.parent.info_name if ctx.parent else 'flask'} tenancy")
+    finally:
+        tenancy_provider.reset(token)

@@ -314,8 +314,9 @@ class Tenancy:
         )
 
     def refresh_foreign_schemas(self, tenant: str | uuid.UUID | Tenant | None = None) -> list[Tenant]:
-        """Re-import the infrastructure schemas into every database tenant (or just ``tenant``), so
-        that added, dropped and renamed columns and new tables are seen. Idempotent; each tenant is
+        """Re-import the infrastructure schemas into every database tenant (or just ``tenant``),
+        the pool's pending ones included, so that added, dropped and renamed columns and new
+        tables are seen. Idempotent; each tenant is
         refreshed in one transaction. Returns the tenants refreshed."""
         placement = self._database_placement()
         if tenant is not None:
@@ -324,7 +325,7 @@ class Tenancy:
             targets = [
                 t
                 for t in self.list_tenants()
-                if t.strategy == "database" and t.status in ("active", "suspended")
+                if t.strategy == "database" and t.status in ("active", "suspended", "pending")
             ]
         for target in targets:
             if target.strategy != "database":

@@ -112,3 +112,12 @@ def test_step_events_name_the_claim(t: Tenancy) -> None:
     t.on("step", lambda e: steps.append(e.step) if isinstance(e, TenantEvent) else None)
     t.create_tenant("acme", placement="database")
     assert steps == ["claim", "activate"]
+
+
+def test_pending_tenants_follow_infrastructure_changes(t: Tenancy) -> None:
+    (pending,) = t.fill_pool(1)
+    with t.admin_engine.begin() as conn:
+        conn.execute(text("ALTER TABLE auth.users ADD COLUMN nickname text"))
+    assert pending.id in {r.id for r in t.refresh_foreign_schemas()}
+    t.create_tenant("acme", placement="database")
+    assert [f.check for f in own_findings(t)] == []

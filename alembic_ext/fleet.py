@@ -231,6 +231,8 @@ def migrate_fleet(
             plan = _plan(resolved, control, tenants, target, report)
             if on_plan is not None:
                 on_plan(len(plan))
+            # the lifecycle events before_migrate / after_migrate, per tenant of each location
+            on_outcome, on_start = _with_events(resolved, plan, on_outcome)
             # The main database and the templates first and here: everything else follows them.
             first = [loc for loc in plan if loc.kind in ("main", "template")]
             rest = [loc for loc in plan if loc.kind not in ("main", "template")]
@@ -242,16 +244,17 @@ def migrate_fleet(
                     _start_pool(min(jobs, len(rest)), app, config_path, revision, report)
                 )
             for location in first:
+                on_start(location)
                 _record(report, worker.migrate(location), on_outcome)
             if report.failed and not continue_on_error:
                 report.stopped = "a location failed (use continue_on_error to go on)"
             if report.stopped is None and canary > 0:
-                _run_batch(rest[:canary], pool, jobs, worker, report, on_outcome, False)
+                _run_batch(rest[:canary], pool, jobs, worker, report, on_outcome, False, on_start)
                 rest = rest[canary:]
                 if report.failed:
                     report.stopped = f"the canary ({canary} tenant(s)) failed"
             if report.stopped is None:
-                _run_batch(rest, pool, jobs, worker, report, on_outcome, continue_on_error)
+                _run_batch(rest, pool, jobs, worker, report, on_outcome, continue_on_error, on_start)
                 if report.failed and not continue_on_error:
                     report.stopped = "a location failed (use continue_on_error to go on)"
             if report.stopped is not None:
@@ -273,6 +276,36 @@ def migrate_fleet(
     if report_path is not None:
         report.write(report_path)
     return report
+
+
+def _with_events(
+    tenancy: Tenancy, plan: list[Location], on_outcome: Callable[[Outcome], None] | None
+) -> tuple[Callable[[Outcome], None], Callable[[Location], None]]:
+    """``on_outcome`` extended with the ``after_migrate`` events, and the ``before_migrate``
+    callback, both per tenant whose registry copy follows the location (see
+    :mod:`sqla_tenancy.events`; a template location has no tenant)."""
+    from sqla_tenancy.events import TenantEvent
+
+    by_name = {location.name: location for location in plan}
+    events = tenancy.events
+
+    def start(location: Location) -> None:
+        for tenant in location.tenants:
+            details: dict[str, object] = {"location": location.name, "revision": location.revision}
+            events.emit(TenantEvent("before_migrate", tenant.slug, tenant, tenant.strategy, details=details))
+
+    def outcome(result: Outcome) -> None:
+        if on_outcome is not None:
+            on_outcome(result)
+        location = by_name.get(result.location)
+        for tenant in location.tenants if location is not None else ():
+            details: dict[str, object] = {"location": result.location, **result.as_dict()}
+            events.after(
+                TenantEvent("after_migrate", tenant.slug, tenant, tenant.strategy, details=details),
+                done=f"its migration is {result.status}.",
+            )
+
+    return outcome, start
 
 
 def _record(report: FleetReport, outcome: Outcome, callback: Callable[[Outcome], None] | None) -> None:
@@ -343,11 +376,13 @@ def _run_batch(
     report: FleetReport,
     callback: Callable[[Outcome], None] | None,
     continue_on_error: bool,
+    on_start: Callable[[Location], None] = lambda location: None,
 ) -> None:
     if not locations:
         return
     if pool is None:
         for location in locations:
+            on_start(location)
             _record(report, worker.migrate(location), callback)
             if report.failed and not continue_on_error:
                 return
@@ -358,7 +393,9 @@ def _run_batch(
     # half-submitted work behind.
     while queue or pending:
         while queue and len(pending) < 2 * jobs and (continue_on_error or not report.failed):
-            pending.add(pool.submit(_migrate_in_worker, queue.pop()))
+            location = queue.pop()
+            on_start(location)
+            pending.add(pool.submit(_migrate_in_worker, location))
         if not pending:
             break
         done, pending = wait(pending, return_when=FIRST_COMPLETED)

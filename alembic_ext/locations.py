@@ -32,7 +32,8 @@ __all__ = ["Location", "main_location", "tenant_locations", "template_locations"
 
 LocationKind = Literal["main", "schema", "database", "template"]
 #: tenants in these states are migrated (provisioning ones are born at head; deleting ones go)
-MIGRATED_STATUSES = ("active", "suspended")
+#: pending tenants (the pool's) are migrated too, so that a claimed tenant is at head
+MIGRATED_STATUSES = ("active", "suspended", "pending")
 
 
 @dataclass(frozen=True)

@@ -7,14 +7,17 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from .context import current_tenant, no_tenant_context, platform_context, run_in_context, tenant_context
     from .dialect import TenancyDialect, TenancyDialectAsync
+    from .doctor import Finding
     from .errors import (
         AutocommitNotAllowed,
         ConfigurationError,
         ConnectionBudgetExceeded,
         CrossTenantAccess,
         ExportError,
+        HookFailed,
         InvalidTenantSlug,
         ProvisioningError,
+        ScriptRefused,
         TenancyError,
         TenantNotFound,
         TenantRequired,
@@ -24,9 +27,12 @@ if TYPE_CHECKING:
         UnsafeRoleError,
         UnsupportedOperation,
     )
+    from .events import TenantEvent
+    from .fleet import TenantResult, TenantRow
     from .keys import tenant_foreign_key, tenant_unique, unique_across_tenants, unsafe_keys
     from .models import TenantScoped, anonymous_readable, tenant_id_column
     from .registry import Tenant
+    from .sandbox import StatementResult
     from .session import TenantSession
     from .tenancy import Tenancy
 
@@ -38,15 +44,22 @@ _LAZY = {
     "ConnectionBudgetExceeded": "errors",
     "CrossTenantAccess": "errors",
     "ExportError": "errors",
+    "Finding": "doctor",
+    "HookFailed": "errors",
     "InvalidTenantSlug": "errors",
     "ProvisioningError": "errors",
+    "ScriptRefused": "errors",
+    "StatementResult": "sandbox",
     "Tenancy": "tenancy",
     "TenancyDialect": "dialect",
     "TenancyDialectAsync": "dialect",
     "TenancyError": "errors",
     "Tenant": "registry",
+    "TenantEvent": "events",
     "TenantNotFound": "errors",
     "TenantRequired": "errors",
+    "TenantResult": "fleet",
+    "TenantRow": "fleet",
     "TenantScoped": "models",
     "TenantSession": "session",
     "TenantSuspended": "errors",
@@ -91,15 +104,22 @@ __all__ = [
     "ConnectionBudgetExceeded",
     "CrossTenantAccess",
     "ExportError",
+    "Finding",
+    "HookFailed",
     "InvalidTenantSlug",
     "ProvisioningError",
+    "ScriptRefused",
+    "StatementResult",
     "Tenancy",
     "TenancyDialect",
     "TenancyDialectAsync",
     "TenancyError",
     "Tenant",
+    "TenantEvent",
     "TenantNotFound",
     "TenantRequired",
+    "TenantResult",
+    "TenantRow",
     "TenantScoped",
     "TenantSession",
     "TenantSuspended",

@@ -12,8 +12,10 @@ __all__ = [
     "ConnectionBudgetExceeded",
     "CrossTenantAccess",
     "ExportError",
+    "HookFailed",
     "InvalidTenantSlug",
     "ProvisioningError",
+    "ScriptRefused",
     "TenancyError",
     "TenantNotFound",
     "TenantRequired",
@@ -135,3 +137,15 @@ class AutocommitNotAllowed(TenancyError):
     In autocommit mode every statement is its own transaction, so a transaction-local tenant
     binding would not hold. Such connections are refused instead of running unbound.
     """
+
+
+class HookFailed(TenancyError):
+    """An ``after_*`` lifecycle callback raised (see :mod:`sqla_tenancy.events`). After
+    ``create`` the tenant was deleted again; after any other operation the operation itself is
+    done. The callback's exception is ``__cause__``."""
+
+
+class ScriptRefused(TenancyError):
+    """A tenant-scoped script (:meth:`Tenancy.run_sql`) tried to leave its sandbox (change its
+    role, search path, tenant setting or timeout, or end its transaction); nothing it did was
+    committed. The message names the statement."""

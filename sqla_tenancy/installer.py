@@ -22,6 +22,7 @@ from .registry import (
     NOTIFY_CHANNEL,
     REGISTRY_SCHEMA,
     SLUG_CHECK,
+    STATUSES,
     Registry,
     TenantStore,
     access_key_hash_sql,
@@ -203,6 +204,7 @@ def ensure_registry(config: TenancyConfig, conn: Connection) -> None:
     conn.exec_driver_sql(f"ALTER TABLE {REGISTRY_SCHEMA}.tenants ADD COLUMN IF NOT EXISTS revision text")
     _hash_access_keys(conn)
     _ensure_slug_check(conn)
+    _ensure_status_check(conn)
     function = current_tenant_function_ddl(REGISTRY_SCHEMA, fdw_prefix=config.name_prefix)
     for statement in [*function, *access_key_function_ddl(), *registry_ddl(), FILL_SERIAL_DDL]:
         conn.exec_driver_sql(statement)
@@ -242,6 +244,26 @@ def _hash_access_keys(conn: Connection) -> None:
         log.info("registry migrated: access keys are now stored as SHA-256 hashes only")
     conn.exec_driver_sql(
         f"CREATE UNIQUE INDEX IF NOT EXISTS tenants_access_key_hash_key ON {table} (access_key_hash)"
+    )
+
+
+def _ensure_status_check(conn: Connection) -> None:
+    """Bring ``tenants_status_check`` up to :data:`~sqla_tenancy.registry.STATUSES` (registries
+    made before the ``pending`` status of the tenant pool)."""
+    table = f"{REGISTRY_SCHEMA}.tenants"
+    definition = conn.execute(
+        text(
+            "select pg_get_constraintdef(oid) from pg_constraint where conrelid = CAST(:t AS regclass) "
+            "and conname = 'tenants_status_check'"
+        ),
+        {"t": table},
+    ).scalar()
+    if definition is not None and all(f"'{status}'" in definition for status in STATUSES):
+        return
+    allowed = ", ".join(f"'{status}'" for status in STATUSES)
+    conn.exec_driver_sql(f"ALTER TABLE {table} DROP CONSTRAINT IF EXISTS tenants_status_check")
+    conn.exec_driver_sql(
+        f"ALTER TABLE {table} ADD CONSTRAINT tenants_status_check CHECK (status IN ({allowed}))"
     )
 
 

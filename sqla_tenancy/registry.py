@@ -77,7 +77,9 @@ NOTIFY_CHANNEL = "sqla_tenancy_registry"
 PLACEMENTS = ("shared", "schema", "database")
 #: The former name of :data:`PLACEMENTS`.
 STRATEGIES = PLACEMENTS
-STATUSES = ("provisioning", "active", "suspended", "deleting")
+#: ``pending``: a database tenant provisioned ahead, waiting in the pool for ``create_tenant``
+#: to claim it (see :mod:`sqla_tenancy.pool`).
+STATUSES = ("provisioning", "active", "suspended", "deleting", "pending")
 
 #: The slug rule as SQL, for the registry's CHECK constraint: PostgreSQL's ``^...$`` anchors the
 #: whole string (no newline may follow), and the pattern is written in the syntax both Python's
@@ -287,6 +289,62 @@ class TenantStore:
             {"ref": ref, **values},
         ).scalar()
         return found if isinstance(found, uuid.UUID) else None
+
+    def move(
+        self,
+        conn: Connection,
+        tenant: Tenant,
+        *,
+        placement: str,
+        location: dict[str, Any],
+        revision: str | None,
+    ) -> bool:
+        """Switch an active tenant to another placement (:func:`sqla_tenancy.move.move_tenant`);
+        False when the row is no longer the active one of ``tenant``'s placement."""
+        result = conn.execute(
+            text(
+                f"update {_TABLE} set strategy = :placement, location = cast(:location as jsonb), "
+                "revision = :revision, updated_at = now() "
+                "where id = :id and strategy = :source and status = 'active' and not is_default"
+            ),
+            {
+                "placement": placement,
+                "location": json.dumps(location),
+                "revision": revision,
+                "id": tenant.id,
+                "source": tenant.strategy,
+            },
+        )
+        return result.rowcount == 1
+
+    def claim_pending(self, conn: Connection, *, server: str) -> Tenant | None:
+        """Lock the oldest ``pending`` database tenant on ``server`` for this transaction
+        (``SKIP LOCKED``: concurrent claims take different ones); None when the pool is empty."""
+        row = conn.execute(
+            text(
+                f"select {COLUMNS} from {_TABLE} where status = 'pending' and strategy = 'database' "
+                "and coalesce(location ->> 'server', 'main') = :server "
+                "order by created_at, id limit 1 for update skip locked"
+            ),
+            {"server": server},
+        ).first()
+        return row_to_tenant(row) if row is not None else None
+
+    def claimed(
+        self, conn: Connection, tenant: Tenant, *, slug: str, name: str, location: dict[str, Any]
+    ) -> Tenant:
+        """The pending ``tenant`` becomes the active tenant ``slug`` (in the claiming transaction)."""
+        row = conn.execute(
+            text(
+                f"update {_TABLE} set slug = :slug, name = :name, status = 'active', "
+                "location = cast(:location as jsonb), created_at = now(), updated_at = now() "
+                f"where id = :id and status = 'pending' returning {COLUMNS}"
+            ),
+            {"slug": slug, "name": name, "location": json.dumps(location), "id": tenant.id},
+        ).first()
+        if row is None:
+            raise LookupError(f"pending tenant {tenant.id} is gone")
+        return row_to_tenant(row)
 
     def delete(self, conn: Connection, tenant_id: uuid.UUID) -> None:
         conn.execute(text(f"delete from {_TABLE} where id = :id"), {"id": tenant_id})

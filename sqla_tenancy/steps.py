@@ -14,11 +14,16 @@ class Steps:
     in turn this way and checks that nothing is left behind.
     """
 
-    __slots__ = ("injector",)
+    __slots__ = ("injector", "observer")
 
     def __init__(self) -> None:
         self.injector: Callable[[str], None] | None = None
+        #: called with each step's name before the step runs (the ``step`` lifecycle event);
+        #: raising fails the step like the injector does
+        self.observer: Callable[[str], None] | None = None
 
     def __call__(self, name: str) -> None:
+        if self.observer is not None:
+            self.observer(name)
         if self.injector is not None:
             self.injector(name)

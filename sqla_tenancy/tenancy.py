@@ -14,24 +14,34 @@ import warnings
 import weakref
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, overload
 
 from sqlalchemy import Connection, Engine, MetaData, Table, event
 from sqlalchemy.engine import URL, make_url
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 from sqlalchemy.orm import sessionmaker as orm_sessionmaker
 
+from .audit import attach_platform_reason
 from .config import TenancyConfig, plain_url
 from .context import set_active_resolver
 from .distribution import tenant_filter
 from .engines import EngineCache, Engines
 from .errors import TenantNotFound, UnsupportedOperation
+from .events import EventName, Events, Hook, TenantEvent
 from .placements import DatabasePlacement, Placement, SchemaPlacement, SharedPlacement
 from .registry import Registry, Tenant, TenantStore
 from .routing import Router, lookup_key
 from .services import Services
 from .session import TenantSession
 from .steps import Steps
+
+if TYPE_CHECKING:
+    from sqlalchemy.sql import Executable
+
+    from .audit import AuditEntry
+    from .doctor import Finding
+    from .fleet import TenantResult, TenantRow
+    from .sandbox import StatementResult
 
 __all__ = ["Tenancy", "active_tenancy"]
 
@@ -149,6 +159,9 @@ class Tenancy:
         self.router = Router(config, self.registry, engines, placements)
         engines.bind(self.router.binding, self.router.current_tenant_id)
         self._steps = steps = Steps()
+        #: lifecycle callbacks (see :meth:`on` and :mod:`sqla_tenancy.events`)
+        self.events = Events()
+        steps.observer = self.events.step
         placements.update(
             shared=SharedPlacement(config, engines, steps),
             schema=SchemaPlacement(config, engines, steps),
@@ -164,6 +177,7 @@ class Tenancy:
             self._session_class = type("DistributedTenantSession", (TenantSession,), {})
             event.listen(self._session_class, "do_orm_execute", tenant_filter(self._filter_tenant_id))
         set_active_resolver(self.router)
+        attach_platform_reason()  # platform_context's reason reaches the audit triggers
         _active = weakref.ref(self)
 
     def _filter_tenant_id(self) -> uuid.UUID | None:
@@ -316,8 +330,9 @@ class Tenancy:
         )
 
     def refresh_foreign_schemas(self, tenant: str | uuid.UUID | Tenant | None = None) -> list[Tenant]:
-        """Re-import the infrastructure schemas into every database tenant (or just ``tenant``), so
-        that added, dropped and renamed columns and new tables are seen. Idempotent; each tenant is
+        """Re-import the infrastructure schemas into every database tenant (or just ``tenant``),
+        the pool's pending ones included, so that added, dropped and renamed columns and new
+        tables are seen. Idempotent; each tenant is
         refreshed in one transaction. Returns the tenants refreshed."""
         placement = self._database_placement()
         if tenant is not None:
@@ -326,7 +341,7 @@ class Tenancy:
             targets = [
                 t
                 for t in self.list_tenants()
-                if t.strategy == "database" and t.status in ("active", "suspended")
+                if t.strategy == "database" and t.status in ("active", "suspended", "pending")
             ]
         for target in targets:
             if target.strategy != "database":
@@ -408,9 +423,9 @@ class Tenancy:
 
         if strategy is not None:
             if placement is not None:
-                raise TypeError("create_tenant() takes placement=, or its former name placement=, not both")
+                raise TypeError("create_tenant() takes placement=, or its former name strategy=, not both")
             warnings.warn(
-                "create_tenant(placement=...) is deprecated: pass placement=... instead",
+                "create_tenant(strategy=...) is deprecated: pass placement=... instead",
                 DeprecationWarning,
                 stacklevel=2,
             )
@@ -420,9 +435,61 @@ class Tenancy:
                 f"distributed=True (Citus) serves shared tenants only so far; a {placement} tenant "
                 "is not supported on a distributed main database (see docs/scale-out.md)."
             )
-        return create_tenant(
-            self.services, slug, placement_name=placement or "shared", name=name, server=server
-        )
+        placement = placement or "shared"
+        self.events.emit(TenantEvent("before_create", slug, placement=placement))
+        with self.events.subject(slug, placement):
+            tenant = self._claim_pending(slug, placement, name=name, server=server)
+            if tenant is None:
+                tenant = create_tenant(
+                    self.services, slug, placement_name=placement, name=name, server=server
+                )
+        try:
+            if placement == "schema":
+                from .audit import audit_new_schema_tenant
+
+                audit_new_schema_tenant(self.services, tenant)
+            if self.events.has("after_create"):
+                self.events.after(
+                    TenantEvent("after_create", slug, tenant, placement),
+                    done="the tenant was deleted again, so nothing of it is left: fix the callback "
+                    "and create it again.",
+                )
+        except BaseException:
+            from .lifecycle import delete_tenant
+
+            delete_tenant(self.services, self.get_tenant(tenant.id), keep_infrastructure_rows=False)
+            raise
+        return tenant
+
+    def _claim_pending(
+        self, slug: str, placement: str, *, name: str | None, server: str | None
+    ) -> Tenant | None:
+        """A database tenant from the pool (see :mod:`sqla_tenancy.pool`), or None."""
+        if placement != "database":
+            return None
+        from sqlalchemy.exc import DBAPIError
+
+        from .pool import claim
+
+        try:
+            return claim(self.services, slug, name=name, server=server)
+        except DBAPIError as error:  # e.g. somebody is connected to the pending database
+            log.warning("could not claim a pending tenant for %s (%s); provisioning one", slug, error.orig)
+            return None
+
+    def fill_pool(self, count: int, *, server: str | None = None) -> list[Tenant]:
+        """Provision ``count`` pending database tenants ahead, which ``create_tenant(...,
+        placement="database")`` then claims in one transaction instead of provisioning (see
+        :mod:`sqla_tenancy.pool`). Returns the tenants made."""
+        from .pool import fill_pool
+
+        return fill_pool(self.services, count, server=server)
+
+    def pending_tenants(self) -> list[Tenant]:
+        """The pool of pending database tenants, the next one claimed first."""
+        from .pool import pending_tenants
+
+        return pending_tenants(self.services)
 
     def update_tenant(self, slug: str, *, name: str) -> Tenant:
         """Rename a tenant (its display name; the slug is permanent)."""
@@ -430,11 +497,41 @@ class Tenancy:
 
     def suspend_tenant(self, slug: str) -> Tenant:
         """Refuse every query for the tenant (in every process, within a second) until resumed."""
-        return self._update(slug, status="suspended")
+        return self._with_events("suspend", slug, lambda: self._update(slug, status="suspended"))
 
     def resume_tenant(self, slug: str) -> Tenant:
         """Lift a suspension; every process serves the tenant again within a second."""
-        return self._update(slug, status="active")
+        return self._with_events("resume", slug, lambda: self._update(slug, status="active"))
+
+    def _with_events(self, action: str, slug: str, operation: Callable[[], Tenant]) -> Tenant:
+        before = self.get_tenant(lookup_key(slug))
+        if before.is_default:  # refused before any callback runs
+            raise UnsupportedOperation("The default tenant cannot be renamed, suspended or resumed.")
+        self.events.emit(TenantEvent(f"before_{action}", before.slug, before, before.strategy))
+        tenant = operation()
+        self.events.after(
+            TenantEvent(f"after_{action}", tenant.slug, tenant, tenant.strategy),
+            done=f"the tenant stays {tenant.status}.",
+        )
+        return tenant
+
+    # -- lifecycle events -------------------------------------------------------------------
+
+    @overload
+    def on(self, event: EventName, fn: Hook) -> Hook: ...
+
+    @overload
+    def on(self, event: EventName, fn: None = None) -> Callable[[Hook], Hook]: ...
+
+    def on(self, event: EventName, fn: Hook | None = None) -> Hook | Callable[[Hook], Hook]:
+        """Run ``fn(event)`` on a lifecycle event (``"before_create"``, ``"after_create"``,
+        ``"before_delete"``, ..., ``"step"``); without ``fn``, a decorator. See
+        :mod:`sqla_tenancy.events` for what a failing callback does."""
+        return self.events.on(event, fn)
+
+    def off(self, event: EventName, fn: Hook) -> None:
+        """Stop running ``fn`` on ``event``."""
+        self.events.off(event, fn)
 
     def _update(self, slug: str | uuid.UUID | Tenant, **values: str) -> Tenant:
         key = lookup_key(slug)
@@ -455,7 +552,36 @@ class Tenancy:
         from .lifecycle import delete_tenant
 
         tenant = self.get_tenant(lookup_key(slug))
-        delete_tenant(self.services, tenant, keep_infrastructure_rows=keep_infrastructure_rows)
+        self.events.emit(TenantEvent("before_delete", tenant.slug, tenant, tenant.strategy))
+        with self.events.subject(tenant.slug, tenant.strategy):
+            delete_tenant(self.services, tenant, keep_infrastructure_rows=keep_infrastructure_rows)
+        self.events.after(
+            TenantEvent("after_delete", tenant.slug, tenant, tenant.strategy), done="the tenant is deleted."
+        )
+
+    def move_tenant(self, slug: str, placement: str, *, server: str | None = None) -> Tenant:
+        """Move a tenant to another placement (``"shared"`` and ``"schema"`` for now): its rows are
+        copied, checked per table (count and checksum), the registry switched and the source
+        removed, in one transaction; the tenant is read-only meanwhile. A failure at any step
+        leaves it active at its source with every row (:class:`~sqla_tenancy.move.MoveError`).
+        See :mod:`sqla_tenancy.move`."""
+        from .move import move_tenant
+
+        tenant = self.get_tenant(lookup_key(slug))
+        self.events.emit(
+            TenantEvent("before_move", tenant.slug, tenant, placement, details={"from": tenant.strategy})
+        )
+        with self.events.subject(tenant.slug, placement):
+            moved = move_tenant(self.services, tenant, placement, server=server)
+        if moved.strategy == "schema":
+            from .audit import audit_new_schema_tenant
+
+            audit_new_schema_tenant(self.services, moved)
+        self.events.after(
+            TenantEvent("after_move", moved.slug, moved, placement, details={"from": tenant.strategy}),
+            done=f"the tenant is a {placement} tenant now.",
+        )
+        return moved
 
     def export_tenant(self, slug: str, path: str | os.PathLike[str], *, pg_dump: str | None = None) -> Path:
         """Write one tenant's data to ``path`` as a SQL script that restores into an empty database
@@ -464,6 +590,84 @@ class Tenancy:
 
         tenant = self.get_tenant(lookup_key(slug))
         return export_tenant(self.services, tenant, Path(path), pg_dump=Path(pg_dump) if pg_dump else None)
+
+    # -- day-2 operations -------------------------------------------------------------------
+
+    def doctor(self) -> list[Finding]:
+        """Audit the live databases against the isolation model; the findings, errors first
+        (empty: nothing wrong). Changes nothing. See :mod:`sqla_tenancy.doctor`."""
+        from .doctor import doctor
+
+        return doctor(self.services)
+
+    def run_sql(
+        self, tenant: str | uuid.UUID | Tenant, script: str, *, timeout: float = 30.0
+    ) -> list[StatementResult]:
+        """Run a multi-statement SQL script as ``tenant``, in its sandbox: its own role and
+        search path, one transaction, ``timeout`` seconds. A script that would reach another
+        tenant or leave the sandbox is refused (:class:`ScriptRefused`) or rolled back; the
+        database is the boundary, not the text check. See :mod:`sqla_tenancy.sandbox`."""
+        from .sandbox import run_sql
+
+        return run_sql(self.services, self.get_tenant(lookup_key(tenant)), script, timeout=timeout)
+
+    def for_each_tenant(
+        self,
+        fn: Callable[[Tenant], Any],
+        *,
+        reason: str,
+        placements: Iterable[str] | None = None,
+        tenants: Iterable[str | uuid.UUID | Tenant] | None = None,
+        concurrency: int = 4,
+    ) -> list[TenantResult]:
+        """Call ``fn(tenant)`` for every active tenant (of ``placements``, or only ``tenants``),
+        each inside ``tenant_context(tenant)``, ``concurrency`` at a time, as a platform operation
+        logged with ``reason``. One result per tenant, failures included (see
+        :mod:`sqla_tenancy.fleet`)."""
+        from .fleet import for_each_tenant
+
+        return for_each_tenant(
+            self.services, fn, reason=reason, placements=placements, tenants=tenants, concurrency=concurrency
+        )
+
+    def query_all_tenants(
+        self,
+        statement: Executable,
+        *,
+        reason: str,
+        placements: Iterable[str] | None = None,
+        concurrency: int = 4,
+    ) -> list[TenantRow]:
+        """Run a SELECT over every active tenant and return its rows tagged with their tenant:
+        one query for all shared tenants, one per schema or database tenant, run concurrently
+        (see :mod:`sqla_tenancy.fleet`)."""
+        from .fleet import query_all_tenants
+
+        return query_all_tenants(
+            self.services, statement, reason=reason, placements=placements, concurrency=concurrency
+        )
+
+    def install_audit(self, *, tenant_writes: bool = False) -> None:
+        """Record every write made in :func:`platform_context` (and, with ``tenant_writes``,
+        every tenant's own writes too) to the main database's tables in ``tenancy.audit_log``,
+        by statement-level triggers. Idempotent. See :mod:`sqla_tenancy.audit`."""
+        from .audit import install_audit
+
+        install_audit(self.services, tenant_writes=tenant_writes)
+
+    def audit_log(
+        self,
+        *,
+        tenant: str | uuid.UUID | Tenant | None = None,
+        since: Any = None,
+        limit: int | None = 1000,
+    ) -> list[AuditEntry]:
+        """The audit trail, newest first: every entry, or those of ``tenant``, since ``since``
+        (a datetime)."""
+        from .audit import audit_log
+
+        target = self.get_tenant(lookup_key(tenant)) if tenant is not None else None
+        return audit_log(self.services, tenant=target, since=since, limit=limit)
 
     # -- teardown ---------------------------------------------------------------------------
 

@@ -1,4 +1,4 @@
-"""``sqla-tenancy tenants ...``: the tenant registry from the command line.
+"""``sqla-tenancy tenants ...``: the tenant registry from the command line (move and pool too).
 
 Each command maps onto one public function (``Tenancy.list_tenants``, ``get_tenant``,
 ``create_tenant``, ``update_tenant``, ``suspend_tenant``, ``resume_tenant``, ``delete_tenant``,
@@ -254,3 +254,60 @@ def rotate_key(
             print_json({"tenant": tenant.slug, "access_key": str(key)})
         else:
             typer.echo(f"new access key of tenant {tenant.slug!r} (shown once): {key}")
+
+
+@tenants.command()
+def move(
+    slug: SlugArgument,
+    placement: Annotated[
+        str, typer.Option("--to", help="The placement to move to: shared or schema.", show_default=False)
+    ],
+    server: Annotated[
+        Optional[str],  # noqa: UP045
+        typer.Option(help="For the database placement: one of the Tenancy's servers."),
+    ] = None,
+    yes: YesOption = False,
+    app_spec: AppOption = None,
+    config: ConfigOption = Path("alembic.ini"),
+    as_json: JsonOption = False,
+) -> None:
+    """Move a tenant to another placement (Tenancy.move_tenant): read-only meanwhile, rows
+    checked per table, the source removed. Asks first (--yes skips)."""
+    if placement not in _PLACEMENTS:
+        fail(f"--to must be one of {', '.join(_PLACEMENTS)}, not {placement!r}.", 2)
+    tenancy = load_tenancy(app_spec, config)
+    with operation(tenancy):
+        tenant = tenancy.get_tenant(slug)
+        confirm(
+            f"Move tenant {tenant.slug!r} from {tenant.placement} to {placement}? It is read-only meanwhile.",
+            yes=yes,
+        )
+        _show(tenancy.move_tenant(tenant.slug, placement, server=server), as_json, "moved")
+
+
+@tenants.command()
+def pool(
+    fill: Annotated[
+        Optional[int],  # noqa: UP045
+        typer.Option("--fill", min=1, help="Provision this many pending database tenants ahead."),
+    ] = None,
+    server: Annotated[
+        Optional[str],  # noqa: UP045
+        typer.Option(help="The server to provision them on (default: the main one)."),
+    ] = None,
+    app_spec: AppOption = None,
+    config: ConfigOption = Path("alembic.ini"),
+    as_json: JsonOption = False,
+) -> None:
+    """The pool of pending database tenants that create_tenant claims instantly; --fill N adds N
+    (Tenancy.fill_pool, Tenancy.pending_tenants)."""
+    tenancy = load_tenancy(app_spec, config)
+    with operation(tenancy):
+        made = tenancy.fill_pool(fill, server=server) if fill else []
+        pending = tenancy.pending_tenants()
+        if as_json:
+            print_json({"added": len(made), "pending": [tenant_record(t) for t in pending]})
+            return
+        if fill:
+            typer.echo(f"added {len(made)} pending database tenant(s)")
+        typer.echo(f"{len(pending)} pending database tenant(s) in the pool")

@@ -125,6 +125,14 @@ def test_tenants_commands(migrated: Project, tmp_path: Path) -> None:
     assert isinstance(deleted, dict) and deleted["deleted"]["slug"] == "globex"
     assert [t.slug for t in migrated.tenancy.list_tenants()] == ["default", "acme"]
 
+    not_asked = cli(migrated, "tenants", "move", "acme", "--to", "shared")
+    assert not_asked.returncode == 4 and migrated.tenancy.get_tenant("acme").placement == "schema"
+    moved = ok_json(cli(migrated, "tenants", "move", "acme", "--to", "shared", "--yes", "--json"))
+    assert isinstance(moved, dict) and (moved["slug"], moved["placement"]) == ("acme", "shared")
+    nowhere = cli(migrated, "tenants", "move", "acme", "--to", "cloud", "--yes")
+    assert nowhere.returncode == 2 and "--to must be one of" in nowhere.stderr
+    assert ok_json(cli(migrated, "tenants", "pool", "--json")) == {"added": 0, "pending": []}
+
 
 def test_tenants_list_behind(migrated: Project) -> None:
     migrated.tenancy.create_tenant("acme", placement="schema")

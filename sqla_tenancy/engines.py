@@ -117,6 +117,11 @@ class EngineCache:
         for engine in engines:
             self._retire(engine)
 
+    def keys(self) -> list[Hashable]:
+        """The keys of the engines kept, pooled or dormant."""
+        with self._lock:
+            return [*self._engines, *self._dormant]
+
     def _retire(self, engine: Engine) -> None:
         """Close the idle connections now, and the checked-out ones as they come back."""
         self._retired.add(engine)

@@ -69,6 +69,12 @@ class ProvisioningError(TenancyError):
     """Creating, changing or deleting a tenant's storage failed; nothing was left half-made."""
 
 
+class DeletionError(ProvisioningError):
+    """Deleting a tenant stopped part way. The tenant stays registered as ``deleting`` (refused
+    everywhere, its data not yet or not entirely removed) until ``delete_tenant`` is run again,
+    which finishes the deletion."""
+
+
 class UnknownPlacement(ProvisioningError, LookupError):
     """A placement name (``placement=``, or a registry row's) that this version does not know."""
 

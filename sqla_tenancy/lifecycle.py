@@ -23,7 +23,7 @@ from sqlalchemy import Connection, text
 
 from . import locks
 from .anonymous import anonymous_gate, anonymous_group, anonymous_role
-from .errors import ProvisioningError, TenancyError, UnsupportedOperation
+from .errors import DeletionError, ProvisioningError, TenancyError, UnsupportedOperation
 from .grants import tenants_group
 from .identifiers import validate_slug
 from .placements.database import template_database
@@ -151,7 +151,13 @@ def create_tenant(
 def _register(services: Services, admin: Connection, draft: Tenant) -> Tenant:
     # Two processes creating the same slug: the second waits, then sees the first's row.
     admin.execute(text(locks.XACT_LOCK), {"key": locks.registration_key(draft.slug)})
-    if services.store.get(admin, draft.slug) is not None:
+    existing = services.store.get(admin, draft.slug)
+    if existing is not None and existing.status == "deleting":
+        raise ProvisioningError(
+            f"Tenant {draft.slug!r} is being deleted (an earlier delete_tenant({draft.slug!r}) "
+            f"stopped part way); rerun delete_tenant({draft.slug!r}) to finish, then create it."
+        )
+    if existing is not None:
         raise ProvisioningError(f"Tenant {draft.slug!r} exists already.")
     services.steps("register")
     return services.store.insert(admin, draft)  # status "provisioning", as drafted
@@ -218,8 +224,17 @@ def delete_tenant(services: Services, tenant: Tenant, *, keep_infrastructure_row
             admin.execute(text(locks.XACT_LOCK), {"key": locks.tenant_key(tenant.slug)})
             services.store.set_status(admin, tenant.id, "deleting")
         services.registry.invalidate([tenant.id])
-        placement.deprovision(tenant, admin=None, keep_infrastructure_rows=keep_infrastructure_rows)
-        with admin_engine.begin() as admin:
-            services.store.delete(admin, tenant.id)
+        try:
+            placement.deprovision(tenant, admin=None, keep_infrastructure_rows=keep_infrastructure_rows)
+            with admin_engine.begin() as admin:
+                services.store.delete(admin, tenant.id)
+        except TenancyError:
+            raise
+        except Exception as exc:
+            raise DeletionError(
+                f"Deleting tenant {tenant.slug!r} ({tenant.strategy}) stopped at "
+                f"{type(exc).__name__}: {exc}. The tenant stays registered as 'deleting' and is "
+                f"refused everywhere; rerun delete_tenant({tenant.slug!r}) to finish."
+            ) from exc
     services.registry.invalidate([tenant.id])
     log.info("deleted tenant %s", tenant.slug)

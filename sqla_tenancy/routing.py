@@ -188,6 +188,21 @@ class Router:
         self._memo[ref] = (generation, expires, route)
         return route
 
+    def release_stopped(self, tenant_id: uuid.UUID | None) -> None:
+        """Drop the pooled engines of tenants that may no longer be served (deleted, suspended,
+        being deleted): called on the registry listener's thread when another process changed
+        ``tenant_id`` (``None``: any tenant). Their idle connections close now, checked-out
+        ones when returned, so that no process keeps a stopped tenant's connections open."""
+        cache = self._engines.tenants
+        held = {key[0] for key in cache.keys() if isinstance(key, tuple)}
+        for candidate in held if tenant_id is None else held & {tenant_id}:
+            try:
+                serving = self.registry.get(candidate).status == "active"
+            except TenantNotFound:
+                serving = False
+            if not serving:
+                cache.discard(lambda key, stopped=candidate: isinstance(key, tuple) and key[0] == stopped)
+
     def resolve(self, ref: str | uuid.UUID | Tenant | None) -> Tenant:
         route = self._resolve(ref)[0]
         assert route.tenant is not None

@@ -141,6 +141,8 @@ class Tenancy:
         placements: dict[str, Placement] = {}
         self.router = Router(config, self.registry, engines, placements)
         engines.bind(self.router.binding, self.router.current_tenant_id)
+        # another process suspended or deleted a tenant: drop its pooled connections here too
+        self.registry.subscribe(self.router.release_stopped)
         self._steps = steps = Steps()
         placements.update(
             shared=SharedPlacement(config, engines, steps),

@@ -41,8 +41,8 @@ from sqlalchemy.dialects import registry as dialect_registry
 from sqlalchemy.dialects.postgresql.psycopg import PGDialect_psycopg, PGDialectAsync_psycopg
 from sqlalchemy.util import await_
 
-from .binding import CLEAR_LEFTOVERS
-from .errors import AutocommitNotAllowed
+from .binding import CLEAR_LEFTOVERS, REFUSED_SQLSTATE
+from .errors import AutocommitNotAllowed, TenantRefused
 
 __all__ = ["Binder", "TenancyDialect", "TenancyDialectAsync", "DRIVER_NAME"]
 
@@ -194,6 +194,11 @@ class _TenancyMixin:
             if result.status not in _OK:
                 error = psycopg.errors.error_from_result(result, encoding=driver.info.encoding)
                 self._run(driver, b"ROLLBACK")
+                if error.sqlstate == REFUSED_SQLSTATE:
+                    raise TenantRefused(
+                        f"{error.diag.message_primary}. This process still had the tenant as "
+                        "active; it catches up within registry_ttl seconds."
+                    ) from error
                 raise error
         if binding is not None and not state.shared_backend:
             state.clean_for = binding

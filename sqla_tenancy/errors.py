@@ -61,6 +61,12 @@ class TenantSuspended(TenancyError):
         super().__init__(f"Tenant {slug!r} is suspended; `tenancy.resume_tenant({slug!r})` lifts it.")
 
 
+class TenantRefused(TenancyError):
+    """The database refused to begin a transaction for a tenant that is no longer active
+    (suspended, being deleted or deleted) although this process's registry cache still had it
+    active: the cache catches up within ``registry_ttl`` at most, and the database does not wait."""
+
+
 class InvalidTenantSlug(TenancyError, ValueError):
     """A slug does not match the allowed pattern, is too long, or is reserved."""
 

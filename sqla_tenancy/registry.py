@@ -421,6 +421,11 @@ class Registry:
         )[0]
         return bool(superuser), bool(bypass)
 
+    def admits_tenants(self) -> bool:
+        """Whether the main database has ``tenancy.admit_tenant(uuid)`` (made by ``install()``)."""
+        (found,) = self._query("select to_regprocedure('tenancy.admit_tenant(uuid)') is not null", ())[0]
+        return bool(found)
+
     def invalidate(self, keys: Iterable[object] | None = None) -> None:
         """Forget cached entries (all of them when ``keys`` is None)."""
         with self._lock:
@@ -520,7 +525,7 @@ class Registry:
         for callback in list(self._subscribers):
             try:
                 callback(key)
-            except Exception:  # noqa: BLE001 - the listener must survive its subscribers
+            except Exception:
                 log.exception("a registry subscriber failed on a change of %s", key or "the registry")
 
     def _on_notify(self, payload: str) -> None:

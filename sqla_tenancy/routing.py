@@ -6,6 +6,7 @@ only when the registry changes or its cache entry expires.
 
 from __future__ import annotations
 
+import logging
 import time
 import uuid
 from collections.abc import Mapping
@@ -13,6 +14,7 @@ from typing import TYPE_CHECKING
 
 from sqlalchemy import Engine
 
+from .binding import ADMIT_FUNCTION, admit_statement
 from .context import _scope
 from .errors import (
     InvalidTenantSlug,
@@ -30,6 +32,9 @@ if TYPE_CHECKING:
     from .placements import Placement
 
 __all__ = ["AnonymousRoute", "Route", "Router", "lookup_key", "token_scope"]
+
+#: Where privileges or checks that weaken isolation are reported.
+isolation_log = logging.getLogger("sqla_tenancy.isolation")
 
 _ANONYMOUS_SUFFIX = ":anonymous"
 
@@ -156,6 +161,8 @@ class Router:
         # anonymous scope) -> (generation, expiry, route)
         self._memo: dict[object, tuple[int, float, Route]] = {}
         self._role_checked = False
+        #: whether bindings of main-database tenants start with tenancy.admit_tenant()
+        self._admit = False
 
     def current(self) -> Route:
         """The route of the current context (the default tenant's when no tenant is active)."""
@@ -194,14 +201,17 @@ class Router:
         ``tenant_id`` (``None``: any tenant). Their idle connections close now, checked-out
         ones when returned, so that no process keeps a stopped tenant's connections open."""
         cache = self._engines.tenants
-        held = {key[0] for key in cache.keys() if isinstance(key, tuple)}
+        held = {key[0] for key in cache.keys() if isinstance(key, tuple)}  # noqa: SIM118
+        stopped = set()
         for candidate in held if tenant_id is None else held & {tenant_id}:
             try:
                 serving = self.registry.get(candidate).status == "active"
             except TenantNotFound:
                 serving = False
             if not serving:
-                cache.discard(lambda key, stopped=candidate: isinstance(key, tuple) and key[0] == stopped)
+                stopped.add(candidate)
+        if stopped:
+            cache.discard(lambda key: isinstance(key, tuple) and key[0] in stopped)
 
     def resolve(self, ref: str | uuid.UUID | Tenant | None) -> Tenant:
         route = self._resolve(ref)[0]
@@ -213,6 +223,14 @@ class Router:
     ) -> tuple[Route, float]:
         if not self._role_checked:
             self.check_app_role()
+            self._admit = self.registry.admits_tenants()
+            if not self._admit:
+                isolation_log.warning(
+                    "The main database lacks %s(uuid): transactions of shared and schema tenants "
+                    "are admitted by this process's registry cache alone, so a deletion cannot "
+                    "wait for them. Run tenancy.install() (idempotent) to create it.",
+                    ADMIT_FUNCTION,
+                )
             self._role_checked = True
         if ref is None:
             if self.config.default_tenant is None:
@@ -228,7 +246,9 @@ class Router:
         route = self._routes.get(tenant.id)
         if route is None or route.tenant != tenant:
             placement = self.placement_of(tenant)
-            route = Route(self._engines, tenant, placement, placement.binding(tenant))
+            route = Route(
+                self._engines, tenant, placement, self._admitted(placement, tenant, placement.binding(tenant))
+            )
             if len(self._routes) > 10_000:
                 self._routes.clear()
             self._routes[tenant.id] = route
@@ -238,11 +258,19 @@ class Router:
         route = self._anonymous_routes.get(tenant.id)
         if route is None or route.tenant != tenant:
             placement = self.placement_of(tenant)
-            route = AnonymousRoute(self._engines, tenant, placement, placement.anonymous_binding(tenant))
+            binding = self._admitted(placement, tenant, placement.anonymous_binding(tenant))
+            route = AnonymousRoute(self._engines, tenant, placement, binding)
             if len(self._anonymous_routes) > 10_000:
                 self._anonymous_routes.clear()
             self._anonymous_routes[tenant.id] = route
         return route
+
+    def _admitted(self, placement: Placement, tenant: Tenant, binding: bytes) -> bytes:
+        """``binding``, preceded by the admission check when the placement's transactions run in
+        the main database (see :func:`~sqla_tenancy.binding.admit_statement`)."""
+        if self._admit and placement.admitted:
+            return admit_statement(tenant.id) + b"; " + binding
+        return binding
 
     def binding(self) -> bytes | None:
         """The dialect's binder: the current route's ``SET LOCAL`` statements."""

@@ -428,15 +428,24 @@ class Tenancy:
         self.registry.invalidate([tenant_id])
         return self.get_tenant(tenant_id)
 
-    def delete_tenant(self, slug: str, *, keep_infrastructure_rows: bool = False) -> None:
+    def delete_tenant(
+        self, slug: str, *, keep_infrastructure_rows: bool = False, timeout: float = 30.0
+    ) -> None:
         """Delete the tenant's data, storage, roles and registry row; nothing is left behind.
+
+        The tenant is stopped everywhere first: refused by every process and by the database, its
+        transactions in flight waited out (up to ``timeout`` seconds; a database tenant's sessions
+        are ended). A deletion that fails (:class:`DeletionError`) leaves the tenant refused, as
+        ``deleting``; running it again finishes it. See :func:`sqla_tenancy.lifecycle.delete_tenant`.
 
         ``keep_infrastructure_rows=True`` keeps the tenant's rows in the infrastructure tables
         (e.g. users, for an audit trail)."""
         from .lifecycle import delete_tenant
 
         tenant = self.get_tenant(lookup_key(slug))
-        delete_tenant(self.services, tenant, keep_infrastructure_rows=keep_infrastructure_rows)
+        delete_tenant(
+            self.services, tenant, keep_infrastructure_rows=keep_infrastructure_rows, timeout=timeout
+        )
 
     def export_tenant(self, slug: str, path: str | os.PathLike[str], *, pg_dump: str | None = None) -> Path:
         """Write one tenant's data to ``path`` as a SQL script that restores into an empty database

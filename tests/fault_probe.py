@@ -46,3 +46,43 @@ def hold_connections(options: dict[str, Any], slug: str, ready: Any, go: Any, ou
         out.put((dropped, refused))
     finally:
         tenancy.dispose()
+
+
+def write_until_refused(options: dict[str, Any], slug: str, threads: int, ready: Any, out: Any) -> None:
+    """Write a project and a user for ``slug`` in a loop, on ``threads`` threads, until the
+    tenant is refused; report ``(commits, errors)``, where errors are the reasons writes stopped."""
+    import threading
+
+    from .models import Project, User
+
+    tenancy = Tenancy(metadata=Base.metadata, infrastructure_schemas=INFRASTRUCTURE, **options)
+    maker = tenancy.sessionmaker()
+    commits = [0] * threads
+    stopped: list[str] = []
+
+    def write(index: int) -> None:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            try:
+                with tenant_context(slug), maker() as session:
+                    session.add_all([Project(name=f"w{index}"), User(email=f"w{index}-{commits[index]}@x")])
+                    session.commit()
+                commits[index] += 1
+                if commits[index] == 3:
+                    ready.set()
+            except TenancyError as error:
+                stopped.append(type(error).__name__)
+                return
+            except Exception as error:  # noqa: BLE001 - a killed session ends this writer's run
+                stopped.append(type(error).__name__)
+                time.sleep(0.01)
+
+    workers = [threading.Thread(target=write, args=(i,)) for i in range(threads)]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join()
+    try:
+        out.put((sum(commits), sorted(set(stopped))))
+    finally:
+        tenancy.dispose()

@@ -184,6 +184,7 @@ class DatabasePlacement(PlacementBase):
 
     name = "database"
     transactional = False
+    admitted = False
     per_tenant_engines = True
 
     def __init__(self, config: TenancyConfig, engines: Engines, steps: Steps) -> None:
@@ -713,7 +714,9 @@ def _end_sessions(conn: Connection, tenant: Tenant, server: str, roles: list[str
             conn.exec_driver_sql(f"GRANT {quote_ident(role)} TO {quote_ident(admin)}{option}")
         pids = (
             conn.execute(
-                text("select pid from pg_stat_activity where usename = any(:roles) and pid <> pg_backend_pid()"),
+                text(
+                    "select pid from pg_stat_activity where usename = any(:roles) and pid <> pg_backend_pid()"
+                ),
                 {"roles": present},
             )
             .scalars()

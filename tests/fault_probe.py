@@ -86,3 +86,17 @@ def write_until_refused(options: dict[str, Any], slug: str, threads: int, ready:
         out.put((sum(commits), sorted(set(stopped))))
     finally:
         tenancy.dispose()
+
+
+def create_database_tenant(options: dict[str, Any], slug: str, start: Any, out: Any) -> None:
+    """Create ``slug`` as a database tenant in this fresh process (whose first provisioning
+    refreshes the template database), at the same moment as the other probes; report the error."""
+    tenancy = Tenancy(metadata=Base.metadata, infrastructure_schemas=INFRASTRUCTURE, **options)
+    try:
+        start.wait(60)
+        tenancy.create_tenant(slug, placement="database")
+        out.put((slug, None))
+    except Exception as error:  # noqa: BLE001 - reported to the test
+        out.put((slug, f"{type(error).__name__}: {error}"))
+    finally:
+        tenancy.dispose()

@@ -4,16 +4,24 @@ provisioning, pools after their connections were killed."""
 from __future__ import annotations
 
 import multiprocessing
+import os
 from typing import Any
 
 import pytest
 from sqlalchemy import text
 
-from sqla_tenancy import Tenancy, TenantRefused, tenant_context
+from sqla_tenancy import (
+    DeletionError,
+    ProvisioningError,
+    Tenancy,
+    TenantNotFound,
+    TenantRefused,
+    tenant_context,
+)
 from sqla_tenancy.testing import TestServer
 
 from .conftest import SECRET
-from .fault_probe import hold_connections, write_until_refused
+from .fault_probe import create_database_tenant, hold_connections, write_until_refused
 from .models import Project, User
 
 
@@ -116,3 +124,72 @@ def test_the_database_refuses_a_tenant_a_stale_cache_still_serves(tenancy: Tenan
         assert stale.get_tenant("acme").status == "active"  # its cache had not caught up
     finally:
         stale.dispose()
+
+
+def test_a_deletion_that_fails_removes_nothing_and_a_rerun_finishes_it(
+    dbt: Tenancy, tenancy_server: TestServer
+) -> None:
+    acme = dbt.get_tenant("acme")
+    database = f"{dbt.name_prefix}_acme"
+    # a superuser's session in the tenant database: only a superuser may end it
+    superuser = tenancy_server.superuser_url.set(database=database)
+    import psycopg
+
+    blocker = psycopg.connect(
+        host=superuser.host,
+        port=superuser.port,
+        user=superuser.username,
+        password=superuser.password,
+        dbname=database,
+        autocommit=True,
+    )
+    try:
+        with pytest.raises(DeletionError, match="rerun delete_tenant"):
+            dbt.delete_tenant("acme")
+        assert dbt.get_tenant("acme").status == "deleting"
+        with tenant_context("acme"), pytest.raises(TenantNotFound):
+            dbt.connect()
+        left = catalog(dbt)
+        assert database in left["databases"]
+        with dbt.admin_engine.connect() as conn:  # its infrastructure rows are still there
+            users = conn.execute(text("select count(*) from auth.users where tenant_id = :t"), {"t": acme.id})
+            assert users.scalar() == 1
+        with pytest.raises(ProvisioningError, match=r"is being deleted.*rerun delete_tenant\('acme'\)"):
+            dbt.create_tenant("acme", placement="database")
+    finally:
+        blocker.close()
+    dbt.delete_tenant("acme")
+    left = catalog(dbt)
+    assert database not in left["databases"] and "acme" not in left["tenants"]
+    with dbt.admin_engine.connect() as conn:
+        users = conn.execute(text("select count(*) from auth.users where tenant_id = :t"), {"t": acme.id})
+        assert users.scalar() == 0
+    dbt.create_tenant("acme", placement="database")  # the slug is free again
+
+
+def test_fresh_processes_provision_database_tenants_at_once(
+    tenancy: Tenancy, tenancy_server: TestServer
+) -> None:
+    processes, rounds = 4, int(os.environ.get("SQLA_TENANCY_PROVISIONING_ROUNDS", "5"))
+    tenancy.prepare_server(tenancy_server.superuser_url)
+    mp = multiprocessing.get_context("spawn")
+    failures: list[str] = []
+    for round_ in range(rounds):
+        start, out = mp.Barrier(processes), mp.Queue()
+        slugs = [f"r{round_}p{i}" for i in range(processes)]
+        children = [
+            mp.Process(target=create_database_tenant, args=(child_options(tenancy), slug, start, out))
+            for slug in slugs
+        ]
+        for child in children:
+            child.start()
+        try:
+            results = [out.get(timeout=120) for _ in children]
+        finally:
+            for child in children:
+                child.join(timeout=30)
+        failures += [f"{slug}: {error}" for slug, error in results if error is not None]
+    print(f"{processes} processes x {rounds} rounds: {len(failures)} failed provisionings")
+    assert failures == [], "\n".join(failure[:300] for failure in failures)
+    tenants = {t.slug for t in tenancy.list_tenants() if t.status == "active"}
+    assert {f"r{r}p{i}" for r in range(rounds) for i in range(processes)} <= tenants

@@ -282,8 +282,26 @@ class DatabasePlacement(PlacementBase):
         self.refresh_template(server)
 
     def refresh_template(self, server: str) -> None:
-        """(Re)create the tenant tables and the policy function in the template database."""
+        """(Re)create the tenant tables and the policy function in the template database.
+
+        Under the template's lock, held in the server admin URL's database: each process's first
+        provisioning refreshes the template, and two ``CREATE OR REPLACE FUNCTION`` at once fail
+        with ``tuple concurrently updated``; ``CREATE DATABASE`` (which holds the same lock)
+        refuses a template that has other sessions."""
         template = template_database(self.config)
+        guard = self._admin(server)
+        try:
+            with guard.connect() as conn:
+                key = {"key": locks.template_key(template)}
+                conn.execute(text(locks.LOCK), key)
+                try:
+                    self._refresh_template(server, template)
+                finally:
+                    conn.execute(text(locks.UNLOCK), key)
+        finally:
+            guard.dispose()
+
+    def _refresh_template(self, server: str, template: str) -> None:
         engine = self._admin(server, template, autocommit=False)
         try:
             with engine.begin() as conn:

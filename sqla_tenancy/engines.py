@@ -177,6 +177,14 @@ class EngineCache:
             self._budget.release()
 
 
+#: Every engine sqla-tenancy makes checks a pooled connection before handing it out, so a
+#: connection the server ended (``pg_terminate_backend``, a restart, a deleted tenant's) is
+#: replaced instead of failing the next transaction. The tenancy dialect's ping makes no round
+#: trip (see :meth:`TenancyDialect.do_ping <sqla_tenancy.dialect.TenancyDialect.do_ping>`); the
+#: admin engines' is psycopg's. ``engine_options={"pool_pre_ping": False}`` turns it off.
+_RECOVERING: dict[str, Any] = {"pool_pre_ping": True}
+
+
 class Engines:
     """The engines one :class:`~sqla_tenancy.Tenancy` connects with.
 
@@ -188,7 +196,7 @@ class Engines:
 
     def __init__(self, config: TenancyConfig) -> None:
         self.config = config
-        self._bound: dict[str, Any] = dict(config.engine_options)
+        self._bound: dict[str, Any] = {**_RECOVERING, **config.engine_options}
         self._async_app: AsyncEngine | None = None
         self._admin: Engine | None = None
         self._async_admin: AsyncEngine | None = None
@@ -199,7 +207,12 @@ class Engines:
     def bind(self, binder: Binder, tenant_of_context: Callable[[], uuid.UUID] | None = None) -> None:
         """Give the bound engines their binder (the router's, which itself needs these engines:
         hence a step of its own) and create the application engine."""
-        self._bound = {**self.config.engine_options, "binder": binder, "tenant_of_context": tenant_of_context}
+        self._bound = {
+            **_RECOVERING,
+            **self.config.engine_options,
+            "binder": binder,
+            "tenant_of_context": tenant_of_context,
+        }
         self._tenant_options = {
             **self._bound,
             "pool_size": self.config.tenant_pool_size,
@@ -221,14 +234,14 @@ class Engines:
     def admin(self) -> Engine:
         """The admin role's engine: no tenant binding (platform work, provisioning, DDL)."""
         if self._admin is None:
-            self._admin = create_engine(plain_url(self.config.admin_url))
+            self._admin = create_engine(plain_url(self.config.admin_url), **_RECOVERING)
         return self._admin
 
     @property
     def async_admin(self) -> AsyncEngine:
         """The asyncio engine of the admin role."""
         if self._async_admin is None:
-            self._async_admin = create_async_engine(plain_url(self.config.admin_url))
+            self._async_admin = create_async_engine(plain_url(self.config.admin_url), **_RECOVERING)
         return self._async_admin
 
     def main(self, async_: bool) -> Engine:

@@ -7,8 +7,9 @@ import multiprocessing
 import os
 from typing import Any
 
+import psycopg
 import pytest
-from sqlalchemy import text
+from sqlalchemy import select, text
 
 from sqla_tenancy import (
     DeletionError,
@@ -133,8 +134,6 @@ def test_a_deletion_that_fails_removes_nothing_and_a_rerun_finishes_it(
     database = f"{dbt.name_prefix}_acme"
     # a superuser's session in the tenant database: only a superuser may end it
     superuser = tenancy_server.superuser_url.set(database=database)
-    import psycopg
-
     blocker = psycopg.connect(
         host=superuser.host,
         port=superuser.port,
@@ -193,3 +192,54 @@ def test_fresh_processes_provision_database_tenants_at_once(
     assert failures == [], "\n".join(failure[:300] for failure in failures)
     tenants = {t.slug for t in tenancy.list_tenants() if t.status == "active"}
     assert {f"r{r}p{i}" for r in range(rounds) for i in range(processes)} <= tenants
+
+
+def terminate_sessions(server: TestServer, *databases: str) -> int:
+    """End, as a superuser from a connection of its own, every other session in ``databases``."""
+    url = server.superuser_url
+    with psycopg.connect(
+        host=url.host, port=url.port, user=url.username, password=url.password, dbname="postgres"
+    ) as conn:
+        pids = [
+            pid
+            for (pid,) in conn.execute(
+                "select pid from pg_stat_activity where datname = any(%s) and pid <> pg_backend_pid()",
+                (list(databases),),
+            )
+        ]
+        for pid in pids:
+            conn.execute("select pg_terminate_backend(%s, 5000)", (pid,))
+    return len(pids)
+
+
+@pytest.mark.parametrize("placement", ["shared", "schema", "database"])
+def test_pooled_connections_the_server_ended_are_replaced(
+    tenancy: Tenancy, tenancy_server: TestServer, placement: str
+) -> None:
+    if placement == "database":
+        tenancy.prepare_server(tenancy_server.superuser_url)
+    tenancy.create_tenant("acme", placement=placement)
+    maker = tenancy.sessionmaker()
+
+    def write_and_count() -> int:
+        with tenant_context("acme"), maker() as s:
+            s.add(Project(name="p"))
+            s.commit()
+            return len(s.scalars(select(Project)).all())
+
+    def platform_count() -> int:
+        with tenancy.admin_engine.connect() as conn:
+            return int(conn.execute(text("select count(*) from tenancy.tenants")).scalar_one())
+
+    assert write_and_count() == 1 and platform_count() == 2
+    main = tenancy.url.database or ""
+    ended = terminate_sessions(tenancy_server, main, f"{tenancy.name_prefix}_acme")
+    assert ended >= 2  # at least the application's and the admin's pooled connections
+    # the next transactions succeed: the pools replaced the dead connections before using them
+    assert write_and_count() == 2 and platform_count() == 2
+
+
+def test_the_test_servers_superuser_engine_survives_ended_sessions(tenancy_server: TestServer) -> None:
+    tenancy_server.execute("select 1")  # a pooled superuser connection
+    assert terminate_sessions(tenancy_server, "postgres") >= 1
+    tenancy_server.execute("select 1")

@@ -181,7 +181,7 @@ class _TenancyMixin:
                 if not select.select([pgconn.socket], [], [], 0)[0]:
                     return True
                 pgconn.consume_input()
-            return pgconn.status == ConnStatus.OK
+            return bool(pgconn.status == ConnStatus.OK)
         except (psycopg.Error, OSError, ValueError):
             return False
 

@@ -69,6 +69,9 @@ class EngineCache:
         #: evicted engines, connections closed, kept for a cheap revival (LRU, 10x max_engines)
         self._dormant: OrderedDict[Hashable, Engine] = OrderedDict()
         self.max_dormant = 10 * max_engines
+        #: changes whenever an engine stops being the cache's for its key (evicted, discarded):
+        #: an engine obtained while it had a value stays the one to use while it keeps it
+        self.epoch = 0
 
     def get(self, key: Hashable, factory: Callable[[], Engine]) -> Engine:
         """The engine for ``key``, made by ``factory`` (a sync Engine, or an AsyncEngine's
@@ -91,18 +94,19 @@ class EngineCache:
             if current is not None:  # another thread made it meanwhile
                 self._dormant[key] = engine
                 self._retired.add(engine)
+                self._trim_dormant()
                 return current
             self._retired.discard(engine)
             self._engines[key] = engine
             evicted = []
             while len(self._engines) > self.max_engines:
+                self.epoch += 1
                 old_key, old = self._engines.popitem(last=False)
                 evicted.append(old)
                 self._dormant[old_key] = old
                 self._retired.add(old)
                 self._evictions += 1
-            while len(self._dormant) > self.max_dormant:
-                self._dormant.popitem(last=False)
+            self._trim_dormant()
         for old in evicted:
             old.pool.dispose()  # idle connections close now, checked-out ones as they return
         return engine
@@ -112,10 +116,26 @@ class EngineCache:
         with self._lock:
             keys = [k for k in self._engines if predicate(k)]
             engines = [self._engines.pop(k) for k in keys]
+            if keys:
+                self.epoch += 1
             for key in [k for k in self._dormant if predicate(k)]:
                 del self._dormant[key]
         for engine in engines:
             self._retire(engine)
+
+    def _trim_dormant(self) -> None:
+        """Forget the least recently evicted engines beyond ``max_dormant`` (under the lock)."""
+        while len(self._dormant) > self.max_dormant:
+            self._dormant.popitem(last=False)
+
+    def touch(self, key: Hashable) -> None:
+        """Count a hit on ``key``'s engine, obtained earlier and still current (see :attr:`epoch`),
+        as :meth:`get` would: most recently used, without taking the lock (each step is atomic)."""
+        self._hits += 1
+        try:  # noqa: SIM105 - on the hot path, cheaper than contextlib.suppress
+            self._engines.move_to_end(key)
+        except KeyError:  # evicted meanwhile: the caller sees the new epoch next time
+            pass
 
     def keys(self) -> list[Hashable]:
         """The keys of the engines kept, pooled or dormant."""
@@ -261,7 +281,12 @@ class Engines:
                 return create_async_engine(url(), **self._tenant_options).sync_engine
             return create_engine(url(), **self._tenant_options)
 
-        return self.tenants.get((tenant_id, async_), make)
+        return self.tenants.get(self.tenant_key(tenant_id, async_), make)
+
+    @staticmethod
+    def tenant_key(tenant_id: uuid.UUID, async_: bool) -> tuple[uuid.UUID, bool]:
+        """The key of a database tenant's engine in :attr:`tenants`."""
+        return (tenant_id, async_)
 
     @property
     def has_async(self) -> bool:

@@ -48,6 +48,7 @@ class Route:
     __slots__ = (
         "_alternates",
         "_engines",
+        "_epochs",
         "_per_tenant",
         "binding",
         "engines",
@@ -74,17 +75,27 @@ class Route:
         self.key: object = tenant.id if tenant is not None else "platform"
         self._engines: dict[bool, Engine] = {}
         self._alternates: dict[bool, Engine] = {}
-        # the engine cache decides for per-tenant engines (LRU): never pin one on the route
+        # per-tenant engines belong to the engine cache (LRU): one is kept here only while the
+        # cache's epoch says it is still the cache's
         self._per_tenant = bool(placement is not None and placement.per_tenant_engines)
+        self._epochs: dict[bool, int] = {}
 
     def engine(self, async_: bool) -> Engine:
         """The (sync) engine for this route; the async engine's ``sync_engine`` when ``async_``."""
         engine = self._engines.get(async_)
-        if engine is not None:
-            return engine
-        if self._per_tenant:
+        if not self._per_tenant:
+            if engine is not None:
+                return engine
+        else:
             assert self.tenant is not None and self.placement is not None
-            return self.placement.engine(self.tenant, async_=async_)
+            cache = self.engines.tenants
+            if engine is not None and self._epochs.get(async_) == cache.epoch:
+                cache.touch(self.engines.tenant_key(self.tenant.id, async_))
+                return engine
+            epoch = cache.epoch  # read first: an eviction during the look-up invalidates it
+            engine = self.placement.engine(self.tenant, async_=async_)
+            self._engines[async_], self._epochs[async_] = engine, epoch
+            return engine
         if self.tenant is None or self.placement is None:
             engine = self.engines.platform(async_)
         else:

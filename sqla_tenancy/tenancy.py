@@ -86,6 +86,10 @@ class Tenancy:
         schema is managed by the Alembic extension (:mod:`alembic_ext`): tenants created from the
         models are then stamped with the tenant stream's head, so they are born at head and the
         fleet runner leaves them alone.
+    :param fdw_host: the host (name or address) by which tenant databases' ``postgres_fdw``
+        reaches the main database, as seen from their servers (default: ``admin_url``'s host).
+        Used when a tenant database's foreign server is created; existing ones keep theirs.
+    :param fdw_port: the port that goes with it (default: ``admin_url``'s port).
     :param registry_listen: keep a LISTEN connection so that registry changes made by other
         processes arrive within a second; with False only ``registry_ttl`` bounds staleness.
     """
@@ -112,6 +116,8 @@ class Tenancy:
         max_tenant_connections: int | None = None,
         create_database_strategy: str | None = None,
         migrations: str | os.PathLike[str] | Any | None = None,
+        fdw_host: str | None = None,
+        fdw_port: int | None = None,
     ) -> None:
         global _active
         #: everything given here, validated (see :class:`~sqla_tenancy.config.TenancyConfig`)
@@ -135,6 +141,8 @@ class Tenancy:
             max_tenant_connections=max_tenant_connections,
             create_database_strategy=create_database_strategy,
             migrations=migrations,
+            fdw_host=fdw_host,
+            fdw_port=fdw_port,
         )
         self.registry = Registry(config.registry_url, ttl=config.registry_ttl, listen=config.registry_listen)
         self.engines = engines = Engines(config)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import multiprocessing
 import os
+from collections.abc import Callable
 from typing import Any
 
 import psycopg
@@ -12,6 +13,7 @@ import pytest
 from sqlalchemy import select, text
 
 from sqla_tenancy import (
+    ConfigurationError,
     DeletionError,
     ProvisioningError,
     Tenancy,
@@ -23,7 +25,7 @@ from sqla_tenancy.testing import TestServer
 
 from .conftest import SECRET
 from .fault_probe import create_database_tenant, hold_connections, write_until_refused
-from .models import Project, User
+from .models import INFRASTRUCTURE, Base, Project, User
 
 
 def child_options(t: Tenancy) -> dict[str, Any]:
@@ -243,3 +245,45 @@ def test_the_test_servers_superuser_engine_survives_ended_sessions(tenancy_serve
     tenancy_server.execute("select 1")  # a pooled superuser connection
     assert terminate_sessions(tenancy_server, "postgres") >= 1
     tenancy_server.execute("select 1")
+
+
+def test_a_routes_pinned_tenant_engine_follows_the_engine_cache(dbt: Tenancy) -> None:
+    with tenant_context("acme"):
+        first = dbt.bind_for_current()
+        assert dbt.bind_for_current() is first  # pinned on the route while the cache keeps it
+        hits = dbt.tenant_engines.stats().hits
+        dbt.bind_for_current()
+        assert dbt.tenant_engines.stats().hits == hits + 1  # still counted for the LRU
+        dbt.tenant_engines.discard(lambda key: True)  # evicted (or the tenant's pools dropped)
+        second = dbt.bind_for_current()
+        assert second is not first
+        with dbt.connect() as conn:
+            assert conn.execute(text("select count(*) from projects")).scalar() == 1
+
+
+def test_the_foreign_server_reaches_the_main_database_where_fdw_host_and_port_say(
+    tenancy_factory: Callable[..., Tenancy], tenancy_server: TestServer
+) -> None:
+    port = tenancy_server.superuser_url.port
+    t = tenancy_factory(
+        Base.metadata,
+        infrastructure_schemas=INFRASTRUCTURE,
+        secret_key=SECRET,
+        fdw_host="localhost",
+        fdw_port=port,
+    )
+    t.install()
+    t.prepare_server(tenancy_server.superuser_url)
+    t.create_tenant("acme", placement="database")
+    with tenant_context("acme"), t.sessionmaker()() as s:
+        s.add(User(email="x@acme.test"))
+        s.commit()
+        options = s.execute(text("select srvoptions from pg_foreign_server")).scalar_one()
+    assert {"host=localhost", f"port={port}", f"dbname={t.admin_url.database}"} <= set(options)
+    with t.admin_engine.connect() as conn:  # written through the foreign table, into the main database
+        assert conn.execute(text("select count(*) from auth.users where email = 'x@acme.test'")).scalar() == 1
+
+
+def test_fdw_port_is_checked() -> None:
+    with pytest.raises(ConfigurationError, match="fdw_port"):
+        Tenancy("postgresql://u@h/db", metadata=Base.metadata, fdw_port=0)

@@ -439,9 +439,9 @@ class DatabasePlacement(PlacementBase):
         names = names or self.names(tenant)
         with self.engines.admin.begin() as conn:  # new infrastructure tables: grant them first
             run_script(conn, ";\n".join(tenants_group_grants(self.config)))
-        # The admin URL reaches the main database directly (the application URL may go through a
-        # transaction pooler, which postgres_fdw's sessions must not).
-        main = self.config.admin_url
+        # The admin URL's address (or fdw_host/fdw_port) reaches the main database directly (the
+        # application URL may go through a transaction pooler, which postgres_fdw's sessions must not).
+        host, port, dbname = self.config.fdw_address()
         secret = self.config.secret()
         engine = self._admin(names.server, names.database, autocommit=False)
         admin_role = self.config.server_admin_url(names.server).username or ""
@@ -451,9 +451,8 @@ class DatabasePlacement(PlacementBase):
                 if create_server:
                     statements += [
                         f"CREATE SERVER IF NOT EXISTS {FOREIGN_SERVER} FOREIGN DATA WRAPPER postgres_fdw "
-                        f"OPTIONS (host {quote_literal(main.host or 'localhost')}, "
-                        f"port {quote_literal(str(main.port or 5432))}, "
-                        f"dbname {quote_literal(main.database or '')})",
+                        f"OPTIONS (host {quote_literal(host)}, port {quote_literal(str(port))}, "
+                        f"dbname {quote_literal(dbname)})",
                     ]
                     password = derive_password(secret, names.fdw_role)
                     for local in (names.app_role, admin_role):

@@ -265,16 +265,16 @@ def _wait_out(admin: Connection, tenant: Tenant, timeout: float) -> None:
         if getattr(error.orig, "sqlstate", None) != "55P03":  # lock_not_available
             raise
         admin.exec_driver_sql("ROLLBACK TO SAVEPOINT tenancy_wait_out")
+        # (pg_stat_activity shows other roles' sessions' state only to those who may read it)
         holders = admin.execute(
             text(
-                "select a.pid, a.state, a.xact_start from pg_locks l "
-                "join pg_stat_activity a on a.pid = l.pid "
-                "where l.locktype = 'advisory' and l.granted and l.mode = 'ShareLock' "
-                "and l.objid = (hashtext(:key)::bigint & 4294967295) order by a.xact_start"
+                "select pid from pg_locks where locktype = 'advisory' and granted "
+                "and mode = 'ShareLock' and objid = (hashtext(:key)::bigint & 4294967295) "
+                "order by pid"
             ),
             {"key": key},
-        ).all()
-        described = ", ".join(f"pid {pid} ({state}, since {start:%H:%M:%S})" for pid, state, start in holders)
+        ).scalars()
+        described = ", ".join(f"pid {pid}" for pid in holders)
         raise DeletionError(
             f"Tenant {tenant.slug!r} is refused everywhere, but transactions of it were still in "
             f"flight after {timeout:g} s ({described or 'ended meanwhile'}); nothing of it was "

@@ -361,3 +361,63 @@ def test_load_with_sessions_ended_periodically_loses_no_write_and_mixes_no_tenan
         assert present <= committed[slug] | uncertain[slug], f"{slug}: rows nobody committed"
     assert counts["foreign rows"] == 0
     assert counts["commits"] > 0 and counts["sessions ended"] > 0
+
+
+@pytest.mark.parametrize("placement", ["shared", "schema"])
+def test_a_deletion_waits_for_the_tenants_transaction_in_flight(tenancy: Tenancy, placement: str) -> None:
+    import threading
+
+    acme = tenancy.create_tenant("acme", placement=placement)
+    maker = tenancy.sessionmaker()
+    with tenant_context("acme"), maker() as s:
+        s.add_all([Project(name="in flight"), User(email="late@acme.test")])
+        s.flush()  # written, not committed
+        deleting = threading.Thread(target=tenancy.delete_tenant, args=("acme",))
+        deleting.start()
+        deleting.join(timeout=1.0)
+        assert deleting.is_alive(), "the deletion did not wait for the transaction in flight"
+        s.commit()  # commits before the deletion deletes
+    deleting.join(timeout=30)
+    with tenancy.admin_engine.connect() as conn:
+        for table in ("projects", "auth.users"):
+            rows = conn.execute(text(f"select count(*) from {table} where tenant_id = :t"), {"t": acme.id})
+            assert rows.scalar() == 0, table
+    assert "acme" not in catalog(tenancy)["tenants"]
+
+
+def test_a_deletion_that_times_out_deletes_nothing(tenancy: Tenancy) -> None:
+    acme = tenancy.create_tenant("acme")
+    with tenant_context("acme"), tenancy.sessionmaker()() as s:
+        s.add(Project(name="kept"))
+        s.commit()
+    holder = tenancy.sessionmaker()()
+    with tenant_context("acme"):
+        holder.add(Project(name="open"))
+        holder.flush()
+        try:
+            with pytest.raises(DeletionError, match=r"still in flight after 0.5 s \(pid \d+"):
+                tenancy.delete_tenant("acme", timeout=0.5)
+        finally:
+            holder.rollback()
+            holder.close()
+    assert tenancy.get_tenant("acme").status == "deleting"
+    with tenancy.admin_engine.connect() as conn:
+        rows = conn.execute(text("select name from projects where tenant_id = :t"), {"t": acme.id})
+        assert rows.scalars().all() == ["kept"]
+    tenancy.delete_tenant("acme")  # the rerun finishes it
+    assert "acme" not in catalog(tenancy)["tenants"]
+
+
+def test_without_the_admission_function_the_router_warns_and_binds_as_before(
+    tenancy: Tenancy, caplog: pytest.LogCaptureFixture
+) -> None:
+    tenancy.create_tenant("acme")
+    with tenancy.admin_engine.begin() as conn:  # a main database installed by an earlier version
+        conn.execute(text("drop function tenancy.admit_tenant(uuid)"))
+    with caplog.at_level("WARNING", logger="sqla_tenancy.isolation"):
+        with tenant_context("acme"), tenancy.connect() as conn:
+            assert conn.execute(text("select count(*) from projects")).scalar() == 0
+    assert "Run tenancy.install()" in caplog.text
+    tenancy.install()  # puts it back
+    with tenancy.admin_engine.connect() as conn:
+        assert conn.execute(text("select to_regprocedure('tenancy.admit_tenant(uuid)')")).scalar()

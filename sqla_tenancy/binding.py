@@ -69,8 +69,10 @@ def admit_statement(tenant_id: uuid.UUID) -> bytes:
     """The first statement of a main-database tenant transaction's binding: the database itself
     refuses a tenant that is suspended, being deleted or gone (whatever a process's registry cache
     says), and a deletion waits for the transactions it admitted (:func:`locks.serving_key
-    <sqla_tenancy.locks.serving_key>`)."""
-    return f"SELECT {ADMIT_FUNCTION}({quote_literal(str(tenant_id))})".encode()
+    <sqla_tenancy.locks.serving_key>`). It runs as the login role (the application role, which may
+    execute it): a ``SET ROLE`` left on the connection by earlier code is reset first, as the rest
+    of the binding resets it."""
+    return f"SET LOCAL ROLE NONE; SELECT {ADMIT_FUNCTION}({quote_literal(str(tenant_id))})".encode()
 
 
 def migration_binding_statement(tenant_id: uuid.UUID, *, schema: str | None = None) -> str:

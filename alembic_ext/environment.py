@@ -41,6 +41,7 @@ from sqla_tenancy.rls import is_tenant_scoped, policy_names, tenant_column_name
 
 from . import ops as tenancy_ops
 from .errors import MigrationError
+from .fleet import load_app
 from .keys import order_key_operations
 from .locations import tenant_locations
 from .runner import Command, LocationRunner, _transaction, fleet_lock
@@ -92,7 +93,9 @@ def run_env(
     """Run the current Alembic command over the infrastructure and tenant streams.
 
     :param tenancy: the application's :class:`~sqla_tenancy.Tenancy` (or a callable returning it);
-        ``config.attributes["tenancy"]`` takes precedence.
+        ``config.attributes["tenancy"]`` takes precedence. Default: the one named by
+        ``$SQLA_TENANCY_APP`` or by the ``app`` option of alembic.ini's ``[sqla_tenancy]``
+        section (see :func:`alembic_ext.load_app`).
     :param process_revision_directives: chained after the extension's own hook (autogenerate).
     :param configure_options: passed to ``EnvironmentContext.configure`` for every location
         (e.g. ``compare_type=False``); the extension sets the connection, version tables,
@@ -102,10 +105,7 @@ def run_env(
     config = env.config
     given = config.attributes.get("tenancy", tenancy)
     if given is None:
-        raise MigrationError(
-            "run_env() needs the application's Tenancy: run_env(tenancy), or put it in "
-            "config.attributes['tenancy']."
-        )
+        given = load_app(config=config)
     resolved: Tenancy = given() if callable(given) and not hasattr(given, "metadata") else given
     if resolved.migrations is None:
         resolved.migrations = config  # tenants created during the run are born at head
@@ -157,6 +157,16 @@ def _run(
             if refreshed:
                 log.info("refreshed the foreign tables of %d database tenant(s)", len(refreshed))
     if TENANT in streams:
+        if (
+            runner.command == "display"
+            and main.execute(text("select to_regclass(:t)"), {"t": f"{REGISTRY_SCHEMA}.tenants"}).scalar()
+            is None
+        ):
+            if say:
+                say(
+                    "tenant stream: not installed yet (the first `alembic upgrade head` creates the registry)"
+                )
+            return
         for location in tenant_locations(tenancy, only=only):
             if say:
                 say(f"tenant stream, {location.describe()}:")

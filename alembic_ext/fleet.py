@@ -24,6 +24,7 @@ import json
 import logging
 import multiprocessing
 import os
+import sys
 import time
 import traceback
 from collections.abc import Callable, Iterator, Sequence
@@ -47,23 +48,38 @@ from .versions import INFRASTRUCTURE, STREAMS, TENANT, format_revision, load_con
 if TYPE_CHECKING:
     from sqla_tenancy.tenancy import Tenancy
 
-__all__ = ["FleetReport", "load_app", "migrate_fleet"]
+__all__ = ["FleetReport", "config_app", "load_app", "migrate_fleet", "prepend_sys_path"]
 
 log = logging.getLogger("alembic_ext.fleet")
 
 #: environment variable naming the application's Tenancy as ``module:attribute``
 APP_ENV = "SQLA_TENANCY_APP"
+#: the section of alembic.ini that names the application (option ``app``)
+APP_SECTION = "sqla_tenancy"
 
 
-def load_app(spec: str | None = None) -> Tenancy:
-    """The :class:`Tenancy` named by ``module:attribute`` (default: ``$SQLA_TENANCY_APP``). The
-    attribute may also be a function returning it."""
+def load_app(spec: str | None = None, *, config: Config | None = None) -> Tenancy:
+    """The :class:`Tenancy` named by ``module:attribute``; the attribute may also be a function
+    returning it.
+
+    The name is ``spec``, else ``$SQLA_TENANCY_APP``, else the ``app`` option of the
+    ``[sqla_tenancy]`` section of ``config`` (the project's ``alembic.ini``, as
+    ``sqla-tenancy init`` writes it). With ``config``, its ``prepend_sys_path`` entries are put in
+    front of ``sys.path`` first, as Alembic does, so that the project's own modules import.
+    """
     from sqla_tenancy.tenancy import Tenancy
 
-    spec = spec or os.environ.get(APP_ENV)
+    if config is not None:
+        prepend_sys_path(config)
+    spec = spec or os.environ.get(APP_ENV) or (config_app(config) if config is not None else None)
     if not spec:
+        where = (
+            f" or add `app = ...` to the [{APP_SECTION}] section of {config.config_file_name}"
+            if (config is not None and config.config_file_name)
+            else ""
+        )
         raise MigrationError(
-            f"Which application? Pass --app module:attribute (e.g. myapp.db:tenancy) or set {APP_ENV}."
+            f"Which application? Pass --app module:attribute (e.g. myapp.db:tenancy), set {APP_ENV}{where}."
         )
     module_name, _, attribute = spec.partition(":")
     if not module_name or not attribute:
@@ -71,13 +87,30 @@ def load_app(spec: str | None = None) -> Tenancy:
     try:
         module = importlib.import_module(module_name)
     except ImportError as exc:
-        raise MigrationError(f"Cannot import {module_name!r} (from {spec!r}): {exc}") from exc
+        raise MigrationError(
+            f"Cannot import {module_name!r} (from {spec!r}): {exc}. Run the command from the "
+            "project's folder, or put that folder on PYTHONPATH."
+        ) from exc
     value = getattr(module, attribute, None)
     if callable(value) and not isinstance(value, Tenancy):
         value = value()
     if not isinstance(value, Tenancy):
         raise MigrationError(f"{spec!r} is not a sqla_tenancy.Tenancy (got {type(value).__name__}).")
     return value
+
+
+def config_app(config: Config) -> str | None:
+    """The ``app`` option of ``config``'s ``[sqla_tenancy]`` section, if any."""
+    value = config.get_section_option(APP_SECTION, "app")
+    return value.strip() or None if value else None
+
+
+def prepend_sys_path(config: Config) -> None:
+    """Put ``config``'s ``prepend_sys_path`` entries in front of ``sys.path`` (once each)."""
+    paths = config.get_prepend_sys_paths_list() if hasattr(config, "get_prepend_sys_paths_list") else None
+    for path in reversed(paths or []):
+        if path not in sys.path:
+            sys.path.insert(0, path)
 
 
 @dataclass
@@ -164,15 +197,17 @@ def migrate_fleet(
     unknown = sorted(set(streams) - set(STREAMS))
     if unknown or not streams:
         raise MigrationError(f"streams must be a subset of {STREAMS}, not {tuple(streams)}.")
+    cfg = load_config(config)
+    if isinstance(tenancy, str) and not tenancy:
+        tenancy = os.environ.get(APP_ENV) or config_app(cfg) or ""
     app = tenancy if isinstance(tenancy, str) else None
     if jobs > 1 and app is None:
         raise MigrationError(
             "jobs > 1 runs worker processes, which import the application's Tenancy by name: "
             "pass it as 'module:attribute' (e.g. myapp.db:tenancy)."
         )
-    resolved = load_app(app) if app is not None else tenancy
+    resolved = load_app(app or None, config=cfg) if app is not None else tenancy
     assert not isinstance(resolved, str)
-    cfg = load_config(config)
     config_path = cfg.config_file_name
     if jobs > 1 and config_path is None:
         raise MigrationError("jobs > 1 needs the configuration as a path to alembic.ini.")
@@ -339,8 +374,9 @@ _worker: _Worker | None = None
 def _init_worker(app: str | None, config_path: str | None, revision: str) -> None:
     global _worker
     logging.basicConfig(level=logging.WARNING)
-    tenancy = load_app(app)
-    _worker = _Worker(tenancy, load_config(config_path or ""), revision)
+    config = load_config(config_path or "")
+    tenancy = load_app(app, config=config)
+    _worker = _Worker(tenancy, config, revision)
     _worker.open()
 
 

@@ -9,6 +9,7 @@ overwritten: an existing file is an error.
 from __future__ import annotations
 
 import os
+import re
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -17,17 +18,34 @@ from alembic.util import rev_id
 from .errors import MigrationError
 from .versions import INFRASTRUCTURE, STREAMS, TENANT
 
-__all__ = ["init_project"]
+__all__ = ["check_app_spec", "init_project"]
+
+_SPEC = re.compile(r"[A-Za-z_][\w]*(\.[A-Za-z_][\w]*)*:[A-Za-z_][\w]*")
+
+
+def check_app_spec(spec: str) -> str:
+    """``spec`` itself when it reads ``package.module:attribute``; else :class:`MigrationError`."""
+    if not _SPEC.fullmatch(spec):
+        raise MigrationError(f"--app {spec!r} is not module:attribute (e.g. --app myapp.db:tenancy).")
+    return spec
+
 
 _INI = """\
 # Alembic configuration of a sqla-tenancy project: two streams in one script directory.
 [alembic]
 script_location = %(here)s/{directory}
+# the project's own modules (the application's Tenancy, its models) import from this folder
+prepend_sys_path = %(here)s
 version_locations =
     %(here)s/{directory}/infrastructure
     %(here)s/{directory}/tenant
 path_separator = newline
 file_template = %%(year)d%%(month).2d%%(day).2d_%%(rev)s_%%(slug)s
+
+[sqla_tenancy]
+# the application's Tenancy, as module:attribute: read by env.py (alembic) and by sqla-tenancy's
+# commands; --app or $SQLA_TENANCY_APP take precedence
+app = {app}
 
 [loggers]
 keys = root,sqlalchemy,alembic,alembic_ext
@@ -65,19 +83,31 @@ level = NOTSET
 formatter = generic
 
 [formatter_generic]
-format = %%(levelname)-5.5s [%%(name)s] %%(message)s
-datefmt = %%H:%%M:%%S
+format = %(levelname)-5.5s [%(name)s] %(message)s
+datefmt = %H:%M:%S
 """
 
 _ENV = '''\
 """Alembic environment of both migration streams (infrastructure and tenant): see
 alembic_ext.run_env. `alembic upgrade head` upgrades the infrastructure, then every tenant;
--x stream=infrastructure|tenant and -x tenant=<slug>[,<slug>] narrow a command."""
+`alembic -x stream=infrastructure|tenant -x tenant=<slug>[,<slug>] upgrade head` narrows a command
+(-x goes before the command)."""
 
-from alembic_ext import load_app, run_env
+import logging
+from logging.config import fileConfig
 
-# The application's Tenancy, as module:attribute ({app_hint}).
-run_env(lambda: load_app({app!r}))
+from alembic import context
+
+from alembic_ext import run_env
+
+# Logging as alembic.ini configures it, each location's upgrades reported (unless the program
+# running Alembic configured logging itself).
+if context.config.config_file_name is not None and not logging.getLogger().handlers:
+    fileConfig(context.config.config_file_name, disable_existing_loggers=False)
+
+# The application's Tenancy comes from the [sqla_tenancy] app option of alembic.ini
+# ($SQLA_TENANCY_APP takes precedence).
+run_env()
 '''
 
 _SCRIPT = '''\
@@ -153,21 +183,23 @@ def init_project(
     """Create the migrations directory and ``alembic.ini``; return the files written.
 
     :param directory: the script directory, relative to ``ini``'s folder.
-    :param app: ``module:attribute`` of the application's Tenancy, written into ``env.py``
-        (default: read from ``$SQLA_TENANCY_APP`` when Alembic runs).
+    :param app: ``module:attribute`` of the application's Tenancy, written into ``alembic.ini``
+        (section ``[sqla_tenancy]``, option ``app``), where ``env.py`` and the ``sqla-tenancy``
+        commands find it. Required.
     """
     ini_path = Path(ini)
     root = ini_path.parent / directory
     relative = Path(directory).as_posix()
-    if app is not None and ":" not in app:
-        raise MigrationError(f"--app {app!r} is not module:attribute (e.g. myapp.db:tenancy).")
+    if not app:
+        raise MigrationError(
+            "Which application? Pass --app module:attribute naming your Tenancy "
+            "(e.g. --app myapp.db:tenancy), or set SQLA_TENANCY_APP."
+        )
+    check_app_spec(app)
     date = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M:%S")
     files: dict[Path, str] = {
-        ini_path: _INI.format(directory=relative),
-        root / "env.py": _ENV.format(
-            app=app,
-            app_hint="None: read from $SQLA_TENANCY_APP" if app is None else "set by sqla-tenancy init",
-        ),
+        ini_path: _INI.format(directory=relative, app=app),
+        root / "env.py": _ENV,
         root / "script.py.mako": _SCRIPT,
     }
     for stream in STREAMS:

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from types import FrameType
 from typing import Any
 
-from sqla_tenancy.testing import TestServer
+from sqla_tenancy.testing import ClusterError, TestServer
 
 from .common import DemoData, Settings, first_user, mint_token, provision_demo
 
@@ -238,7 +238,11 @@ def main(
         database_url = os.environ.get("DATABASE_URL") or None
         where = "DATABASE_URL's server" if database_url else "a private PostgreSQL"
         print(f"Provisioning the demo tenants on {where}...", flush=True)
-        env = DemoEnvironment.start(database_url)
+        try:
+            env = DemoEnvironment.start(database_url)
+        except ClusterError as error:  # a bad DATABASE_URL, or no PostgreSQL binaries
+            print(f"error: {error}", file=sys.stderr, flush=True)
+            return 2
         print(banner(framework, f"http://{HOST}:{sock.getsockname()[1]}", env), flush=True)
         serve(env, sock)
     except KeyboardInterrupt:

@@ -2,32 +2,90 @@
 
 from __future__ import annotations
 
-from .context import current_tenant, no_tenant_context, platform_context, run_in_context, tenant_context
-from .dialect import TenancyDialect, TenancyDialectAsync
-from .errors import (
-    AutocommitNotAllowed,
-    ConfigurationError,
-    ConnectionBudgetExceeded,
-    CrossTenantAccess,
-    DeletionError,
-    ExportError,
-    InvalidTenantSlug,
-    ProvisioningError,
-    TenancyError,
-    TenantNotFound,
-    TenantRefused,
-    TenantRequired,
-    TenantSuspended,
-    UnknownPlacement,
-    UnsafeKeyError,
-    UnsafeRoleError,
-    UnsupportedOperation,
-)
-from .keys import tenant_foreign_key, tenant_unique, unique_across_tenants, unsafe_keys
-from .models import TenantScoped, anonymous_readable, tenant_id_column
-from .registry import Tenant
-from .session import TenantSession
-from .tenancy import Tenancy
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from .context import current_tenant, no_tenant_context, platform_context, run_in_context, tenant_context
+    from .dialect import TenancyDialect, TenancyDialectAsync
+    from .errors import (
+        AutocommitNotAllowed,
+        ConfigurationError,
+        ConnectionBudgetExceeded,
+        CrossTenantAccess,
+        DeletionError,
+        ExportError,
+        InvalidTenantSlug,
+        ProvisioningError,
+        TenancyError,
+        TenantNotFound,
+        TenantRefused,
+        TenantRequired,
+        TenantSuspended,
+        UnknownPlacement,
+        UnsafeKeyError,
+        UnsafeRoleError,
+        UnsupportedOperation,
+    )
+    from .keys import tenant_foreign_key, tenant_unique, unique_across_tenants, unsafe_keys
+    from .models import TenantScoped, anonymous_readable, tenant_id_column
+    from .registry import Tenant
+    from .session import TenantSession
+    from .tenancy import Tenancy
+
+#: public name -> the module defining it. Imported on first use (PEP 562), so that importing a
+#: submodule (the CLI, for one) does not load the whole library.
+_LAZY = {
+    "AutocommitNotAllowed": "errors",
+    "ConfigurationError": "errors",
+    "ConnectionBudgetExceeded": "errors",
+    "CrossTenantAccess": "errors",
+    "DeletionError": "errors",
+    "ExportError": "errors",
+    "InvalidTenantSlug": "errors",
+    "ProvisioningError": "errors",
+    "Tenancy": "tenancy",
+    "TenancyDialect": "dialect",
+    "TenancyDialectAsync": "dialect",
+    "TenancyError": "errors",
+    "Tenant": "registry",
+    "TenantNotFound": "errors",
+    "TenantRefused": "errors",
+    "TenantRequired": "errors",
+    "TenantScoped": "models",
+    "TenantSession": "session",
+    "TenantSuspended": "errors",
+    "UnknownPlacement": "errors",
+    "UnsafeKeyError": "errors",
+    "UnsafeRoleError": "errors",
+    "UnsupportedOperation": "errors",
+    "anonymous_readable": "models",
+    "current_tenant": "context",
+    "no_tenant_context": "context",
+    "platform_context": "context",
+    "run_in_context": "context",
+    "tenant_context": "context",
+    "tenant_foreign_key": "keys",
+    "tenant_id_column": "models",
+    "tenant_unique": "keys",
+    "unique_across_tenants": "keys",
+    "unsafe_keys": "keys",
+}
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'sqla_tenancy' has no attribute {name!r}")
+    import importlib
+
+    value = getattr(importlib.import_module(f".{module}", __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_LAZY])
+
 
 __version__ = "0.1.0"
 

@@ -15,6 +15,7 @@ from sqlalchemy import Text, exc, select, text
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 from . import Tenancy, TenantScoped, tenant_context
+from .testing.cluster import ClusterError
 from .testing.server import TestServer
 
 
@@ -82,7 +83,12 @@ def run(out: Callable[[str], object] = print) -> int:
 
 
 def main() -> None:
-    sys.exit(run())
+    try:
+        status = run()
+    except ClusterError as error:  # a bad DATABASE_URL, or no PostgreSQL binaries
+        print(f"error: {error}", file=sys.stderr)
+        status = 2
+    sys.exit(status)
 
 
 if __name__ == "__main__":

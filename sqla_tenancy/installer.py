@@ -16,6 +16,7 @@ from .grants import finish_tables, registry_grants
 from .identifiers import quote_ident, quote_literal
 from .keys import check_tenant_keys
 from .locks import INSTALL_KEY, SERVING_PREFIX
+from .privileges import require_admin_attributes
 from .registry import (
     ACCESS_KEY_FUNCTION,
     NOTIFY_CHANNEL,
@@ -216,6 +217,7 @@ def ensure_registry(config: TenancyConfig, conn: Connection) -> None:
     an earlier version is migrated in place: plain access keys become their hashes (the keys keep
     working; the plain column is dropped), the slug CHECK constraint is added, and the application
     role's table-wide ``SELECT`` becomes a column grant that leaves out the key hashes."""
+    require_admin_attributes(conn, ("CREATEROLE", "BYPASSRLS"), doing="Installing sqla-tenancy")
     conn.exec_driver_sql(f"CREATE SCHEMA IF NOT EXISTS {REGISTRY_SCHEMA}")
     registry_metadata.create_all(conn, checkfirst=True)
     # columns added since a registry was first created

@@ -23,7 +23,12 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from sqla_tenancy import Tenancy
 from sqla_tenancy.checkpoint import Admission
-from sqla_tenancy.integrations.asgi import TenancyMiddleware, get_admission, get_async_session
+from sqla_tenancy.integrations.asgi import (
+    TenancyMiddleware,
+    get_admission,
+    get_async_session,
+    openapi_security,
+)
 
 from .. import common
 from ..common import ApiError, Project, Settings, Task
@@ -50,7 +55,9 @@ class TokenRequest(BaseModel):
     sub: str
 
 
-api = APIRouter()
+# Declares the bearer token, the tenant header and the access key in the OpenAPI schema, so that
+# "Authorize" on /docs sends them (the middleware checks them).
+api = APIRouter(dependencies=openapi_security())
 
 
 async def _project(session: AsyncSession, project_id: int) -> Project:
@@ -60,7 +67,11 @@ async def _project(session: AsyncSession, project_id: int) -> Project:
     return project
 
 
-@api.get("/health")
+#: exempt from the checkpoint (EXEMPT_PATHS): no security in the schema
+public = APIRouter()
+
+
+@public.get("/health")
 async def health() -> dict[str, str]:
     return {"status": "ok"}
 
@@ -163,6 +174,7 @@ def create_app(settings: Settings) -> FastAPI:
     app.add_exception_handler(ApiError, _api_error)
     app.add_exception_handler(DBAPIError, _database_error)
     app.add_exception_handler(RequestValidationError, _invalid_input)
+    app.include_router(public)
     app.include_router(api)
     if settings.dev_tokens:
         app.include_router(dev)

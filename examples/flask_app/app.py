@@ -14,6 +14,7 @@ from typing import Any, cast
 
 from flask import Blueprint, Flask, Response, current_app, jsonify, request
 from sqlalchemy.exc import DBAPIError
+from werkzeug.exceptions import HTTPException, MethodNotAllowed
 
 from sqla_tenancy.checkpoint import Admission
 from sqla_tenancy.integrations.flask import EXTENSION_KEY, TenancyFlask
@@ -114,6 +115,17 @@ def _api_error(error: ApiError) -> tuple[Response, int]:
     return jsonify(error.body()), error.status
 
 
+def _http_error(error: HTTPException) -> tuple[Response, int]:
+    """Flask's own answers (unknown URL, wrong method, malformed JSON) as JSON, like every other
+    answer of the API."""
+    status = error.code or 500
+    code = (error.name or "error").lower().replace(" ", "_")
+    response = jsonify({"error": code, "detail": error.description or error.name})
+    if isinstance(error, MethodNotAllowed) and error.valid_methods:
+        response.headers["Allow"] = ", ".join(error.valid_methods)
+    return response, status
+
+
 def _database_error(error: DBAPIError) -> tuple[Response, int]:
     refusal = common.database_refusal(error)
     if refusal is None:
@@ -134,6 +146,7 @@ def create_app(settings: Settings) -> Flask:
     )
     app.register_error_handler(ApiError, _api_error)
     app.register_error_handler(DBAPIError, _database_error)
+    app.register_error_handler(HTTPException, _http_error)
     app.register_blueprint(api)
     if settings.dev_tokens:
         app.register_blueprint(dev)

@@ -43,6 +43,7 @@ import logging
 from collections.abc import AsyncIterator, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from functools import partial
+from typing import Any
 
 import anyio.to_thread
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
@@ -68,6 +69,7 @@ __all__ = [
     "get_async_session",
     "get_session",
     "get_tenant",
+    "openapi_security",
 ]
 
 log = logging.getLogger(__name__)
@@ -198,6 +200,54 @@ def _request_tenancy(connection: HTTPConnection) -> RequestTenancy:
             "tenancy=..., checkpoint=...)."
         )
     return state
+
+
+def openapi_security(
+    *,
+    bearer: bool = True,
+    tenant_header: str | None = "X-Tenant-ID",
+    access_key_header: str | None = "X-Tenant-Access-Key",
+) -> list[Any]:
+    """FastAPI dependencies that declare how requests authenticate in the OpenAPI schema, so that
+    "Authorize" on ``/docs`` sends the bearer token, the tenant header and the access key::
+
+        api = APIRouter(dependencies=openapi_security())
+
+    They check nothing themselves (all are optional to FastAPI): the middleware resolves the
+    tenant and runs the checkpoint before any dependency. Pass the header names the app's
+    resolvers and checkpoint use, or ``None`` to leave one out.
+    """
+    from fastapi import Depends
+    from fastapi.security import APIKeyHeader, HTTPBearer
+
+    schemes: list[Any] = []
+    if bearer:
+        schemes.append(
+            HTTPBearer(
+                auto_error=False,
+                scheme_name="BearerToken",
+                description="A token the checkpoint verifies (its claims name the tenant and the subject).",
+            )
+        )
+    if tenant_header:
+        schemes.append(
+            APIKeyHeader(
+                name=tenant_header,
+                auto_error=False,
+                scheme_name="TenantHeader",
+                description="The tenant the request targets, by slug or id.",
+            )
+        )
+    if access_key_header:
+        schemes.append(
+            APIKeyHeader(
+                name=access_key_header,
+                auto_error=False,
+                scheme_name="TenantAccessKey",
+                description="The tenant's access key, for anonymous read-only requests.",
+            )
+        )
+    return [Depends(scheme) for scheme in schemes]
 
 
 def get_admission(connection: HTTPConnection) -> Admission:

@@ -132,6 +132,19 @@ class TenancyFlask:
         # First of all before_request hooks: the application's own may already query.
         app.before_request_funcs.setdefault(None, []).insert(0, self._before_request)
         app.teardown_request(self._teardown_request)
+        app.shell_context_processor(self._shell_context)
+
+    def _shell_context(self) -> dict[str, object]:
+        """What ``flask shell`` puts in scope: the tenancy, a session factory and the contexts
+        (``with tenant_context("acme"): ...``)."""
+        from ..context import platform_context, tenant_context
+
+        return {
+            "tenancy": self.tenancy,
+            "Session": self._sessionmaker,
+            "tenant_context": tenant_context,
+            "platform_context": platform_context,
+        }
 
     @staticmethod
     def exempt(view: F) -> F:

@@ -58,6 +58,7 @@ from ..dialect import DRIVER_NAME
 from ..errors import DeletionError, ProvisioningError
 from ..grants import tenants_group, tenants_group_grants
 from ..identifiers import database_name, quote_ident, quote_literal, role_name
+from ..privileges import require_admin_attributes
 from ..registry import REGISTRY_SCHEMA, TenantStore
 from ..rls import (
     current_tenant_function_ddl,
@@ -345,6 +346,14 @@ class DatabasePlacement(PlacementBase):
         names = self.names(tenant)
         secret = self.config.secret()
         self._refuse_existing(tenant, names)
+        checker = self._admin(names.server, autocommit=False)
+        try:
+            with checker.connect() as conn:
+                require_admin_attributes(
+                    conn, ("CREATEROLE", "CREATEDB"), doing=f"Creating database tenant {tenant.slug!r}"
+                )
+        finally:
+            checker.dispose()
         marker = quote_literal(creation_marker(tenant))
         self.steps("template")
         key = names.server

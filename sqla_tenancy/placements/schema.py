@@ -39,7 +39,7 @@ from ..registry import REGISTRY_SCHEMA
 from ..rls import TENANT_ID_INFO_KEY, enable_rls_ddl, is_tenant_scoped
 from ..versions import TENANT, VERSION_TABLES
 from .base import MigrationSite, PlacementBase, run_script
-from .shared import delete_tenant_rows
+from .shared import delete_tenant_rows, main_tenant_revision
 
 if TYPE_CHECKING:
     from ..config import TenancyConfig
@@ -81,6 +81,51 @@ def tenant_ddl_template(config: TenancyConfig) -> str:
                 if not stmt.startswith("DROP POLICY")
             ]
     return ";\n".join(statements)
+
+
+def refuse_models_off_head(
+    config: TenancyConfig, admin: Connection, heads: tuple[str, ...], slug: str
+) -> None:
+    """A schema tenant is built from the models and stamped at the tenant stream's head: refuse
+    when the two differ, since the tenant would be stamped at a head it does not match and the
+    next migration would fail for it (``DuplicateColumn``). The main database's tenant tables are
+    the reference: they are at head when its tenant-stream revision is."""
+    from ..versions import format_revision
+
+    head = format_revision(heads)
+    main = main_tenant_revision(admin)
+    if main != head:
+        raise ProvisioningError(
+            f"Cannot create schema tenant {slug!r}: the main database's tenant tables are at "
+            f"revision {main or 'base'}, the tenant stream's head is {head}. Run `alembic upgrade "
+            "head` (or `sqla-tenancy migrate`) first."
+        )
+    tables = {t.name: {c.name for c in t.columns} for t in config.tenant_tables()}
+    rows = admin.exec_driver_sql(
+        "select c.relname, a.attname from pg_attribute a join pg_class c on c.oid = a.attrelid "
+        "where c.relnamespace = current_schema()::regnamespace and c.relkind in ('r', 'p') "
+        "and c.relname = any(%(names)s) and a.attnum > 0 and not a.attisdropped",
+        {"names": list(tables)},
+    ).all()
+    found: dict[str, set[str]] = {}
+    for table, column in rows:
+        found.setdefault(table, set()).add(column)
+    drift = []
+    for table, columns in sorted(tables.items()):
+        if table not in found:
+            drift.append(f"table {table} is in the models only")
+            continue
+        if extra := sorted(columns - found[table]):
+            drift.append(f"{table}: {', '.join(extra)} in the models only")
+        if missing := sorted(found[table] - columns):
+            drift.append(f"{table}: {', '.join(missing)} in the migrations only")
+    if drift:
+        raise ProvisioningError(
+            f"Cannot create schema tenant {slug!r}: the models differ from the tenant stream's "
+            f"head {head} ({'; '.join(drift)}), so the tenant would be stamped at a revision it "
+            "does not match. Run `alembic revision --autogenerate -m ...` and `alembic upgrade "
+            "head` first (or undo the model change)."
+        )
 
 
 class SchemaPlacement(PlacementBase):
@@ -135,6 +180,9 @@ class SchemaPlacement(PlacementBase):
             )
         for name in (role, anonymous):
             refuse_existing_role(admin, name)
+        heads = self.config.tenant_heads()
+        if heads is not None:
+            refuse_models_off_head(self.config, admin, heads, tenant.slug)
         self.steps("schema")
         # The role and its default privileges come before the tables, so that the tables are
         # granted as they are created: a GRANT ... ON ALL TABLES IN SCHEMA would scan pg_class,
@@ -161,7 +209,6 @@ class SchemaPlacement(PlacementBase):
             script = f"SET LOCAL search_path = {s}, public;\n{template};\nSET LOCAL search_path = DEFAULT"
             run_script(admin, script)
         revision: dict[str, Any] = {}
-        heads = self.config.tenant_heads()
         if heads is not None:
             # Born at the tenant stream's head: the fleet runner has nothing to replay here.
             from ..versions import format_revision, version_table_script

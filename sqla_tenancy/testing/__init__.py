@@ -3,6 +3,6 @@
 from __future__ import annotations
 
 from .cluster import ClusterError, TemporaryCluster, find_bindir
-from .server import TestServer
+from .server import ServerURLError, TestServer
 
-__all__ = ["ClusterError", "TemporaryCluster", "TestServer", "find_bindir"]
+__all__ = ["ClusterError", "ServerURLError", "TemporaryCluster", "TestServer", "find_bindir"]

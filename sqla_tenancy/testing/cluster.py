@@ -84,7 +84,10 @@ def _make_readable(root: Path) -> None:
 class TemporaryCluster:
     """A private PostgreSQL cluster in a temporary directory, removed by :meth:`stop`.
 
-    Use as a context manager, or call :meth:`start` and :meth:`stop`.
+    Use as a context manager, or call :meth:`start` and :meth:`stop`. With ``keep=True`` and a
+    ``base_dir``, the cluster is persistent instead: :meth:`start` reuses the data directory it
+    finds there (the ``password`` must then be the one it was created with) and :meth:`stop`
+    shuts the server down cleanly and keeps the files (``sqla-tenancy dev-server``).
     """
 
     bindir: Path | None = None
@@ -93,6 +96,7 @@ class TemporaryCluster:
     port: int = 0
     settings: dict[str, str] = field(default_factory=dict)
     base_dir: Path | None = None
+    keep: bool = False
     _os_user: str | None = field(default=None, init=False, repr=False)
     _running: bool = field(default=False, init=False, repr=False)
 
@@ -131,17 +135,20 @@ class TemporaryCluster:
         """Create the data directory, configure password authentication and start the server."""
         self.bindir = find_bindir(self.bindir)
         self._os_user = _os_user_when_root()
-        self.base_dir = Path(tempfile.mkdtemp(prefix="sqla-tenancy-pg-"))
-        self.socket_dir.mkdir()
+        if self.keep and self.base_dir is None:
+            raise ClusterError("A persistent cluster (keep=True) needs its base_dir.")
+        if self.base_dir is None:
+            self.base_dir = Path(tempfile.mkdtemp(prefix="sqla-tenancy-pg-"))
+        self.base_dir.mkdir(parents=True, exist_ok=True)
+        self.socket_dir.mkdir(exist_ok=True)
+        if self.keep and (self.datadir / "PG_VERSION").exists():
+            self._prepare_access()
+            self.port = self.port or _free_port()
+            self._start_server()
+            return self
         pwfile = self.base_dir / "pwfile"
         pwfile.write_text(self.password + "\n")
-        if self._os_user:
-            _make_traversable(self.bindir)
-            _make_readable(self.bindir.parent)
-            _make_traversable(self.base_dir)
-            info = pwd.getpwnam(self._os_user)
-            for path in (self.base_dir, self.socket_dir, pwfile):
-                os.chown(path, info.pw_uid, info.pw_gid)
+        self._prepare_access(pwfile)
         self.port = self.port or _free_port()
         self._run(
             "initdb",
@@ -172,10 +179,36 @@ class TemporaryCluster:
             fh.write("\n# sqla-tenancy test settings\n")
             for key, value in conf.items():
                 fh.write(f"{key} = {value}\n")
-        self._run("pg_ctl", "-D", str(self.datadir), "-l", str(self.base_dir / "server.log"), "-w", "start")
+        self._start_server()
+        return self
+
+    def _prepare_access(self, *extra: Path) -> None:
+        """When running as root: let the unprivileged account run the binaries and own the files."""
+        if not self._os_user:
+            return
+        assert self.bindir is not None and self.base_dir is not None
+        _make_traversable(self.bindir)
+        _make_readable(self.bindir.parent)
+        _make_traversable(self.base_dir)
+        info = pwd.getpwnam(self._os_user)
+        for path in (self.base_dir, self.socket_dir, *extra):
+            os.chown(path, info.pw_uid, info.pw_gid)
+
+    def _start_server(self) -> None:
+        assert self.base_dir is not None
+        self._run(
+            "pg_ctl",
+            "-D",
+            str(self.datadir),
+            "-l",
+            str(self.base_dir / "server.log"),
+            "-o",
+            f"-p {self.port}",
+            "-w",
+            "start",
+        )
         self._running = True
         log.info("started PostgreSQL in %s on port %s", self.base_dir, self.port)
-        return self
 
     def url(
         self,
@@ -196,12 +229,16 @@ class TemporaryCluster:
         )
 
     def stop(self) -> None:
-        """Stop the server immediately and delete its files."""
+        """Stop the server immediately and delete its files (persistent: a clean shut-down, and
+        the files stay)."""
         if self._running:
             try:
-                self._run("pg_ctl", "-D", str(self.datadir), "-m", "immediate", "-w", "stop")
+                mode = "fast" if self.keep else "immediate"
+                self._run("pg_ctl", "-D", str(self.datadir), "-m", mode, "-w", "stop")
             finally:
                 self._running = False
+        if self.keep:
+            return
         if self.base_dir is not None:
             shutil.rmtree(self.base_dir, ignore_errors=True)
             self.base_dir = None

@@ -14,13 +14,52 @@ from dataclasses import dataclass, field
 
 from sqlalchemy import create_engine
 from sqlalchemy.engine import URL, Engine, make_url
+from sqlalchemy.pool import NullPool
 
 from ..identifiers import quote_ident, quote_literal
-from .cluster import TemporaryCluster
+from .cluster import ClusterError, TemporaryCluster
 
-__all__ = ["DSN_ENV", "TestServer"]
+__all__ = ["DSN_ENV", "ServerURLError", "TestServer"]
 
 DSN_ENV = "SQLA_TENANCY_TEST_DSN"
+
+
+class ServerURLError(ClusterError):
+    """The superuser URL given for a test or demo server is unusable; the message says why."""
+
+
+def _checked_superuser_url(dsn: str, variable: str) -> URL:
+    from sqlalchemy.exc import ArgumentError, DBAPIError
+
+    try:
+        url = make_url(dsn)
+    except ArgumentError:
+        raise ServerURLError(
+            f"{variable} is not a database URL: expected postgresql://USER:PASSWORD@HOST:PORT/DATABASE "
+            "of a superuser."
+        ) from None
+    if url.get_backend_name() != "postgresql":
+        raise ServerURLError(f"{variable} must be a postgresql:// URL, not {url.drivername}://.")
+    if url.drivername == "postgresql":
+        url = url.set(drivername="postgresql+psycopg")
+    where = f"{url.username or '(no user)'}@{url.host or 'localhost'}:{url.port or 5432}/{url.database or ''}"
+    engine = create_engine(url, poolclass=NullPool)
+    try:
+        with engine.connect() as conn:
+            superuser = conn.exec_driver_sql(
+                "select rolsuper from pg_roles where rolname = current_user"
+            ).scalar()
+    except DBAPIError as exc:
+        first = str(exc.orig).strip().splitlines()[0] if exc.orig is not None else type(exc).__name__
+        raise ServerURLError(f"{variable}: cannot connect as {where}: {first}") from None
+    finally:
+        engine.dispose()
+    if not superuser:
+        raise ServerURLError(
+            f"{variable} must be a superuser's URL ({url.username!r} is not a superuser): the demo "
+            "creates its own roles and a scratch database there. Unset it to use a private PostgreSQL."
+        )
+    return url
 
 
 @dataclass
@@ -41,14 +80,19 @@ class TestServer:
     __test__ = False  # not a test class, despite the name
 
     @classmethod
-    def start(cls, dsn: str | None = None, *, use_test_dsn: bool = True) -> TestServer:
+    def start(
+        cls, dsn: str | None = None, *, use_test_dsn: bool = True, variable: str = "DATABASE_URL"
+    ) -> TestServer:
         """On the server of ``dsn`` (a superuser URL), else of ``$SQLA_TENANCY_TEST_DSN`` (unless
-        ``use_test_dsn`` is False, as for demos), else on a new temporary cluster."""
-        dsn = dsn or (os.environ.get(DSN_ENV) if use_test_dsn else None)
+        ``use_test_dsn`` is False, as for demos), else on a new temporary cluster.
+
+        A ``dsn`` that does not parse, does not connect or is not a superuser's raises
+        :class:`ServerURLError`, whose one-line message names ``variable`` (the environment
+        variable it came from) and never the password."""
+        if not dsn and use_test_dsn and os.environ.get(DSN_ENV):
+            dsn, variable = os.environ[DSN_ENV], DSN_ENV
         if dsn:
-            url = make_url(dsn)
-            if url.drivername == "postgresql":
-                url = url.set(drivername="postgresql+psycopg")
+            url = _checked_superuser_url(dsn, variable)
             server = cls(superuser_url=url)
         else:
             cluster = TemporaryCluster().start()

@@ -251,6 +251,19 @@ class ExampleAppSuite:
         authenticated = no_dev_client.post("/dev/token", json=payload, headers=world.bearer("globex"))
         assert authenticated.status_code == 404 and "eyJ" not in authenticated.text
 
+    def test_every_error_is_json(self, client: httpx.Client, world: DemoWorld) -> None:
+        """Also the answers the framework gives itself: unknown path, wrong method."""
+        for method, path, headers in (
+            ("GET", "/no/such/path", world.bearer("globex")),
+            ("GET", "/no/such/path", {}),
+            ("DELETE", "/health", {}),
+            ("DELETE", "/projects", world.bearer("globex")),
+        ):
+            response = client.request(method, path, headers=headers)
+            assert response.status_code in (401, 404, 405), (method, path, response.status_code)
+            assert response.headers["content-type"].startswith("application/json"), (method, path)
+            assert response.json(), (method, path)
+
     def test_every_advertised_curl_example_does_what_it_says(
         self, client: httpx.Client, world: DemoWorld
     ) -> None:

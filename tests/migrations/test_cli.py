@@ -23,12 +23,48 @@ def test_init_creates_a_project_and_never_overwrites(tmp_path: Path) -> None:
     result = cli("init", "db/migrations", "--app", "myapp.db:tenancy", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     env = (tmp_path / "db" / "migrations" / "env.py").read_text()
-    assert "load_app('myapp.db:tenancy')" in env and "run_env" in env
+    assert "run_env()" in env and "fileConfig" in env
     assert len(list((tmp_path / "db" / "migrations" / "infrastructure").glob("*_root.py"))) == 1
     assert len(list((tmp_path / "db" / "migrations" / "tenant").glob("*_root.py"))) == 1
-    assert "%(here)s/db/migrations/tenant" in (tmp_path / "alembic.ini").read_text()
-    again = cli("init", "db/migrations", cwd=tmp_path)
+    ini = (tmp_path / "alembic.ini").read_text()
+    assert "%(here)s/db/migrations/tenant" in ini
+    # the app is remembered where env.py and every command find it; the project imports
+    assert "[sqla_tenancy]\n" in ini and "\napp = myapp.db:tenancy\n" in ini
+    assert "\nprepend_sys_path = %(here)s\n" in ini
+    again = cli("init", "db/migrations", "--app", "myapp.db:tenancy", cwd=tmp_path)
     assert again.returncode == 2 and "Not overwriting" in again.stderr
+
+
+def test_init_needs_the_app(tmp_path: Path) -> None:
+    env = {k: v for k, v in os.environ.items() if k != "SQLA_TENANCY_APP"}
+    for args, says in (
+        ([], "Which application? Pass --app module:attribute"),
+        (["--app", "myapp.db"], "is not module:attribute"),
+        (["--app", "my app:x"], "is not module:attribute"),
+    ):
+        result = subprocess.run(
+            [SCRIPT, "init", *args], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60
+        )
+        assert result.returncode == 2 and says in result.stderr, (args, result.stderr)
+        assert not (tmp_path / "alembic.ini").exists() and not (tmp_path / "migrations").exists()
+
+
+def test_migrate_finds_the_app_in_alembic_ini_and_imports_the_project(project: Project) -> None:
+    """No --app and no $SQLA_TENANCY_APP: the ini names the app; prepend_sys_path makes the
+    project's folder importable (here the tests' root holds the app module)."""
+    ini = project.ini.read_text().replace("prepend_sys_path = %(here)s", f"prepend_sys_path = {ROOT}")
+    project.ini.write_text(ini)
+    env = {k: v for k, v in os.environ.items() if k not in ("SQLA_TENANCY_APP", "PYTHONPATH")}
+    result = subprocess.run(
+        [SCRIPT, "migrate", "-c", str(project.ini), "--no-progress"],
+        cwd=project.root,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "infrastructure: upgraded" in result.stderr
 
 
 def test_migrate_reports_failures_and_exits_non_zero(project: Project, tmp_path: Path) -> None:

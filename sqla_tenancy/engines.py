@@ -137,7 +137,7 @@ class EngineCache:
         except KeyError:  # evicted meanwhile: the caller sees the new epoch next time
             pass
 
-    def keys(self) -> list[Hashable]:
+    def held_keys(self) -> list[Hashable]:
         """The keys of the engines kept, pooled or dormant."""
         with self._lock:
             return [*self._engines, *self._dormant]

@@ -212,7 +212,7 @@ class Router:
         ``tenant_id`` (``None``: any tenant). Their idle connections close now, checked-out
         ones when returned, so that no process keeps a stopped tenant's connections open."""
         cache = self._engines.tenants
-        held = {key[0] for key in cache.keys() if isinstance(key, tuple)}  # noqa: SIM118
+        held = {key[0] for key in cache.held_keys() if isinstance(key, tuple)}
         stopped = set()
         for candidate in held if tenant_id is None else held & {tenant_id}:
             try:

@@ -421,3 +421,30 @@ def test_without_the_admission_function_the_router_warns_and_binds_as_before(
     tenancy.install()  # puts it back
     with tenancy.admin_engine.connect() as conn:
         assert conn.execute(text("select to_regprocedure('tenancy.admit_tenant(uuid)')")).scalar()
+
+
+def test_another_process_drops_a_suspended_tenants_pool_and_keeps_the_others(dbt: Tenancy) -> None:
+    dbt.create_tenant("globex", placement="database")
+    other = Tenancy(
+        dbt.url,
+        admin_url=dbt.admin_url,
+        metadata=dbt.metadata,
+        infrastructure_schemas=dbt.infrastructure_schemas,
+        name_prefix=dbt.name_prefix,
+        secret_key=SECRET,
+    )
+    import time
+
+    try:
+        for slug in ("acme", "globex"):
+            with tenant_context(slug), other.connect() as conn:
+                conn.execute(text("select 1"))
+        assert other.tenant_engines.stats().engines == 2
+        dbt.suspend_tenant("acme")
+        deadline = time.monotonic() + 2
+        while other.tenant_engines.stats().engines != 1 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert other.tenant_engines.stats().engines == 1  # globex's stays
+        assert [key[0] for key in other.tenant_engines.held_keys()] == [dbt.get_tenant("globex").id]
+    finally:
+        other.dispose()

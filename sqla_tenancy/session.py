@@ -28,7 +28,25 @@ from .context import tenant_context
 from .errors import CrossTenantAccess, TenancyError
 from .routing import Route, Router, token_scope
 
-__all__ = ["TenantSession"]
+__all__ = ["TenantSession", "pin_connection", "unpin_connection"]
+
+#: Connections pinned by route key (a tenant's id) by the testing kit: a session serving that
+#: tenant joins the connection's transaction with a SAVEPOINT, as SQLAlchemy's "joining a Session
+#: into an external transaction" recipe does, so that the application's own ``commit()`` only
+#: releases the savepoint and the test rolls everything back at the end. (An ``AsyncSession``'s
+#: statements then run on that synchronous connection, blocking: acceptable in tests only.)
+_pinned: dict[object, Connection] = {}
+
+
+def pin_connection(key: object, connection: Connection) -> None:
+    """Serve every :class:`TenantSession` (async sessions' included) of route ``key`` (a tenant's id) from
+    ``connection``, inside a SAVEPOINT of its transaction (see :mod:`sqla_tenancy.testing`)."""
+    _pinned[key] = connection
+
+
+def unpin_connection(key: object) -> None:
+    """Undo :func:`pin_connection` (nothing happens when ``key`` is not pinned)."""
+    _pinned.pop(key, None)
 
 
 class TenantSession(Session):
@@ -73,12 +91,18 @@ class TenantSession(Session):
         bind: Engine | Connection | None = None,
         **kw: Any,
     ) -> Engine | Connection:
-        """Precedence: an explicit ``bind`` argument; then the admin engine inside
+        """Precedence: an explicit ``bind`` argument; then a connection the testing kit pinned for
+        the route (:func:`pin_connection`); then the admin engine inside
         :func:`platform_context`; then the active tenant's placement (the default tenant when none
         is active, or :class:`TenantRequired` when there is no default)."""
         if bind is not None:
             return bind
         route = self._route()
+        if _pinned:
+            pinned = _pinned.get(route.key)
+            if pinned is not None:
+                self.join_transaction_mode = "create_savepoint"
+                return pinned
         assert self._home is not None
         if route.key == self._home.key:
             return route.engine(self._tenancy_async)

@@ -10,8 +10,9 @@ configuration error; 3 another migration holds the lock; 4 refused at a confirma
 
 from __future__ import annotations
 
+from . import check as _check  # noqa: F401  (each module registers its commands)
 from . import devserver as _devserver  # noqa: F401
-from . import migrations as _migrations  # noqa: F401  (each module registers its commands)
+from . import migrations as _migrations  # noqa: F401
 from . import run as _run  # noqa: F401
 from . import tenants as _tenants  # noqa: F401
 from ._app import app

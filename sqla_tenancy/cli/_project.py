@@ -138,14 +138,15 @@ def print_table(
     """A rich table on stdout (plain text when stdout is not a terminal)."""
     from rich.console import Console
     from rich.table import Table
+    from rich.text import Text
 
     console = Console()
     if not rows and empty:
-        console.print(empty)
+        console.print(empty, markup=False, highlight=False)
         return
     table = Table(*columns, title=title, title_justify="left")
-    for row in rows:
-        table.add_row(*("" if v is None else str(v) for v in row))
+    for row in rows:  # Text: names and errors are shown as they are, never read as markup
+        table.add_row(*(Text("" if v is None else str(v)) for v in row))
     console.print(table)
 
 

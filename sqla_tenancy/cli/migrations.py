@@ -18,6 +18,7 @@ import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
+from rich.text import Text
 
 from ._app import EXIT_LOCKED, EXIT_USAGE, AppOption, ConfigOption, app
 
@@ -86,7 +87,7 @@ def migrate(
     streams: tuple[str, ...] = STREAMS
     if stream is not None:
         if stream not in STREAMS:
-            console.print(f"error: --stream must be {INFRASTRUCTURE} or {TENANT}")
+            typer.echo(f"error: --stream must be {INFRASTRUCTURE} or {TENANT}", err=True)
             raise typer.Exit(EXIT_USAGE)
         streams = (stream,)
     only = [t.strip() for item in tenant or [] for t in item.split(",") if t.strip()] or None
@@ -128,10 +129,10 @@ def migrate(
                 on_plan=planned,
             )
     except MigrationLocked as exc:
-        console.print(f"error: {exc}")
+        typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(EXIT_LOCKED) from None
     except (MigrationError, TenancyError, FileNotFoundError) as exc:
-        console.print(f"error: {exc}")
+        typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(EXIT_USAGE) from None
     _summary(console, result)
     if report is not None:
@@ -163,7 +164,12 @@ def _summary(console: Console, result: object) -> None:
     if result.failed:
         table = Table("location", "kind", "revision", "error", title="failed")
         for outcome in result.failed:
-            table.add_row(outcome.location, outcome.kind, outcome.before or "base", outcome.error or "")
+            table.add_row(
+                *(
+                    Text(v)
+                    for v in (outcome.location, outcome.kind, outcome.before or "base", outcome.error or "")
+                )
+            )
         console.print(table)
     if result.stopped:
-        console.print(f"stopped: {result.stopped}")
+        console.print(f"stopped: {result.stopped}", markup=False)

@@ -100,7 +100,10 @@ def test_migrate_exits_3_while_another_run_holds_the_lock(migrated: Project) -> 
     assert result.returncode == 3 and "Another migration run holds the fleet lock" in result.stderr
 
 
-def test_migrate_needs_an_app(project: Project, monkeypatch: object) -> None:
+def test_migrate_needs_an_app(project: Project) -> None:
+    """No --app, no $SQLA_TENANCY_APP, and an ini that names none: one line saying where to name it."""
+    ini = project.ini.read_text().replace(f"app = {APP}\n", "")
+    project.ini.write_text(ini)
     env = {k: v for k, v in os.environ.items() if k != "SQLA_TENANCY_APP"}
     result = subprocess.run(
         [SCRIPT, "migrate", "-c", str(project.ini)],
@@ -111,6 +114,7 @@ def test_migrate_needs_an_app(project: Project, monkeypatch: object) -> None:
         timeout=120,
     )
     assert result.returncode == 2 and "--app module:attribute" in result.stderr
+    assert "to the [sqla_tenancy] section of" in result.stderr and "Traceback" not in result.stderr
 
 
 def test_migrate_refuses_an_unknown_tenant_and_a_missing_config(migrated: Project, tmp_path: Path) -> None:

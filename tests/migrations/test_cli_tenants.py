@@ -96,6 +96,10 @@ def test_tenants_commands(migrated: Project, tmp_path: Path) -> None:
     missing = cli(migrated, "tenants", "show", "nobody")
     assert missing.returncode == 1 and "No tenant 'nobody'" in missing.stderr
 
+    odd = cli(migrated, "tenants", "update", "globex", "--name", "[/] not [bold]markup")
+    assert odd.returncode == 0, odd.stderr
+    shown_as_is = cli(migrated, "tenants", "list")
+    assert shown_as_is.returncode == 0 and "[/] not [bold]markup" in shown_as_is.stdout, shown_as_is.stderr
     renamed = ok_json(cli(migrated, "tenants", "update", "acme", "--name", "Acme Inc", "--json"))
     assert isinstance(renamed, dict) and renamed["name"] == "Acme Inc"
     suspended = ok_json(cli(migrated, "tenants", "suspend", "acme", "--json"))

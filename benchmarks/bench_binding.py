@@ -23,6 +23,15 @@ row-level-security work PostgreSQL does is identical:
     a plain engine with a ``begin`` event running ``select set_config(..., true)`` after psycopg's
     own ``BEGIN`` (one extra round trip per transaction), for context.
 
+The database placement is measured apart (sync), against a limit of its own:
+
+``database``
+    a :class:`TenantSession` inside ``tenant_context("dbacme")``, a database tenant: the session
+    gets the tenant's engine (its own pool, on its own database) from the engine cache.
+``db_limit``
+    a plain ``Session`` on a plain engine connected to that database as the tenant's role, the
+    tenant carried from connect time, as ``limit`` is for the main database.
+
 Each variant is warmed up, then timed in interleaved rounds (the order rotates every round); the
 table shows the median over rounds of the mean time per transaction, and its ratio to ``limit``.
 The ``paired`` column is the median of the per-round ratios, which is steadier on a noisy machine.
@@ -65,6 +74,8 @@ from sqla_tenancy.testing import TestServer
 
 TENANT = "acme"
 OTHER = "globex"
+DB_TENANT = "dbacme"
+DB_VARIANTS = ("database", "db_limit")
 SETTING = "app.current_tenant_id"
 VARIANTS = ("tenancy", "switching", "limit", "naive")
 
@@ -233,6 +244,59 @@ def run_sync(fx: Fixture, rounds: int, per_round: int, warmup: int) -> Results:
             engine.dispose()
 
 
+# -- database placement ---------------------------------------------------------------------
+
+
+def run_database(fx: Fixture, rounds: int, per_round: int, warmup: int) -> Results:
+    tenancy = fx.tenancy
+    tenant = tenancy.get_tenant(DB_TENANT)
+    maker = tenancy.sessionmaker()
+    with tenant_context(DB_TENANT), maker() as s:
+        projects = [Project(name=f"db-{i}") for i in range(len(fx.pks))]
+        s.add_all(projects)
+        s.commit()
+        pks = [p.id for p in projects]
+    url = tenancy.placement("database").app_url(tenant).set(drivername="postgresql+psycopg")  # type: ignore[attr-defined]
+    limit_engine = create_engine(url, connect_args=tenant_options(tenant.id))
+
+    def database_tx(pk: int) -> None:
+        with tenant_context(DB_TENANT), maker() as s:
+            s.get(Project, pk)
+            s.commit()
+
+    limit_maker = sessionmaker(limit_engine)
+
+    def limit_tx(pk: int) -> None:
+        with limit_maker() as s:
+            s.get(Project, pk)
+            s.commit()
+
+    variants: dict[str, SyncTx] = {"database": database_tx, "db_limit": limit_tx}
+    try:
+        with limit_maker() as s:
+            if s.get(Project, pks[0]) is None:
+                raise SystemExit("db_limit: the tenant's own row is not visible")
+        for tx in variants.values():
+            for i in range(warmup):
+                tx(pks[i % len(pks)])
+        results = Results(DB_VARIANTS, "db_limit")
+        perf = time.perf_counter_ns
+        for round_no in range(rounds):
+            base = round_no * per_round
+            batch = [pks[(base + i) % len(pks)] for i in range(per_round)]
+            for variant in results.order(round_no):
+                tx = variants[variant]
+                gc.collect()
+                start = perf()
+                for pk in batch:
+                    tx(pk)
+                elapsed = perf() - start
+                results.per_round[variant].append(elapsed / per_round / 1000)
+        return results
+    finally:
+        limit_engine.dispose()
+
+
 # -- async ----------------------------------------------------------------------------------
 
 AsyncTx = Callable[[int], Awaitable[None]]
@@ -337,6 +401,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--quick", action="store_true", help="a few short rounds: a smoke run for CI")
     parser.add_argument("--no-sync", action="store_true", help="skip the sync benchmark")
     parser.add_argument("--no-async", action="store_true", help="skip the async benchmark")
+    parser.add_argument("--no-database", action="store_true", help="skip the database placement's benchmark")
     args = parser.parse_args(argv)
     if args.rounds is None:
         args.rounds = 3 if args.quick else 30
@@ -361,10 +426,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             admin_url=server.url(database, role="admin"),
             metadata=Base.metadata,
             name_prefix=server.name_prefix(database),  # its roles are dropped with the database
+            secret_key="bench-binding secret key, 32 bytes",
         )
         tenancy.install()
         acme = tenancy.create_tenant(TENANT)
         tenancy.create_tenant(OTHER)
+        if not args.no_database:
+            tenancy.prepare_server(server.superuser_url)
+            tenancy.create_tenant(DB_TENANT, placement="database")
         pks, other_pks = populate(tenancy, args.rows)
         server.execute("ANALYZE projects", database=database)
         fx = Fixture(server, database, tenancy, acme.id, pks, other_pks[0], other_pks)
@@ -380,6 +449,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             summary.append(
                 f"sync tenancy/limit = {sync.ratio('tenancy'):.3f} "
                 f"switching/limit = {sync.ratio('switching'):.3f}"
+            )
+        if not args.no_database:
+            db = run_database(fx, args.rounds, args.per_round, args.warmup)
+            db.print_table("sync, database placement", args.rounds, args.per_round)
+            summary.append(
+                f"database/db_limit = {db.ratio('database'):.3f} (paired {db.paired('database'):.3f})"
             )
         if not args.no_async:
             async_ = asyncio.run(run_async(fx, args.rounds, args.per_round, args.warmup))

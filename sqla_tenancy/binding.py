@@ -21,11 +21,21 @@ from __future__ import annotations
 import uuid
 
 from .identifiers import quote_ident, quote_literal
+from .registry import REGISTRY_SCHEMA
 from .rls import TENANT_SETTING
 
+#: ``tenancy.admit_tenant(uuid)`` in the main database: refuses a tenant that is not active and
+#: holds the tenant's serving lock (shared) for the transaction (see :func:`admit_statement`).
+ADMIT_FUNCTION = f"{REGISTRY_SCHEMA}.admit_tenant"
+#: The SQLSTATE of its refusal (the dialect turns it into :class:`~sqla_tenancy.TenantRefused`).
+REFUSED_SQLSTATE = "TNREF"
+
 __all__ = [
+    "ADMIT_FUNCTION",
     "CLEAR_LEFTOVERS",
+    "REFUSED_SQLSTATE",
     "UNBIND",
+    "admit_statement",
     "binding_statement",
     "migration_binding_statement",
     "tenant_setting",
@@ -58,6 +68,16 @@ def binding_statement(tenant_id: uuid.UUID, *, schema: str | None = None, role: 
     path = "DEFAULT" if schema is None else f"{quote_ident(schema)}, pg_temp"
     who = "NONE" if role is None else quote_ident(role)
     return f"SET LOCAL search_path = {path}; SET LOCAL ROLE {who}; {tenant_setting(tenant_id)}".encode()
+
+
+def admit_statement(tenant_id: uuid.UUID) -> bytes:
+    """The first statement of a main-database tenant transaction's binding: the database itself
+    refuses a tenant that is suspended, being deleted or gone (whatever a process's registry cache
+    says), and a deletion waits for the transactions it admitted (:func:`locks.serving_key
+    <sqla_tenancy.locks.serving_key>`). It runs as the login role (the application role, which may
+    execute it): a ``SET ROLE`` left on the connection by earlier code is reset first, as the rest
+    of the binding resets it."""
+    return f"SET LOCAL ROLE NONE; SELECT {ADMIT_FUNCTION}({quote_literal(str(tenant_id))})".encode()
 
 
 def migration_binding_statement(tenant_id: uuid.UUID, *, schema: str | None = None) -> str:

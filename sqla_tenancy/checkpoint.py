@@ -53,7 +53,14 @@ from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any, Literal
 
 from .context import tenant_context
-from .errors import ConfigurationError, TenancyError, TenantNotFound, TenantRequired, TenantSuspended
+from .errors import (
+    ConfigurationError,
+    TenancyError,
+    TenantNotFound,
+    TenantRefused,
+    TenantRequired,
+    TenantSuspended,
+)
 from .registry import Tenant, access_key_hash
 from .resolvers import (
     DEFAULT_RESOLVERS,
@@ -175,6 +182,7 @@ _ANSWERS: dict[type[TenancyError], tuple[int, str, str | None]] = {
     TenantRequired: (400, "tenant_required", None),
     TenantNotFound: (404, "tenant_not_found", "Unknown tenant."),
     TenantSuspended: (403, "tenant_suspended", "This tenant is suspended."),
+    TenantRefused: (403, "tenant_unavailable", "This tenant is not available."),
     AuthenticationRequired: (401, "unauthorized", None),
     InvalidToken: (401, "invalid_token", None),
     TenantMismatch: (403, "tenant_mismatch", None),

@@ -92,6 +92,10 @@ class TenancyConfig:
     max_tenant_engines: int
     max_tenant_connections: int | None
     create_database_strategy: str | None
+    #: where tenant databases' postgres_fdw reaches the main database (``admin_url``'s host and
+    #: port when not given)
+    fdw_host: str | None = None
+    fdw_port: int | None = None
     #: the project's Alembic configuration, if its schema is managed by migrations
     migrations: MigrationsSource = field(default_factory=MigrationsSource)
     #: the main database is a Citus coordinator: tenant tables are distributed by ``tenant_id``
@@ -121,6 +125,8 @@ class TenancyConfig:
         max_tenant_connections: int | None = None,
         create_database_strategy: str | None = None,
         migrations: str | os.PathLike[str] | Any | None = None,
+        fdw_host: str | None = None,
+        fdw_port: int | None = None,
         distributed: bool = False,
     ) -> TenancyConfig:
         """Check the arguments of ``Tenancy(...)`` and build the configuration."""
@@ -134,6 +140,10 @@ class TenancyConfig:
             raise ConfigurationError("create_database_strategy must be 'file_copy', 'wal_log' or None")
         if max_tenant_engines < 1:
             raise ConfigurationError("max_tenant_engines must be at least 1")
+        if fdw_host is not None and (not isinstance(fdw_host, str) or not fdw_host):
+            raise ConfigurationError("fdw_host must be a non-empty host name or address")
+        if fdw_port is not None and (not isinstance(fdw_port, int) or not 0 < fdw_port < 65536):
+            raise ConfigurationError("fdw_port must be a TCP port number (1-65535)")
         known = {"main": admin}
         for name, server_url in (servers or {}).items():
             known[name] = plain_url(make_url(server_url))
@@ -156,6 +166,8 @@ class TenancyConfig:
             max_tenant_engines=max_tenant_engines,
             max_tenant_connections=max_tenant_connections,
             create_database_strategy=create_database_strategy,
+            fdw_host=fdw_host,
+            fdw_port=fdw_port,
             migrations=MigrationsSource(migrations),
             distributed=distributed,
         )
@@ -194,6 +206,16 @@ class TenancyConfig:
                 "passwords: pass Tenancy(secret_key=...) or set SQLA_TENANCY_SECRET_KEY."
             )
         return key
+
+    def fdw_address(self) -> tuple[str, int, str]:
+        """Where a tenant database's foreign server connects: host, port and the main database
+        (``fdw_host`` and ``fdw_port``, else ``admin_url``'s: not ``url``, which may be a pooler)."""
+        main = self.admin_url
+        return (
+            self.fdw_host or main.host or "localhost",
+            self.fdw_port or main.port or 5432,
+            main.database or "",
+        )
 
     @property
     def alembic_config(self) -> Any:

@@ -29,6 +29,7 @@ context (or ``None`` when the transaction needs no binding, e.g. on an engine no
 
 from __future__ import annotations
 
+import select
 import uuid
 import weakref
 from collections.abc import Callable, Generator
@@ -36,13 +37,13 @@ from typing import Any
 
 import psycopg
 from psycopg import generators
-from psycopg.pq import ExecStatus
+from psycopg.pq import ConnStatus, ExecStatus
 from sqlalchemy.dialects import registry as dialect_registry
 from sqlalchemy.dialects.postgresql.psycopg import PGDialect_psycopg, PGDialectAsync_psycopg
 from sqlalchemy.util import await_
 
-from .binding import CLEAR_LEFTOVERS
-from .errors import AutocommitNotAllowed
+from .binding import CLEAR_LEFTOVERS, REFUSED_SQLSTATE
+from .errors import AutocommitNotAllowed, TenantRefused
 
 __all__ = ["Binder", "TenancyDialect", "TenancyDialectAsync", "DRIVER_NAME"]
 
@@ -164,6 +165,26 @@ class _TenancyMixin:
 
         return connect
 
+    def do_ping(self, dbapi_connection: Any) -> bool:
+        """The pool's pre-ping (``pool_pre_ping``, on by default for sqla-tenancy's engines),
+        without a round trip: an idle connection has nothing to read, so a readable socket means
+        the server spoke first, which after a ``pg_terminate_backend`` or a server restart is its
+        ``FATAL`` goodbye and the end of the stream. Reading it tells; a dead connection answers
+        ``False`` and the pool replaces it, and every connection older than it, before the
+        transaction begins. (A server that vanished without closing its connections, such as
+        behind a network partition, is noticed by the first statement instead, which fails.)"""
+        pgconn = _driver(dbapi_connection).pgconn
+        try:
+            for _ in range(3):  # the goodbye message, then the end of the stream
+                if pgconn.status != ConnStatus.OK:
+                    return False
+                if not select.select([pgconn.socket], [], [], 0)[0]:
+                    return True
+                pgconn.consume_input()
+            return bool(pgconn.status == ConnStatus.OK)
+        except (psycopg.Error, OSError, ValueError):
+            return False
+
     def do_begin(self, dbapi_connection: Any) -> None:
         driver = _driver(dbapi_connection)
         state = self._state(driver)
@@ -194,6 +215,11 @@ class _TenancyMixin:
             if result.status not in _OK:
                 error = psycopg.errors.error_from_result(result, encoding=driver.info.encoding)
                 self._run(driver, b"ROLLBACK")
+                if error.sqlstate == REFUSED_SQLSTATE:
+                    raise TenantRefused(
+                        f"{error.diag.message_primary}. This process still had the tenant as "
+                        "active; it catches up within registry_ttl seconds."
+                    ) from error
                 raise error
         if binding is not None and not state.shared_backend:
             state.clean_for = binding

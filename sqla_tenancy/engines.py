@@ -70,6 +70,9 @@ class EngineCache:
         #: evicted engines, connections closed, kept for a cheap revival (LRU, 10x max_engines)
         self._dormant: OrderedDict[Hashable, Engine] = OrderedDict()
         self.max_dormant = 10 * max_engines
+        #: changes whenever an engine stops being the cache's for its key (evicted, discarded):
+        #: an engine obtained while it had a value stays the one to use while it keeps it
+        self.epoch = 0
 
     def get(self, key: Hashable, factory: Callable[[], Engine]) -> Engine:
         """The engine for ``key``, made by ``factory`` (a sync Engine, or an AsyncEngine's
@@ -92,18 +95,19 @@ class EngineCache:
             if current is not None:  # another thread made it meanwhile
                 self._dormant[key] = engine
                 self._retired.add(engine)
+                self._trim_dormant()
                 return current
             self._retired.discard(engine)
             self._engines[key] = engine
             evicted = []
             while len(self._engines) > self.max_engines:
+                self.epoch += 1
                 old_key, old = self._engines.popitem(last=False)
                 evicted.append(old)
                 self._dormant[old_key] = old
                 self._retired.add(old)
                 self._evictions += 1
-            while len(self._dormant) > self.max_dormant:
-                self._dormant.popitem(last=False)
+            self._trim_dormant()
         for old in evicted:
             old.pool.dispose()  # idle connections close now, checked-out ones as they return
         return engine
@@ -113,10 +117,31 @@ class EngineCache:
         with self._lock:
             keys = [k for k in self._engines if predicate(k)]
             engines = [self._engines.pop(k) for k in keys]
+            if keys:
+                self.epoch += 1
             for key in [k for k in self._dormant if predicate(k)]:
                 del self._dormant[key]
         for engine in engines:
             self._retire(engine)
+
+    def _trim_dormant(self) -> None:
+        """Forget the least recently evicted engines beyond ``max_dormant`` (under the lock)."""
+        while len(self._dormant) > self.max_dormant:
+            self._dormant.popitem(last=False)
+
+    def touch(self, key: Hashable) -> None:
+        """Count a hit on ``key``'s engine, obtained earlier and still current (see :attr:`epoch`),
+        as :meth:`get` would: most recently used, without taking the lock (each step is atomic)."""
+        self._hits += 1
+        try:  # noqa: SIM105 - on the hot path, cheaper than contextlib.suppress
+            self._engines.move_to_end(key)
+        except KeyError:  # evicted meanwhile: the caller sees the new epoch next time
+            pass
+
+    def held_keys(self) -> list[Hashable]:
+        """The keys of the engines kept, pooled or dormant."""
+        with self._lock:
+            return [*self._engines, *self._dormant]
 
     def _retire(self, engine: Engine) -> None:
         """Close the idle connections now, and the checked-out ones as they come back."""
@@ -173,6 +198,14 @@ class EngineCache:
             self._budget.release()
 
 
+#: Every engine sqla-tenancy makes checks a pooled connection before handing it out, so a
+#: connection the server ended (``pg_terminate_backend``, a restart, a deleted tenant's) is
+#: replaced instead of failing the next transaction. The tenancy dialect's ping makes no round
+#: trip (see :meth:`TenancyDialect.do_ping <sqla_tenancy.dialect.TenancyDialect.do_ping>`); the
+#: admin engines' is psycopg's. ``engine_options={"pool_pre_ping": False}`` turns it off.
+_RECOVERING: dict[str, Any] = {"pool_pre_ping": True}
+
+
 class Engines:
     """The engines one :class:`~sqla_tenancy.Tenancy` connects with.
 
@@ -184,7 +217,7 @@ class Engines:
 
     def __init__(self, config: TenancyConfig) -> None:
         self.config = config
-        self._bound: dict[str, Any] = dict(config.engine_options)
+        self._bound: dict[str, Any] = {**_RECOVERING, **config.engine_options}
         self._async_app: AsyncEngine | None = None
         self._admin: Engine | None = None
         self._async_admin: AsyncEngine | None = None
@@ -195,7 +228,12 @@ class Engines:
     def bind(self, binder: Binder, tenant_of_context: Callable[[], uuid.UUID] | None = None) -> None:
         """Give the bound engines their binder (the router's, which itself needs these engines:
         hence a step of its own) and create the application engine."""
-        self._bound = {**self.config.engine_options, "binder": binder, "tenant_of_context": tenant_of_context}
+        self._bound = {
+            **_RECOVERING,
+            **self.config.engine_options,
+            "binder": binder,
+            "tenant_of_context": tenant_of_context,
+        }
         if self.config.distributed:  # Citus: SET LOCAL reaches the workers (sqla_tenancy.distribution)
             connect_args = dict(self._bound.get("connect_args", {}))
             connect_args["options"] = f"{connect_args.get('options', '')} {PROPAGATE_OPTION}".strip()
@@ -221,14 +259,14 @@ class Engines:
     def admin(self) -> Engine:
         """The admin role's engine: no tenant binding (platform work, provisioning, DDL)."""
         if self._admin is None:
-            self._admin = create_engine(plain_url(self.config.admin_url))
+            self._admin = create_engine(plain_url(self.config.admin_url), **_RECOVERING)
         return self._admin
 
     @property
     def async_admin(self) -> AsyncEngine:
         """The asyncio engine of the admin role."""
         if self._async_admin is None:
-            self._async_admin = create_async_engine(plain_url(self.config.admin_url))
+            self._async_admin = create_async_engine(plain_url(self.config.admin_url), **_RECOVERING)
         return self._async_admin
 
     def main(self, async_: bool) -> Engine:
@@ -248,7 +286,12 @@ class Engines:
                 return create_async_engine(url(), **self._tenant_options).sync_engine
             return create_engine(url(), **self._tenant_options)
 
-        return self.tenants.get((tenant_id, async_), make)
+        return self.tenants.get(self.tenant_key(tenant_id, async_), make)
+
+    @staticmethod
+    def tenant_key(tenant_id: uuid.UUID, async_: bool) -> tuple[uuid.UUID, bool]:
+        """The key of a database tenant's engine in :attr:`tenants`."""
+        return (tenant_id, async_)
 
     @property
     def has_async(self) -> bool:

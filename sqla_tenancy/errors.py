@@ -63,12 +63,24 @@ class TenantSuspended(TenancyError):
         super().__init__(f"Tenant {slug!r} is suspended; `tenancy.resume_tenant({slug!r})` lifts it.")
 
 
+class TenantRefused(TenancyError):
+    """The database refused to begin a transaction for a tenant that is no longer active
+    (suspended, being deleted or deleted) although this process's registry cache still had it
+    active: the cache catches up within ``registry_ttl`` at most, and the database does not wait."""
+
+
 class InvalidTenantSlug(TenancyError, ValueError):
     """A slug does not match the allowed pattern, is too long, or is reserved."""
 
 
 class ProvisioningError(TenancyError):
     """Creating, changing or deleting a tenant's storage failed; nothing was left half-made."""
+
+
+class DeletionError(ProvisioningError):
+    """Deleting a tenant stopped part way. The tenant stays registered as ``deleting`` (refused
+    everywhere, its data not yet or not entirely removed) until ``delete_tenant`` is run again,
+    which finishes the deletion."""
 
 
 class UnknownPlacement(ProvisioningError, LookupError):

@@ -7,6 +7,7 @@ from __future__ import annotations
 from sqlalchemy import Connection, Table, text
 
 from .anonymous import main_database_ddl
+from .binding import ADMIT_FUNCTION
 from .config import TenancyConfig
 from .identifiers import quote_ident, quote_literal
 from .registry import ACCESS_KEY_FUNCTION, APPLICATION_COLUMNS, REGISTRY_SCHEMA
@@ -35,6 +36,7 @@ def registry_grants(role: str) -> list[str]:
         f"GRANT SELECT ({columns}) ON {REGISTRY_SCHEMA}.tenants TO {r}",
         f"GRANT EXECUTE ON FUNCTION {REGISTRY_SCHEMA}.current_tenant_id() TO {r}",
         f"GRANT EXECUTE ON FUNCTION {ACCESS_KEY_FUNCTION}(uuid) TO {r}",
+        f"GRANT EXECUTE ON FUNCTION {ADMIT_FUNCTION}(uuid) TO {r}",
     ]
 
 

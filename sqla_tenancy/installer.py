@@ -11,11 +11,12 @@ from typing import TYPE_CHECKING
 
 from sqlalchemy import Connection, Engine, text
 
+from .binding import ADMIT_FUNCTION, REFUSED_SQLSTATE
 from .distribution import distribute_tables, prepare_distributed_ddl
 from .grants import finish_tables, registry_grants
-from .identifiers import quote_ident
+from .identifiers import quote_ident, quote_literal
 from .keys import check_tenant_keys
-from .locks import INSTALL_KEY
+from .locks import INSTALL_KEY, SERVING_PREFIX
 from .privileges import require_admin_attributes
 from .registry import (
     ACCESS_KEY_FUNCTION,
@@ -86,6 +87,34 @@ def access_key_function_ddl() -> list[str]:
             SELECT id FROM {REGISTRY_SCHEMA}.tenants
             WHERE access_key_hash = {access_key_hash_sql("presented")}
         $$
+        """,
+        f"REVOKE ALL ON FUNCTION {function} FROM PUBLIC",
+    ]
+
+
+def admit_function_ddl() -> list[str]:
+    """``tenancy.admit_tenant(tenant uuid)``, the first statement of every shared or schema
+    tenant transaction's binding (:func:`~sqla_tenancy.binding.admit_statement`): it takes the
+    tenant's serving lock shared, without waiting, and checks that the tenant is active, else
+    raises (SQLSTATE ``TNREF``). A deletion holds that lock exclusively (so it waits out the
+    transactions in flight, and new ones are refused meanwhile) and then removes the registry row
+    (so later ones are refused): no transaction of a deleted tenant commits after its rows went.
+    It runs as the caller (the application role reads the two columns it needs)."""
+    function = f"{ADMIT_FUNCTION}(uuid)"
+    return [
+        f"""
+        CREATE OR REPLACE FUNCTION {ADMIT_FUNCTION}(tenant uuid) RETURNS void
+        LANGUAGE plpgsql AS $$
+        BEGIN
+            IF NOT pg_catalog.pg_try_advisory_xact_lock_shared(
+                   pg_catalog.hashtext({quote_literal(SERVING_PREFIX)} || tenant::text))
+               OR NOT EXISTS (SELECT 1 FROM {REGISTRY_SCHEMA}.tenants
+                              WHERE id = tenant AND status = 'active') THEN
+                RAISE EXCEPTION 'tenant %% may not be served: it is suspended, being deleted or gone', tenant
+                    USING ERRCODE = {quote_literal(REFUSED_SQLSTATE)},
+                          HINT = 'The registry cache of the process that sent it here had not caught up yet.';
+            END IF;
+        END $$
         """,
         f"REVOKE ALL ON FUNCTION {function} FROM PUBLIC",
     ]
@@ -206,7 +235,13 @@ def ensure_registry(config: TenancyConfig, conn: Connection) -> None:
     _ensure_slug_check(conn)
     _ensure_status_check(conn)
     function = current_tenant_function_ddl(REGISTRY_SCHEMA, fdw_prefix=config.name_prefix)
-    for statement in [*function, *access_key_function_ddl(), *registry_ddl(), FILL_SERIAL_DDL]:
+    for statement in [
+        *function,
+        *access_key_function_ddl(),
+        *admit_function_ddl(),
+        *registry_ddl(),
+        FILL_SERIAL_DDL,
+    ]:
         conn.exec_driver_sql(statement)
     if config.default_tenant is not None:
         TenantStore().ensure_default(conn, config.default_tenant)

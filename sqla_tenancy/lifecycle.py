@@ -19,11 +19,11 @@ import uuid
 from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import Connection, text
+from sqlalchemy import Connection, exc, text
 
 from . import locks
 from .anonymous import anonymous_gate, anonymous_group, anonymous_role
-from .errors import ProvisioningError, TenancyError, UnsupportedOperation
+from .errors import DeletionError, ProvisioningError, TenancyError, UnsupportedOperation
 from .grants import tenants_group
 from .identifiers import validate_slug
 from .placements.database import template_database
@@ -151,7 +151,13 @@ def create_tenant(
 def _register(services: Services, admin: Connection, draft: Tenant) -> Tenant:
     # Two processes creating the same slug: the second waits, then sees the first's row.
     admin.execute(text(locks.XACT_LOCK), {"key": locks.registration_key(draft.slug)})
-    if services.store.get(admin, draft.slug) is not None:
+    existing = services.store.get(admin, draft.slug)
+    if existing is not None and existing.status == "deleting":
+        raise ProvisioningError(
+            f"Tenant {draft.slug!r} is being deleted (an earlier delete_tenant({draft.slug!r}) "
+            f"stopped part way); rerun delete_tenant({draft.slug!r}) to finish, then create it."
+        )
+    if existing is not None:
         raise ProvisioningError(f"Tenant {draft.slug!r} exists already.")
     services.steps("register")
     return services.store.insert(admin, draft)  # status "provisioning", as drafted
@@ -200,26 +206,80 @@ def _clean_up(services: Services, placement: Placement, tenant: Tenant) -> None:
     services.registry.invalidate([tenant.id])
 
 
-def delete_tenant(services: Services, tenant: Tenant, *, keep_infrastructure_rows: bool) -> None:
+def delete_tenant(
+    services: Services, tenant: Tenant, *, keep_infrastructure_rows: bool, timeout: float = 30.0
+) -> None:
+    """Stop the tenant everywhere, then remove it.
+
+    First its registry row becomes ``deleting``, committed: every process refuses the tenant
+    once the notification arrives, and the database refuses it whatever a process's cache says
+    (``tenancy.admit_tenant()`` for shared and schema tenants; a database tenant's roles lose
+    ``LOGIN`` and their sessions are ended). Then the transactions still in flight are waited
+    out (up to ``timeout`` seconds) or ended, and only then is anything deleted: no transaction of
+    the tenant commits after its rows went. A failure leaves the row ``deleting`` (the tenant
+    stays refused) and raises :class:`DeletionError`; running the deletion again finishes it.
+    """
     if tenant.is_default:
         raise UnsupportedOperation("The default tenant cannot be deleted.")
     placement = services.placement(tenant.strategy)
     admin_engine = services.engines.admin
-    if placement.transactional:
-        with admin_engine.begin() as admin:
-            # a migration of this tenant (which holds the same lock) finishes first
-            admin.execute(text(locks.XACT_LOCK), {"key": locks.tenant_key(tenant.slug)})
-            placement.deprovision(tenant, admin=admin, keep_infrastructure_rows=keep_infrastructure_rows)
-            services.store.delete(admin, tenant.id)
-    else:
-        # Refused everywhere first (the notification reaches every process), then dismantled.
-        with admin_engine.begin() as admin:
-            # a running migration of the tenant ends first
-            admin.execute(text(locks.XACT_LOCK), {"key": locks.tenant_key(tenant.slug)})
-            services.store.set_status(admin, tenant.id, "deleting")
-        services.registry.invalidate([tenant.id])
-        placement.deprovision(tenant, admin=None, keep_infrastructure_rows=keep_infrastructure_rows)
-        with admin_engine.begin() as admin:
-            services.store.delete(admin, tenant.id)
+    with admin_engine.begin() as admin:
+        # a running migration of the tenant (which holds the same lock) ends first
+        admin.execute(text(locks.XACT_LOCK), {"key": locks.tenant_key(tenant.slug)})
+        services.store.set_status(admin, tenant.id, "deleting")
     services.registry.invalidate([tenant.id])
+    try:
+        if placement.transactional:
+            with admin_engine.begin() as admin:
+                admin.execute(text(locks.XACT_LOCK), {"key": locks.tenant_key(tenant.slug)})
+                if placement.admitted:
+                    _wait_out(admin, tenant, timeout)
+                placement.deprovision(tenant, admin=admin, keep_infrastructure_rows=keep_infrastructure_rows)
+                services.store.delete(admin, tenant.id)
+        else:
+            placement.deprovision(tenant, admin=None, keep_infrastructure_rows=keep_infrastructure_rows)
+            with admin_engine.begin() as admin:
+                services.store.delete(admin, tenant.id)
+    except TenancyError:
+        raise
+    except Exception as exc:
+        raise DeletionError(
+            f"Deleting tenant {tenant.slug!r} ({tenant.strategy}) stopped at "
+            f"{type(exc).__name__}: {exc}. The tenant stays registered as 'deleting' and is "
+            f"refused everywhere; rerun delete_tenant({tenant.slug!r}) to finish."
+        ) from exc
+    finally:
+        services.registry.invalidate([tenant.id])
     log.info("deleted tenant %s", tenant.slug)
+
+
+def _wait_out(admin: Connection, tenant: Tenant, timeout: float) -> None:
+    """Take the tenant's serving lock exclusively: wait for the transactions that
+    ``tenancy.admit_tenant()`` admitted to end, and refuse new ones until ``admin`` commits."""
+    key = locks.serving_key(tenant.id)
+    admin.exec_driver_sql(f"SET LOCAL lock_timeout = {max(1, int(timeout * 1000))}")
+    admin.exec_driver_sql("SAVEPOINT tenancy_wait_out")
+    try:
+        admin.execute(text(locks.XACT_LOCK), {"key": key})
+    except exc.OperationalError as error:
+        if getattr(error.orig, "sqlstate", None) != "55P03":  # lock_not_available
+            raise
+        admin.exec_driver_sql("ROLLBACK TO SAVEPOINT tenancy_wait_out")
+        # (pg_stat_activity shows other roles' sessions' state only to those who may read it)
+        holders = admin.execute(
+            text(
+                "select pid from pg_locks where locktype = 'advisory' and granted "
+                "and mode = 'ShareLock' and objid = (hashtext(:key)::bigint & 4294967295) "
+                "order by pid"
+            ),
+            {"key": key},
+        ).scalars()
+        described = ", ".join(f"pid {pid}" for pid in holders)
+        raise DeletionError(
+            f"Tenant {tenant.slug!r} is refused everywhere, but transactions of it were still in "
+            f"flight after {timeout:g} s ({described or 'ended meanwhile'}); nothing of it was "
+            f"deleted. End them (pg_terminate_backend) or let them finish, then rerun "
+            f"delete_tenant({tenant.slug!r})."
+        ) from error
+    admin.exec_driver_sql("RELEASE SAVEPOINT tenancy_wait_out")
+    admin.exec_driver_sql("SET LOCAL lock_timeout = DEFAULT")

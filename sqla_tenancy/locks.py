@@ -20,7 +20,9 @@ __all__ = [
     "TRY_LOCK",
     "UNLOCK",
     "XACT_LOCK",
+    "SERVING_PREFIX",
     "registration_key",
+    "serving_key",
     "template_key",
     "tenant_key",
     "xact_lock_sql",
@@ -46,6 +48,17 @@ def registration_key(slug: str) -> str:
 def tenant_key(slug: str) -> str:
     """Held while a tenant is provisioned, deleted or migrated: each waits for the others."""
     return f"sqla_tenancy:provision:{slug}"
+
+
+#: :func:`serving_key` without the tenant id, for SQL that appends the id itself.
+SERVING_PREFIX = "sqla_tenancy:serving:"
+
+
+def serving_key(tenant_id: object) -> str:
+    """Held shared by every transaction of a shared or schema tenant (``tenancy.admit_tenant()``,
+    in its binding), exclusively by its deletion: the deletion waits out the transactions in
+    flight, and while it waits or runs a new transaction of the tenant is refused."""
+    return f"{SERVING_PREFIX}{tenant_id}"
 
 
 def template_key(template: str) -> str:

@@ -24,7 +24,7 @@ import threading
 import time
 import uuid
 import weakref
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
@@ -431,6 +431,7 @@ class Registry:
         self._listener: threading.Thread | None = None
         self._stop = threading.Event()
         self._listening = threading.Event()
+        self._subscribers: list[Callable[[uuid.UUID | None], None]] = []
         _REGISTRIES.add(self)
 
     # -- look-ups ---------------------------------------------------------------------------
@@ -477,6 +478,11 @@ class Registry:
             "select rolsuper, rolbypassrls from pg_roles where rolname = current_user", ()
         )[0]
         return bool(superuser), bool(bypass)
+
+    def admits_tenants(self) -> bool:
+        """Whether the main database has ``tenancy.admit_tenant(uuid)`` (made by ``install()``)."""
+        (found,) = self._query("select to_regprocedure('tenancy.admit_tenant(uuid)') is not null", ())[0]
+        return bool(found)
 
     def invalidate(self, keys: Iterable[object] | None = None) -> None:
         """Forget cached entries (all of them when ``keys`` is None)."""
@@ -554,6 +560,7 @@ class Registry:
                     # Anything may have changed while we were not listening.
                     self.invalidate()
                     self._listening.set()
+                    self._publish(None)
                     backoff = 0.1
                     while not self._stop.is_set():
                         for note in conn.notifies(timeout=0.5):
@@ -566,13 +573,28 @@ class Registry:
                 self._stop.wait(backoff)
                 backoff = min(backoff * 2, 5.0)
 
+    def subscribe(self, callback: Callable[[uuid.UUID | None], None]) -> None:
+        """Call ``callback`` on the listener thread after each notification has invalidated the
+        cache: with the tenant's id, or ``None`` when anything may have changed (the listener
+        (re)connected, or a payload named no tenant). Errors it raises are logged, not raised."""
+        self._subscribers.append(callback)
+
+    def _publish(self, key: uuid.UUID | None) -> None:
+        for callback in list(self._subscribers):
+            try:
+                callback(key)
+            except Exception:
+                log.exception("a registry subscriber failed on a change of %s", key or "the registry")
+
     def _on_notify(self, payload: str) -> None:
         try:
-            key: object = uuid.UUID(payload)
+            key = uuid.UUID(payload)
         except ValueError:
             self.invalidate()
+            self._publish(None)
             return
         self.invalidate([key])
+        self._publish(key)
 
     @property
     def listening(self) -> bool:

@@ -6,6 +6,7 @@ only when the registry changes or its cache entry expires.
 
 from __future__ import annotations
 
+import logging
 import time
 import uuid
 from collections.abc import Mapping
@@ -13,6 +14,7 @@ from typing import TYPE_CHECKING
 
 from sqlalchemy import Engine
 
+from .binding import ADMIT_FUNCTION, admit_statement
 from .context import _scope
 from .errors import (
     InvalidTenantSlug,
@@ -31,6 +33,9 @@ if TYPE_CHECKING:
 
 __all__ = ["AnonymousRoute", "Route", "Router", "lookup_key", "token_scope"]
 
+#: Where privileges or checks that weaken isolation are reported.
+isolation_log = logging.getLogger("sqla_tenancy.isolation")
+
 _ANONYMOUS_SUFFIX = ":anonymous"
 
 
@@ -43,6 +48,7 @@ class Route:
     __slots__ = (
         "_alternates",
         "_engines",
+        "_epochs",
         "_per_tenant",
         "binding",
         "engines",
@@ -69,17 +75,27 @@ class Route:
         self.key: object = tenant.id if tenant is not None else "platform"
         self._engines: dict[bool, Engine] = {}
         self._alternates: dict[bool, Engine] = {}
-        # the engine cache decides for per-tenant engines (LRU): never pin one on the route
+        # per-tenant engines belong to the engine cache (LRU): one is kept here only while the
+        # cache's epoch says it is still the cache's
         self._per_tenant = bool(placement is not None and placement.per_tenant_engines)
+        self._epochs: dict[bool, int] = {}
 
     def engine(self, async_: bool) -> Engine:
         """The (sync) engine for this route; the async engine's ``sync_engine`` when ``async_``."""
         engine = self._engines.get(async_)
-        if engine is not None:
-            return engine
-        if self._per_tenant:
+        if not self._per_tenant:
+            if engine is not None:
+                return engine
+        else:
             assert self.tenant is not None and self.placement is not None
-            return self.placement.engine(self.tenant, async_=async_)
+            cache = self.engines.tenants
+            if engine is not None and self._epochs.get(async_) == cache.epoch:
+                cache.touch(self.engines.tenant_key(self.tenant.id, async_))
+                return engine
+            epoch = cache.epoch  # read first: an eviction during the look-up invalidates it
+            engine = self.placement.engine(self.tenant, async_=async_)
+            self._engines[async_], self._epochs[async_] = engine, epoch
+            return engine
         if self.tenant is None or self.placement is None:
             engine = self.engines.platform(async_)
         else:
@@ -156,6 +172,8 @@ class Router:
         # anonymous scope) -> (generation, expiry, route)
         self._memo: dict[object, tuple[int, float, Route]] = {}
         self._role_checked = False
+        #: whether bindings of main-database tenants start with tenancy.admit_tenant()
+        self._admit = False
 
     def current(self) -> Route:
         """The route of the current context (the default tenant's when no tenant is active)."""
@@ -188,6 +206,24 @@ class Router:
         self._memo[ref] = (generation, expires, route)
         return route
 
+    def release_stopped(self, tenant_id: uuid.UUID | None) -> None:
+        """Drop the pooled engines of tenants that may no longer be served (deleted, suspended,
+        being deleted): called on the registry listener's thread when another process changed
+        ``tenant_id`` (``None``: any tenant). Their idle connections close now, checked-out
+        ones when returned, so that no process keeps a stopped tenant's connections open."""
+        cache = self._engines.tenants
+        held = {key[0] for key in cache.held_keys() if isinstance(key, tuple)}
+        stopped = set()
+        for candidate in held if tenant_id is None else held & {tenant_id}:
+            try:
+                serving = self.registry.get(candidate).status == "active"
+            except TenantNotFound:
+                serving = False
+            if not serving:
+                stopped.add(candidate)
+        if stopped:
+            cache.discard(lambda key: isinstance(key, tuple) and key[0] in stopped)
+
     def resolve(self, ref: str | uuid.UUID | Tenant | None) -> Tenant:
         route = self._resolve(ref)[0]
         assert route.tenant is not None
@@ -198,6 +234,14 @@ class Router:
     ) -> tuple[Route, float]:
         if not self._role_checked:
             self.check_app_role()
+            self._admit = self.registry.admits_tenants()
+            if not self._admit:
+                isolation_log.warning(
+                    "The main database lacks %s(uuid): transactions of shared and schema tenants "
+                    "are admitted by this process's registry cache alone, so a deletion cannot "
+                    "wait for them. Run tenancy.install() (idempotent) to create it.",
+                    ADMIT_FUNCTION,
+                )
             self._role_checked = True
         if ref is None:
             if self.config.default_tenant is None:
@@ -213,7 +257,9 @@ class Router:
         route = self._routes.get(tenant.id)
         if route is None or route.tenant != tenant:
             placement = self.placement_of(tenant)
-            route = Route(self._engines, tenant, placement, placement.binding(tenant))
+            route = Route(
+                self._engines, tenant, placement, self._admitted(placement, tenant, placement.binding(tenant))
+            )
             if len(self._routes) > 10_000:
                 self._routes.clear()
             self._routes[tenant.id] = route
@@ -223,11 +269,19 @@ class Router:
         route = self._anonymous_routes.get(tenant.id)
         if route is None or route.tenant != tenant:
             placement = self.placement_of(tenant)
-            route = AnonymousRoute(self._engines, tenant, placement, placement.anonymous_binding(tenant))
+            binding = self._admitted(placement, tenant, placement.anonymous_binding(tenant))
+            route = AnonymousRoute(self._engines, tenant, placement, binding)
             if len(self._anonymous_routes) > 10_000:
                 self._anonymous_routes.clear()
             self._anonymous_routes[tenant.id] = route
         return route
+
+    def _admitted(self, placement: Placement, tenant: Tenant, binding: bytes) -> bytes:
+        """``binding``, preceded by the admission check when the placement's transactions run in
+        the main database (see :func:`~sqla_tenancy.binding.admit_statement`)."""
+        if self._admit and placement.admitted:
+            return admit_statement(tenant.id) + b"; " + binding
+        return binding
 
     def binding(self) -> bytes | None:
         """The dialect's binder: the current route's ``SET LOCAL`` statements."""

@@ -97,6 +97,10 @@ class Tenancy:
         schema is managed by the Alembic extension (:mod:`alembic_ext`): tenants created from the
         models are then stamped with the tenant stream's head, so they are born at head and the
         fleet runner leaves them alone.
+    :param fdw_host: the host (name or address) by which tenant databases' ``postgres_fdw``
+        reaches the main database, as seen from their servers (default: ``admin_url``'s host).
+        Used when a tenant database's foreign server is created; existing ones keep theirs.
+    :param fdw_port: the port that goes with it (default: ``admin_url``'s port).
     :param registry_listen: keep a LISTEN connection so that registry changes made by other
         processes arrive within a second; with False only ``registry_ttl`` bounds staleness.
     :param distributed: the main database is a Citus coordinator: ``install()`` distributes the
@@ -127,6 +131,8 @@ class Tenancy:
         max_tenant_connections: int | None = None,
         create_database_strategy: str | None = None,
         migrations: str | os.PathLike[str] | Any | None = None,
+        fdw_host: str | None = None,
+        fdw_port: int | None = None,
         distributed: bool = False,
     ) -> None:
         global _active
@@ -151,6 +157,8 @@ class Tenancy:
             max_tenant_connections=max_tenant_connections,
             create_database_strategy=create_database_strategy,
             migrations=migrations,
+            fdw_host=fdw_host,
+            fdw_port=fdw_port,
             distributed=distributed,
         )
         self.registry = Registry(config.registry_url, ttl=config.registry_ttl, listen=config.registry_listen)
@@ -158,6 +166,8 @@ class Tenancy:
         placements: dict[str, Placement] = {}
         self.router = Router(config, self.registry, engines, placements)
         engines.bind(self.router.binding, self.router.current_tenant_id)
+        # another process suspended or deleted a tenant: drop its pooled connections here too
+        self.registry.subscribe(self.router.release_stopped)
         self._steps = steps = Steps()
         #: lifecycle callbacks (see :meth:`on` and :mod:`sqla_tenancy.events`)
         self.events = Events()
@@ -544,8 +554,15 @@ class Tenancy:
         self.registry.invalidate([tenant_id])
         return self.get_tenant(tenant_id)
 
-    def delete_tenant(self, slug: str, *, keep_infrastructure_rows: bool = False) -> None:
+    def delete_tenant(
+        self, slug: str, *, keep_infrastructure_rows: bool = False, timeout: float = 30.0
+    ) -> None:
         """Delete the tenant's data, storage, roles and registry row; nothing is left behind.
+
+        The tenant is stopped everywhere first: refused by every process and by the database, its
+        transactions in flight waited out (up to ``timeout`` seconds; a database tenant's sessions
+        are ended). A deletion that fails (:class:`DeletionError`) leaves the tenant refused, as
+        ``deleting``; running it again finishes it. See :func:`sqla_tenancy.lifecycle.delete_tenant`.
 
         ``keep_infrastructure_rows=True`` keeps the tenant's rows in the infrastructure tables
         (e.g. users, for an audit trail)."""
@@ -554,7 +571,9 @@ class Tenancy:
         tenant = self.get_tenant(lookup_key(slug))
         self.events.emit(TenantEvent("before_delete", tenant.slug, tenant, tenant.strategy))
         with self.events.subject(tenant.slug, tenant.strategy):
-            delete_tenant(self.services, tenant, keep_infrastructure_rows=keep_infrastructure_rows)
+            delete_tenant(
+                self.services, tenant, keep_infrastructure_rows=keep_infrastructure_rows, timeout=timeout
+            )
         self.events.after(
             TenantEvent("after_delete", tenant.slug, tenant, tenant.strategy), done="the tenant is deleted."
         )

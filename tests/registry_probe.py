@@ -7,7 +7,7 @@ from typing import Any
 
 from sqlalchemy import text
 
-from sqla_tenancy import Tenancy, TenantSuspended, tenant_context
+from sqla_tenancy import Tenancy, TenantRefused, TenantSuspended, tenant_context
 
 from .models import INFRASTRUCTURE, Base
 
@@ -34,9 +34,11 @@ def watch_until_suspended(
                 with tenant_context(slug), tenancy.engine.connect() as conn:
                     conn.execute(text("select 1"))
                     conn.rollback()
-            except TenantSuspended:
+            except TenantSuspended:  # this process's registry cache knows
                 out.put(time.monotonic() - start)
                 return
+            except TenantRefused:  # the database refused it before this process's cache knew
+                pass
             time.sleep(0.005)
         out.put(None)
     finally:

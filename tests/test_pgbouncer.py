@@ -395,7 +395,9 @@ LEFTOVERS = {
     "listen": (["listen tenancy_leak"], "select pg_listening_channels()"),
     "advisory lock": (
         ["select pg_advisory_lock(4242)"],
-        "select count(*) from pg_locks where locktype = 'advisory' and pid = pg_backend_pid()",
+        # the lock left behind (the transaction itself holds its tenant's serving lock)
+        "select count(*) from pg_locks where locktype = 'advisory' "
+        "and classid = 0 and objid = 4242 and pid = pg_backend_pid()",
     ),
 }
 

@@ -20,7 +20,7 @@ from sqla_tenancy import (
     platform_context,
     tenant_context,
 )
-from sqla_tenancy.binding import CLEAR_LEFTOVERS, binding_statement
+from sqla_tenancy.binding import CLEAR_LEFTOVERS, admit_statement, binding_statement
 from sqla_tenancy.routing import Router, lookup_key, token_scope
 
 from .models import INFRASTRUCTURE, Base
@@ -148,6 +148,9 @@ class MemoryRegistry:
     def role_attributes(self) -> tuple[bool, bool]:
         return False, False
 
+    def admits_tenants(self) -> bool:
+        return True
+
 
 def shared(slug: str, status: str = "active") -> Tenant:
     return Tenant(
@@ -173,7 +176,10 @@ def test_the_router_routes_the_active_tenant_and_falls_back_to_the_default(
     with tenant_context("acme"):
         route = router.current()
         assert route.tenant is not None and route.tenant.slug == "acme"
-        assert route.binding == binding_statement(shared("acme").id)
+        # the main database admits the transaction first (refusing a tenant no longer active)
+        assert route.binding == admit_statement(shared("acme").id) + b"; " + binding_statement(
+            shared("acme").id
+        )
         assert route.token == str(shared("acme").id)
     assert router.current().tenant == shared("default")
 
@@ -197,7 +203,9 @@ def test_an_anonymous_scope_has_a_route_of_its_own(routed: tuple[Router, MemoryR
     with tenant_context("acme", anonymous=True):
         route = router.current()
     assert route.token == f"{shared('acme').id}:anonymous"
-    assert route.binding == binding_statement(shared("acme").id, role="tenant_anonymous")
+    assert route.binding == admit_statement(shared("acme").id) + b"; " + binding_statement(
+        shared("acme").id, role="tenant_anonymous"
+    )
 
 
 def test_the_router_memoises_until_the_registry_changes(routed: tuple[Router, MemoryRegistry]) -> None:

@@ -55,6 +55,9 @@ class Placement(Protocol):
     transactional: bool
     #: each tenant has engines of its own (else: the main engine, bound per transaction)
     per_tenant_engines: bool
+    #: its tenants' transactions run in the main database, where ``tenancy.admit_tenant()``
+    #: admits each (see :func:`~sqla_tenancy.binding.admit_statement`); a deletion waits for them
+    admitted: bool
 
     def initial_location(self, server: str | None) -> dict[str, Any]:
         """The registry location a new tenant starts with, on ``server`` (``None``: the default);

@@ -55,7 +55,7 @@ from ..anonymous import (
 )
 from ..binding import binding_statement, migration_binding_statement
 from ..dialect import DRIVER_NAME
-from ..errors import ProvisioningError
+from ..errors import DeletionError, ProvisioningError
 from ..grants import tenants_group, tenants_group_grants
 from ..identifiers import database_name, quote_ident, quote_literal, role_name
 from ..privileges import require_admin_attributes
@@ -185,6 +185,7 @@ class DatabasePlacement(PlacementBase):
 
     name = "database"
     transactional = False
+    admitted = False
     per_tenant_engines = True
 
     def __init__(self, config: TenancyConfig, engines: Engines, steps: Steps) -> None:
@@ -282,8 +283,26 @@ class DatabasePlacement(PlacementBase):
         self.refresh_template(server)
 
     def refresh_template(self, server: str) -> None:
-        """(Re)create the tenant tables and the policy function in the template database."""
+        """(Re)create the tenant tables and the policy function in the template database.
+
+        Under the template's lock, held in the server admin URL's database: each process's first
+        provisioning refreshes the template, and two ``CREATE OR REPLACE FUNCTION`` at once fail
+        with ``tuple concurrently updated``; ``CREATE DATABASE`` (which holds the same lock)
+        refuses a template that has other sessions."""
         template = template_database(self.config)
+        guard = self._admin(server)
+        try:
+            with guard.connect() as conn:
+                key = {"key": locks.template_key(template)}
+                conn.execute(text(locks.LOCK), key)
+                try:
+                    self._refresh_template(server, template)
+                finally:
+                    conn.execute(text(locks.UNLOCK), key)
+        finally:
+            guard.dispose()
+
+    def _refresh_template(self, server: str, template: str) -> None:
         engine = self._admin(server, template, autocommit=False)
         try:
             with engine.begin() as conn:
@@ -429,9 +448,9 @@ class DatabasePlacement(PlacementBase):
         names = names or self.names(tenant)
         with self.engines.admin.begin() as conn:  # new infrastructure tables: grant them first
             run_script(conn, ";\n".join(tenants_group_grants(self.config)))
-        # The admin URL reaches the main database directly (the application URL may go through a
-        # transaction pooler, which postgres_fdw's sessions must not).
-        main = self.config.admin_url
+        # The admin URL's address (or fdw_host/fdw_port) reaches the main database directly (the
+        # application URL may go through a transaction pooler, which postgres_fdw's sessions must not).
+        host, port, dbname = self.config.fdw_address()
         secret = self.config.secret()
         engine = self._admin(names.server, names.database, autocommit=False)
         admin_role = self.config.server_admin_url(names.server).username or ""
@@ -441,9 +460,8 @@ class DatabasePlacement(PlacementBase):
                 if create_server:
                     statements += [
                         f"CREATE SERVER IF NOT EXISTS {FOREIGN_SERVER} FOREIGN DATA WRAPPER postgres_fdw "
-                        f"OPTIONS (host {quote_literal(main.host or 'localhost')}, "
-                        f"port {quote_literal(str(main.port or 5432))}, "
-                        f"dbname {quote_literal(main.database or '')})",
+                        f"OPTIONS (host {quote_literal(host)}, port {quote_literal(str(port))}, "
+                        f"dbname {quote_literal(dbname)})",
                     ]
                     password = derive_password(secret, names.fdw_role)
                     for local in (names.app_role, admin_role):
@@ -606,29 +624,63 @@ class DatabasePlacement(PlacementBase):
     def deprovision(
         self, tenant: Tenant, *, admin: Connection | None, keep_infrastructure_rows: bool
     ) -> None:
-        if not keep_infrastructure_rows:
-            with self.engines.admin.begin() as conn:
-                delete_tenant_rows(tenant, reversed(self.config.infrastructure_tables()), admin=conn)
+        """Stop the tenant everywhere, then remove it, in an order where a failure leaves its data
+        whole or its own database already gone, never half of it:
+
+        1. its login roles (the tenant's on its server, the FDW role on the main database) may
+           no longer log in, and their sessions are ended: no transaction of the tenant still
+           in flight in any process can commit afterwards, on either side;
+        2. ``DROP DATABASE ... WITH (FORCE)``: the tenant's own data, all at once;
+        3. its roles on its server; then, in one transaction on the main database, its rows in
+           the infrastructure tables (unless kept) and its FDW role.
+
+        Every step is idempotent: a deletion that stopped part way is finished by running it again.
+        """
+        self.engines.tenants.discard(lambda key: key[0] == tenant.id)  # type: ignore[index]
         if _JOURNAL in tenant.location:  # never activated: only what its journal names
             self.compensate(tenant)
+            if not keep_infrastructure_rows:
+                with self.engines.admin.begin() as conn:
+                    delete_tenant_rows(tenant, reversed(self.config.infrastructure_tables()), admin=conn)
             return
         # An active tenant's objects are the ones its registry row names.
         names = self.names(tenant)
         database = tenant.location.get("database", names.database)
         app_role = tenant.location.get("role", names.app_role)
         fdw_role = tenant.location.get("fdw_role", names.fdw_role)
-        self.engines.tenants.discard(lambda key: key[0] == tenant.id)  # type: ignore[index]
+        self._stop_sessions(tenant, names.server, [app_role, names.anon_role])
+        with self.engines.admin.connect() as conn:
+            _end_sessions(conn, tenant, "main", [fdw_role])
         server_engine = self._admin(names.server)
         try:
             with server_engine.connect() as conn:
-                conn.exec_driver_sql(f"DROP DATABASE IF EXISTS {quote_ident(database)} WITH (FORCE)")
+                try:
+                    conn.exec_driver_sql(f"DROP DATABASE IF EXISTS {quote_ident(database)} WITH (FORCE)")
+                except exc.DBAPIError as error:
+                    raise DeletionError(
+                        f"Tenant {tenant.slug!r} is refused everywhere and its sessions were ended, "
+                        f"but its database {database!r} on server {names.server!r} could not be "
+                        f"dropped ({error.orig}); none of its data was removed. A superuser's "
+                        "session in that database can only be ended by a superuser: end it, then "
+                        f"rerun delete_tenant({tenant.slug!r})."
+                    ) from error
                 conn.exec_driver_sql(f"DROP ROLE IF EXISTS {quote_ident(app_role)}")
                 conn.exec_driver_sql(f"DROP ROLE IF EXISTS {quote_ident(names.anon_role)}")
         finally:
             server_engine.dispose()
         with self.engines.admin.begin() as conn:
+            if not keep_infrastructure_rows:
+                delete_tenant_rows(tenant, reversed(self.config.infrastructure_tables()), admin=conn)
             # its only privileges come from the group membership, which DROP ROLE removes
             conn.exec_driver_sql(f"DROP ROLE IF EXISTS {quote_ident(fdw_role)}")
+
+    def _stop_sessions(self, tenant: Tenant, server: str, roles: list[str]) -> None:
+        engine = self._admin(server)
+        try:
+            with engine.connect() as conn:
+                _end_sessions(conn, tenant, server, roles)
+        finally:
+            engine.dispose()
 
     # -- routing ------------------------------------------------------------------------------
 
@@ -665,6 +717,63 @@ class DatabasePlacement(PlacementBase):
 
     def engine(self, tenant: Tenant, *, async_: bool) -> Engine:
         return self.engines.tenant(tenant.id, lambda: self.app_url(tenant), async_=async_)
+
+
+def _end_sessions(conn: Connection, tenant: Tenant, server: str, roles: list[str]) -> None:
+    """As the admin role on ``conn`` (autocommit): refuse new logins of ``roles`` and end their
+    sessions, waiting until each is gone, so that none of their transactions commits later.
+
+    PostgreSQL lets a role end only the sessions of roles whose privileges it has (or holders of
+    ``pg_signal_backend``). The admin role created the tenant's roles and holds them WITH ADMIN
+    OPTION, so it first makes itself a member that inherits them (PostgreSQL 16+: ``WITH INHERIT
+    TRUE, SET FALSE``; 15: a plain grant, inherited by an ``INHERIT`` admin role). The membership
+    goes with the roles when they are dropped.
+    """
+    present = [r for r in roles if role_exists(conn, r)]
+    if not present:
+        return
+    admin = conn.execute(text("select current_user")).scalar_one()
+    option = " WITH INHERIT TRUE, SET FALSE" if (conn.dialect.server_version_info or (0,)) >= (16,) else ""
+    try:
+        for role in present:
+            conn.exec_driver_sql(f"ALTER ROLE {quote_ident(role)} NOLOGIN")
+            conn.exec_driver_sql(f"GRANT {quote_ident(role)} TO {quote_ident(admin)}{option}")
+        pids = (
+            conn.execute(
+                text(
+                    "select pid from pg_stat_activity where usename = any(:roles) and pid <> pg_backend_pid()"
+                ),
+                {"roles": present},
+            )
+            .scalars()
+            .all()
+        )
+        # one call per pid (a qualifier beside it could be evaluated after it); with a timeout,
+        # pg_terminate_backend waits until the session has exited (false: it did not in time)
+        # (false, too, for a session that exited meanwhile: hence the look at what is left)
+        for pid in pids:
+            conn.execute(text("select pg_terminate_backend(:pid, 10000)"), {"pid": pid})
+        lingering = (
+            conn.execute(
+                text("select pid from pg_stat_activity where pid = any(:pids)"), {"pids": list(pids)}
+            )
+            .scalars()
+            .all()
+        )
+    except exc.DBAPIError as error:
+        raise DeletionError(
+            f"Tenant {tenant.slug!r} is refused everywhere, but the sessions of its roles "
+            f"{', '.join(present)} on server {server!r} could not be ended ({error.orig}); none of "
+            "its data was removed. The admin role needs to inherit the tenant's roles (it must be "
+            "INHERIT on PostgreSQL 15) or to hold pg_signal_backend; then rerun "
+            f"delete_tenant({tenant.slug!r})."
+        ) from error
+    if lingering:
+        raise DeletionError(
+            f"Tenant {tenant.slug!r} is refused everywhere, but the sessions {sorted(lingering)} of "
+            f"its roles on server {server!r} did not exit within 10 s; none of its data was "
+            f"removed. Rerun delete_tenant({tenant.slug!r})."
+        )
 
 
 def _role_entry(server: str, role: str) -> dict[str, str]:

@@ -133,6 +133,7 @@ class SchemaPlacement(PlacementBase):
 
     name = "schema"
     transactional = True
+    admitted = True
     per_tenant_engines = False
 
     def __init__(self, config: TenancyConfig, engines: Engines, steps: Steps) -> None:

@@ -54,6 +54,7 @@ class SharedPlacement(PlacementBase):
 
     name = "shared"
     transactional = True
+    admitted = True
     per_tenant_engines = False
 
     def initial_location(self, server: str | None) -> dict[str, Any]:

@@ -131,7 +131,8 @@ class TestServer:
     @property
     def superuser(self) -> Engine:
         if self._engine is None:
-            self._engine = create_engine(self.superuser_url, isolation_level="AUTOCOMMIT")
+            # pre-ping: a test that restarts the server or ends sessions leaves no dead connection
+            self._engine = create_engine(self.superuser_url, isolation_level="AUTOCOMMIT", pool_pre_ping=True)
         return self._engine
 
     def execute(self, sql: str, database: str | None = None) -> None:

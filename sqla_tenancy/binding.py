@@ -32,10 +32,13 @@ REFUSED_SQLSTATE = "TNREF"
 
 __all__ = [
     "ADMIT_FUNCTION",
+    "PROPAGATE_OPTION",
+    "SEPARATE_BINDING",
     "CLEAR_LEFTOVERS",
     "REFUSED_SQLSTATE",
     "UNBIND",
     "admit_statement",
+    "distributed_binding_statement",
     "binding_statement",
     "migration_binding_statement",
     "tenant_setting",
@@ -50,8 +53,22 @@ CLEAR_LEFTOVERS = b"CLOSE ALL; UNLISTEN *; SELECT pg_advisory_unlock_all(); DISC
 
 
 #: Citus (sqla_tenancy.distribution): the application engines' sessions propagate ``SET LOCAL`` to
-#: the workers (a connection option, so the binding stays one round trip with ``BEGIN``)
+#: the workers (a connection option)
 PROPAGATE_OPTION = "-c citus.propagate_set_commands=local"
+#: Citus: what follows this marker in a binding is sent by the dialect as a query of its own, after
+#: the rest. Citus replays on the workers the whole query string a propagated ``SET LOCAL`` came in
+#: (with a multi-statement binding: the leftover clearing, ``COMMIT; BEGIN``, the admission...),
+#: so on Citus the tenant setting travels alone, and the rest of the binding carries no ``SET``.
+SEPARATE_BINDING = b"\n-- sqla-tenancy: the rest alone (Citus)\n"
+
+
+def distributed_binding_statement(tenant_id: uuid.UUID) -> bytes:
+    """A shared tenant's binding on Citus: the pins as ``set_config`` calls (not propagated), then,
+    alone, the tenant setting (propagated to the workers)."""
+    return (
+        b"SELECT pg_catalog.set_config('search_path', '\"$user\", public', true), "
+        b"pg_catalog.set_config('role', 'none', true)" + SEPARATE_BINDING + tenant_setting(tenant_id).encode()
+    )
 
 
 def tenant_setting(tenant_id: uuid.UUID) -> str:
@@ -70,14 +87,15 @@ def binding_statement(tenant_id: uuid.UUID, *, schema: str | None = None, role: 
     return f"SET LOCAL search_path = {path}; SET LOCAL ROLE {who}; {tenant_setting(tenant_id)}".encode()
 
 
-def admit_statement(tenant_id: uuid.UUID) -> bytes:
+def admit_statement(tenant_id: uuid.UUID, *, distributed: bool = False) -> bytes:
     """The first statement of a main-database tenant transaction's binding: the database itself
     refuses a tenant that is suspended, being deleted or gone (whatever a process's registry cache
     says), and a deletion waits for the transactions it admitted (:func:`locks.serving_key
     <sqla_tenancy.locks.serving_key>`). It runs as the login role (the application role, which may
     execute it): a ``SET ROLE`` left on the connection by earlier code is reset first, as the rest
     of the binding resets it."""
-    return f"SET LOCAL ROLE NONE; SELECT {ADMIT_FUNCTION}({quote_literal(str(tenant_id))})".encode()
+    reset = "SELECT pg_catalog.set_config('role', 'none', true)" if distributed else "SET LOCAL ROLE NONE"
+    return f"{reset}; SELECT {ADMIT_FUNCTION}({quote_literal(str(tenant_id))})".encode()
 
 
 def migration_binding_statement(tenant_id: uuid.UUID, *, schema: str | None = None) -> str:

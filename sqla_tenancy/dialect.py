@@ -42,7 +42,7 @@ from sqlalchemy.dialects import registry as dialect_registry
 from sqlalchemy.dialects.postgresql.psycopg import PGDialect_psycopg, PGDialectAsync_psycopg
 from sqlalchemy.util import await_
 
-from .binding import CLEAR_LEFTOVERS, REFUSED_SQLSTATE
+from .binding import CLEAR_LEFTOVERS, REFUSED_SQLSTATE, SEPARATE_BINDING
 from .errors import AutocommitNotAllowed, TenantRefused
 
 __all__ = ["Binder", "TenancyDialect", "TenancyDialectAsync", "DRIVER_NAME"]
@@ -210,7 +210,12 @@ class _TenancyMixin:
             # share (behind a pooler): clear what anybody may have left there first.
             query = _CLEAR + state.begin + b"; " + binding
         state.clean_for = None
+        alone = None
+        if binding is not None and SEPARATE_BINDING in binding:  # Citus (see binding.SEPARATE_BINDING)
+            query, alone = query.split(SEPARATE_BINDING, 1)
         results = self._run(driver, query)
+        if alone is not None:
+            results = [*results, *self._run(driver, alone)]
         for result in results:
             if result.status not in _OK:
                 error = psycopg.errors.error_from_result(result, encoding=driver.info.encoding)

@@ -280,7 +280,7 @@ class Router:
         """``binding``, preceded by the admission check when the placement's transactions run in
         the main database (see :func:`~sqla_tenancy.binding.admit_statement`)."""
         if self._admit and placement.admitted:
-            return admit_statement(tenant.id) + b"; " + binding
+            return admit_statement(tenant.id, distributed=self.config.distributed) + b"; " + binding
         return binding
 
     def binding(self) -> bytes | None:

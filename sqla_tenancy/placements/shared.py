@@ -10,8 +10,13 @@ from sqlalchemy import Connection, Table, text
 from sqlalchemy.engine import URL, Engine
 
 from ..anonymous import anonymous_role
-from ..binding import binding_statement, migration_binding_statement, tenant_setting
-from ..errors import ProvisioningError
+from ..binding import (
+    binding_statement,
+    distributed_binding_statement,
+    migration_binding_statement,
+    tenant_setting,
+)
+from ..errors import ProvisioningError, UnsupportedOperation
 from ..identifiers import quote_ident
 from ..keys import check_tenant_keys
 from ..rls import is_tenant_scoped, qualified_name, tenant_column_name
@@ -105,9 +110,16 @@ class SharedPlacement(PlacementBase):
         return None  # its rows share the main database's tables: exported row by row
 
     def binding(self, tenant: Tenant) -> bytes:
+        if self.config.distributed:
+            return distributed_binding_statement(tenant.id)
         return binding_statement(tenant.id)
 
     def anonymous_binding(self, tenant: Tenant) -> bytes:
+        if self.config.distributed:
+            raise UnsupportedOperation(
+                "Anonymous (access-key) requests are not supported on Citus (distributed=True) yet: "
+                "Citus reaches the workers as the current role, and the anonymous role cannot log in."
+            )
         return binding_statement(tenant.id, role=anonymous_role(self.config))
 
     def engine(self, tenant: Tenant, *, async_: bool) -> Engine:

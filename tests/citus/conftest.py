@@ -70,7 +70,8 @@ def citus() -> Iterator[CitusCluster]:
             )
         if citus_installed() is None:
             pytest.skip(ENABLE)
-    with CitusCluster(workers=2) as cluster:
+    # every statement logged: a test reads what the workers were sent
+    with CitusCluster(workers=2, settings={"log_statement": "'all'"}) as cluster:
         yield cluster
 
 

@@ -5,6 +5,8 @@ queries fanning out."""
 
 from __future__ import annotations
 
+import re
+
 import pytest
 from sqlalchemy import Connection, event, func, select, text
 from sqlalchemy.exc import ProgrammingError
@@ -12,6 +14,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from sqla_tenancy import ConfigurationError, Tenancy, platform_context, tenant_context
 from sqla_tenancy.distribution import check_distributable
+from sqla_tenancy.testing.citus import CitusCluster
 
 from .conftest import Base, Project, Task
 
@@ -93,6 +96,28 @@ def test_without_propagation_the_workers_see_no_tenant(seeded: Tenancy) -> None:
         with plain.transaction():
             plain.execute(f"SET LOCAL app.current_tenant_id = '{acme.id}'")
             assert plain.execute("select count(*) from projects").fetchone() == (0,)
+
+
+def test_the_workers_receive_the_tenant_setting_alone(seeded: Tenancy, citus: CitusCluster) -> None:
+    """Citus replays on the workers the whole query string a propagated SET LOCAL came in: the
+    binding's tenant setting travels alone, so the workers never run the leftover clearing,
+    COMMIT; BEGIN, or the admission (whose registry exists on the coordinator only)."""
+    if not citus.nodes:
+        pytest.skip("an external cluster: its logs are not ours to read")
+    Session = seeded.sessionmaker()
+    with tenant_context("globex"), Session() as session:
+        session.execute(text("select count(*) from projects /* worker-log-probe */")).scalar()
+    replayed = [
+        line
+        for node in citus.nodes[1:]
+        for line in (node.base_dir / "server.log").read_text().splitlines()  # type: ignore[operator]
+        if "statement:" in line and "app.current_tenant_id" in line
+    ]
+    assert replayed, "the tenant setting never reached a worker"
+    for line in replayed:
+        sent = line[line.index("statement:") :]
+        assert "admit_tenant" not in sent and "DISCARD" not in sent, sent
+        assert not re.search(r";\s*COMMIT\s*;", sent), sent
 
 
 def test_a_tenant_orm_query_is_routed_to_one_node(seeded: Tenancy) -> None:

@@ -32,7 +32,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import Connection, Engine, event, text
+from sqlalchemy import Connection, text
 
 from .context import current_platform_reason
 from .dialect import TenancyDialect
@@ -43,6 +43,7 @@ from .registry import REGISTRY_SCHEMA, Tenant
 from .rls import qualified_name, tenant_column_name
 
 if TYPE_CHECKING:
+    from .engines import Engines
     from .services import Services
 
 __all__ = [
@@ -50,6 +51,7 @@ __all__ = [
     "REASON_SETTING",
     "AuditEntry",
     "attach_platform_reason",
+    "send_platform_reason",
     "audit_grants",
     "audit_log",
     "audit_table_ddl",
@@ -265,7 +267,8 @@ def audit_log(
 _SET_REASON = f"select set_config('{REASON_SETTING}', %s, true)"
 
 
-def _send_reason(conn: Any) -> None:
+def send_platform_reason(conn: Any) -> None:
+    """The ``begin`` listener of the admin engines (see :func:`attach_platform_reason`)."""
     reason = current_platform_reason()
     if reason is None or isinstance(conn.dialect, TenancyDialect) or conn.dialect.name != "postgresql":
         return  # tenant engines bind their transactions themselves; other databases know no set_config
@@ -281,14 +284,10 @@ def _send_reason(conn: Any) -> None:
         cursor.close()
 
 
-_attached = False
-
-
-def attach_platform_reason() -> None:
-    """Make every transaction begun inside :func:`~sqla_tenancy.platform_context` on a plain
-    engine (the admin engine, sync or async, or one of the application's) carry the context's
-    reason as ``app.platform_reason`` (transaction-local). Idempotent, process-wide."""
-    global _attached
-    if not _attached:
-        event.listen(Engine, "begin", _send_reason)
-        _attached = True
+def attach_platform_reason(engines: Engines) -> None:
+    """Make every transaction begun inside :func:`~sqla_tenancy.platform_context` on the
+    Tenancy's admin engines (sync and async: the ones platform work runs on) carry the context's
+    reason as ``app.platform_reason`` (transaction-local). Only those engines get the listener:
+    any ``begin`` listener sends SQLAlchemy down slower paths, so the application's tenant engines
+    (and any other engine of the process) have none. Call it before the admin engines are made."""
+    engines.admin_begin = send_platform_reason

@@ -217,6 +217,10 @@ class Engines:
 
     def __init__(self, config: TenancyConfig) -> None:
         self.config = config
+        #: a ``begin`` listener for the admin engines only (the audit's reason: see
+        #: :func:`sqla_tenancy.audit.send_platform_reason`); the application engines get none,
+        #: since any ``begin`` listener sends SQLAlchemy down its slower event-aware paths
+        self.admin_begin: Callable[[Any], None] | None = None
         self._bound: dict[str, Any] = {**_RECOVERING, **config.engine_options}
         self._async_app: AsyncEngine | None = None
         self._admin: Engine | None = None
@@ -260,6 +264,8 @@ class Engines:
         """The admin role's engine: no tenant binding (platform work, provisioning, DDL)."""
         if self._admin is None:
             self._admin = create_engine(plain_url(self.config.admin_url), **_RECOVERING)
+            if self.admin_begin is not None:
+                event.listen(self._admin, "begin", self.admin_begin)
         return self._admin
 
     @property
@@ -267,6 +273,8 @@ class Engines:
         """The asyncio engine of the admin role."""
         if self._async_admin is None:
             self._async_admin = create_async_engine(plain_url(self.config.admin_url), **_RECOVERING)
+            if self.admin_begin is not None:
+                event.listen(self._async_admin.sync_engine, "begin", self.admin_begin)
         return self._async_admin
 
     def main(self, async_: bool) -> Engine:

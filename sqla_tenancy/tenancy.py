@@ -163,6 +163,7 @@ class Tenancy:
         )
         self.registry = Registry(config.registry_url, ttl=config.registry_ttl, listen=config.registry_listen)
         self.engines = engines = Engines(config)
+        attach_platform_reason(engines)  # platform_context's reason reaches the audit triggers
         placements: dict[str, Placement] = {}
         self.router = Router(config, self.registry, engines, placements)
         engines.bind(self.router.binding, self.router.current_tenant_id)
@@ -187,7 +188,6 @@ class Tenancy:
             self._session_class = type("DistributedTenantSession", (TenantSession,), {})
             event.listen(self._session_class, "do_orm_execute", tenant_filter(self._filter_tenant_id))
         set_active_resolver(self.router)
-        attach_platform_reason()  # platform_context's reason reaches the audit triggers
         _active = weakref.ref(self)
 
     def _filter_tenant_id(self) -> uuid.UUID | None:

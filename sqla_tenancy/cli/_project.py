@@ -171,6 +171,3 @@ def split_list(values: Sequence[str] | None) -> list[str] | None:
     """Repeated options and comma lists as one list (no normalisation: references are canonical)."""
     items = [t for item in values or [] for t in item.split(",") if t]
     return items or None
-
-
-Printer = Callable[[Any], None]

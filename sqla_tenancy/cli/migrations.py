@@ -21,6 +21,7 @@ from rich.table import Table
 from rich.text import Text
 
 from ._app import EXIT_LOCKED, EXIT_USAGE, AppOption, ConfigOption, app
+from ._project import split_list
 
 
 @app.command()
@@ -90,7 +91,7 @@ def migrate(
             typer.echo(f"error: --stream must be {INFRASTRUCTURE} or {TENANT}", err=True)
             raise typer.Exit(EXIT_USAGE)
         streams = (stream,)
-    only = [t.strip() for item in tenant or [] for t in item.split(",") if t.strip()] or None
+    only = split_list(tenant)  # canonical references only: no stripping, as everywhere
     show = console.is_terminal if progress is None else progress
     bar = Progress(
         TextColumn("{task.description}"),

@@ -64,6 +64,24 @@ class MigrationsSource:
         return self._config
 
 
+def _pending_targets(pending_tenants: Mapping[str, int] | None) -> dict[str, int]:
+    """``pending_tenants=``, checked: only database tenants are provisioned ahead."""
+    targets = dict(pending_tenants or {})
+    for placement, count in targets.items():
+        if placement != "database":
+            raise ConfigurationError(
+                f"pending_tenants={{{placement!r}: ...}}: only database tenants can be provisioned "
+                "ahead (shared and schema tenants are created in one transaction, without CREATE "
+                "DATABASE). Pass pending_tenants={'database': N}."
+            )
+        if isinstance(count, bool) or not isinstance(count, int) or count < 0:
+            raise ConfigurationError(
+                f"pending_tenants={{'database': {count!r}}}: the number of pending tenants to keep "
+                "must be an int >= 0."
+            )
+    return targets
+
+
 @dataclass(frozen=True)
 class TenancyConfig:
     """Everything ``Tenancy(...)`` was configured with, validated (see :class:`Tenancy` for the
@@ -101,6 +119,9 @@ class TenancyConfig:
     #: the main database is a Citus coordinator: tenant tables are distributed by ``tenant_id``
     #: (see :mod:`sqla_tenancy.distribution`)
     distributed: bool = False
+    #: how many pending tenants to keep provisioned ahead, by placement (``{"database": 5}``;
+    #: see :mod:`sqla_tenancy.pool`)
+    pending_tenants: Mapping[str, int] = field(default_factory=dict)
 
     @classmethod
     def create(
@@ -128,6 +149,7 @@ class TenancyConfig:
         fdw_host: str | None = None,
         fdw_port: int | None = None,
         distributed: bool = False,
+        pending_tenants: Mapping[str, int] | None = None,
     ) -> TenancyConfig:
         """Check the arguments of ``Tenancy(...)`` and build the configuration."""
         app = make_url(url)
@@ -144,6 +166,7 @@ class TenancyConfig:
             raise ConfigurationError("fdw_host must be a non-empty host name or address")
         if fdw_port is not None and (not isinstance(fdw_port, int) or not 0 < fdw_port < 65536):
             raise ConfigurationError("fdw_port must be a TCP port number (1-65535)")
+        pending = _pending_targets(pending_tenants)
         known = {"main": admin}
         for name, server_url in (servers or {}).items():
             known[name] = plain_url(make_url(server_url))
@@ -170,6 +193,7 @@ class TenancyConfig:
             fdw_port=fdw_port,
             migrations=MigrationsSource(migrations),
             distributed=distributed,
+            pending_tenants=pending,
         )
 
     # -- derived --------------------------------------------------------------------------------

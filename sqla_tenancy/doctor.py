@@ -115,6 +115,7 @@ class _Doctor:
             self._main_database(conn)
             self._registry(conn, tenants)
             self._migrations(tenants)
+            self._pool(tenants)
             main_database = self.config.admin_url.database or ""
             for tenant in tenants:
                 if tenant.strategy == "database" and tenant.status in _LIVE:
@@ -619,6 +620,20 @@ class _Doctor:
                     "database tenants created now are born behind head.",
                     "sqla-tenancy migrate (the fleet runner migrates the template too)",
                 )
+
+    def _pool(self, tenants: list[Tenant]) -> None:
+        target = self.config.pending_tenants.get("database")
+        pending = sum(1 for t in tenants if t.status == "pending")
+        if target is not None and pending < target:
+            self.add(
+                "warning",
+                "pool-below-size",
+                "the pool of pending database tenants",
+                f"It holds {pending} of the {target} pending tenants configured "
+                "(pending_tenants): the next database tenants are provisioned at sign-up, not "
+                "claimed. A refill failed or has not run since the last claims.",
+                "sqla-tenancy tenants pool --refill",
+            )
 
     # -- database tenants ---------------------------------------------------------------------
 

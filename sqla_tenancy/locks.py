@@ -17,6 +17,7 @@ __all__ = [
     "INSTALL_KEY",
     "LOCK",
     "MIGRATION_KEY",
+    "POOL_KEY",
     "TRY_LOCK",
     "UNLOCK",
     "XACT_LOCK",
@@ -32,6 +33,10 @@ __all__ = [
 INSTALL_KEY = 0x5_1A7E_7A11
 #: Held (session-level) by a migration run: the fleet runner's or a plain ``alembic`` one.
 MIGRATION_KEY = "sqla_tenancy:migrate"
+
+#: Held (session-level, tried without waiting) by whoever tops the pool of pending tenants up:
+#: one refill at a time across processes, so that the pool does not overshoot its target.
+POOL_KEY = "sqla_tenancy:pool"
 
 LOCK = "select pg_advisory_lock(hashtext(:key))"
 TRY_LOCK = "select pg_try_advisory_lock(hashtext(:key))"

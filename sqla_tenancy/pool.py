@@ -11,6 +11,11 @@ and the registry row becomes the active tenant. Concurrent claims take different
 tenants (``FOR UPDATE SKIP LOCKED``); a failure rolls the claim back, leaving the pool as it
 was. An empty pool means provisioning as usual.
 
+``Tenancy(pending_tenants={"database": N})`` keeps N pending tenants: :func:`refill_pool` tops
+the pool up (one refill at a time across processes, under :data:`~sqla_tenancy.locks.POOL_KEY`),
+``sqla-tenancy tenants pool --refill`` runs it, and the process that created a database tenant
+runs it in a background thread afterwards.
+
 The tenant keeps the id it was provisioned with, which its FDW role's name and its objects'
 markers carry; only names derived from the slug change. Claiming needs the pending tenant's
 server to be the main database's cluster (``ALTER DATABASE ... RENAME`` and ``ALTER ROLE`` run in
@@ -22,6 +27,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import secrets
+import threading
 from typing import TYPE_CHECKING
 
 from sqlalchemy import Connection, text
@@ -36,7 +42,7 @@ from .registry import Tenant
 if TYPE_CHECKING:
     from .services import Services
 
-__all__ = ["PENDING_PREFIX", "claim", "fill_pool", "pending_tenants"]
+__all__ = ["PENDING_PREFIX", "claim", "fill_pool", "pending_tenants", "refill_pool"]
 
 log = logging.getLogger("sqla_tenancy.lifecycle")
 
@@ -76,6 +82,31 @@ def fill_pool(services: Services, count: int, *, server: str | None = None) -> l
         services.registry.invalidate([tenant.id])
         made.append(dataclasses.replace(tenant, status="pending"))
         log.info("pool: provisioned pending tenant %s", slug)
+    return made
+
+
+def refill_pool(services: Services, target: int, *, stop: threading.Event | None = None) -> list[Tenant]:
+    """Provision pending database tenants until the pool holds ``target`` (counted again before
+    each one, so claims made meanwhile are replaced too); the ones made. While another process
+    (or thread) tops the pool up, this returns ``[]`` at once: that one fills it. ``stop`` set:
+    return after the tenant in progress (nothing is left half-made)."""
+    if target < 0:
+        raise ValueError("refill_pool() takes a target >= 0")
+    made: list[Tenant] = []
+    with services.engines.admin.connect() as conn:
+        got = conn.execute(text(locks.TRY_LOCK), {"key": locks.POOL_KEY}).scalar()
+        conn.commit()
+        if not got:
+            log.info("pool: another process is topping the pool up; leaving it to that one")
+            return made
+        try:
+            while stop is None or not stop.is_set():
+                if len(pending_tenants(services)) >= target:
+                    break
+                made += fill_pool(services, 1)
+        finally:
+            conn.execute(text(locks.UNLOCK), {"key": locks.POOL_KEY})
+            conn.commit()
     return made
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import threading
 import uuid
 import warnings
 import weakref
@@ -26,7 +27,7 @@ from .config import TenancyConfig, plain_url
 from .context import set_active_resolver
 from .distribution import tenant_filter
 from .engines import EngineCache, Engines
-from .errors import TenantNotFound, UnsupportedOperation
+from .errors import ConfigurationError, TenantNotFound, UnsupportedOperation
 from .events import EventName, Events, Hook, TenantEvent
 from .placements import DatabasePlacement, Placement, SchemaPlacement, SharedPlacement
 from .registry import Registry, Tenant, TenantStore
@@ -107,6 +108,10 @@ class Tenancy:
         tenant tables by ``tenant_id`` (colocated) and makes the other infrastructure tables
         reference tables, and every binding propagates the tenant to the workers. See
         :mod:`sqla_tenancy.distribution` and ``docs/scale-out.md``.
+    :param pending_tenants: keep this many database tenants provisioned ahead on the main
+        server, ``{"database": 5}``: ``create_tenant(..., placement="database")`` claims one in
+        milliseconds, and this process provisions a replacement in a background thread
+        afterwards (see :meth:`refill_pool` and :mod:`sqla_tenancy.pool`). Default: none.
     """
 
     def __init__(
@@ -134,6 +139,7 @@ class Tenancy:
         fdw_host: str | None = None,
         fdw_port: int | None = None,
         distributed: bool = False,
+        pending_tenants: Mapping[str, int] | None = None,
     ) -> None:
         global _active
         #: everything given here, validated (see :class:`~sqla_tenancy.config.TenancyConfig`)
@@ -160,6 +166,7 @@ class Tenancy:
             fdw_host=fdw_host,
             fdw_port=fdw_port,
             distributed=distributed,
+            pending_tenants=pending_tenants,
         )
         self.registry = Registry(config.registry_url, ttl=config.registry_ttl, listen=config.registry_listen)
         self.engines = engines = Engines(config)
@@ -187,6 +194,10 @@ class Tenancy:
             # ORM statements carry the tenant filter Citus routes by (see sqla_tenancy.distribution)
             self._session_class = type("DistributedTenantSession", (TenantSession,), {})
             event.listen(self._session_class, "do_orm_execute", tenant_filter(self._filter_tenant_id))
+        # the background refill of the pending tenants' pool (see _refill_soon)
+        self._refilling = threading.Lock()
+        self._refill_thread: threading.Thread | None = None
+        self._closing = threading.Event()
         set_active_resolver(self.router)
         _active = weakref.ref(self)
 
@@ -469,6 +480,8 @@ class Tenancy:
 
             delete_tenant(self.services, self.get_tenant(tenant.id), keep_infrastructure_rows=False)
             raise
+        if placement == "database":
+            self._refill_soon()
         return tenant
 
     def _claim_pending(
@@ -494,6 +507,53 @@ class Tenancy:
         from .pool import fill_pool
 
         return fill_pool(self.services, count, server=server)
+
+    def refill_pool(self, target: int | None = None) -> list[Tenant]:
+        """Top the pool of pending database tenants up to ``target`` (default: the
+        ``pending_tenants={"database": N}`` this Tenancy was configured with); the tenants made.
+        Returns ``[]`` at once while another process tops it up. ``sqla-tenancy tenants pool
+        --refill`` runs this; a process that creates database tenants runs it in the background
+        by itself when ``pending_tenants`` is configured."""
+        from .pool import refill_pool
+
+        if target is None:
+            target = self.config.pending_tenants.get("database")
+            if target is None:
+                raise ConfigurationError(
+                    "No pool size is configured: pass Tenancy(pending_tenants={'database': N}), or "
+                    "refill_pool(target=N) (fill_pool(N) adds N whatever the pool holds)."
+                )
+        return refill_pool(self.services, target)
+
+    def _refill_soon(self) -> None:
+        """After a database tenant was created: top the configured pool up in a background
+        thread (one at a time per process; a failure is logged, the next creation retries)."""
+        target = self.config.pending_tenants.get("database", 0)
+        if not target or self._closing.is_set() or not self._refilling.acquire(blocking=False):
+            return
+
+        def refill() -> None:
+            from .pool import refill_pool
+
+            try:
+                refill_pool(self.services, target, stop=self._closing)
+            except Exception:
+                log.exception(
+                    "pool: topping the pool of pending tenants up failed; the next "
+                    "create_tenant (or `sqla-tenancy tenants pool --refill`) retries"
+                )
+            finally:
+                self._refilling.release()
+
+        self._refill_thread = threading.Thread(target=refill, name="sqla-tenancy-pool-refill", daemon=True)
+        self._refill_thread.start()
+
+    def _stop_refill(self) -> None:
+        """Let a background refill finish the tenant it is provisioning, then stop it."""
+        self._closing.set()
+        thread = self._refill_thread
+        if thread is not None and thread is not threading.current_thread():
+            thread.join(timeout=60)
 
     def pending_tenants(self) -> list[Tenant]:
         """The pool of pending database tenants, the next one claimed first."""
@@ -703,10 +763,12 @@ class Tenancy:
                 asyncio.run(self.dispose_async())
                 return
             raise UnsupportedOperation("Inside an event loop, call `await tenancy.dispose_async()` instead.")
+        self._stop_refill()
         self.registry.close()
         self.engines.dispose_sync()
 
     async def dispose_async(self) -> None:
         """Dispose the async engines (tenant databases' included), then everything else."""
+        await asyncio.to_thread(self._stop_refill)
         await self.engines.dispose_async()
         self.registry.close()

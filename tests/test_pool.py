@@ -4,15 +4,24 @@ create_tenant, and working as any database tenant once claimed."""
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Iterator
 
 import pytest
 from sqlalchemy import select, text
 
-from sqla_tenancy import Tenancy, TenantEvent, TenantNotFound, UnsupportedOperation, tenant_context
+from sqla_tenancy import (
+    ConfigurationError,
+    Tenancy,
+    TenantEvent,
+    TenantNotFound,
+    UnsupportedOperation,
+    tenant_context,
+)
 from sqla_tenancy.testing import TestServer
 from tests.doctor_helpers import own_findings
 
+from .conftest import SECRET
 from .models import Project, User
 
 
@@ -121,3 +130,121 @@ def test_pending_tenants_follow_infrastructure_changes(t: Tenancy) -> None:
     assert pending.id in {r.id for r in t.refresh_foreign_schemas()}
     t.create_tenant("acme", placement="database")
     assert [f.check for f in own_findings(t)] == []
+
+
+# -- a pool kept at its size: Tenancy(pending_tenants={"database": N}) ---------------------------
+
+
+def _sized(t: Tenancy, size: int) -> Tenancy:
+    """Another process's Tenancy over the same databases, keeping ``size`` pending tenants."""
+    return Tenancy(
+        t.url,
+        admin_url=t.admin_url,
+        metadata=t.metadata,
+        infrastructure_schemas=t.infrastructure_schemas,
+        name_prefix=t.name_prefix,
+        secret_key=SECRET,
+        pending_tenants={"database": size},
+    )
+
+
+def _wait_for_pool(t: Tenancy, size: int, timeout: float = 60.0) -> list[str]:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        pending = [p.slug for p in t.pending_tenants()]
+        if len(pending) >= size:
+            return pending
+        time.sleep(0.1)
+    raise AssertionError(f"the pool did not reach {size} in {timeout:g} s: {t.pending_tenants()}")
+
+
+@pytest.mark.parametrize(
+    ("size", "message"),
+    [
+        ({"schema": 2}, "only database tenants can be provisioned ahead"),
+        ({"database": -1}, "must be an int >= 0"),
+        ({"database": "5"}, "must be an int >= 0"),
+        ({"database": True}, "must be an int >= 0"),
+    ],
+)
+def test_a_bad_pool_size_is_refused(t: Tenancy, size: dict[str, object], message: str) -> None:
+    with pytest.raises(ConfigurationError, match=message):
+        Tenancy(t.url, metadata=t.metadata, pending_tenants=size)  # type: ignore[arg-type]
+
+
+def test_refill_tops_the_pool_up_to_its_size(t: Tenancy) -> None:
+    with pytest.raises(ConfigurationError, match="pending_tenants"):
+        t.refill_pool()  # no size configured
+    sized = _sized(t, 2)
+    try:
+        t.fill_pool(1)
+        assert len(sized.refill_pool()) == 1
+        assert sized.refill_pool() == []  # full
+        assert len(t.pending_tenants()) == 2
+        assert own_findings(sized) == []
+        assert t.refill_pool(target=3) and len(t.pending_tenants()) == 3
+    finally:
+        sized.dispose()
+
+
+def test_a_claim_is_replaced_in_the_background(t: Tenancy) -> None:
+    sized = _sized(t, 2)
+    try:
+        sized.refill_pool()
+        first = {p.id for p in sized.pending_tenants()}
+        acme = sized.create_tenant("acme", placement="database")  # claims, then refills
+        assert acme.id in first
+        pending = _wait_for_pool(sized, 2)
+        assert len(pending) == 2 and all(slug.startswith("pending_") for slug in pending)
+        with tenant_context("acme"), sized.sessionmaker()() as s:
+            assert s.scalars(select(Project)).all() == []
+        sized.create_tenant("globex", placement="database")
+        sized.create_tenant("initech", placement="database")
+        _wait_for_pool(sized, 2)
+        sized._stop_refill()
+        assert len(sized.pending_tenants()) == 2  # not more: one refill at a time
+        assert own_findings(sized) == []
+    finally:
+        sized.dispose()
+
+
+def test_two_processes_refilling_at_once_do_not_overfill(t: Tenancy) -> None:
+    first, second = _sized(t, 3), _sized(t, 3)
+    made: list[int] = []
+    try:
+        threads = [
+            threading.Thread(target=lambda s=s: made.append(len(s.refill_pool()))) for s in (first, second)
+        ]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(120)
+        assert len(t.pending_tenants()) == 3
+        assert sum(made) == 3
+    finally:
+        first.dispose()
+        second.dispose()
+
+
+def test_dispose_stops_a_refill_after_the_tenant_in_progress(t: Tenancy) -> None:
+    sized = _sized(t, 5)
+    sized.create_tenant("acme", placement="database")  # the pool is empty: provisioned, then refill starts
+    _wait_for_pool(sized, 1)
+    sized.dispose()  # waits for the tenant being provisioned, leaves the rest
+    count = len(t.pending_tenants())
+    assert 1 <= count < 5
+    time.sleep(1)
+    assert len(t.pending_tenants()) == count  # nothing provisions any more
+    assert own_findings(t) == []
+
+
+def test_the_doctor_reports_a_pool_below_its_size(t: Tenancy) -> None:
+    sized = _sized(t, 1)
+    try:
+        findings = [f for f in sized.doctor() if f.check == "pool-below-size"]
+        assert len(findings) == 1 and findings[0].severity == "warning"
+        assert findings[0].fix == "sqla-tenancy tenants pool --refill"
+        sized.refill_pool()
+        assert [f for f in sized.doctor() if f.check == "pool-below-size"] == []
+    finally:
+        sized.dispose()

@@ -291,6 +291,13 @@ def pool(
         Optional[int],  # noqa: UP045
         typer.Option("--fill", min=1, help="Provision this many pending database tenants ahead."),
     ] = None,
+    refill: Annotated[
+        bool,
+        typer.Option(
+            "--refill",
+            help="Top the pool up to the configured Tenancy(pending_tenants={'database': N}).",
+        ),
+    ] = False,
     server: Annotated[
         Optional[str],  # noqa: UP045
         typer.Option(help="The server to provision them on (default: the main one)."),
@@ -299,15 +306,31 @@ def pool(
     config: ConfigOption = Path("alembic.ini"),
     as_json: JsonOption = False,
 ) -> None:
-    """The pool of pending database tenants that create_tenant claims instantly; --fill N adds N
-    (Tenancy.fill_pool, Tenancy.pending_tenants)."""
+    """The pool of pending database tenants that create_tenant claims instantly; --fill N adds N,
+    --refill tops it up to the configured size (Tenancy.fill_pool, Tenancy.refill_pool,
+    Tenancy.pending_tenants)."""
+    if fill and refill:
+        fail("Give --fill N or --refill, not both.", 2)
     tenancy = load_tenancy(app_spec, config)
+    target = tenancy.config.pending_tenants.get("database")
+    if refill and target is None:
+        fail(
+            "--refill tops the pool up to Tenancy(pending_tenants={'database': N}), which this "
+            "application does not configure: configure it, or pass --fill N.",
+            2,
+        )
     with operation(tenancy):
-        made = tenancy.fill_pool(fill, server=server) if fill else []
+        if fill:
+            made = tenancy.fill_pool(fill, server=server)
+        elif refill:
+            made = tenancy.refill_pool()
+        else:
+            made = []
         pending = tenancy.pending_tenants()
         if as_json:
-            print_json({"added": len(made), "pending": [tenant_record(t) for t in pending]})
+            print_json({"added": len(made), "target": target, "pending": [tenant_record(t) for t in pending]})
             return
-        if fill:
+        if fill or refill:
             typer.echo(f"added {len(made)} pending database tenant(s)")
-        typer.echo(f"{len(pending)} pending database tenant(s) in the pool")
+        size = f" (configured size {target})" if target is not None else ""
+        typer.echo(f"{len(pending)} pending database tenant(s) in the pool{size}")

@@ -131,7 +131,11 @@ def test_tenants_commands(migrated: Project, tmp_path: Path) -> None:
     assert isinstance(moved, dict) and (moved["slug"], moved["placement"]) == ("acme", "shared")
     nowhere = cli(migrated, "tenants", "move", "acme", "--to", "cloud", "--yes")
     assert nowhere.returncode == 2 and "--to must be one of" in nowhere.stderr
-    assert ok_json(cli(migrated, "tenants", "pool", "--json")) == {"added": 0, "pending": []}
+    assert ok_json(cli(migrated, "tenants", "pool", "--json")) == {"added": 0, "target": None, "pending": []}
+    no_size = cli(migrated, "tenants", "pool", "--refill")
+    assert no_size.returncode == 2 and "pending_tenants={'database': N}" in no_size.stderr
+    both = cli(migrated, "tenants", "pool", "--refill", "--fill", "2")
+    assert both.returncode == 2 and "not both" in both.stderr
 
 
 def test_tenants_list_behind(migrated: Project) -> None:

@@ -1,5 +1,7 @@
-"""The shared placement on Citus: one-transaction cost of a TenantSession against a plain Session
-on the same cluster, and a tenant's query against a cross-tenant one (interleaved rounds, medians).
+"""The shared and schema placements on Citus: one-transaction cost of a TenantSession against a
+plain Session on the same cluster, and a tenant's query against a cross-tenant one (interleaved
+rounds, medians). The schema tenant's plain Session logs in as the tenant's own role with its
+schema as the search_path (what the binding gives a TenantSession per transaction).
 
 Needs Citus built into the test PostgreSQL (python -m sqla_tenancy.testing.citus build TARBALL).
 
@@ -61,6 +63,7 @@ def main() -> None:
             infrastructure_schemas=["billing"],
             distributed=True,
             registry_listen=False,
+            secret_key=secrets.token_urlsafe(24),
         )
         tenancy.install()
         slugs = [f"t{i}" for i in range(8)]
@@ -74,6 +77,20 @@ def main() -> None:
         with tenant_context("t0"), Sessions() as session:
             pk = session.scalars(select(Project.id).limit(1)).one()
         plain = create_engine(url.set(username=admin_role, password=admin_pw))  # BYPASSRLS: no binding
+        schema_tenant = tenancy.create_tenant("s0", placement="schema")
+        role, password = tenancy.placement("schema").node_login(schema_tenant)  # type: ignore[attr-defined]
+        cluster.authorize(role, password)
+        with tenant_context("s0"), Sessions() as session:
+            session.add_all(Project(name=f"s0-{n}") for n in range(50))
+            session.commit()
+            schema_pk = session.scalars(select(Project.id).limit(1)).one()
+        schema_plain = create_engine(
+            url.set(username=role, password=password),
+            connect_args={
+                "options": f"-c search_path={schema_tenant.location['schema']} "
+                f"-c app.current_tenant_id={schema_tenant.id} -c citus.propagate_set_commands=local"
+            },
+        )
 
         def tenant_session() -> None:
             with tenant_context("t0"), Sessions() as session:
@@ -83,6 +100,14 @@ def main() -> None:
             with Session(plain) as session:
                 session.get(Project, (acme.id, pk))
 
+        def schema_tenant_session() -> None:
+            with tenant_context("s0"), Sessions() as session:
+                session.get(Project, (schema_tenant.id, schema_pk))
+
+        def schema_plain_session() -> None:
+            with Session(schema_plain) as session:
+                session.get(Project, (schema_tenant.id, schema_pk))
+
         def cross_tenant() -> None:
             with platform_context("benchmark"), Sessions() as session:
                 session.scalar(select(func.count()).select_from(Project))
@@ -91,6 +116,8 @@ def main() -> None:
             "TenantSession (one tenant, routed)": tenant_session,
             "plain Session, same query": plain_session,
             "cross-tenant count (platform)": cross_tenant,
+            "schema tenant: TenantSession": schema_tenant_session,
+            "schema tenant: plain Session as its role": schema_plain_session,
         }
         times: dict[str, list[float]] = {name: [] for name in arms}
         for i in range(rounds):
@@ -104,11 +131,14 @@ def main() -> None:
         print(
             f"Citus coordinator + 2 workers, 8 tenants x 50 rows; {rounds} rounds x {per_round} tx; medians:"
         )
+        schema_base = statistics.median(times["schema tenant: plain Session as its role"])
         for name, samples in times.items():
             median = statistics.median(samples)
-            print(f"  {name:38} {median * 1e6:8.0f} us/tx   {median / base:5.2f}x the plain Session")
+            against = schema_base if name.startswith("schema") else base
+            print(f"  {name:42} {median * 1e6:8.0f} us/tx   {median / against:5.2f}x its plain Session")
         tenancy.dispose()
         plain.dispose()
+        schema_plain.dispose()
 
 
 if __name__ == "__main__":

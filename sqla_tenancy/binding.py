@@ -62,12 +62,19 @@ PROPAGATE_OPTION = "-c citus.propagate_set_commands=local"
 SEPARATE_BINDING = b"\n-- sqla-tenancy: the rest alone (Citus)\n"
 
 
-def distributed_binding_statement(tenant_id: uuid.UUID) -> bytes:
-    """A shared tenant's binding on Citus: the pins as ``set_config`` calls (not propagated), then,
-    alone, the tenant setting (propagated to the workers)."""
+def distributed_binding_statement(
+    tenant_id: uuid.UUID, *, schema: str | None = None, role: str | None = None
+) -> bytes:
+    """A tenant's binding on Citus: the pins as ``set_config`` calls (not propagated), then,
+    alone, the tenant setting (propagated to the workers). ``schema`` and ``role`` as for
+    :func:`binding_statement` (a schema tenant's; ``None``: the default path, the login role)."""
+    path = '"$user", public' if schema is None else f"{quote_ident(schema)}, pg_temp"
+    who = "none" if role is None else role
     return (
-        b"SELECT pg_catalog.set_config('search_path', '\"$user\", public', true), "
-        b"pg_catalog.set_config('role', 'none', true)" + SEPARATE_BINDING + tenant_setting(tenant_id).encode()
+        f"SELECT pg_catalog.set_config('search_path', {quote_literal(path)}, true), "
+        f"pg_catalog.set_config('role', {quote_literal(who)}, true)".encode()
+        + SEPARATE_BINDING
+        + tenant_setting(tenant_id).encode()
     )
 
 

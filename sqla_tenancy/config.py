@@ -226,8 +226,9 @@ class TenancyConfig:
         key = self.secret_key or os.environ.get("SQLA_TENANCY_SECRET_KEY", "").encode()
         if len(key) < 16:
             raise ProvisioningError(
-                "Database tenants need a secret key of at least 16 bytes to derive their role "
-                "passwords: pass Tenancy(secret_key=...) or set SQLA_TENANCY_SECRET_KEY."
+                "Database tenants (and schema tenants on Citus) need a secret key of at least 16 "
+                "bytes to derive their role passwords: pass Tenancy(secret_key=...) or set "
+                "SQLA_TENANCY_SECRET_KEY."
             )
         return key
 

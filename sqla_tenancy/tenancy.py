@@ -451,10 +451,10 @@ class Tenancy:
                 stacklevel=2,
             )
             placement = strategy
-        if self.config.distributed and (placement or "shared") != "shared":
+        if self.config.distributed and placement == "database":
             raise UnsupportedOperation(
-                f"distributed=True (Citus) serves shared tenants only so far; a {placement} tenant "
-                "is not supported on a distributed main database (see docs/scale-out.md)."
+                "distributed=True (Citus) serves shared and schema tenants; a database tenant is "
+                "not supported on a distributed main database (see docs/scale-out.md)."
             )
         placement = placement or "shared"
         self.events.emit(TenantEvent("before_create", slug, placement=placement))

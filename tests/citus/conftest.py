@@ -114,6 +114,7 @@ def distributed(citus_roles: dict[str, URL]) -> Iterator[Tenancy]:
         infrastructure_schemas=["billing"],
         distributed=True,
         registry_listen=False,
+        secret_key="a Citus test key of more than sixteen bytes",
         name_prefix=f"c{secrets.token_hex(3)}",
     )
     tenancy.install()

@@ -1,0 +1,132 @@
+"""The schema placement on a Citus coordinator with two workers: each schema tenant is a
+distributed schema (schema-based sharding) placed on one node, its tables single-shard tables
+there; its transactions run as its own role, which the coordinator's connections to that node
+log in as; no public fallback and no other tenant's schema, enforced on the cluster."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+from sqlalchemy import select, text
+from sqlalchemy.exc import ProgrammingError
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from sqla_tenancy import Tenancy, TenantEvent, UnsupportedOperation, tenant_context
+from sqla_tenancy.testing.citus import CitusCluster
+
+from .conftest import Project, Task
+
+SLUGS = ("s_acme", "s_globex")
+
+
+@pytest.fixture(scope="module")
+def schemas(distributed: Tenancy, citus: CitusCluster) -> Iterator[Tenancy]:
+    """Two schema tenants on the distributed Tenancy, each with a project and a task; their
+    roles authorized between the nodes by an ``after_create`` hook, as an operator would."""
+
+    def authorize(event: TenantEvent) -> None:
+        assert event.tenant is not None
+        if event.tenant.placement == "schema":
+            citus.authorize(*distributed.placement("schema").node_login(event.tenant))  # type: ignore[attr-defined]
+
+    distributed.on("after_create", authorize)
+    Session = distributed.sessionmaker()
+    for slug in SLUGS:
+        distributed.create_tenant(slug, placement="schema")
+        with tenant_context(slug), Session() as session:
+            project = Project(name=f"{slug} project")
+            session.add(project)
+            session.flush()
+            session.add(Task(project_id=project.id, title=f"{slug} task"))
+            session.commit()
+    yield distributed
+    for slug in SLUGS:
+        if slug in {t.slug for t in distributed.list_tenants()}:
+            distributed.delete_tenant(slug)
+
+
+def on_workers(tenancy: Tenancy, sql: str) -> list[str]:
+    with tenancy.admin_engine.connect() as conn:
+        rows = conn.execute(text("select result from run_command_on_workers(:sql)"), {"sql": sql})
+        return [str(r) for r in rows.scalars()]
+
+
+def test_each_schema_tenant_is_a_distributed_schema_on_one_node(schemas: Tenancy) -> None:
+    with schemas.admin_engine.connect() as conn:
+        placed = dict(
+            conn.execute(
+                text(
+                    "select schema_name::text, colocation_id from citus_schemas "
+                    "where schema_name::text = any(:s)"
+                ),
+                {"s": [schemas.get_tenant(s).location["schema"] for s in SLUGS]},
+            ).all()
+        )
+        tables = conn.execute(
+            text(
+                "select table_name::text, citus_table_type from citus_tables "
+                "where table_name::text like any(:patterns) order by 1"
+            ),
+            {"patterns": [f"{schemas.get_tenant(s).location['schema']}.%" for s in SLUGS]},
+        ).all()
+    assert len(placed) == 2 and len(set(placed.values())) == 2  # one colocation group per tenant
+    assert {kind for _, kind in tables} == {"schema"}
+    assert {name.split(".")[1] for name, _ in tables} >= {"projects", "tasks"}
+
+
+def test_each_schema_tenant_sees_only_its_own_rows(schemas: Tenancy) -> None:
+    Session = schemas.sessionmaker()
+    for slug in SLUGS:
+        with tenant_context(slug), Session() as session:
+            assert session.scalars(select(Project.name)).all() == [f"{slug} project"]
+            raw = session.execute(text("select t.title from tasks t join projects p on p.id = t.project_id"))
+            assert raw.scalars().all() == [f"{slug} task"]
+            role = session.execute(text("select current_user")).scalar()
+            assert role == schemas.placement("schema").names(slug)[1]  # type: ignore[attr-defined]
+
+
+def test_another_tenants_schema_and_the_public_tables_are_out_of_reach(schemas: Tenancy) -> None:
+    other = schemas.get_tenant("s_globex").location["schema"]
+    with tenant_context("s_acme"), schemas.connect() as conn:
+        with pytest.raises(ProgrammingError, match="permission denied for schema"):
+            conn.execute(text(f'select * from "{other}".projects'))
+    with tenant_context("s_acme"), schemas.connect() as conn:
+        with pytest.raises(ProgrammingError, match="permission denied"):
+            conn.execute(text("select * from public.projects"))  # the shared tenants' table
+    with tenant_context("s_acme"), schemas.connect() as conn:
+        path = conn.execute(text("show search_path")).scalar()
+        assert path == f'"{schemas.get_tenant("s_acme").location["schema"]}", pg_temp'
+
+
+async def test_async_schema_sessions_are_bound_the_same_way(schemas: Tenancy) -> None:
+    Maker = schemas.async_sessionmaker()
+    for slug in SLUGS:
+        with tenant_context(slug):
+            async with Maker() as session:
+                assert isinstance(session, AsyncSession)
+                assert (await session.scalars(select(Project.name))).all() == [f"{slug} project"]
+    await schemas.dispose_async()
+
+
+def test_an_anonymous_schema_tenant_is_refused_on_citus(schemas: Tenancy) -> None:
+    with tenant_context("s_acme", anonymous=True), schemas.sessionmaker()() as session:
+        with pytest.raises(UnsupportedOperation, match="not supported on Citus"):
+            session.execute(select(Project))
+
+
+def test_deleting_a_schema_tenant_removes_it_from_every_node(schemas: Tenancy, citus: CitusCluster) -> None:
+    schemas.create_tenant("s_initech", placement="schema")
+    tenant = schemas.get_tenant("s_initech")
+    schema, role = tenant.location["schema"], tenant.location["role"]
+    assert on_workers(schemas, f"select count(*) from pg_roles where rolname = '{role}'") == ["1", "1"]
+    schemas.delete_tenant("s_initech")
+    assert on_workers(schemas, f"select count(*) from pg_roles where rolname = '{role}'") == ["0", "0"]
+    assert on_workers(schemas, f"select count(*) from pg_namespace where nspname = '{schema}'") == ["0", "0"]
+    with schemas.admin_engine.connect() as conn:
+        assert (
+            conn.execute(
+                text("select count(*) from citus_schemas where schema_name::text = :s"), {"s": schema}
+            ).scalar()
+            == 0
+        )

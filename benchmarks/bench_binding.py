@@ -23,6 +23,21 @@ row-level-security work PostgreSQL does is identical:
     a plain engine with a ``begin`` event running ``select set_config(..., true)`` after psycopg's
     own ``BEGIN`` (one extra round trip per transaction), for context.
 
+Two more sync variants split ``tenancy``'s cost into its parts: a plain ``Session`` on an engine of
+sqla-tenancy's dialect whose binder always returns the tenant's binding, with no routing, no
+``tenant_context`` and no pre-ping:
+
+``pins``
+    the shared placement's pins alone (``BEGIN; SET LOCAL search_path = DEFAULT; SET LOCAL ROLE
+    NONE; SET LOCAL app.current_tenant_id = ...``): what the one-round-trip binding costs the
+    server and the dialect;
+``admitted``
+    the same preceded by the admission check (``SET LOCAL ROLE NONE; SELECT
+    tenancy.admit_tenant(...)``), exactly what ``tenancy`` sends.
+
+``tenancy`` - ``admitted`` is then the Python side: ``tenant_context``, the router, the
+``TenantSession`` and the pool's pre-ping.
+
 The database placement is measured apart (sync), against a limit of its own:
 
 ``database``
@@ -51,6 +66,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import gc
+import statistics
 import sys
 import time
 import uuid
@@ -70,6 +86,8 @@ from sqlalchemy.ext.asyncio import (
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
 
 from sqla_tenancy import Tenancy, TenantScoped, tenant_context
+from sqla_tenancy.binding import admit_statement, binding_statement
+from sqla_tenancy.dialect import DRIVER_NAME
 from sqla_tenancy.testing import TestServer
 
 TENANT = "acme"
@@ -78,6 +96,7 @@ DB_TENANT = "dbacme"
 DB_VARIANTS = ("database", "db_limit")
 SETTING = "app.current_tenant_id"
 VARIANTS = ("tenancy", "switching", "limit", "naive")
+SYNC_VARIANTS = (*VARIANTS, "pins", "admitted")
 
 
 class Base(DeclarativeBase):
@@ -177,13 +196,21 @@ def sync_variants(fx: Fixture) -> tuple[dict[str, SyncTx], list[Engine]]:
 
         return tx
 
+    pins = binding_statement(fx.tenant_id)
+    admitted = admit_statement(fx.tenant_id) + b"; " + pins
+    dialect_url = fx.app_url.set(drivername=f"postgresql+{DRIVER_NAME}")
+    pins_engine = create_engine(dialect_url, binder=lambda: pins)
+    admitted_engine = create_engine(dialect_url, binder=lambda: admitted)
+
     variants = {
         "tenancy": tenancy_tx,
         "switching": switching_tx,
         "limit": plain_tx(sessionmaker(limit_engine)),
         "naive": plain_tx(sessionmaker(naive_engine)),
+        "pins": plain_tx(sessionmaker(pins_engine)),
+        "admitted": plain_tx(sessionmaker(admitted_engine)),
     }
-    return variants, [limit_engine, naive_engine]
+    return variants, [limit_engine, naive_engine, pins_engine, admitted_engine]
 
 
 def check_sync(fx: Fixture) -> None:
@@ -225,7 +252,7 @@ def run_sync(fx: Fixture, rounds: int, per_round: int, warmup: int) -> Results:
         for tx in variants.values():
             for i in range(warmup):
                 tx(pks[i % len(pks)])
-        results = Results(VARIANTS, "limit")
+        results = Results(SYNC_VARIANTS, "limit")
         perf = time.perf_counter_ns
         for round_no in range(rounds):
             base = round_no * per_round
@@ -449,6 +476,17 @@ def main(argv: Sequence[str] | None = None) -> int:
             summary.append(
                 f"sync tenancy/limit = {sync.ratio('tenancy'):.3f} "
                 f"switching/limit = {sync.ratio('switching'):.3f}"
+            )
+            parts = {
+                v: statistics.median(
+                    a - b for a, b in zip(sync.per_round[v], sync.per_round[base], strict=True)
+                )
+                for v, base in (("pins", "limit"), ("admitted", "pins"), ("tenancy", "admitted"))
+            }
+            print(
+                f"\nsync, where tenancy's extra time goes (paired medians of the per-round differences, "
+                f"µs per transaction): pins {parts['pins']:.1f}, admission {parts['admitted']:.1f}, "
+                f"Python side (context, router, session, pre-ping) {parts['tenancy']:.1f}"
             )
         if not args.no_database:
             db = run_database(fx, args.rounds, args.per_round, args.warmup)

@@ -25,8 +25,10 @@ column: :func:`check_distributable` names the tables whose primary key lacks ``t
 
 from __future__ import annotations
 
+import contextvars
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import Connection, Table, text
@@ -34,7 +36,7 @@ from sqlalchemy import Connection, Table, text
 from .binding import PROPAGATE_OPTION  # defined low: the engines use it
 from .errors import ConfigurationError
 from .identifiers import quote_literal
-from .rls import tenant_column_name
+from .rls import qualified_name, tenant_column_name
 
 if TYPE_CHECKING:
     from .config import TenancyConfig
@@ -42,9 +44,16 @@ if TYPE_CHECKING:
 __all__ = [
     "PROPAGATE_OPTION",
     "check_distributable",
+    "citus_in",
+    "citus_kind",
+    "defer_distribution",
+    "deferring_distribution",
+    "distribute_table",
     "distribute_tables",
+    "distribution_sql",
     "prepare_distributed_ddl",
     "tenant_filter",
+    "undistribute_table",
 ]
 
 
@@ -79,40 +88,130 @@ def check_distributable(tables: list[Table]) -> None:
         )
 
 
+def citus_in(conn: Connection) -> bool:
+    """Whether the database ``conn`` is connected to has the citus extension."""
+    return conn.execute(text("select 1 from pg_extension where extname = 'citus'")).first() is not None
+
+
+#: what Citus has made of a table, from ``pg_dist_partition`` (None: a plain PostgreSQL table)
+_KIND_SQL = (
+    "select case when p.partmethod = 'n' and p.repmodel = 't' then 'reference' "
+    "when p.partmethod = 'n' and p.colocationid = 0 then 'local' else 'distributed' end "
+    "from pg_dist_partition p where p.logicalrelid = cast(:t as regclass)"
+)
+
+
+def citus_kind(conn: Connection, table: str) -> str | None:
+    """``"distributed"``, ``"reference"``, ``"local"`` (a Citus local table, which Citus makes of
+    a plain table given a foreign key to a reference table) or None (not in Citus's metadata) for
+    the table named ``table`` (a qualified, quoted name)."""
+    kind = conn.execute(text(_KIND_SQL), {"t": table}).scalar()
+    return str(kind) if kind is not None else None
+
+
+def _colocation_anchor(conn: Connection, tenant_column: str) -> str | None:
+    """A table already distributed by ``tenant_column`` (the oldest colocation group's): new
+    tenant tables are colocated with it."""
+    name = conn.execute(
+        text(
+            "select logicalrelid::regclass::text from pg_dist_partition where partmethod = 'h' "
+            "and column_to_column_name(logicalrelid, partkey) = :c "
+            "order by colocationid, logicalrelid::regclass::text limit 1"
+        ),
+        {"c": tenant_column},
+    ).scalar()
+    return str(name) if name is not None else None
+
+
+def distribute_table(conn: Connection, table: str, tenant_column: str | None) -> bool:
+    """Make ``table`` (a qualified, quoted name) a distributed table by ``tenant_column``,
+    colocated with the tenant tables distributed already, or, with ``tenant_column=None``, a
+    reference table. Idempotent: a table Citus distributes or replicates already is left alone
+    (tables of a Citus distributed schema among them). Does nothing where the database has no
+    citus extension, so that one migration serves plain PostgreSQL and Citus alike. True when
+    the table changed."""
+    if not citus_in(conn):
+        return False
+    if citus_kind(conn, table) in ("distributed", "reference"):
+        return False
+    if tenant_column is None:
+        conn.execute(text("select create_reference_table(cast(:t as regclass))"), {"t": table})
+        return True
+    anchor = _colocation_anchor(conn, tenant_column)
+    conn.execute(
+        text(
+            "select create_distributed_table(cast(:t as regclass), :c, colocate_with => :anchor)"
+        ),
+        {"t": table, "c": tenant_column, "anchor": anchor or "default"},
+    )
+    return True
+
+
+def undistribute_table(conn: Connection, table: str) -> bool:
+    """Turn a distributed or reference table back into a table of the coordinator (what
+    reverses :func:`distribute_table`); a no-op where Citus does not know it."""
+    if not citus_in(conn) or citus_kind(conn, table) not in ("distributed", "reference"):
+        return False
+    conn.execute(
+        text("select undistribute_table(cast(:t as regclass), cascade_via_foreign_keys => true)"),
+        {"t": table},
+    )
+    return True
+
+
+_deferred: contextvars.ContextVar[list[tuple[str, str | None]] | None] = contextvars.ContextVar(
+    "sqla_tenancy_deferred_distribution", default=None
+)
+
+
+@contextmanager
+def deferring_distribution() -> Iterator[list[tuple[str, str | None]]]:
+    """Collect, instead of running, the distributions migrations ask for in the block: the
+    ``(table, tenant column)`` pairs, for :func:`distribute_table` once the migrations' transaction
+    has committed. Citus records a new table's sequences on the workers over connections of its
+    own, as a superuser, which do not see a sequence created in the same uncommitted transaction
+    (``relation "..._id_seq" does not exist``): a table created and distributed in one
+    transaction fails, unless the role running it is a superuser."""
+    pending: list[tuple[str, str | None]] = []
+    token = _deferred.set(pending)
+    try:
+        yield pending
+    finally:
+        _deferred.reset(token)
+
+
+def defer_distribution(table: str, tenant_column: str | None) -> bool:
+    """Inside :func:`deferring_distribution`, note the distribution and return True; else False."""
+    pending = _deferred.get()
+    if pending is None:
+        return False
+    if (table, tenant_column) not in pending:
+        pending.append((table, tenant_column))
+    return True
+
+
+def distribution_sql(table: str, tenant_column: str | None) -> str:
+    """The statement :func:`distribute_table` runs, for offline (``--sql``) migrations."""
+    if tenant_column is None:
+        return f"SELECT create_reference_table({quote_literal(table)})"
+    return f"SELECT create_distributed_table({quote_literal(table)}, {quote_literal(tenant_column)})"
+
+
 def distribute_tables(config: TenancyConfig, conn: Connection) -> list[str]:
     """Make the metadata's tables distributed (tenant-scoped, colocated) or reference tables
     (the others); tables Citus knows already are left alone. Returns the tables changed."""
-    if conn.execute(text("select 1 from pg_extension where extname = 'citus'")).first() is None:
+    if not citus_in(conn):
         raise ConfigurationError(
             "distributed=True needs the citus extension in the main database "
             "(a superuser runs CREATE EXTENSION citus there, on a Citus coordinator)."
         )
     tables = config.metadata.sorted_tables
     check_distributable(tables)
-    known = set(
-        conn.execute(text("select logicalrelid::regclass::text from pg_dist_partition")).scalars().all()
-    )
     changed: list[str] = []
-    anchor: str | None = next(
-        (_qualified(t) for t in tables if tenant_column_name(t) is not None and _qualified(t) in known), None
-    )
     # reference tables first: distributed tables may have foreign keys to them
-    for table in tables:
-        name = _qualified(table)
-        if tenant_column_name(table) is None and name not in known:
-            conn.execute(text("select create_reference_table(cast(:t as regclass))"), {"t": name})
-            changed.append(name)
-    for table in tables:
-        column, name = tenant_column_name(table), _qualified(table)
-        if column is None or name in known:
-            continue
-        colocate = quote_literal(anchor) if anchor else "'default'"
-        conn.exec_driver_sql(
-            f"select create_distributed_table({quote_literal(name)}, {quote_literal(column)}, "
-            f"colocate_with => {colocate})"
-        )
-        anchor = anchor or name
-        changed.append(name)
+    for table in sorted(tables, key=lambda t: tenant_column_name(t) is not None):
+        if distribute_table(conn, qualified_name(table), tenant_column_name(table)):
+            changed.append(_qualified(table))
     return changed
 
 

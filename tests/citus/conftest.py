@@ -12,53 +12,22 @@ import secrets
 from collections.abc import Iterator
 
 import pytest
-from sqlalchemy import MetaData, PrimaryKeyConstraint, create_engine
+from sqlalchemy import create_engine
 from sqlalchemy.engine import URL
-from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
-from sqla_tenancy import Tenancy, TenantScoped, tenant_foreign_key
+from sqla_tenancy import Tenancy
 from sqla_tenancy.identifiers import quote_ident, quote_literal
 from sqla_tenancy.testing.citus import CITUS_DSN_ENV, CitusCluster, citus_installed
 from sqla_tenancy.testing.server import DSN_ENV
+
+from .models import Base, Plan, Project, Task
+
+__all__ = ["Base", "Plan", "Project", "Task"]
 
 ENABLE = (
     "Citus is not built into the test PostgreSQL: run `python -m sqla_tenancy.testing.citus build "
     f"../shared/vendor/citus-14.0.1.tar.gz` (.ci/run does), or set {CITUS_DSN_ENV}"
 )
-
-
-class Base(DeclarativeBase):
-    metadata = MetaData()
-
-
-class Plan(Base):
-    """Global infrastructure (no tenant_id): a reference table on every node."""
-
-    __tablename__ = "plans"
-    __table_args__ = {"schema": "billing"}
-
-    id: Mapped[int] = mapped_column(primary_key=True)
-    name: Mapped[str]
-
-
-class Project(TenantScoped, Base):
-    __tablename__ = "projects"
-    __table_args__ = (PrimaryKeyConstraint("tenant_id", "id"),)
-
-    id: Mapped[int] = mapped_column(autoincrement=True)
-    name: Mapped[str]
-
-
-class Task(TenantScoped, Base):
-    __tablename__ = "tasks"
-    __table_args__ = (
-        PrimaryKeyConstraint("tenant_id", "id"),
-        tenant_foreign_key(["project_id"], ["projects.id"], ondelete="CASCADE"),
-    )
-
-    id: Mapped[int] = mapped_column(autoincrement=True)
-    project_id: Mapped[int]
-    title: Mapped[str]
 
 
 @pytest.fixture(scope="session")
@@ -70,8 +39,9 @@ def citus() -> Iterator[CitusCluster]:
             )
         if citus_installed() is None:
             pytest.skip(ENABLE)
-    # every statement logged: a test reads what the workers were sent
-    with CitusCluster(workers=2, settings={"log_statement": "'all'"}) as cluster:
+    # every statement logged: a test reads what the workers were sent; logical replication: a
+    # tenant moves between nodes while it writes
+    with CitusCluster(workers=2, logical=True, settings={"log_statement": "'all'"}) as cluster:
         yield cluster
 
 
@@ -91,18 +61,40 @@ def citus_roles(citus: CitusCluster) -> dict[str, URL]:
             f"CREATE ROLE {quote_ident(admin[0])} {attributes} PASSWORD {quote_literal(admin[1])}"
         )
         conn.exec_driver_sql(f"CREATE ROLE {quote_ident(app[0])} LOGIN PASSWORD {quote_literal(app[1])}")
-        for statement in (
-            f"GRANT CREATE ON DATABASE postgres TO {quote_ident(admin[0])}",
-            f"ALTER SCHEMA public OWNER TO {quote_ident(admin[0])}",
-        ):  # on every node: database privileges and the public schema are not propagated
-            conn.exec_driver_sql(f"SELECT run_command_on_all_nodes({quote_literal(statement)})")
     engine.dispose()
+    grant_admin(citus.superuser_url, admin[0])
     for role, password in roles.values():
         citus.authorize(role, password)
     return {
         who: citus.superuser_url.set(username=role, password=password, database="postgres")
         for who, (role, password) in roles.items()
     }
+
+
+def grant_admin(superuser_url: URL, admin: str) -> None:
+    """What the admin role needs in the database of ``superuser_url``, on every node: database
+    privileges and the public schema are not propagated."""
+    engine = create_engine(superuser_url, isolation_level="AUTOCOMMIT")
+    database = quote_ident(superuser_url.database or "postgres")
+    try:
+        with engine.connect() as conn:
+            for statement in (
+                f"GRANT CREATE ON DATABASE {database} TO {quote_ident(admin)}",
+                f"ALTER SCHEMA public OWNER TO {quote_ident(admin)}",
+            ):
+                conn.exec_driver_sql(f"SELECT run_command_on_all_nodes({quote_literal(statement)})")
+    finally:
+        engine.dispose()
+
+
+@pytest.fixture
+def citus_database(citus: CitusCluster, citus_roles: dict[str, URL]) -> dict[str, URL]:
+    """A fresh distributed database (a registry of its own): the admin and app URLs there."""
+    if not citus.nodes:
+        pytest.skip("an external cluster: the harness cannot add databases to it")
+    name = f"citus_{secrets.token_hex(4)}"
+    grant_admin(citus.create_database(name), citus_roles["admin"].username or "")
+    return {who: url.set(database=name) for who, url in citus_roles.items()}
 
 
 @pytest.fixture(scope="session")

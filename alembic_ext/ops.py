@@ -187,7 +187,9 @@ class DistributeTenantTableOp(_DistributionOp):
 
     name = "distribute_tenant_table"
 
-    def __init__(self, table_name: str, *, schema: str | None = None, tenant_column: str | None = "tenant_id"):
+    def __init__(
+        self, table_name: str, *, schema: str | None = None, tenant_column: str | None = "tenant_id"
+    ):
         super().__init__(table_name, schema=schema, tenant_column=tenant_column or "tenant_id")
 
     @classmethod
@@ -217,7 +219,9 @@ class MakeReferenceTableOp(_DistributionOp):
         super().__init__(table_name, schema=schema, tenant_column=None)
 
     @classmethod
-    def make_reference_table(cls, operations: Operations, table_name: str, *, schema: str | None = None) -> Any:
+    def make_reference_table(
+        cls, operations: Operations, table_name: str, *, schema: str | None = None
+    ) -> Any:
         """On Citus, make ``table_name`` a reference table, copied to every node (a no-op
         elsewhere, and when it is one)."""
         return operations.invoke(cls(table_name, schema=schema))

@@ -206,7 +206,9 @@ class CitusCluster:
         """A new database on every node with Citus in it and the workers in its metadata (the
         roles :meth:`authorize` let through reach the nodes there too); its superuser URL."""
         if self._external is not None:
-            raise CitusUnavailable(f"create_database() needs the cluster the harness started, not {CITUS_DSN_ENV}.")
+            raise CitusUnavailable(
+                f"create_database() needs the cluster the harness started, not {CITUS_DSN_ENV}."
+            )
         from ..identifiers import quote_ident
 
         for node in self.nodes:

@@ -18,7 +18,7 @@ def tenancy() -> Tenancy:
         metadata=extended_metadata() if extended else Base.metadata,
         infrastructure_schemas=["billing"],
         name_prefix=os.environ["CITUS_APP_PREFIX"],
-        migrations=os.environ["CITUS_APP_INI"],
+        migrations=os.environ.get("CITUS_APP_INI") or None,
         distributed=True,
         registry_listen=False,
     )

@@ -40,14 +40,17 @@ def citus() -> Iterator[CitusCluster]:
         if citus_installed() is None:
             pytest.skip(ENABLE)
     # every statement logged: a test reads what the workers were sent; logical replication: a
-    # tenant moves between nodes while it writes
-    with CitusCluster(workers=2, logical=True, settings={"log_statement": "'all'"}) as cluster:
+    # tenant moves between nodes while it writes (with commits written before they are
+    # acknowledged, which such a move needs; the harness turns that off for speed)
+    settings = {"log_statement": "'all'", "synchronous_commit": "on"}
+    with CitusCluster(workers=2, logical=True, settings=settings) as cluster:
         yield cluster
 
 
-@pytest.fixture(scope="session")
-def citus_roles(citus: CitusCluster) -> dict[str, URL]:
-    """An admin role and an application role, as production has them, reachable between nodes."""
+def make_roles(citus: CitusCluster, database: str | None = None) -> dict[str, URL]:
+    """An admin role and an application role, as production has them, reachable between nodes;
+    with ``database``, in a new distributed database of that name (roles of their own: the roles
+    an application's install grants to its application role are that application's)."""
     suffix = secrets.token_hex(3)
     roles = {
         "admin": (f"citus_admin_{suffix}", secrets.token_urlsafe(12)),
@@ -62,13 +65,20 @@ def citus_roles(citus: CitusCluster) -> dict[str, URL]:
         )
         conn.exec_driver_sql(f"CREATE ROLE {quote_ident(app[0])} LOGIN PASSWORD {quote_literal(app[1])}")
     engine.dispose()
-    grant_admin(citus.superuser_url, admin[0])
     for role, password in roles.values():
         citus.authorize(role, password)
+    url = citus.create_database(database) if database is not None else citus.superuser_url
+    grant_admin(url, admin[0])
     return {
-        who: citus.superuser_url.set(username=role, password=password, database="postgres")
+        who: url.set(username=role, password=password, database=url.database or "postgres")
         for who, (role, password) in roles.items()
     }
+
+
+@pytest.fixture(scope="session")
+def citus_roles(citus: CitusCluster) -> dict[str, URL]:
+    """The admin and application roles of the ``postgres`` database's Tenancy."""
+    return make_roles(citus)
 
 
 def grant_admin(superuser_url: URL, admin: str) -> None:
@@ -88,13 +98,11 @@ def grant_admin(superuser_url: URL, admin: str) -> None:
 
 
 @pytest.fixture
-def citus_database(citus: CitusCluster, citus_roles: dict[str, URL]) -> dict[str, URL]:
-    """A fresh distributed database (a registry of its own): the admin and app URLs there."""
+def citus_database(citus: CitusCluster) -> dict[str, URL]:
+    """A fresh distributed database (a registry of its own) with roles of its own: their URLs."""
     if not citus.nodes:
         pytest.skip("an external cluster: the harness cannot add databases to it")
-    name = f"citus_{secrets.token_hex(4)}"
-    grant_admin(citus.create_database(name), citus_roles["admin"].username or "")
-    return {who: url.set(database=name) for who, url in citus_roles.items()}
+    return make_roles(citus, f"citus_{secrets.token_hex(4)}")
 
 
 @pytest.fixture(scope="session")

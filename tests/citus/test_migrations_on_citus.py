@@ -99,7 +99,10 @@ def citus_tables(tenancy: Tenancy) -> dict[str, tuple[str, str | None, int]]:
                 "from citus_tables"
             )
         ).all()
-    return {name: (kind, column if column != "<none>" else None, colocation) for name, kind, column, colocation in rows}
+    return {
+        name: (kind, column if column != "<none>" else None, colocation)
+        for name, kind, column, colocation in rows
+    }
 
 
 def upgrade_lines(source: str) -> list[str]:
@@ -111,14 +114,19 @@ def test_autogenerate_writes_the_distribution_and_upgrade_applies_it(project: Ci
     tenant = upgrade_lines(project.revision(TENANT, "initial"))
     # after each table's DDL and RLS; referenced tables first
     assert tenant[-2:] == ["op.distribute_tenant_table('projects')", "op.distribute_tenant_table('tasks')"]
-    assert tenant.index("op.enable_tenant_rls('tasks')") < tenant.index("op.distribute_tenant_table('projects')")
+    assert tenant.index("op.enable_tenant_rls('tasks')") < tenant.index(
+        "op.distribute_tenant_table('projects')"
+    )
     assert upgrade_lines(project.revision(INFRASTRUCTURE, "initial"))[-1] == (
         "op.make_reference_table('plans', schema='billing')"
     )
     tenancy = project.tenancy()
     command.upgrade(project.config(tenancy), "head")
     found = citus_tables(tenancy)
-    assert found["projects"][:2] == ("distributed", "tenant_id") and found["tasks"][:2] == ("distributed", "tenant_id")
+    assert found["projects"][:2] == ("distributed", "tenant_id") and found["tasks"][:2] == (
+        "distributed",
+        "tenant_id",
+    )
     assert found["projects"][2] == found["tasks"][2]
     assert found["billing.plans"][0] == "reference"
     command.check(project.config(tenancy))  # nothing left to distribute
@@ -166,7 +174,11 @@ def test_an_existing_local_table_is_distributed_by_the_next_revision(project: Ci
     tenancy = project.tenancy()
     for stream in (TENANT, INFRASTRUCTURE):
         path = next((project.root / "migrations" / stream).glob("*initial.py"))
-        path.write_text(path.read_text().replace("    op.distribute_tenant_table", "    pass  # ").replace("    op.make_reference_table", "    pass  # "))
+        path.write_text(
+            path.read_text()
+            .replace("    op.distribute_tenant_table", "    pass  # ")
+            .replace("    op.make_reference_table", "    pass  # ")
+        )
     command.upgrade(project.config(tenancy), "head")
     assert "projects" not in citus_tables(tenancy)
     command.revision(project.config(tenancy), "to citus", autogenerate=True)
@@ -175,7 +187,9 @@ def test_an_existing_local_table_is_distributed_by_the_next_revision(project: Ci
         "op.distribute_tenant_table('tasks')",
     ]
     source = project.revision(TENANT, "to citus")
-    assert "op.undistribute_table('tasks', tenant_column='tenant_id')" in source[source.index("def downgrade") :]
+    assert (
+        "op.undistribute_table('tasks', tenant_column='tenant_id')" in source[source.index("def downgrade") :]
+    )
     command.upgrade(project.config(tenancy), "head")
     found = citus_tables(tenancy)
     assert found["projects"][0] == found["tasks"][0] == "distributed"

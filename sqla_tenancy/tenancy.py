@@ -588,6 +588,12 @@ class Tenancy:
         from .move import move_tenant
 
         tenant = self.get_tenant(lookup_key(slug))
+        if self.config.distributed:
+            raise UnsupportedOperation(
+                "distributed=True (Citus) serves shared tenants only so far, so move_tenant() has "
+                "no other placement to move to; to move a tenant to another node, use "
+                "move_tenant_node() (see docs/scale-out.md)."
+            )
         self.events.emit(
             TenantEvent("before_move", tenant.slug, tenant, placement, details={"from": tenant.strategy})
         )

@@ -130,6 +130,12 @@ def test_a_logical_move_is_refused_where_commits_are_acknowledged_unwritten(
     assert distributed.tenant_node("acme") == before
 
 
+def test_move_tenant_points_to_move_tenant_node(distributed: Tenancy) -> None:
+    with pytest.raises(UnsupportedOperation, match="use move_tenant_node"):
+        distributed.move_tenant("acme", "schema")
+    assert distributed.get_tenant("acme").placement == "shared"
+
+
 class Writer(threading.Thread):
     """Inserts projects for one tenant until stopped; remembers what committed, and checks on
     every round that the tenant sees no other tenant's row (through a query routed to its node,

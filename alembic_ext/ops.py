@@ -245,8 +245,9 @@ class UndistributeTableOp(_DistributionOp):
         schema: str | None = None,
         tenant_column: str | None = None,
     ) -> Any:
-        """On Citus, turn ``table_name`` back into a table of the coordinator
-        (``tenant_column`` only says what :meth:`reverse` redistributes it by)."""
+        """On Citus, turn ``table_name`` back into a table of the coordinator, with the tables
+        its foreign keys connect it to (Citus cannot undistribute one of them alone;
+        ``tenant_column`` only says what :meth:`reverse` redistributes it by)."""
         return operations.invoke(cls(table_name, schema=schema, tenant_column=tenant_column))
 
     def reverse(self) -> _DistributionOp:

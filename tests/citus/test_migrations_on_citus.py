@@ -5,6 +5,7 @@ infrastructure as reference tables), ``alembic upgrade`` and the fleet runner
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import secrets
@@ -194,6 +195,18 @@ def test_an_existing_local_table_is_distributed_by_the_next_revision(project: Ci
     found = citus_tables(tenancy)
     assert found["projects"][0] == found["tasks"][0] == "distributed"
     assert found["billing.plans"][0] == "reference"
+    # and back: the tables connected by foreign keys return to the coordinator together
+    command.downgrade(project.config(tenancy, stream=TENANT), "-1")
+    assert {"projects", "tasks"}.isdisjoint(citus_tables(tenancy))
+    assert "billing.plans" in citus_tables(tenancy)
+
+
+def test_offline_scripts_carry_the_distribution(project: CitusProject) -> None:
+    buffer = io.StringIO()
+    cfg = project.config(project.tenancy(), stream=INFRASTRUCTURE)
+    cfg.output_buffer = buffer
+    command.upgrade(cfg, "head", sql=True)
+    assert """SELECT create_reference_table('"billing"."plans"')""" in buffer.getvalue()
 
 
 def test_the_fleet_runner_migrates_a_distributed_database(project: CitusProject, tmp_path: Path) -> None:

@@ -35,9 +35,10 @@ from alembic.runtime.migration import MigrationContext
 from sqlalchemy import Connection, Engine, text
 
 from sqla_tenancy.alembic_compat import running_environment
+from sqla_tenancy.distribution import check_distributable, citus_in, citus_kind
 from sqla_tenancy.keys import check_tenant_keys
 from sqla_tenancy.registry import REGISTRY_SCHEMA
-from sqla_tenancy.rls import is_tenant_scoped, policy_names, tenant_column_name
+from sqla_tenancy.rls import is_tenant_scoped, policy_names, qualified_name, tenant_column_name
 
 from . import ops as tenancy_ops
 from .errors import MigrationError
@@ -50,7 +51,7 @@ from .versions import INFRASTRUCTURE, STREAMS, TENANT, VERSION_TABLES, has_strea
 if TYPE_CHECKING:
     from sqla_tenancy.tenancy import Tenancy
 
-__all__ = ["parse_selection", "run_env"]
+__all__ = ["distribution_operations", "parse_selection", "run_env"]
 
 log = logging.getLogger("alembic_ext")
 
@@ -295,8 +296,9 @@ def _autogenerate(
 
 class _Hook:
     """``process_revision_directives`` for one stream: orders key operations so that PostgreSQL
-    accepts them (:mod:`alembic_ext.keys`), adds the RLS operations autogenerate cannot see, then
-    (after the last stream) splits the single generated script into one per stream."""
+    accepts them (:mod:`alembic_ext.keys`), adds the RLS operations autogenerate cannot see and,
+    on Citus, the tables' distribution, then (after the last stream) splits the single generated
+    script into one per stream."""
 
     def __init__(
         self,
@@ -326,6 +328,13 @@ class _Hook:
         added = rls_operations(context.connection, self.tenancy, self.stream)
         upgrade.ops.extend(added)
         downgrade.ops[:0] = [op.reverse() for op in reversed(added)]
+        distribution = distribution_operations(context.connection, self.tenancy, self.stream)
+        upgrade.ops.extend(distribution)
+        # a table this revision creates is dropped by its downgrade: no undistribution first
+        created = {(o.schema, o.table_name) for o in upgrade.ops if isinstance(o, ops.CreateTableOp)}
+        downgrade.ops[:0] = [
+            op.reverse() for op in reversed(distribution) if (op.schema, op.table_name) not in created
+        ]
         if self.last:
             _split(context, directives, self.streams)
         if self.user_hook is not None:
@@ -398,3 +407,33 @@ def rls_operations(conn: Connection, tenancy: Tenancy, stream: str) -> list[ops.
         elif found is not None and expected & found[2]:
             result.append(tenancy_ops.DisableTenantRLSOp(table.name, schema=table.schema))
     return result
+
+
+def distribution_operations(
+    conn: Connection, tenancy: Tenancy, stream: str
+) -> list[tenancy_ops.MakeReferenceTableOp | tenancy_ops.DistributeTenantTableOp]:
+    """On a distributed Tenancy (Citus), the operations that make every table of ``stream``
+    what Citus should make of it: a table with a tenant column distributed by it (colocated with
+    the others), a table without one a reference table. Tables Citus distributes or replicates
+    already need nothing; new tables (not in the database yet) get theirs after their
+    ``create_table``. Reference tables come first: distributed tables may reference them."""
+    if not tenancy.config.distributed:
+        return []
+    tables = tenancy.infrastructure_tables() if stream == INFRASTRUCTURE else tenancy.tenant_tables()
+    check_distributable(tables)
+    has_citus = citus_in(conn)
+    references: list[tenancy_ops.MakeReferenceTableOp] = []
+    distributed: list[tenancy_ops.DistributeTenantTableOp] = []
+    for table in tables:
+        exists = conn.execute(text("select to_regclass(:t)"), {"t": qualified_name(table)}).scalar()
+        kind = citus_kind(conn, qualified_name(table)) if exists is not None and has_citus else None
+        if kind in ("distributed", "reference"):
+            continue
+        column = tenant_column_name(table)
+        if column is None:
+            references.append(tenancy_ops.MakeReferenceTableOp(table.name, schema=table.schema))
+        else:
+            distributed.append(
+                tenancy_ops.DistributeTenantTableOp(table.name, schema=table.schema, tenant_column=column)
+            )
+    return [*references, *distributed]

@@ -25,6 +25,7 @@ from sqlalchemy.pool import NullPool
 from sqla_tenancy import locks
 from sqla_tenancy.alembic_compat import downgrade_steps, stamp_steps, upgrade_steps
 from sqla_tenancy.binding import UNBIND
+from sqla_tenancy.distribution import deferring_distribution, distribute_table, prepare_distributed_ddl
 from sqla_tenancy.grants import finish_tables
 from sqla_tenancy.identifiers import quote_ident
 from sqla_tenancy.installer import ensure_registry
@@ -272,18 +273,35 @@ class LocationRunner:
         table = f"{quote_ident(version_schema)}.{quote_ident(VERSION_TABLES[stream])}"
         return before, format_revision(conn.execute(text(f"select version_num from {table}")).scalars())
 
+    def _prepare(self, main: Connection) -> None:
+        """On Citus, the settings a transaction that creates and distributes tables needs (see
+        :func:`~sqla_tenancy.distribution.prepare_distributed_ddl`), before its first statement."""
+        if self.tenancy.config.distributed:
+            prepare_distributed_ddl(main)
+
+    def _registry_and_schemas(self, main: Connection) -> None:
+        self._prepare(main)
+        ensure_registry(self.tenancy.config, main)
+        # the schemas Tenancy declares; the stream's revisions create what is in them
+        for schema in sorted(self.tenancy.infrastructure_schemas):
+            main.exec_driver_sql(f"CREATE SCHEMA IF NOT EXISTS {quote_ident(schema)}")
+
     def run_infrastructure(self, main: Connection) -> Outcome:
         """The infrastructure stream on the main database (the ``tenancy`` schema first)."""
         started = time.perf_counter()
-        with _transaction(main):
-            if self.command != "display":
-                ensure_registry(self.tenancy.config, main)
-                # the schemas Tenancy declares; the stream's revisions create what is in them
-                for schema in sorted(self.tenancy.infrastructure_schemas):
-                    main.exec_driver_sql(f"CREATE SCHEMA IF NOT EXISTS {quote_ident(schema)}")
-            before, after = self._apply(main, INFRASTRUCTURE, REGISTRY_SCHEMA)
-            if self.command != "display":
-                finish_tables(self.tenancy.config, main, self.tenancy.infrastructure_tables())
+        if self.command != "display" and self.tenancy.config.distributed and not main.in_transaction():
+            # Citus distributes a table over connections that do not see a schema created in
+            # the same, uncommitted transaction: the schemas are committed first.
+            with main.begin():
+                self._registry_and_schemas(main)
+        with deferring_distribution() as pending:
+            with _transaction(main):
+                if self.command != "display":
+                    self._registry_and_schemas(main)
+                before, after = self._apply(main, INFRASTRUCTURE, REGISTRY_SCHEMA)
+                if self.command != "display":
+                    finish_tables(self.tenancy.config, main, self.tenancy.infrastructure_tables())
+        self._distribute(main, pending)
         return _outcome("infrastructure", "main", INFRASTRUCTURE, before, after, started)
 
     def run_tenant(self, main: Connection, location: Location, control: Connection | None = None) -> Outcome:
@@ -296,28 +314,13 @@ class LocationRunner:
         started = time.perf_counter()
         tenant = location.tenant
         writes = self.command != "display"
-        if location.kind in ("main", "schema"):
-            nested = main.in_transaction()
-            with _transaction(main):
-                placement = self.tenancy.router.placement_of(tenant) if tenant is not None else None
-                if tenant is not None and placement is not None:
-                    # one round trip: the binding, and the lock held until this transaction ends
-                    lock = locks.xact_lock_sql(locks.tenant_key(tenant.slug))
-                    main.exec_driver_sql(
-                        f"{placement.migration_binding(tenant)}; {lock if writes else 'SELECT 1'}"
-                    )
-                    if writes and not _still_there(main, location):
-                        return _gone(location, started)
-                before, after = self._apply(main, TENANT, location.version_schema)
-                if writes:
-                    if location.kind == "main" and after != before:
-                        finish_tables(self.tenancy.config, main, self.tenancy.tenant_tables())
-                    if tenant is not None and placement is not None and after != before:
-                        placement.after_migration(main, tenant, created=before is None)
-                    update_registry_copy(main, location, after)
-                if tenant is not None and nested:  # a caller's outer transaction goes on unbound
-                    main.exec_driver_sql(UNBIND)
-            return _outcome(location.name, location.kind, TENANT, before, after, started)
+        if location.kind == "schema":
+            return self._run_in_main(main, location, started)
+        if location.kind == "main":
+            with deferring_distribution() as pending:
+                outcome = self._run_in_main(main, location, started)
+            self._distribute(main, pending)
+            return outcome
         registry = control if control is not None else main
         if tenant is not None and writes:
             with tenant_lock(registry, tenant.slug):
@@ -326,6 +329,48 @@ class LocationRunner:
                         return _gone(location, started)
                 return self._run_database(registry, location, started)
         return self._run_database(registry, location, started)
+
+    def _run_in_main(self, main: Connection, location: Location, started: float) -> Outcome:
+        """The tenant stream at a location in the main database (its tenant tables, or a schema
+        tenant's schema), in one transaction."""
+        tenant = location.tenant
+        writes = self.command != "display"
+        nested = main.in_transaction()
+        with _transaction(main):
+            if writes and location.kind == "main":
+                self._prepare(main)
+            placement = self.tenancy.router.placement_of(tenant) if tenant is not None else None
+            if tenant is not None and placement is not None:
+                # one round trip: the binding, and the lock held until this transaction ends
+                lock = locks.xact_lock_sql(locks.tenant_key(tenant.slug))
+                main.exec_driver_sql(
+                    f"{placement.migration_binding(tenant)}; {lock if writes else 'SELECT 1'}"
+                )
+                if writes and not _still_there(main, location):
+                    return _gone(location, started)
+            before, after = self._apply(main, TENANT, location.version_schema)
+            if writes:
+                if location.kind == "main" and after != before:
+                    finish_tables(self.tenancy.config, main, self.tenancy.tenant_tables())
+                if tenant is not None and placement is not None and after != before:
+                    placement.after_migration(main, tenant, created=before is None)
+                update_registry_copy(main, location, after)
+            if tenant is not None and nested:  # a caller's outer transaction goes on unbound
+                main.exec_driver_sql(UNBIND)
+        return _outcome(location.name, location.kind, TENANT, before, after, started)
+
+    def _distribute(self, main: Connection, pending: list[tuple[str, str | None]]) -> None:
+        """The distributions the migrations asked for, in a transaction of their own (see
+        :func:`~sqla_tenancy.distribution.deferring_distribution`); inside a caller's transaction,
+        in it."""
+        if not pending:
+            return
+        nested = main.in_transaction()
+        with _transaction(main):
+            if not nested:
+                self._prepare(main)
+            for table, column in pending:
+                distribute_table(main, table, column)
 
     def _run_database(self, registry: Connection, location: Location, started: float) -> Outcome:
         if location.kind == "template" and self.command != "display":

@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from .context import current_tenant, no_tenant_context, platform_context, run_in_context, tenant_context
     from .dialect import TenancyDialect, TenancyDialectAsync
+    from .distribution import TenantNode
     from .doctor import Finding
     from .errors import (
         AutocommitNotAllowed,
@@ -59,6 +60,7 @@ _LAZY = {
     "TenancyError": "errors",
     "Tenant": "registry",
     "TenantEvent": "events",
+    "TenantNode": "distribution",
     "TenantNotFound": "errors",
     "TenantRefused": "errors",
     "TenantRequired": "errors",
@@ -121,6 +123,7 @@ __all__ = [
     "TenancyError",
     "Tenant",
     "TenantEvent",
+    "TenantNode",
     "TenantNotFound",
     "TenantRefused",
     "TenantRequired",

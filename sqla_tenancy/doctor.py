@@ -47,6 +47,8 @@ _COMMANDS = {"SELECT": "r", "INSERT": "a", "UPDATE": "w", "DELETE": "d"}
 _SYSTEM_SCHEMAS = ("pg_catalog", "information_schema", "pg_toast")
 #: the statuses of tenants whose objects exist and are audited (pending: the pool's)
 _LIVE = ("active", "suspended", "pending")
+#: the citus extension's own schemas (its tables are not the application's)
+_CITUS_SCHEMAS = ("citus", "citus_internal", "columnar", "columnar_internal")
 
 
 @dataclass(frozen=True)
@@ -112,6 +114,8 @@ class _Doctor:
                 conn, {oid: name for oid, name in tables.items() if name.split(".")[0] not in tenant_schemas}
             )
             self._functions(conn, schemas, where="the main database")
+            if self.config.distributed:
+                self._citus(conn, [s for s in schemas if s not in (REGISTRY_SCHEMA, *tenant_schemas)])
             self._main_database(conn)
             self._registry(conn, tenants)
             self._migrations(tenants)
@@ -431,6 +435,113 @@ class _Doctor:
                     "reads with its owner's rights, past the policies of the tables it reads.",
                     f"ALTER FUNCTION {function} SECURITY INVOKER (and let it filter by tenant)",
                 )
+
+    # -- Citus (distributed=True) -----------------------------------------------------------------
+
+    def _citus(self, conn: Connection, schemas: Sequence[str]) -> None:
+        """What Citus makes of the main database's tables, and whether the application's
+        connections carry the tenant to the workers."""
+        if conn.execute(text("select 1 from pg_extension where extname = 'citus'")).first() is None:
+            self.add(
+                "error",
+                "citus-missing",
+                "database " + (self.config.admin_url.database or ""),
+                "Tenancy(distributed=True), but the main database has no citus extension.",
+                "CREATE EXTENSION citus (as a superuser, on a Citus coordinator), then tenancy.install()",
+            )
+            return
+        schemas = [s for s in schemas if s not in _CITUS_SCHEMAS]
+        rows = conn.execute(
+            text(
+                "select c.oid::regclass::text, "
+                "exists (select from pg_attribute a where a.attrelid = c.oid and a.attname = any(:cols) "
+                "and not a.attisdropped), p.partmethod, p.repmodel, p.colocationid, "
+                "case when p.partmethod = 'h' then column_to_column_name(p.logicalrelid, p.partkey) end "
+                "from pg_class c join pg_namespace n on n.oid = c.relnamespace "
+                "left join pg_dist_partition p on p.logicalrelid = c.oid "
+                "where c.relkind in ('r', 'p') and not c.relispartition and n.nspname = any(:schemas) "
+                "order by 1"
+            ),
+            {"schemas": list(schemas), "cols": self._tenant_columns()},
+        ).all()
+        groups: dict[int, list[str]] = {}
+        for table, tenant_scoped, method, replication, colocation, column in rows:
+            if tenant_scoped:
+                if method == "h" and column in self._tenant_columns():
+                    groups.setdefault(int(colocation), []).append(str(table))
+                    continue
+                how = (
+                    "is a table of the coordinator alone"
+                    if method is None or (method == "n" and replication != "t")
+                    else f"is distributed by {column}"
+                    if method == "h"
+                    else "is a reference table"
+                )
+                self.add(
+                    "warning",
+                    "citus-not-distributed",
+                    f"table {table}",
+                    f"This tenant table {how}, not distributed by tenant_id: every tenant's rows of it "
+                    "stay on one node, and its joins and foreign keys with the other tenant tables "
+                    "leave the tenant's node.",
+                    f"SELECT create_distributed_table('{table}', 'tenant_id', colocate_with => "
+                    "'<a tenant table>') (undistribute_table first if Citus has it otherwise); "
+                    "migrations: op.distribute_tenant_table",
+                )
+            elif not (method == "n" and replication == "t"):
+                self.add(
+                    "warning",
+                    "citus-not-reference",
+                    f"table {table}",
+                    "This table has no tenant column, and is not a reference table: joins of tenant "
+                    "tables with it cannot run on the tenant's node, and the workers cannot check "
+                    "foreign keys to it.",
+                    f"SELECT create_reference_table('{table}'); migrations: op.make_reference_table",
+                )
+        if len(groups) > 1:
+            largest = max(groups.values(), key=len)
+            anchor = largest[0]
+            for colocation, tables in sorted(groups.items()):
+                if tables is largest:
+                    continue
+                for table in tables:
+                    self.add(
+                        "warning",
+                        "citus-not-colocated",
+                        f"table {table}",
+                        f"This tenant table is distributed by tenant_id in colocation group "
+                        f"{colocation}, apart from {anchor} and the others: a tenant's rows of it "
+                        "may be on another node, so its joins and foreign keys cross nodes.",
+                        f"SELECT update_distributed_table_colocation('{table}', colocate_with => '{anchor}')",
+                    )
+        self._citus_propagation()
+
+    def _citus_propagation(self) -> None:
+        """The application role's connections must send ``SET LOCAL`` on to the workers, where
+        the policies run: a connection that does not (a pooler dropping the startup option, an
+        engine built by hand) serves every tenant nothing."""
+        raw = self.services.engines.app.raw_connection()
+        try:
+            cursor = raw.cursor()
+            cursor.execute("select current_setting('citus.propagate_set_commands', true)")
+            row = cursor.fetchone()
+            setting = row[0] if row else None
+            raw.rollback()
+        finally:
+            raw.close()
+        if setting != "local":
+            self.add(
+                "warning",
+                "citus-set-not-propagated",
+                f"role {self.config.app_role}",
+                f"The application's connections have citus.propagate_set_commands = {setting!r}: "
+                "the tenant setting stays on the coordinator, and the workers' policies see no "
+                "tenant (every tenant's queries return nothing; closed, not open).",
+                "let the connection option -c citus.propagate_set_commands=local through (a "
+                "pooler must not drop startup options), or ALTER ROLE "
+                f"{quote_ident(self.config.app_role or '<application role>')} "
+                "SET citus.propagate_set_commands = 'local'",
+            )
 
     # -- databases, registry, roles ---------------------------------------------------------------
 

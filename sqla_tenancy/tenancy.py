@@ -40,6 +40,7 @@ if TYPE_CHECKING:
     from sqlalchemy.sql import Executable
 
     from .audit import AuditEntry
+    from .distribution import TenantNode
     from .doctor import Finding
     from .fleet import TenantResult, TenantRow
     from .sandbox import StatementResult
@@ -647,6 +648,12 @@ class Tenancy:
         from .move import move_tenant
 
         tenant = self.get_tenant(lookup_key(slug))
+        if self.config.distributed:
+            raise UnsupportedOperation(
+                "move_tenant() between placements is not supported on a distributed main database "
+                "(Citus); to move a tenant to another node, use move_tenant_node() (see "
+                "docs/scale-out.md)."
+            )
         self.events.emit(
             TenantEvent("before_move", tenant.slug, tenant, placement, details={"from": tenant.strategy})
         )
@@ -661,6 +668,43 @@ class Tenancy:
             done=f"the tenant is a {placement} tenant now.",
         )
         return moved
+
+    def _distributed_shared(self, slug: str | uuid.UUID | Tenant, doing: str) -> Tenant:
+        tenant = self.get_tenant(lookup_key(slug))
+        if not self.config.distributed:
+            raise UnsupportedOperation(
+                f"{doing} applies to a distributed main database (Tenancy(distributed=True), Citus)."
+            )
+        if tenant.strategy != "shared":
+            raise UnsupportedOperation(
+                f"Tenant {tenant.slug!r} is a {tenant.strategy} tenant: {doing} is for shared tenants."
+            )
+        return tenant
+
+    def tenant_node(self, slug: str | uuid.UUID | Tenant) -> TenantNode:
+        """On Citus (``distributed=True``), the node holding a shared tenant's rows, read from
+        Citus's metadata now (it changes when shards move: not cached, not in the registry)."""
+        from .distribution import tenant_node
+
+        tenant = self._distributed_shared(slug, "tenant_node()")
+        with self.admin_engine.connect() as conn:
+            return tenant_node(conn, tenant.id)
+
+    def move_tenant_node(
+        self, slug: str | uuid.UUID | Tenant, node: str | int, *, transfer_mode: str = "auto"
+    ) -> TenantNode:
+        """On Citus, move a shared tenant to another worker (``"host:port"`` or a node id), e.g.
+        a noisy neighbour to a node of its own: its shards are isolated
+        (``isolate_tenant_to_new_shard``) and moved (``citus_move_shard_placement``), every
+        tenant table at once. The tenant is served throughout: with ``transfer_mode="auto"``
+        (logical replication; needs ``wal_level = logical``) its writes wait only for the final
+        switch-over, with ``"block_writes"`` for the copy. Returns where it is now. See
+        :func:`sqla_tenancy.distribution.move_tenant_node`."""
+        from .distribution import move_tenant_node
+
+        tenant = self._distributed_shared(slug, "move_tenant_node()")
+        with self.admin_engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
+            return move_tenant_node(conn, tenant.id, node, transfer_mode=transfer_mode)
 
     def export_tenant(self, slug: str, path: str | os.PathLike[str], *, pg_dump: str | None = None) -> Path:
         """Write one tenant's data to ``path`` as a SQL script that restores into an empty database

@@ -106,10 +106,34 @@ def show(
     config: ConfigOption = Path("alembic.ini"),
     as_json: JsonOption = False,
 ) -> None:
-    """One tenant: its id, placement, status, revision and location."""
+    """One tenant: its id, placement, status, revision and location (on Citus, its node)."""
     tenancy = load_tenancy(app_spec, config)
     with operation(tenancy):
-        _show(tenancy.get_tenant(slug), as_json)
+        tenant = tenancy.get_tenant(slug)
+        if not (tenancy.config.distributed and tenant.placement == "shared"):
+            _show(tenant, as_json)
+            return
+        node = tenancy.tenant_node(tenant)
+        record = tenant_record(tenant)
+        record["node"] = {
+            "address": node.address,
+            "node_id": node.node_id,
+            "shard_id": node.shard_id,
+            "isolated": node.isolated,
+        }
+        if as_json:
+            print_json(record)
+            return
+        location, where = record.pop("location"), record.pop("node")
+        print_table(
+            None,
+            ("field", "value"),
+            [
+                *record.items(),
+                *(("location." + k, v) for k, v in location.items()),
+                *(("node." + k, v) for k, v in where.items()),
+            ],
+        )
 
 
 @tenants.command()

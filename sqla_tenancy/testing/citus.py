@@ -11,7 +11,10 @@ which is missing.
 :class:`~sqla_tenancy.testing.cluster.TemporaryCluster` with ``shared_preload_libraries = 'citus'``
 and SCRAM passwords required, the nodes reaching each other with a password as production would
 (``pg_dist_authinfo``). ``$SQLA_TENANCY_CITUS_DSN`` (a superuser URL of an existing coordinator)
-replaces it.
+replaces it. With ``logical=True`` the nodes can move shards by logical replication
+(``wal_level = logical``, and Citus's output plugin trusted where PostgreSQL asks for it), so that
+a tenant moves between nodes while it writes; :meth:`CitusCluster.create_database` adds another
+distributed database (a test that needs a registry of its own).
 """
 
 from __future__ import annotations
@@ -127,9 +130,12 @@ class CitusCluster:
     workers: int = 2
     password: str = field(default_factory=lambda: secrets.token_urlsafe(18))
     settings: dict[str, str] = field(default_factory=dict)
+    #: ``wal_level = logical`` and Citus's output plugin trusted: shard moves without blocking writes
+    logical: bool = False
     coordinator: TemporaryCluster | None = None
     nodes: list[TemporaryCluster] = field(default_factory=list)
     _external: URL | None = None
+    _authorized: list[tuple[str, str]] = field(default_factory=list)
 
     def start(self) -> CitusCluster:
         dsn = os.environ.get(CITUS_DSN_ENV)
@@ -141,45 +147,109 @@ class CitusCluster:
                 "Citus is not installed in the test PostgreSQL: python -m sqla_tenancy.testing.citus "
                 f"build <citus-X.Y.Z.tar.gz> (or set {CITUS_DSN_ENV} to an existing coordinator)."
             )
-        conf = {"shared_preload_libraries": "'citus'", "max_prepared_transactions": "100", **self.settings}
+        conf = {"shared_preload_libraries": "'citus'", "max_prepared_transactions": "100"}
+        if self.logical:
+            conf["wal_level"] = "logical"
+        conf.update(self.settings)
         try:
             for _ in range(self.workers + 1):
                 node = TemporaryCluster(password=self.password, settings=conf).start()
                 self.nodes.append(node)
-                self._run(node, "CREATE EXTENSION citus")
-                # every node reaches every other one with the superuser's password
-                self._run(
-                    node,
-                    "INSERT INTO pg_dist_authinfo (nodeid, rolename, authinfo) "
-                    f"VALUES (0, 'postgres', 'password={self.password}')",
-                )
-            self.coordinator, workers = self.nodes[0], self.nodes[1:]
-            self._run(
-                self.coordinator, f"SELECT citus_set_coordinator_host('127.0.0.1', {self.coordinator.port})"
-            )
-            for worker in workers:
-                self._run(self.coordinator, f"SELECT citus_add_node('127.0.0.1', {worker.port})")
+                if self.logical:
+                    self._trust_citus_output_plugin(node)
+            self.coordinator = self.nodes[0]
+            self._prepare_database("postgres")
         except BaseException:
             self.stop()
             raise
         return self
 
+    def _prepare_database(self, database: str) -> None:
+        """``CREATE EXTENSION citus`` in ``database`` on every node, the nodes' passwords, and the
+        workers added to the coordinator's metadata (each database has its own)."""
+        assert self.coordinator is not None
+        for node in self.nodes:
+            self._run(node, "CREATE EXTENSION citus", database)
+            # every node reaches every other one with the superuser's password
+            for role, password in [("postgres", self.password), *self._authorized]:
+                self._authinfo(node, role, password, database)
+        self._run(
+            self.coordinator,
+            f"SELECT citus_set_coordinator_host('127.0.0.1', {self.coordinator.port})",
+            database,
+        )
+        for worker in self.nodes[1:]:
+            self._run(self.coordinator, f"SELECT citus_add_node('127.0.0.1', {worker.port})", database)
+
+    def _trust_citus_output_plugin(self, node: TemporaryCluster) -> None:
+        """PostgreSQL releases that restrict logical decoding to trusted output plugins
+        (``output_plugin_libraries``) must be told that Citus's shard moves may use ``citus``."""
+        engine = create_engine(node.url(), isolation_level="AUTOCOMMIT")
+        try:
+            with engine.connect() as conn:
+                current = conn.exec_driver_sql(
+                    "select setting from pg_settings where name = 'output_plugin_libraries'"
+                ).scalar()
+                if current is None:
+                    return
+                names = [n.strip() for n in str(current).split(",") if n.strip()]
+                if "citus" not in names:
+                    from ..identifiers import quote_literal
+
+                    listed = ", ".join(quote_literal(n) for n in [*names, "citus"])
+                    conn.exec_driver_sql(f"ALTER SYSTEM SET output_plugin_libraries = {listed}")
+                    conn.exec_driver_sql("SELECT pg_reload_conf()")
+        finally:
+            engine.dispose()
+
+    def create_database(self, name: str) -> URL:
+        """A new database on every node with Citus in it and the workers in its metadata (the
+        roles :meth:`authorize` let through reach the nodes there too); its superuser URL."""
+        if self._external is not None:
+            raise CitusUnavailable(
+                f"create_database() needs the cluster the harness started, not {CITUS_DSN_ENV}."
+            )
+        from ..identifiers import quote_ident
+
+        for node in self.nodes:
+            self._run(node, f"CREATE DATABASE {quote_ident(name)}")
+        self._prepare_database(name)
+        assert self.coordinator is not None
+        for role, _ in self._authorized:
+            # Citus copies a role to the workers, with all its attributes, the first time an
+            # object depending on it is created in a database, as the role creating it: refused
+            # for a role that is not a superuser (it may not set NOSUPERUSER). A superuser
+            # giving the role an object copies it once and for all.
+            probe = f"public.{quote_ident(f'citus_role_probe_{secrets.token_hex(4)}')}()"
+            for statement in (
+                f"CREATE FUNCTION {probe} RETURNS int LANGUAGE sql AS 'SELECT 1'",
+                f"ALTER FUNCTION {probe} OWNER TO {quote_ident(role)}",
+                f"DROP FUNCTION {probe}",
+            ):
+                self._run(self.coordinator, statement, name)
+        return self.superuser_url.set(database=name)
+
     def authorize(self, role: str, password: str) -> None:
         """Let the nodes reach each other as ``role`` (Citus opens its connections to the workers
         as the role running the statement): ``pg_dist_authinfo`` on every node. On an external
         cluster (``$SQLA_TENANCY_CITUS_DSN``) this is the operator's set-up, and nothing is done."""
+        self._authorized.append((role, password))
+        for node in self.nodes:
+            self._authinfo(node, role, password, "postgres")
+
+    def _authinfo(self, node: TemporaryCluster, role: str, password: str, database: str) -> None:
         from ..identifiers import quote_literal
 
-        for node in self.nodes:
-            self._run(
-                node,
-                "INSERT INTO pg_dist_authinfo (nodeid, rolename, authinfo) "
-                f"VALUES (0, {quote_literal(role)}, {quote_literal('password=' + password)})",
-            )
+        self._run(
+            node,
+            "INSERT INTO pg_dist_authinfo (nodeid, rolename, authinfo) "
+            f"VALUES (0, {quote_literal(role)}, {quote_literal('password=' + password)})",
+            database,
+        )
 
     @staticmethod
-    def _run(node: TemporaryCluster, sql: str) -> None:
-        engine = create_engine(node.url(), isolation_level="AUTOCOMMIT")
+    def _run(node: TemporaryCluster, sql: str, database: str = "postgres") -> None:
+        engine = create_engine(node.url().set(database=database), isolation_level="AUTOCOMMIT")
         try:
             with engine.connect() as conn:
                 conn.exec_driver_sql(sql)

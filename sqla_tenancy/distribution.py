@@ -36,7 +36,7 @@ from sqlalchemy import Connection, Table, text
 
 from .binding import PROPAGATE_OPTION  # defined low: the engines use it
 from .errors import ConfigurationError
-from .identifiers import quote_literal
+from .identifiers import quote_ident, quote_literal
 from .rls import qualified_name, tenant_column_name
 
 if TYPE_CHECKING:
@@ -54,7 +54,9 @@ __all__ = [
     "distribute_table",
     "distribute_tables",
     "distribution_sql",
+    "move_schema_node",
     "move_tenant_node",
+    "schema_node",
     "tenant_node",
     "prepare_distributed_ddl",
     "tenant_filter",
@@ -275,6 +277,51 @@ def tenant_node(conn: Connection, tenant_id: uuid.UUID) -> TenantNode:
     if row is None:
         raise ConfigurationError(f"Citus has no placement for the shard of tenant {tenant_id} of {anchor}.")
     return TenantNode(int(row[1]), str(row[2]), int(row[3]), int(row[0]), bool(row[4]))
+
+
+def schema_node(conn: Connection, schema: str) -> TenantNode:
+    """Where Citus keeps a schema tenant's distributed schema (schema-based sharding: all its
+    tables are single-shard tables of one colocation group, on one node)."""
+    row = conn.execute(
+        text(
+            "select s.shardid, n.nodeid, n.nodename, n.nodeport "
+            "from pg_dist_partition t join pg_dist_shard s on s.logicalrelid = t.logicalrelid "
+            "join pg_dist_placement p on p.shardid = s.shardid "
+            "join pg_dist_node n on n.groupid = p.groupid and n.noderole = 'primary' "
+            "join pg_class c on c.oid = t.logicalrelid "
+            "where c.relnamespace = cast(:schema as regnamespace) order by s.shardid limit 1"
+        ),
+        {"schema": quote_ident(schema)},
+    ).first()
+    if row is None:
+        raise ConfigurationError(
+            f"Citus has no placement for the schema {schema!r}: it is not a distributed schema, or "
+            "holds no table (was it created with distributed=True?)."
+        )
+    return TenantNode(int(row[1]), str(row[2]), int(row[3]), int(row[0]), True)
+
+
+def move_schema_node(
+    conn: Connection, schema: str, node: str | int, *, transfer_mode: str = "auto"
+) -> TenantNode:
+    """Move a schema tenant's distributed schema to another node (``citus_schema_move``: every
+    table of the schema at once); as :func:`move_tenant_node` for ``conn`` and ``transfer_mode``."""
+    if transfer_mode not in TRANSFER_MODES:
+        raise ConfigurationError(
+            f"transfer_mode must be one of {', '.join(TRANSFER_MODES)}, not {transfer_mode!r}."
+        )
+    target = _target_node(conn, node)
+    if transfer_mode != "block_writes":
+        _require_synchronous_commit(conn)
+    if schema_node(conn, schema).node_id != target:
+        conn.execute(
+            text(
+                "select citus_schema_move(cast(:schema as regnamespace), cast(:target as int), "
+                f"{quote_literal(transfer_mode)})"
+            ),
+            {"schema": quote_ident(schema), "target": target},
+        )
+    return schema_node(conn, schema)
 
 
 def _target_node(conn: Connection, node: str | int) -> int:

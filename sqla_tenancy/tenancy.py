@@ -669,41 +669,49 @@ class Tenancy:
         )
         return moved
 
-    def _distributed_shared(self, slug: str | uuid.UUID | Tenant, doing: str) -> Tenant:
+    def _distributed(self, slug: str | uuid.UUID | Tenant, doing: str) -> Tenant:
         tenant = self.get_tenant(lookup_key(slug))
         if not self.config.distributed:
             raise UnsupportedOperation(
                 f"{doing} applies to a distributed main database (Tenancy(distributed=True), Citus)."
             )
-        if tenant.strategy != "shared":
+        if tenant.strategy not in ("shared", "schema"):
             raise UnsupportedOperation(
-                f"Tenant {tenant.slug!r} is a {tenant.strategy} tenant: {doing} is for shared tenants."
+                f"Tenant {tenant.slug!r} is a {tenant.strategy} tenant: {doing} is for shared and "
+                "schema tenants."
             )
         return tenant
 
     def tenant_node(self, slug: str | uuid.UUID | Tenant) -> TenantNode:
-        """On Citus (``distributed=True``), the node holding a shared tenant's rows, read from
-        Citus's metadata now (it changes when shards move: not cached, not in the registry)."""
-        from .distribution import tenant_node
+        """On Citus (``distributed=True``), the node holding a tenant: a shared tenant's rows, or a
+        schema tenant's distributed schema. Read from Citus's metadata now (it changes when shards
+        move: not cached, not in the registry)."""
+        from .distribution import schema_node, tenant_node
 
-        tenant = self._distributed_shared(slug, "tenant_node()")
+        tenant = self._distributed(slug, "tenant_node()")
         with self.admin_engine.connect() as conn:
+            if tenant.strategy == "schema":
+                return schema_node(conn, str(tenant.location["schema"]))
             return tenant_node(conn, tenant.id)
 
     def move_tenant_node(
         self, slug: str | uuid.UUID | Tenant, node: str | int, *, transfer_mode: str = "auto"
     ) -> TenantNode:
-        """On Citus, move a shared tenant to another worker (``"host:port"`` or a node id), e.g.
-        a noisy neighbour to a node of its own: its shards are isolated
+        """On Citus, move a tenant to another worker (``"host:port"`` or a node id), e.g. a noisy
+        neighbour to a node of its own. A shared tenant's shards are isolated
         (``isolate_tenant_to_new_shard``) and moved (``citus_move_shard_placement``), every
-        tenant table at once. The tenant is served throughout: with ``transfer_mode="auto"``
-        (logical replication; needs ``wal_level = logical``) its writes wait only for the final
-        switch-over, with ``"block_writes"`` for the copy. Returns where it is now. See
+        tenant table at once; a schema tenant's schema is moved whole (``citus_schema_move``).
+        The tenant is served throughout: with ``transfer_mode="auto"`` (logical replication;
+        needs ``wal_level = logical``) its writes wait only for the final switch-over, with
+        ``"block_writes"`` for the copy. Returns where it is now. See
         :func:`sqla_tenancy.distribution.move_tenant_node`."""
-        from .distribution import move_tenant_node
+        from .distribution import move_schema_node, move_tenant_node
 
-        tenant = self._distributed_shared(slug, "move_tenant_node()")
+        tenant = self._distributed(slug, "move_tenant_node()")
         with self.admin_engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
+            if tenant.strategy == "schema":
+                schema = str(tenant.location["schema"])
+                return move_schema_node(conn, schema, node, transfer_mode=transfer_mode)
             return move_tenant_node(conn, tenant.id, node, transfer_mode=transfer_mode)
 
     def export_tenant(self, slug: str, path: str | os.PathLike[str], *, pg_dump: str | None = None) -> Path:

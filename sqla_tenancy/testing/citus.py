@@ -136,6 +136,8 @@ class CitusCluster:
     nodes: list[TemporaryCluster] = field(default_factory=list)
     _external: URL | None = None
     _authorized: list[tuple[str, str]] = field(default_factory=list)
+    #: the databases :meth:`create_database` added (``postgres`` is always there)
+    _databases: list[str] = field(default_factory=list)
 
     def start(self) -> CitusCluster:
         dsn = os.environ.get(CITUS_DSN_ENV)
@@ -214,6 +216,7 @@ class CitusCluster:
         for node in self.nodes:
             self._run(node, f"CREATE DATABASE {quote_ident(name)}")
         self._prepare_database(name)
+        self._databases.append(name)
         assert self.coordinator is not None
         for role, _ in self._authorized:
             # Citus copies a role to the workers, with all its attributes, the first time an
@@ -231,11 +234,13 @@ class CitusCluster:
 
     def authorize(self, role: str, password: str) -> None:
         """Let the nodes reach each other as ``role`` (Citus opens its connections to the workers
-        as the role running the statement): ``pg_dist_authinfo`` on every node. On an external
-        cluster (``$SQLA_TENANCY_CITUS_DSN``) this is the operator's set-up, and nothing is done."""
+        as the role running the statement): ``pg_dist_authinfo`` on every node, in every database
+        of the cluster (each has its own Citus metadata). On an external cluster
+        (``$SQLA_TENANCY_CITUS_DSN``) this is the operator's set-up, and nothing is done."""
         self._authorized.append((role, password))
         for node in self.nodes:
-            self._authinfo(node, role, password, "postgres")
+            for database in ("postgres", *self._databases):
+                self._authinfo(node, role, password, database)
 
     def _authinfo(self, node: TemporaryCluster, role: str, password: str, database: str) -> None:
         from ..identifiers import quote_literal

@@ -9,6 +9,9 @@ import os
 from sqla_tenancy import Tenancy
 from tests.citus.models import Base, extended_metadata
 
+#: schema tenants on Citus log in to the workers with passwords derived from it
+SECRET = "a Citus migration test key, more than 16 bytes"
+
 
 def tenancy() -> Tenancy:
     extended = os.environ.get("CITUS_APP_MODELS") == "extended"
@@ -21,4 +24,5 @@ def tenancy() -> Tenancy:
         migrations=os.environ.get("CITUS_APP_INI") or None,
         distributed=True,
         registry_listen=False,
+        secret_key=SECRET,
     )

@@ -24,7 +24,9 @@ from sqlalchemy.engine import URL
 from alembic_ext import init_project
 from alembic_ext.versions import INFRASTRUCTURE, TENANT
 from sqla_tenancy import Tenancy, tenant_context
+from sqla_tenancy.testing.citus import CitusCluster
 
+from .app import SECRET
 from .models import Base, extended_metadata
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -49,6 +51,7 @@ class CitusProject:
             migrations=str(self.ini),
             distributed=True,
             registry_listen=False,
+            secret_key=SECRET,
         )
         self.tenancies.append(tenancy)
         return tenancy
@@ -231,3 +234,47 @@ def test_the_fleet_runner_migrates_a_distributed_database(project: CitusProject,
     assert found["notes"][:2] == ("distributed", "tenant_id") and found["notes"][2] == found["projects"][2]
     assert found["billing.currencies"][0] == "reference"
     assert tenancy.get_tenant("acme").revision == written["target"]
+
+
+def test_the_fleet_runner_migrates_schema_tenants_on_citus(
+    project: CitusProject, tmp_path: Path, citus: CitusCluster
+) -> None:
+    """A tenant-stream revision adding a table, applied by the fleet runner to a schema tenant's
+    distributed schema: the table is a single-shard table of the schema (its node), the tenant
+    uses it, and the shared tenants' table is distributed as before."""
+    tenancy = project.tenancy()
+    command.upgrade(project.config(tenancy), "head")
+    tenancy.create_tenant("acme")
+    schema_tenant = tenancy.create_tenant("s_globex", placement="schema")
+    citus.authorize(*tenancy.placement("schema").node_login(schema_tenant))  # type: ignore[attr-defined]
+    command.revision(project.config(project.tenancy(extended_metadata())), "notes", autogenerate=True)
+    report = tmp_path / "report.json"
+    result = subprocess.run(
+        [SCRIPT, "migrate", "-c", str(project.ini), "--no-progress", "--report", str(report)],
+        cwd=ROOT,
+        env=project.env("extended"),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    written = json.loads(report.read_text())
+    schema = schema_tenant.location["schema"]
+    assert {(o["location"], o["kind"], o["status"]) for o in written["locations"]} == {
+        ("main", "main", "upgraded"),
+        ("s_globex", "schema", "upgraded"),
+    }
+    found = citus_tables(tenancy)
+    assert found["notes"][:2] == ("distributed", "tenant_id")
+    assert found[f"{schema}.notes"][0] == "schema"
+    assert found[f"{schema}.notes"][2] == found[f"{schema}.projects"][2]  # on the schema's node
+    extended = project.tenancy(extended_metadata())
+    notes: Table = extended.metadata.tables["notes"]
+    projects: Table = extended.metadata.tables["projects"]
+    with tenant_context("s_globex"), extended.connect() as conn:
+        project_id = conn.execute(projects.insert().values(name="g").returning(projects.c.id)).scalar()
+        conn.execute(notes.insert().values(project_id=project_id, body="globex note"))
+        conn.commit()
+    with tenant_context("s_globex"), extended.connect() as conn:
+        assert conn.execute(select(notes.c.body)).scalars().all() == ["globex note"]
+    assert extended.get_tenant("s_globex").revision == written["target"]

@@ -5,6 +5,7 @@ log in as; no public fallback and no other tenant's schema, enforced on the clus
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 
 import pytest
@@ -143,3 +144,54 @@ def test_the_isolation_checker_finds_nothing_on_the_cluster(schemas: Tenancy, pl
     assert report.checks >= 60
     # (a schema tenant's own parent row holds the other's key values: that probe needs none)
     assert all("not probed" in skipped for skipped in report.skipped), report.skipped
+
+
+def test_a_schema_tenants_node_and_a_move_under_load(schemas: Tenancy, citus: CitusCluster) -> None:
+    """tenant_node() of a schema tenant is its distributed schema's node; move_tenant_node() moves
+    the schema whole (citus_schema_move) while it and a neighbour write: no leak, no lost write."""
+    from .test_nodes_on_citus import Writer, workers
+
+    if not citus.nodes:
+        pytest.skip("an external cluster: its nodes are not ours to move shards between")
+    schemas.create_tenant("s_mover", placement="schema")
+    try:
+        before = schemas.tenant_node("s_mover")
+        with schemas.admin_engine.connect() as conn:
+            where = (
+                conn.execute(
+                    text(
+                        "select distinct nodename || ':' || nodeport from citus_shards "
+                        "where table_name::text like :pattern"
+                    ),
+                    {"pattern": f"{schemas.get_tenant('s_mover').location['schema']}.%"},
+                )
+                .scalars()
+                .all()
+            )
+        assert where == [before.address] and before.isolated
+        neighbour = schemas.tenant_node("s_acme")
+        target = next(w for w in workers(citus) if w != before.address)
+        writers = [Writer(schemas, "s_mover"), Writer(schemas, "s_acme")]
+        for writer in writers:
+            writer.start()
+        time.sleep(0.5)
+        moved = schemas.move_tenant_node("s_mover", target)
+        moved_at = {w.slug: len(w.committed) for w in writers}
+        time.sleep(0.5)
+        for writer in writers:
+            writer.stop.set()
+        for writer in writers:
+            writer.join(30)
+        assert moved.address == target == schemas.tenant_node("s_mover").address
+        assert schemas.tenant_node("s_acme").address == neighbour.address
+        for writer in writers:
+            assert writer.leaks == [], writer.leaks
+            assert len(writer.committed) > moved_at[writer.slug] > 0
+            with tenant_context(writer.slug), schemas.sessionmaker()() as session:
+                present = set(
+                    session.scalars(select(Project.id).where(Project.name.like(f"{writer.slug}-load-%")))
+                )
+            assert set(writer.committed) <= present  # no committed write lost
+        assert schemas.move_tenant_node("s_mover", moved.node_id) == moved  # already there
+    finally:
+        schemas.delete_tenant("s_mover")

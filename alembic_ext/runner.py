@@ -28,7 +28,7 @@ from sqla_tenancy.binding import UNBIND
 from sqla_tenancy.distribution import deferring_distribution, distribute_table, prepare_distributed_ddl
 from sqla_tenancy.grants import finish_tables
 from sqla_tenancy.identifiers import quote_ident
-from sqla_tenancy.installer import ensure_registry
+from sqla_tenancy.installer import ensure_registry, node_login_ddl
 from sqla_tenancy.registry import REGISTRY_SCHEMA, TenantStore
 
 from .locations import MIGRATED_STATUSES, Location, update_registry_copy
@@ -301,6 +301,8 @@ class LocationRunner:
                 before, after = self._apply(main, INFRASTRUCTURE, REGISTRY_SCHEMA)
                 if self.command != "display":
                     finish_tables(self.tenancy.config, main, self.tenancy.infrastructure_tables())
+                    for statement in node_login_ddl(self.tenancy.config):  # Citus: anonymous logins
+                        main.exec_driver_sql(statement)
         self._distribute(main, pending)
         return _outcome("infrastructure", "main", INFRASTRUCTURE, before, after, started)
 

@@ -78,8 +78,9 @@ def main() -> None:
             pk = session.scalars(select(Project.id).limit(1)).one()
         plain = create_engine(url.set(username=admin_role, password=admin_pw))  # BYPASSRLS: no binding
         schema_tenant = tenancy.create_tenant("s0", placement="schema")
-        role, password = tenancy.placement("schema").node_login(schema_tenant)  # type: ignore[attr-defined]
-        cluster.authorize(role, password)
+        for login in tenancy.node_logins(schema_tenant):
+            cluster.authorize(*login)
+        role, password = tenancy.node_logins(schema_tenant)[0]
         with tenant_context("s0"), Sessions() as session:
             session.add_all(Project(name=f"s0-{n}") for n in range(50))
             session.commit()

@@ -37,7 +37,7 @@ from typing import TYPE_CHECKING
 
 from sqlalchemy import Connection, Table, text
 
-from .errors import ProvisioningError
+from .errors import ProvisioningError, UnsupportedOperation
 from .identifiers import quote_ident, quote_literal, role_name
 from .registry import REGISTRY_SCHEMA
 from .rls import ANONYMOUS_INFO_KEY, is_tenant_scoped, qualified_name
@@ -56,6 +56,7 @@ __all__ = [
     "grant_database_tenant",
     "is_anonymous_readable",
     "main_database_ddl",
+    "refuse_anonymous_without_login",
     "refuse_existing_role",
     "role_exists",
     "schema_tenant_ddl",
@@ -94,6 +95,18 @@ def anonymous_group(config: TenancyConfig) -> str:
 def anonymous_gate(config: TenancyConfig) -> str:
     """The NOINHERIT role through which the application role may switch to anonymous roles."""
     return f"{config.name_prefix}_anonymous_gate"
+
+
+def refuse_anonymous_without_login(config: TenancyConfig) -> None:
+    """On Citus the anonymous roles log in to the workers (the coordinator connects as the
+    current role) with passwords derived from the secret key: without one, refuse."""
+    if config.distributed and not config.has_secret():
+        raise UnsupportedOperation(
+            "Anonymous (access-key) requests on Citus (distributed=True) need a secret_key: Citus "
+            "reaches the workers as the current role, so the anonymous roles log in there with "
+            "passwords derived from it. Pass Tenancy(secret_key=...), run tenancy.install() (or the "
+            "migrations) again, and let the roles of tenancy.node_logins() in between the nodes."
+        )
 
 
 def tenant_anonymous_role(config: TenancyConfig, slug: str) -> str:

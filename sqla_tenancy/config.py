@@ -221,6 +221,10 @@ class TenancyConfig:
                 "Pass servers={name: admin_url} to Tenancy."
             ) from None
 
+    def has_secret(self) -> bool:
+        """Whether a secret key to derive role passwords from is configured (see :meth:`secret`)."""
+        return len(self.secret_key or os.environ.get("SQLA_TENANCY_SECRET_KEY", "").encode()) >= 16
+
     def secret(self) -> bytes:
         """The key tenant role passwords are derived from."""
         key = self.secret_key or os.environ.get("SQLA_TENANCY_SECRET_KEY", "").encode()

@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING
 
 from sqlalchemy import Connection, Engine, text
 
+from .anonymous import anonymous_role
 from .binding import ADMIT_FUNCTION, REFUSED_SQLSTATE
 from .distribution import distribute_tables, prepare_distributed_ddl
 from .grants import finish_tables, registry_grants
@@ -133,6 +134,20 @@ END $$
 """
 
 
+def node_login_ddl(config: TenancyConfig) -> list[str]:
+    """On Citus (``distributed=True``) with a secret key: the shared placement's anonymous role
+    may log in, with a password derived from the key, since the coordinator reaches the workers
+    as the current role (see ``docs/scale-out.md``); without a key it stays ``NOLOGIN`` and
+    anonymous requests are refused there. Nothing on plain PostgreSQL."""
+    if not config.distributed or not config.has_secret():
+        return []
+    from .placements.database import derive_password, scram_verifier
+
+    role = anonymous_role(config)
+    verifier = scram_verifier(derive_password(config.secret(), role))
+    return [f"ALTER ROLE {quote_ident(role)} LOGIN PASSWORD {quote_literal(verifier)}"]
+
+
 def install(config: TenancyConfig, admin: Engine, registry: Registry) -> None:
     """Create, idempotently and under one advisory lock, everything the main database needs."""
     check_tenant_keys(config.metadata, infrastructure_schemas=config.infrastructure_schemas)
@@ -160,6 +175,8 @@ def _install(config: TenancyConfig, conn: Connection) -> None:
             for statement in enable_rls_ddl(table, function_schema=REGISTRY_SCHEMA):
                 conn.exec_driver_sql(statement)
     finish_tables(config, conn, config.metadata.sorted_tables)
+    for statement in node_login_ddl(config):
+        conn.exec_driver_sql(statement)
     if config.alembic_config is not None:
         _stamp_created(config, conn)
 

@@ -682,6 +682,32 @@ class Tenancy:
             )
         return tenant
 
+    def node_logins(self, slug: str | uuid.UUID | Tenant | None = None) -> list[tuple[str, str]]:
+        """On Citus (``distributed=True``): the roles, besides the application and admin roles,
+        that the coordinator's connections to the workers log in as (Citus connects as the
+        current role), with their passwords (derived from ``secret_key``, stored nowhere). With
+        no tenant: the shared placement's anonymous role; with a schema tenant: its role and its
+        anonymous role. The cluster must let them in from the coordinator: ``pg_dist_authinfo``
+        rows (a superuser's, e.g. from an ``after_create`` hook), or a ``pg_hba.conf`` rule. See
+        ``docs/scale-out.md``."""
+        if not self.config.distributed:
+            raise UnsupportedOperation("node_logins() applies to a distributed main database (Citus).")
+        from .anonymous import anonymous_role
+        from .placements.database import derive_password
+
+        if slug is None:
+            role = anonymous_role(self.config)
+            return [(role, derive_password(self.config.secret(), role))]
+        tenant = self.get_tenant(lookup_key(slug))
+        if tenant.strategy != "schema":
+            raise UnsupportedOperation(
+                f"Tenant {tenant.slug!r} is a {tenant.strategy} tenant: only schema tenants have roles "
+                "of their own on Citus (node_logins() with no tenant gives the shared placement's)."
+            )
+        placement = self.placement("schema")
+        assert isinstance(placement, SchemaPlacement)
+        return placement.node_logins(tenant)
+
     def tenant_node(self, slug: str | uuid.UUID | Tenant) -> TenantNode:
         """On Citus (``distributed=True``), the node holding a tenant: a shared tenant's rows, or a
         schema tenant's distributed schema. Read from Citus's metadata now (it changes when shards

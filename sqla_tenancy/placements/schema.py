@@ -26,6 +26,7 @@ from sqlalchemy.schema import CreateIndex, CreateSequence
 
 from ..anonymous import (
     anonymous_gate,
+    refuse_anonymous_without_login,
     refuse_existing_role,
     role_exists,
     schema_tenant_ddl,
@@ -239,7 +240,8 @@ class SchemaPlacement(PlacementBase):
                     f"CREATE ROLE {r} {self._login(role)} "
                     "NOSUPERUSER NOBYPASSRLS NOCREATEDB NOCREATEROLE INHERIT",
                     # anonymous requests' role: reads opted-in tables only (sqla_tenancy.anonymous)
-                    f"CREATE ROLE {anon} NOLOGIN NOSUPERUSER NOBYPASSRLS NOCREATEDB NOCREATEROLE INHERIT",
+                    f"CREATE ROLE {anon} {self._login(anonymous, anonymous=True)} "
+                    "NOSUPERUSER NOBYPASSRLS NOCREATEDB NOCREATEROLE INHERIT",
                     f"ALTER DEFAULT PRIVILEGES IN SCHEMA {s} "
                     f"GRANT SELECT, INSERT, UPDATE, DELETE ON TABLES TO {r}",
                     f"ALTER DEFAULT PRIVILEGES IN SCHEMA {s} GRANT USAGE, SELECT ON SEQUENCES TO {r}",
@@ -300,30 +302,29 @@ class SchemaPlacement(PlacementBase):
             if statement.strip():
                 admin.exec_driver_sql(statement)
 
-    def _login(self, role: str) -> str:
+    def _login(self, role: str, *, anonymous: bool = False) -> str:
         """``NOLOGIN``: the application role's transactions ``SET ROLE`` to it. On Citus the
         coordinator opens its connections to the node holding the tenant's schema as the current
         role, so there the role logs in, with a password derived from the secret key (see
-        :meth:`node_login`)."""
-        if not self.config.distributed:
+        :meth:`node_logins`); the anonymous role only when a secret key is configured (without
+        one, anonymous requests are refused on Citus)."""
+        if not self.config.distributed or (anonymous and not self.config.has_secret()):
             return "NOLOGIN"
         from .database import derive_password, scram_verifier  # (database imports this module)
 
         verifier = scram_verifier(derive_password(self.config.secret(), role))
         return f"LOGIN PASSWORD {quote_literal(verifier)}"
 
-    def node_login(self, tenant: Tenant) -> tuple[str, str]:
-        """On Citus (``distributed=True``): the role and the password the coordinator's
-        connections to the node holding ``tenant``'s schema log in with. The cluster must let
-        that role in from the coordinator: a ``pg_dist_authinfo`` row per role (written by a
-        superuser, e.g. from an ``after_create`` hook), or a ``pg_hba.conf`` rule for the tenants'
-        group from the coordinator's address (``cert``, or ``trust`` on a private network)."""
+    def node_logins(self, tenant: Tenant) -> list[tuple[str, str]]:
+        """On Citus (``distributed=True``): the roles the coordinator's connections to the node
+        holding ``tenant``'s schema log in as, with their passwords: the tenant's role and its
+        anonymous role. See :meth:`Tenancy.node_logins <sqla_tenancy.Tenancy.node_logins>`."""
         if not self.config.distributed:
-            raise UnsupportedOperation("node_login() applies to a distributed (Citus) Tenancy only.")
+            raise UnsupportedOperation("node_logins() applies to a distributed (Citus) Tenancy only.")
         from .database import derive_password
 
-        role = self.names(tenant.slug)[1]
-        return role, derive_password(self.config.secret(), role)
+        roles = [self.names(tenant.slug)[1], tenant_anonymous_role(self.config, tenant.slug)]
+        return [(role, derive_password(self.config.secret(), role)) for role in roles]
 
     def deprovision(
         self, tenant: Tenant, *, admin: Connection | None, keep_infrastructure_rows: bool
@@ -376,11 +377,7 @@ class SchemaPlacement(PlacementBase):
         return self._binding(tenant, self.names(tenant.slug)[1])
 
     def anonymous_binding(self, tenant: Tenant) -> bytes:
-        if self.config.distributed:
-            raise UnsupportedOperation(
-                "Anonymous (access-key) requests are not supported on Citus (distributed=True) yet: "
-                "Citus reaches the workers as the current role, and the anonymous role cannot log in."
-            )
+        refuse_anonymous_without_login(self.config)
         return self._binding(tenant, tenant_anonymous_role(self.config, tenant.slug))
 
     def _binding(self, tenant: Tenant, role: str) -> bytes:

@@ -9,14 +9,14 @@ from typing import TYPE_CHECKING, Any
 from sqlalchemy import Connection, Table, text
 from sqlalchemy.engine import URL, Engine
 
-from ..anonymous import anonymous_role
+from ..anonymous import anonymous_role, refuse_anonymous_without_login
 from ..binding import (
     binding_statement,
     distributed_binding_statement,
     migration_binding_statement,
     tenant_setting,
 )
-from ..errors import ProvisioningError, UnsupportedOperation
+from ..errors import ProvisioningError
 from ..identifiers import quote_ident
 from ..keys import check_tenant_keys
 from ..rls import is_tenant_scoped, qualified_name, tenant_column_name
@@ -115,11 +115,9 @@ class SharedPlacement(PlacementBase):
         return binding_statement(tenant.id)
 
     def anonymous_binding(self, tenant: Tenant) -> bytes:
+        refuse_anonymous_without_login(self.config)
         if self.config.distributed:
-            raise UnsupportedOperation(
-                "Anonymous (access-key) requests are not supported on Citus (distributed=True) yet: "
-                "Citus reaches the workers as the current role, and the anonymous role cannot log in."
-            )
+            return distributed_binding_statement(tenant.id, role=anonymous_role(self.config))
         return binding_statement(tenant.id, role=anonymous_role(self.config))
 
     def engine(self, tenant: Tenant, *, async_: bool) -> Engine:

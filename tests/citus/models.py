@@ -7,7 +7,7 @@ from __future__ import annotations
 from sqlalchemy import Column, Integer, MetaData, PrimaryKeyConstraint, Table, Text
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
-from sqla_tenancy import TenantScoped, tenant_foreign_key, tenant_id_column
+from sqla_tenancy import TenantScoped, anonymous_readable, tenant_foreign_key, tenant_id_column
 
 
 class Base(DeclarativeBase):
@@ -25,8 +25,10 @@ class Plan(Base):
 
 
 class Project(TenantScoped, Base):
+    """Opted in to anonymous reads (the anonymous tests on Citus read it; tasks stay private)."""
+
     __tablename__ = "projects"
-    __table_args__ = (PrimaryKeyConstraint("tenant_id", "id"),)
+    __table_args__ = (PrimaryKeyConstraint("tenant_id", "id"), {"info": anonymous_readable()})
 
     id: Mapped[int] = mapped_column(autoincrement=True)
     name: Mapped[str]

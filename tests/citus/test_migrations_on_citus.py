@@ -246,7 +246,8 @@ def test_the_fleet_runner_migrates_schema_tenants_on_citus(
     command.upgrade(project.config(tenancy), "head")
     tenancy.create_tenant("acme")
     schema_tenant = tenancy.create_tenant("s_globex", placement="schema")
-    citus.authorize(*tenancy.placement("schema").node_login(schema_tenant))  # type: ignore[attr-defined]
+    for role, password in tenancy.node_logins(schema_tenant):
+        citus.authorize(role, password)
     command.revision(project.config(project.tenancy(extended_metadata())), "notes", autogenerate=True)
     report = tmp_path / "report.json"
     result = subprocess.run(

@@ -30,9 +30,12 @@ def schemas(distributed: Tenancy, citus: CitusCluster) -> Iterator[Tenancy]:
     def authorize(event: TenantEvent) -> None:
         assert event.tenant is not None
         if event.tenant.placement == "schema":
-            citus.authorize(*distributed.placement("schema").node_login(event.tenant))  # type: ignore[attr-defined]
+            for role, password in distributed.node_logins(event.tenant):
+                citus.authorize(role, password)
 
     distributed.on("after_create", authorize)
+    for role, password in distributed.node_logins():  # the shared placement's anonymous role
+        citus.authorize(role, password)
     Session = distributed.sessionmaker()
     for slug in SLUGS:
         distributed.create_tenant(slug, placement="schema")
@@ -111,10 +114,69 @@ async def test_async_schema_sessions_are_bound_the_same_way(schemas: Tenancy) ->
     await schemas.dispose_async()
 
 
-def test_an_anonymous_schema_tenant_is_refused_on_citus(schemas: Tenancy) -> None:
-    with tenant_context("s_acme", anonymous=True), schemas.sessionmaker()() as session:
-        with pytest.raises(UnsupportedOperation, match="not supported on Citus"):
-            session.execute(select(Project))
+@pytest.fixture(scope="module")
+def anon_shared(schemas: Tenancy) -> Iterator[str]:
+    """A shared tenant of this module's own (the shared suite's keep their rows as seeded)."""
+    schemas.create_tenant("anon_shared")
+    yield "anon_shared"
+    schemas.delete_tenant("anon_shared")
+
+
+@pytest.mark.parametrize("slug", ["anon_shared", "s_acme"])  # a shared tenant, a schema tenant
+def test_anonymous_requests_read_the_opted_in_tables_only(
+    schemas: Tenancy, anon_shared: str, slug: str
+) -> None:
+    """The anonymous suite's points on the cluster: the opted-in table shows the tenant's rows
+    only, another table and every write are permission denied, the role lasts one transaction."""
+    Session = schemas.sessionmaker()
+    with tenant_context(slug), Session() as session:
+        session.add(Project(name=f"{slug} public project"))
+        session.commit()
+        own = sorted(session.scalars(select(Project.name)))
+    with tenant_context(slug, anonymous=True), Session() as session:
+        assert sorted(session.scalars(select(Project.name))) == own
+        assert sorted(session.execute(text("select name from projects")).scalars()) == own
+    with tenant_context(slug, anonymous=True), Session() as session:
+        with pytest.raises(ProgrammingError, match="permission denied"):
+            session.execute(text("select * from tasks"))
+    with tenant_context(slug, anonymous=True), Session() as session:
+        with pytest.raises(ProgrammingError, match="permission denied"):
+            session.execute(text("insert into projects (name) values ('anonymous write')"))
+    with tenant_context(slug), Session() as session:  # the next transaction has its full role again
+        assert session.execute(text("select count(*) from tasks")).scalar() is not None
+
+
+async def test_anonymous_async_sessions_on_citus(schemas: Tenancy, anon_shared: str) -> None:
+    Maker = schemas.async_sessionmaker()
+    for slug in (anon_shared, "s_acme"):
+        with tenant_context(slug):
+            async with Maker() as session:
+                own = sorted((await session.scalars(select(Project.name))).all())
+        with tenant_context(slug, anonymous=True):
+            async with Maker() as session:
+                names = sorted((await session.scalars(select(Project.name))).all())
+                with pytest.raises(ProgrammingError, match="permission denied"):
+                    await session.execute(text("select * from tasks"))
+        assert names == own
+    await schemas.dispose_async()
+
+
+def test_anonymous_requests_need_a_secret_key_on_citus(schemas: Tenancy) -> None:
+    keyless = Tenancy(
+        schemas.url,
+        admin_url=schemas.admin_url,
+        metadata=schemas.metadata,
+        infrastructure_schemas=schemas.infrastructure_schemas,
+        name_prefix=schemas.name_prefix,
+        distributed=True,
+        registry_listen=False,
+    )
+    try:
+        with tenant_context("acme", anonymous=True), keyless.sessionmaker()() as session:
+            with pytest.raises(UnsupportedOperation, match="need a secret_key"):
+                session.execute(select(Project))
+    finally:
+        keyless.dispose()
 
 
 def test_deleting_a_schema_tenant_removes_it_from_every_node(schemas: Tenancy, citus: CitusCluster) -> None:

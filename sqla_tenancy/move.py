@@ -287,17 +287,25 @@ def _move_across(services: Services, tenant: Tenant, placement: str, server: str
             tenant = _current(services, tenant)
             _recover(services, tenant, tables, source, source_engine)
             with platform_context(reason):
-                steps("move_read_only")
-                _block_writes(source_engine, tenant, tables, source, placement)
-                blocked = True
-                read_only = time.monotonic()
-                steps("move_provision")
                 if placement == "database":
+                    # provisioned before the tenant turns read-only: CREATE DATABASE and the
+                    # foreign schemas take most of the time, and need none of its rows
+                    steps("move_provision")
                     journaled = True
-                    tenant, leftover = _to_database(
-                        services, database, tenant, tables, source, source_engine, engine_for, server
+                    names, location = _provision_database(services, database, tenant, source, server)
+                    steps("move_read_only")
+                    _block_writes(source_engine, tenant, tables, source, placement)
+                    blocked = True
+                    read_only = time.monotonic()
+                    leftover = _to_database(
+                        services, database, tenant, tables, source, source_engine, engine_for, names, location
                     )
                 else:
+                    steps("move_read_only")
+                    _block_writes(source_engine, tenant, tables, source, placement)
+                    blocked = True
+                    read_only = time.monotonic()
+                    steps("move_provision")
                     leftover = _to_main(services, database, tenant, tables, source, source_engine, placement)
                 switched = True  # a source database goes later, its policies with it
             ended = time.monotonic()
@@ -325,18 +333,10 @@ def _move_across(services: Services, tenant: Tenant, placement: str, server: str
     return services.registry.get(tenant.id)
 
 
-def _to_database(
-    services: Services,
-    database: DatabasePlacement,
-    tenant: Tenant,
-    tables: list[Table],
-    source: _Site,
-    source_engine: Engine,
-    engine_for: Any,
-    server: str | None,
-) -> tuple[Tenant, dict[str, Any] | None]:
-    """Provision, copy into, check and switch to a database on ``server``."""
-    steps = services.steps
+def _provision_database(
+    services: Services, database: DatabasePlacement, tenant: Tenant, source: _Site, server: str | None
+) -> tuple[Names, dict[str, Any]]:
+    """The target database on ``server``, journaled in the tenant's row object by object."""
     target_server = server or "main"
 
     def journal(*entries: dict[str, str]) -> None:
@@ -356,8 +356,24 @@ def _to_database(
         temporary_roles=temporary,
         fdw_role=source.placement != "database",  # a database source's FDW role serves on
     )
+    return names, location
+
+
+def _to_database(
+    services: Services,
+    database: DatabasePlacement,
+    tenant: Tenant,
+    tables: list[Table],
+    source: _Site,
+    source_engine: Engine,
+    engine_for: Any,
+    names: Names,
+    location: dict[str, Any],
+) -> dict[str, Any] | None:
+    """Copy into, check and switch to the provisioned database ``names``."""
+    steps = services.steps
     revision = location.pop("_revision", tenant.revision)
-    target = _Site("database", target_server, names.database)
+    target = _Site("database", names.server, names.database)
     target_engine = engine_for(target)
     steps("move_copy")
     with source_engine.begin() as src, target_engine.begin() as dst:
@@ -382,14 +398,13 @@ def _to_database(
             services.placement(tenant.strategy).deprovision(
                 tenant, admin=admin, keep_infrastructure_rows=True
             )
-        if temporary:
-            for statement in database.rename_roles_sql(tenant, names):
-                admin.exec_driver_sql(statement)
+        for statement in database.rename_roles_sql(tenant, names):  # temporary names
+            admin.exec_driver_sql(statement)
         steps("move_switch")
         if leftover is not None:
             location[LEFTOVER_KEY] = leftover
         _switch(services, admin, tenant, "database", location, revision)
-    return tenant, leftover
+    return leftover
 
 
 def _to_main(

@@ -11,6 +11,7 @@ Figures are medians over the rounds; the machine may be shared, so treat them as
 from __future__ import annotations
 
 import argparse
+import itertools
 import logging
 import re
 import statistics
@@ -21,7 +22,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from sqlalchemy import Text, exc, text
+from sqlalchemy import Index, Text, exc, text
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 from sqla_tenancy import Tenancy, TenantScoped, tenant_context, tenant_foreign_key
@@ -40,7 +41,12 @@ class Project(TenantScoped, Base):
 
 class Task(TenantScoped, Base):
     __tablename__ = "tasks"
-    __table_args__ = (tenant_foreign_key(["project_id"], ["projects.id"], ondelete="CASCADE"),)
+    __table_args__ = (
+        tenant_foreign_key(["project_id"], ["projects.id"], ondelete="CASCADE"),
+        # the referencing columns indexed, as an application would: removing a shared source
+        # deletes its rows, and each deleted parent row looks for its children
+        Index("tasks_project", "tenant_id", "project_id"),
+    )
     id: Mapped[int] = mapped_column(primary_key=True)
     project_id: Mapped[int]
     title: Mapped[str] = mapped_column(Text)
@@ -48,7 +54,10 @@ class Task(TenantScoped, Base):
 
 class Comment(TenantScoped, Base):
     __tablename__ = "comments"
-    __table_args__ = (tenant_foreign_key(["task_id"], ["tasks.id"], ondelete="CASCADE"),)
+    __table_args__ = (
+        tenant_foreign_key(["task_id"], ["tasks.id"], ondelete="CASCADE"),
+        Index("comments_task", "tenant_id", "task_id"),
+    )
     id: Mapped[int] = mapped_column(primary_key=True)
     task_id: Mapped[int]
     body: Mapped[str] = mapped_column(Text)
@@ -56,7 +65,7 @@ class Comment(TenantScoped, Base):
 
 class User(TenantScoped, Base):
     __tablename__ = "users"
-    __table_args__ = {"schema": "auth"}
+    __table_args__ = ({"schema": "auth"},)
     id: Mapped[int] = mapped_column(primary_key=True)
     email: Mapped[str] = mapped_column(Text)
 
@@ -83,17 +92,18 @@ def seed(tenancy: Tenancy, slug: str, rows: int) -> None:
         t = {"t": tenant.id}
         conn.execute(
             text(
-                "insert into projects (tenant_id, name) select :t, 'project ' || g from generate_series(1, :n) g"
+                "insert into projects (tenant_id, name) "
+                "select :t, 'project ' || g from generate_series(1, :n) g"
             ),
             {**t, "n": projects},
         )
-        conn.execute(
+        first = conn.execute(text("select min(id) from projects where tenant_id = :t"), t).scalar()
+        conn.execute(  # the projects' ids are consecutive: inserted in one statement
             text(
-                "insert into tasks (tenant_id, project_id, title) select :t, p.id, 'task ' || g "
-                "from generate_series(1, :n) g join lateral (select id from projects where tenant_id = :t "
-                "order by id offset (g % :p) limit 1) p on true"
+                "insert into tasks (tenant_id, project_id, title) "
+                "select :t, :first + g % :p, 'task ' || g from generate_series(1, :n) g"
             ),
-            {**t, "n": tasks, "p": projects},
+            {**t, "first": first, "n": tasks, "p": projects},
         )
         ids = [r for (r,) in conn.execute(text("select id from tasks where tenant_id = :t"), t)]
         conn.execute(
@@ -175,6 +185,16 @@ def main() -> None:
         print(
             f"tenant acme: {sum(counts)} rows (projects {counts[0]}, tasks {counts[1]}, comments {counts[2]})"
         )
+        stamps: list[tuple[str, float]] = []
+        tenancy.on(
+            "step",
+            lambda e: (
+                stamps.append((e.step, time.perf_counter()))
+                if e.step and e.step.startswith("move_")
+                else None
+            ),
+        )
+        phases: dict[str, dict[str, list[float]]] = {}
         figures: dict[str, list[tuple[float, float, float]]] = {
             "shared -> database": [],
             "database -> shared": [],
@@ -184,9 +204,13 @@ def main() -> None:
                 prober = Prober(tenancy, "acme")
                 prober.thread.start()
                 time.sleep(0.1)
+                stamps.clear()
                 started = time.perf_counter()
                 tenancy.move_tenant("acme", placement)
                 wall = time.perf_counter() - started
+                marks = [*stamps, ("end", started + wall)]
+                for (step, at), (_, until) in itertools.pairwise(marks):
+                    phases.setdefault(arm, {}).setdefault(step, []).append(until - at)
                 time.sleep(0.1)
                 prober.stop.set()
                 prober.thread.join(10)
@@ -198,6 +222,9 @@ def main() -> None:
             logged = statistics.median(v[1] for v in values)
             seen = statistics.median(v[2] for v in values)
             print(f"  {arm:20s}          {wall:6.2f} s   {logged:6.2f} s             {seen:6.2f} s")
+        print("median time from each step to the next (s):")
+        for arm, steps in phases.items():
+            print(f"  {arm}: " + ", ".join(f"{k[5:]} {statistics.median(v):.2f}" for k, v in steps.items()))
     finally:
         if tenancy is not None:
             tenancy.dispose()

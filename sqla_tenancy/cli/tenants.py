@@ -260,7 +260,10 @@ def rotate_key(
 def move(
     slug: SlugArgument,
     placement: Annotated[
-        str, typer.Option("--to", help="The placement to move to: shared, schema or database.", show_default=False)
+        str,
+        typer.Option(
+            "--to", help="The placement to move to: shared, schema or database.", show_default=False
+        ),
     ],
     server: Annotated[
         Optional[str],  # noqa: UP045

@@ -38,6 +38,8 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, cast
 
@@ -210,50 +212,66 @@ def _move_in_main(services: Services, tenant: Tenant, placement: str) -> Tenant:
     admin_engine = services.engines.admin
     blocked = False
     started = time.monotonic()
-    try:
-        _recover(services, tenant, tables, source, admin_engine)
-        steps("move_read_only")
-        _block_writes(admin_engine, tenant, tables, source, placement)
-        blocked = True
-        read_only = time.monotonic()
-        # platform_context: the audit trail records the move's writes with this reason
-        with (
-            platform_context(f"move tenant {tenant.slug} to {placement}"),
-            admin_engine.begin() as admin,
-        ):
-            admin.execute(text(locks.XACT_LOCK), {"key": locks.tenant_key(tenant.slug)})
-            steps("move_provision")
-            draft = dataclasses.replace(tenant, strategy=placement, location={})
-            location = {
-                **target_placement.initial_location(None),
-                **target_placement.provision(draft, admin=admin),
-            }
-            revision = location.pop("_revision", tenant.revision)
-            target = _site(dataclasses.replace(draft, location=location))
-            steps("move_copy")
-            for table in tables:
-                _copy_in(admin, tenant, table, source, target)
-            steps("move_verify")
-            admin.exec_driver_sql(_TEXT_SETTINGS)
-            for table in tables:
-                _verify(tenant, table, (admin, source), (admin, target))
-            steps("move_remove_source")
-            _unblock_writes(admin, tenant, tables, source)
-            services.placement(tenant.strategy).deprovision(
-                tenant, admin=admin, keep_infrastructure_rows=True
-            )
-            steps("move_switch")
-            _switch(services, admin, tenant, placement, location, revision)
-        blocked = False  # the policies went with the switch's commit
-    except BaseException as error:
-        if blocked:
-            with admin_engine.begin() as admin:
+    with _tenant_lock(services, tenant):
+        try:
+            tenant = _current(services, tenant)
+            _recover(services, tenant, tables, source, admin_engine)
+            steps("move_read_only")
+            _block_writes(admin_engine, tenant, tables, source, placement)
+            blocked = True
+            read_only = time.monotonic()
+            # platform_context: the audit trail records the move's writes with this reason
+            with (
+                platform_context(f"move tenant {tenant.slug} to {placement}"),
+                admin_engine.begin() as admin,
+            ):
+                steps("move_provision")
+                draft = dataclasses.replace(tenant, strategy=placement, location={})
+                location = {
+                    **target_placement.initial_location(None),
+                    **target_placement.provision(draft, admin=admin),
+                }
+                revision = location.pop("_revision", tenant.revision)
+                target = _site(dataclasses.replace(draft, location=location))
+                steps("move_copy")
+                for table in tables:
+                    _copy_in(admin, tenant, table, source, target)
+                steps("move_verify")
+                admin.exec_driver_sql(_TEXT_SETTINGS)
+                for table in tables:
+                    _verify(tenant, table, (admin, source), (admin, target))
+                steps("move_remove_source")
                 _unblock_writes(admin, tenant, tables, source)
-        raise _failed(tenant, placement, error) from error
-    finally:
-        services.registry.invalidate([tenant.id])
+                services.placement(tenant.strategy).deprovision(
+                    tenant, admin=admin, keep_infrastructure_rows=True
+                )
+                steps("move_switch")
+                _switch(services, admin, tenant, placement, location, revision)
+            blocked = False  # the policies went with the switch's commit
+        except BaseException as error:
+            if blocked:
+                with admin_engine.begin() as admin:
+                    _unblock_writes(admin, tenant, tables, source)
+            raise _failed(tenant, placement, error) from error
+        finally:
+            services.registry.invalidate([tenant.id])
     _log_moved(tenant, placement, started, read_only)
     return services.registry.get(tenant.id)
+
+
+@contextmanager
+def _tenant_lock(services: Services, tenant: Tenant) -> Iterator[None]:
+    """The tenant's advisory lock, held for the whole move on a connection of its own: a
+    migration, a deletion or another move of the tenant waits for the move to end."""
+    key = {"key": locks.tenant_key(tenant.slug)}
+    with services.engines.admin.connect() as guard:
+        guard.execute(text(locks.LOCK), key)
+        guard.commit()
+        try:
+            yield
+        finally:
+            guard.execute(text(locks.UNLOCK), key)
+            guard.commit()
 
 
 # -- to or from the database placement: journaled steps ------------------------------------------
@@ -278,10 +296,7 @@ def _move_across(services: Services, tenant: Tenant, placement: str, server: str
     read_only = started
     blocked = journaled = switched = False
     reason = f"move tenant {tenant.slug} to {placement}"
-    # Held for the whole move: a migration, deletion or other move of the tenant waits.
-    with admin_engine.connect() as guard:
-        guard.execute(text(locks.LOCK), {"key": locks.tenant_key(tenant.slug)})
-        guard.commit()
+    with _tenant_lock(services, tenant):
         source_engine = engine_for(source)
         try:
             tenant = _current(services, tenant)
@@ -326,8 +341,6 @@ def _move_across(services: Services, tenant: Tenant, placement: str, server: str
         finally:
             for engine in engines:
                 engine.dispose()
-            guard.execute(text(locks.UNLOCK), {"key": locks.tenant_key(tenant.slug)})
-            guard.commit()
             services.registry.invalidate([tenant.id])
     _log_moved(tenant, placement, started, read_only, ended)
     return services.registry.get(tenant.id)

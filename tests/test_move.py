@@ -364,3 +364,30 @@ def test_unsupported_moves_are_refused_before_anything(t: Tenancy, tenancy_serve
     t.suspend_tenant("acme")
     with pytest.raises(UnsupportedOperation, match="suspended"):
         t.move_tenant("acme", "schema")
+
+
+@pytest.mark.parametrize("target", ["schema", "database"])
+def test_concurrent_moves_of_one_tenant_run_one_after_the_other(t: Tenancy, target: str) -> None:
+    before = content(t, "acme")
+    outcomes: list[str] = []
+
+    def attempt() -> None:
+        try:
+            t.move_tenant("acme", target)
+            outcomes.append("moved")
+        except MoveError as error:  # it waited for the other, then found the tenant moved
+            outcomes.append(
+                "changed before" if "changed before its move started" in str(error) else str(error)
+            )
+        except UnsupportedOperation:  # it started after the other had finished
+            outcomes.append("changed before")
+
+    threads = [threading.Thread(target=attempt) for _ in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(120)
+    assert sorted(outcomes) == ["changed before", "moved"]
+    assert t.get_tenant("acme").strategy == target
+    assert content(t, "acme") == before
+    assert source_policies(t, "acme") == [] and own_findings(t) == []

@@ -331,7 +331,14 @@ def _move_across(services: Services, tenant: Tenant, placement: str, server: str
                 _remove_source_database(services, tenant, leftover)
         except BaseException as error:
             if not switched:
-                _undo(services, database, tenant, tables, source, source_engine, blocked, journaled)
+                problem = _undo(services, database, tenant, tables, source, source_engine, blocked, journaled)
+                if problem is not None:
+                    raise MoveError(
+                        f"Moving tenant {tenant.slug!r} to {placement} failed ({type(error).__name__}: "
+                        f"{error}), and so did its clean-up ({problem}): the tenant is active at its "
+                        f"source ({tenant.strategy}) with all its rows, possibly still read-only; the "
+                        f"next move_tenant({tenant.slug!r}, ...) cleans up first."
+                    ) from error
                 raise _failed(tenant, placement, error) from error
             raise MoveError(
                 f"Tenant {tenant.slug!r} was moved to {placement} and is active there with all its "
@@ -551,9 +558,9 @@ def _undo(
     source_engine: Engine,
     blocked: bool,
     journaled: bool,
-) -> None:
+) -> str | None:
     """After a failure before the switch: drop the target's journaled objects, then let the
-    source be written again. A failure here is logged; the next move of the tenant cleans up."""
+    source be written again. What stopped the clean-up, if anything (the next move finishes it)."""
     try:
         if journaled:
             with services.engines.admin.connect() as conn:
@@ -565,13 +572,10 @@ def _undo(
         if blocked:
             with source_engine.begin() as conn:
                 _unblock_writes(conn, tenant, tables, source)
-    except Exception:
-        log.exception(
-            "clean-up of the failed move of tenant %s stopped; the next move_tenant(%r, ...) finishes it",
-            tenant.slug,
-            tenant.slug,
-        )
-        raise
+    except Exception as error:
+        log.exception("clean-up of the failed move of tenant %s stopped", tenant.slug)
+        return f"{type(error).__name__}: {error}"
+    return None
 
 
 def _failed(tenant: Tenant, placement: str, error: BaseException) -> MoveError | BaseException:

@@ -130,6 +130,11 @@ def _check(services: Services, tenant: Tenant, placement: str, server: str | Non
         raise UnsupportedOperation(
             f"Tenant {tenant.slug!r} is {tenant.status}: only an active tenant can be moved."
         )
+    if services.config.distributed:
+        raise UnsupportedOperation(
+            "Moving a tenant is not supported on a distributed (Citus) main database yet: the "
+            "read-only policies and the copy have not been tested there."
+        )
     if placement not in MOVABLE or tenant.strategy not in MOVABLE:
         raise UnsupportedOperation(
             f"Moving a tenant from {tenant.strategy} to {placement} is not supported: only between "

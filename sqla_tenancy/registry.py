@@ -255,16 +255,25 @@ class TenantStore:
             return None
         return dataclasses.replace(tenant, status="active", location=location, revision=revision)
 
-    def journal(self, conn: Connection, tenant_id: uuid.UUID, key: str, entries: Sequence[Any]) -> bool:
-        """Append ``entries`` to the list ``location[key]`` of a tenant being provisioned; False
-        when the row is gone or no longer ``provisioning``."""
+    def journal(
+        self,
+        conn: Connection,
+        tenant_id: uuid.UUID,
+        key: str,
+        entries: Sequence[Any],
+        *,
+        status: str = "provisioning",
+    ) -> bool:
+        """Append ``entries`` to the list ``location[key]`` of a tenant being provisioned (or in
+        ``status``: a move journals its target in the active row); False when the row is gone or
+        no longer in that status."""
         result = conn.execute(
             text(
                 f"update {_TABLE} set location = jsonb_set(location, array[cast(:key as text)], "
                 "coalesce(location -> cast(:key as text), '[]'::jsonb) || cast(:entries as jsonb)) "
-                "where id = :id and status = 'provisioning'"
+                "where id = :id and status = :status"
             ),
-            {"key": key, "entries": json.dumps(list(entries)), "id": tenant_id},
+            {"key": key, "entries": json.dumps(list(entries)), "id": tenant_id, "status": status},
         )
         return result.rowcount == 1
 
@@ -316,6 +325,13 @@ class TenantStore:
             },
         )
         return result.rowcount == 1
+
+    def drop_location_key(self, conn: Connection, tenant_id: uuid.UUID, key: str) -> None:
+        """Remove ``location[key]`` of a tenant's row (a finished move's journal or leftover)."""
+        conn.execute(
+            text(f"update {_TABLE} set location = location - cast(:key as text) where id = :id"),
+            {"key": key, "id": tenant_id},
+        )
 
     def claim_pending(self, conn: Connection, *, server: str) -> Tenant | None:
         """Lock the oldest ``pending`` database tenant on ``server`` for this transaction

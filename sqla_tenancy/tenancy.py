@@ -640,11 +640,12 @@ class Tenancy:
         )
 
     def move_tenant(self, slug: str, placement: str, *, server: str | None = None) -> Tenant:
-        """Move a tenant to another placement (``"shared"`` and ``"schema"`` for now): its rows are
-        copied, checked per table (count and checksum), the registry switched and the source
-        removed, in one transaction; the tenant is read-only meanwhile. A failure at any step
-        leaves it active at its source with every row (:class:`~sqla_tenancy.move.MoveError`).
-        See :mod:`sqla_tenancy.move`."""
+        """Move a tenant to another placement (``"shared"``, ``"schema"`` or ``"database"``; a
+        database tenant also to another ``server``): its rows are copied, checked per table (count
+        and checksum), the registry switched in one transaction and the source removed; the
+        tenant is read-only meanwhile (writes get an error naming the move). A failure before the
+        switch leaves it active at its source with every row and nothing of the target
+        (:class:`~sqla_tenancy.move.MoveError`). See :mod:`sqla_tenancy.move`."""
         from .move import move_tenant
 
         tenant = self.get_tenant(lookup_key(slug))

@@ -1,4 +1,4 @@
-"""``sqla-tenancy doctor``, ``sql`` and ``audit``: thin mappings onto the API, with exit codes."""
+"""``sqla-tenancy doctor``, ``sql``, ``audit``, ``tenants move``: thin mappings onto the API, exit codes."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ from sqlalchemy import select, text
 
 from sqla_tenancy import Tenancy, platform_context, tenant_context
 from sqla_tenancy.cli.ops import parse_since
+from sqla_tenancy.testing import TestServer
 
 from .conftest import SECRET
 from .models import Project
@@ -109,3 +110,22 @@ def test_since_takes_times_and_durations() -> None:
     assert parse_since("2026-11-30") == datetime(2026, 11, 30, tzinfo=timezone.utc)
     with pytest.raises(Exception, match="neither an ISO"):
         parse_since("yesterday")
+
+
+def test_tenants_move_to_a_database_and_back(
+    tenancy: Tenancy, cli: object, tenancy_server: TestServer
+) -> None:
+    tenancy.prepare_server(tenancy_server.superuser_url)
+    tenancy.create_tenant("acme")
+    with tenant_context("acme"), tenancy.sessionmaker()() as s:
+        s.add(Project(name="kept"))
+        s.commit()
+    result = cli("tenants", "move", "acme", "--to", "database", "--yes", "--json")  # type: ignore[operator]
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["placement"] == "database"
+    result = cli("tenants", "move", "acme", "--to", "shared", "--yes")  # type: ignore[operator]
+    assert result.returncode == 0, result.stderr
+    with tenant_context("acme"), tenancy.sessionmaker()() as s:
+        assert s.scalars(select(Project.name)).all() == ["kept"]
+    result = cli("tenants", "move", "acme", "--to", "schema", "--server", "eu", "--yes")  # type: ignore[operator]
+    assert result.returncode != 0 and "server= applies to moves to the database placement" in result.stderr

@@ -150,7 +150,7 @@ def create(
     ] = None,
     server: Annotated[
         Optional[str],  # noqa: UP045
-        typer.Option(help="For the database placement: one of the Tenancy's servers."),
+        typer.Option(help="For --to database: one of the Tenancy's servers (default: main)."),
     ] = None,
     app_spec: AppOption = None,
     config: ConfigOption = Path("alembic.ini"),
@@ -284,11 +284,14 @@ def rotate_key(
 def move(
     slug: SlugArgument,
     placement: Annotated[
-        str, typer.Option("--to", help="The placement to move to: shared or schema.", show_default=False)
+        str,
+        typer.Option(
+            "--to", help="The placement to move to: shared, schema or database.", show_default=False
+        ),
     ],
     server: Annotated[
         Optional[str],  # noqa: UP045
-        typer.Option(help="For the database placement: one of the Tenancy's servers."),
+        typer.Option(help="For --to database: one of the Tenancy's servers (default: main)."),
     ] = None,
     yes: YesOption = False,
     app_spec: AppOption = None,

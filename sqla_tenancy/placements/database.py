@@ -34,11 +34,12 @@ that exist already are refused before anything is created.
 from __future__ import annotations
 
 import base64
+import dataclasses
 import hashlib
 import hmac
 import logging
 import os
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -344,8 +345,56 @@ class DatabasePlacement(PlacementBase):
 
     def provision(self, tenant: Tenant, *, admin: Connection | None = None) -> dict[str, Any]:
         names = self.names(tenant)
+
+        def journal(*entries: dict[str, str]) -> None:
+            _journal(self.engines.admin, tenant, *entries)
+
+        return self._provision(tenant, names, final=names, journal=journal, fdw_role=True)
+
+    def provision_move_target(
+        self,
+        tenant: Tenant,
+        server: str,
+        *,
+        journal: Callable[..., None],
+        temporary_roles: bool,
+        fdw_role: bool,
+    ) -> tuple[Names, dict[str, Any]]:
+        """Provision the database ``tenant`` is being moved to, on ``server``, journaling each
+        object with ``journal(*entries)`` before it is created (:func:`compensate_entries` undoes
+        them). ``temporary_roles``: the login and anonymous roles are created under names of this
+        move's own (the source still holds the final ones on this cluster), with the passwords
+        of the final names, and renamed with :func:`rename_roles_sql` when the source's go.
+        ``fdw_role=False``: the source's FDW role (a database tenant's, named by its id) serves
+        the target too. Returns the names used and the location the registry keeps."""
+        final = self.names(tenant, server)
+        names = final
+        if temporary_roles:
+            stem = f"{self.config.name_prefix}-mv-{tenant.id.hex}"
+            names = dataclasses.replace(final, app_role=f"{stem}-app", anon_role=f"{stem}-anon")
+        location = self._provision(tenant, names, final=final, journal=journal, fdw_role=fdw_role)
+        return names, {**location, "role": final.app_role}
+
+    def rename_roles_sql(self, tenant: Tenant, used: Names) -> list[str]:
+        """The statements giving a move target's temporary roles their final names."""
+        final = self.names(tenant, used.server)
+        return [
+            f"ALTER ROLE {quote_ident(old)} RENAME TO {quote_ident(new)}"
+            for old, new in ((used.app_role, final.app_role), (used.anon_role, final.anon_role))
+            if old != new
+        ]
+
+    def _provision(
+        self,
+        tenant: Tenant,
+        names: Names,
+        *,
+        final: Names,
+        journal: Callable[..., None],
+        fdw_role: bool,
+    ) -> dict[str, Any]:
         secret = self.config.secret()
-        self._refuse_existing(tenant, names)
+        self._refuse_existing(tenant, names, fdw_role=fdw_role)
         checker = self._admin(names.server, autocommit=False)
         try:
             with checker.connect() as conn:
@@ -360,23 +409,18 @@ class DatabasePlacement(PlacementBase):
         if key not in self._templates_ready:  # once per process and server (migrations refresh it)
             self.refresh_template(names.server)
             self._templates_ready.add(key)
-        _journal(
-            self.engines.admin,
-            tenant,
-            _role_entry(names.server, names.app_role),
-            _role_entry(names.server, names.anon_role),
-        )
+        journal(_role_entry(names.server, names.app_role), _role_entry(names.server, names.anon_role))
         self.steps("app_role")
         roles = self._admin(names.server, autocommit=False)
         try:
             with roles.begin() as conn:  # both roles with their markers, or nothing
-                _create_role(conn, names.app_role, derive_password(secret, names.app_role))
+                _create_role(conn, names.app_role, derive_password(secret, final.app_role))
                 create_tenant_anonymous_role(conn, names.anon_role, member=names.app_role)
                 for role in (names.app_role, names.anon_role):
                     conn.exec_driver_sql(f"COMMENT ON ROLE {quote_ident(role)} IS {marker}")
         finally:
             roles.dispose()
-        _journal(self.engines.admin, tenant, _database_entry(names))
+        journal(_database_entry(names))
         self.steps("database")
         server_engine = self._admin(names.server)
         try:
@@ -403,21 +447,22 @@ class DatabasePlacement(PlacementBase):
                 _warn_open(conn, tenant, names.app_role, "login role", names.server, own=names.database)
         finally:
             server_engine.dispose()
-        _journal(self.engines.admin, tenant, _role_entry("main", names.fdw_role))
-        self.steps("fdw_role")
-        with self.engines.admin.begin() as conn:
-            _create_role(conn, names.fdw_role, derive_password(secret, names.fdw_role), inherit=True)
-            conn.exec_driver_sql(f"COMMENT ON ROLE {quote_ident(names.fdw_role)} IS {marker}")
-            # CONNECT and the infrastructure privileges come with the tenants' group.
-            group = quote_ident(tenants_group(self.config))
-            conn.exec_driver_sql(f"GRANT {group} TO {quote_ident(names.fdw_role)}")
-            main_database = self.config.admin_url.database or ""
-            _warn_open(conn, tenant, names.fdw_role, "FDW role", "main", own=main_database)
+        if fdw_role:
+            journal(_role_entry("main", names.fdw_role))
+            self.steps("fdw_role")
+            with self.engines.admin.begin() as conn:
+                _create_role(conn, names.fdw_role, derive_password(secret, names.fdw_role), inherit=True)
+                conn.exec_driver_sql(f"COMMENT ON ROLE {quote_ident(names.fdw_role)} IS {marker}")
+                # CONNECT and the infrastructure privileges come with the tenants' group.
+                group = quote_ident(tenants_group(self.config))
+                conn.exec_driver_sql(f"GRANT {group} TO {quote_ident(names.fdw_role)}")
+                main_database = self.config.admin_url.database or ""
+                _warn_open(conn, tenant, names.fdw_role, "FDW role", "main", own=main_database)
         self.steps("fdw")
         revision = self.import_foreign_schemas(tenant, names=names, create_server=True)
         return {**names.location(), "_revision": revision}
 
-    def _refuse_existing(self, tenant: Tenant, names: Names) -> None:
+    def _refuse_existing(self, tenant: Tenant, names: Names, *, fdw_role: bool = True) -> None:
         """Refuse, before anything is created, a database or role that exists under one of the
         tenant's names: provisioning neither adopts such an object nor, on failure, drops it."""
         engine = self._admin(names.server)
@@ -436,8 +481,9 @@ class DatabasePlacement(PlacementBase):
                     refuse_existing_role(conn, role)
         finally:
             engine.dispose()
-        with self.engines.admin.connect() as conn:
-            refuse_existing_role(conn, names.fdw_role)
+        if fdw_role:
+            with self.engines.admin.connect() as conn:
+                refuse_existing_role(conn, names.fdw_role)
 
     def import_foreign_schemas(
         self, tenant: Tenant, *, names: Names | None = None, create_server: bool = False
@@ -568,6 +614,47 @@ class DatabasePlacement(PlacementBase):
                 f"Its registry row is kept: once the cause is fixed, create_tenant({tenant.slug!r}, "
                 "placement='database') cleans up again."
             )
+
+    def compensate_entries(self, tenant: Tenant, entries: list[dict[str, Any]]) -> None:
+        """Undo the objects ``entries`` journal (a failed move's target), last first, as
+        :meth:`compensate` does: only what carries the tenant's marker is dropped."""
+        marker = creation_marker(tenant)
+        failures: list[str] = []
+        for entry in reversed(entries):
+            try:
+                self._undo(tenant, entry, marker)
+            except (exc.DBAPIError, ProvisioningError) as error:
+                failures.append(f"{entry.get('kind')} {entry.get('name')!r}: {getattr(error, 'orig', error)}")
+        if failures:
+            raise ProvisioningError(f"left {'; '.join(failures)}")
+
+    def drop_moved_source(self, tenant: Tenant, source: dict[str, Any]) -> None:
+        """Remove the database a tenant was moved away from (``source``: its ``server``,
+        ``database``, ``roles`` there and, unless the target kept it, ``fdw_role``): its roles
+        stop logging in and their sessions end, then the database and the roles go. Idempotent."""
+        self.engines.tenants.discard(lambda key: key[0] == tenant.id)  # type: ignore[index]
+        server, database = str(source["server"]), str(source["database"])
+        roles = [str(r) for r in source.get("roles", [])]
+        fdw_role = source.get("fdw_role")
+        self._stop_sessions(tenant, server, roles)
+        if fdw_role:
+            with self.engines.admin.connect() as conn:
+                _end_sessions(conn, tenant, "main", [str(fdw_role)])
+        engine = self._admin(server)
+        try:
+            with engine.connect() as conn:
+                conn.exec_driver_sql(f"DROP DATABASE IF EXISTS {quote_ident(database)} WITH (FORCE)")
+                for role in roles:
+                    conn.exec_driver_sql(f"DROP ROLE IF EXISTS {quote_ident(role)}")
+        finally:
+            engine.dispose()
+        if fdw_role:
+            with self.engines.admin.begin() as conn:
+                conn.exec_driver_sql(f"DROP ROLE IF EXISTS {quote_ident(str(fdw_role))}")
+
+    def admin_engine(self, server: str, database: str, *, autocommit: bool = False) -> Engine:
+        """A short-lived admin engine on ``database`` of ``server`` (dispose it after use)."""
+        return self._admin(server, database, autocommit=autocommit)
 
     def _journal_of(self, tenant: Tenant) -> list[dict[str, Any]]:
         """The journal of ``tenant``'s provisioning, from its registry row. Should the row be gone

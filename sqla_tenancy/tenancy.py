@@ -107,6 +107,17 @@ class Tenancy:
         tenant tables by ``tenant_id`` (colocated) and makes the other infrastructure tables
         reference tables, and every binding propagates the tenant to the workers. See
         :mod:`sqla_tenancy.distribution` and ``docs/scale-out.md``.
+    :param tenant_scram_iterations: the PBKDF2 iteration count of the SCRAM verifiers of the login
+        roles created for database tenants (default 4096, PostgreSQL's). The client computes
+        that many HMACs at every new connection, holding the GIL: about 2 ms. The derived
+        passwords are 256-bit keys, which no iteration count makes easier or harder to guess;
+        see ``docs/operations.md`` (many database tenants). Applies to roles created (or
+        claimed from the pool) afterwards.
+    :param tenant_poolers: per server name (``"main"`` included), the address of a pooler such as
+        PgBouncer, as ``"postgresql://host:port"``, that database tenants' engines connect through
+        instead of the server itself. Each tenant still logs in as its own role to its own
+        database; the pooler must authenticate those roles (PgBouncer: ``auth_query``). Provisioning,
+        migrations and postgres_fdw keep connecting directly.
     """
 
     def __init__(
@@ -134,6 +145,8 @@ class Tenancy:
         fdw_host: str | None = None,
         fdw_port: int | None = None,
         distributed: bool = False,
+        tenant_scram_iterations: int = 4096,
+        tenant_poolers: Mapping[str, str | URL] | None = None,
     ) -> None:
         global _active
         #: everything given here, validated (see :class:`~sqla_tenancy.config.TenancyConfig`)
@@ -160,6 +173,8 @@ class Tenancy:
             fdw_host=fdw_host,
             fdw_port=fdw_port,
             distributed=distributed,
+            tenant_scram_iterations=tenant_scram_iterations,
+            tenant_poolers=tenant_poolers,
         )
         self.registry = Registry(config.registry_url, ttl=config.registry_ttl, listen=config.registry_listen)
         self.engines = engines = Engines(config)

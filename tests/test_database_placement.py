@@ -541,3 +541,52 @@ def test_two_tenancies_in_one_process_fill_tenant_id_from_their_own(
     finally:
         second.dispose()
         tenancy_server.drop_database(other_db)
+
+
+def test_tenant_roles_get_the_configured_scram_iterations(
+    tenancy_factory: Callable[..., Tenancy], tenancy_server: TestServer
+) -> None:
+    t = database_tenants(tenancy_factory, tenancy_server, ("it1",), tenant_scram_iterations=16)
+    location = t.get_tenant("it1").location
+    with tenancy_server.superuser.connect() as conn:
+        verifiers = dict(
+            conn.execute(
+                text("select rolname, rolpassword from pg_authid where rolname = any(:r)"),
+                {"r": [location["role"], location["fdw_role"]]},
+            ).all()
+        )
+    assert set(verifiers) == {location["role"], location["fdw_role"]}
+    assert all(v.startswith("SCRAM-SHA-256$16:") for v in verifiers.values())
+    with tenant_context("it1"), t.sessionmaker()() as s:  # the role logs in, FDW included
+        assert s.scalar(select(func.count()).select_from(Project)) == 0
+        assert s.scalar(select(func.count()).select_from(User)) == 0
+
+
+@pytest.mark.parametrize("iterations", [0, -1, 1.5, True])
+def test_scram_iterations_must_be_a_positive_count(
+    tenancy_factory: Callable[..., Tenancy], iterations: object
+) -> None:
+    from sqla_tenancy import ConfigurationError
+
+    with pytest.raises(ConfigurationError, match="tenant_scram_iterations"):
+        tenancy_factory(Base.metadata, secret_key=SECRET, tenant_scram_iterations=iterations)
+
+
+@pytest.mark.parametrize(
+    ("poolers", "match"),
+    [
+        ({"eu": "postgresql://pooler:6432"}, "unknown server 'eu'"),
+        ({"main": "postgresql://someone@pooler:6432"}, "address only"),
+        ({"main": "postgresql://pooler:6432/app"}, "address only"),
+        ({"main": "postgresql://:secret@pooler:6432"}, "address only"),
+        ({"main": "postgresql:///?host=/tmp"}, "host"),
+        ({"main": "mysql://pooler:6432"}, "PostgreSQL"),
+    ],
+)
+def test_tenant_poolers_are_checked(
+    tenancy_factory: Callable[..., Tenancy], poolers: dict[str, str], match: str
+) -> None:
+    from sqla_tenancy import ConfigurationError
+
+    with pytest.raises(ConfigurationError, match=match):
+        tenancy_factory(Base.metadata, secret_key=SECRET, tenant_poolers=poolers)

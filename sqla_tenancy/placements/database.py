@@ -227,9 +227,14 @@ class DatabasePlacement(PlacementBase):
             return create_engine(url, isolation_level="AUTOCOMMIT", poolclass=_NullPool)
         return create_engine(url, poolclass=_NullPool)
 
-    def app_url(self, tenant: Tenant) -> URL:
+    def app_url(self, tenant: Tenant, *, pooled: bool = False) -> URL:
+        """The URL of the tenant's own role on its own database: with ``pooled``, through the
+        server's pooler when ``tenant_poolers`` names one (the tenant's engines), else direct
+        (``run_sql``, whose scripts may hold a session)."""
         names = self.names(tenant)
-        base = self.config.server_admin_url(names.server)
+        base = (
+            self.config.tenant_address(names.server) if pooled else self.config.server_admin_url(names.server)
+        )
         return base.set(
             drivername=f"postgresql+{DRIVER_NAME}",
             username=names.app_role,
@@ -370,7 +375,7 @@ class DatabasePlacement(PlacementBase):
         roles = self._admin(names.server, autocommit=False)
         try:
             with roles.begin() as conn:  # both roles with their markers, or nothing
-                _create_role(conn, names.app_role, derive_password(secret, names.app_role))
+                _create_role(conn, names.app_role, derive_password(secret, names.app_role), self.config)
                 create_tenant_anonymous_role(conn, names.anon_role, member=names.app_role)
                 for role in (names.app_role, names.anon_role):
                     conn.exec_driver_sql(f"COMMENT ON ROLE {quote_ident(role)} IS {marker}")
@@ -406,7 +411,9 @@ class DatabasePlacement(PlacementBase):
         _journal(self.engines.admin, tenant, _role_entry("main", names.fdw_role))
         self.steps("fdw_role")
         with self.engines.admin.begin() as conn:
-            _create_role(conn, names.fdw_role, derive_password(secret, names.fdw_role), inherit=True)
+            _create_role(
+                conn, names.fdw_role, derive_password(secret, names.fdw_role), self.config, inherit=True
+            )
             conn.exec_driver_sql(f"COMMENT ON ROLE {quote_ident(names.fdw_role)} IS {marker}")
             # CONNECT and the infrastructure privileges come with the tenants' group.
             group = quote_ident(tenants_group(self.config))
@@ -716,7 +723,7 @@ class DatabasePlacement(PlacementBase):
         return binding_statement(tenant.id, role=self.names(tenant).anon_role)
 
     def engine(self, tenant: Tenant, *, async_: bool) -> Engine:
-        return self.engines.tenant(tenant.id, lambda: self.app_url(tenant), async_=async_)
+        return self.engines.tenant(tenant.id, lambda: self.app_url(tenant, pooled=True), async_=async_)
 
 
 def _end_sessions(conn: Connection, tenant: Tenant, server: str, roles: list[str]) -> None:
@@ -833,13 +840,16 @@ def _warn_open(conn: Connection, tenant: Tenant, role: str, what: str, server: s
     )
 
 
-def _create_role(conn: Connection, role: str, password: str, *, inherit: bool = False) -> None:
+def _create_role(
+    conn: Connection, role: str, password: str, config: TenancyConfig, *, inherit: bool = False
+) -> None:
     refuse_existing_role(conn, role)
     # Only a SCRAM verifier goes over the wire (and into any server log), never the password.
+    verifier = scram_verifier(password, iterations=config.tenant_scram_iterations)
     run_script(
         conn,
         f"CREATE ROLE {quote_ident(role)} LOGIN NOSUPERUSER NOBYPASSRLS NOCREATEDB NOCREATEROLE "
-        f"{'INHERIT' if inherit else 'NOINHERIT'} PASSWORD {quote_literal(scram_verifier(password))}",
+        f"{'INHERIT' if inherit else 'NOINHERIT'} PASSWORD {quote_literal(verifier)}",
     )
 
 

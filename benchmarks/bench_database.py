@@ -655,23 +655,28 @@ def set_role_iterations(fx: Fixture, slugs: Sequence[str], iterations: int) -> N
 
 
 def start_bouncer(fx: Fixture, slugs: Sequence[str]) -> PgBouncer:
-    """A PgBouncer in transaction pooling in front of the tenant databases: each tenant role logs
-    in to PgBouncer, and through it to its own database, with its own SCRAM verifier (read by
-    ``auth_query``; PgBouncer passes the client's SCRAM keys through to the server)."""
+    """A PgBouncer in transaction pooling in front of the tenant databases. Each tenant role logs
+    in to PgBouncer, and through it to its own database, as itself: PgBouncer's ``auth_file``
+    holds the roles' SCRAM verifiers, copied from ``pg_authid`` (never a password), and PgBouncer
+    passes the keys the client proved through to the server. (``auth_query`` would work too, but
+    it runs in the database the client asks for, so each login needs a server connection of the
+    ``auth_user`` to that database besides the tenant's own.)"""
     su = fx.server.superuser_url
-    databases = [str(fx.tenancy.get_tenant(slug).location["database"]) for slug in slugs]
+    tenants = [fx.tenancy.get_tenant(slug) for slug in slugs]
+    roles = [str(t.location["role"]) for t in tenants]
+    with fx.server.superuser.connect() as conn:
+        verifiers = dict(
+            conn.execute(
+                text("select rolname, rolpassword from pg_authid where rolname = any(:r)"), {"r": roles}
+            ).all()
+        )
     return PgBouncer(
         su.host or "127.0.0.1",
         su.port or 5432,
-        databases=databases,
-        users={su.username or "": su.password or ""},
+        databases=[str(t.location["database"]) for t in tenants],
+        users=verifiers,
         pool_size=1,
         max_client_conn=1000,
-        settings={
-            "auth_query": "SELECT usename, passwd FROM pg_shadow WHERE usename=$1",
-            "max_db_connections": "1",
-        },
-        database_settings={"auth_user": su.username or ""},
     ).start()
 
 

@@ -285,14 +285,18 @@ class Engines:
         """The admin engine (sync, or the async one's ``sync_engine``)."""
         return self.async_admin.sync_engine if async_ else self.admin
 
-    def tenant(self, tenant_id: uuid.UUID, url: Callable[[], URL], *, async_: bool) -> Engine:
+    def tenant(
+        self, tenant_id: uuid.UUID, url: Callable[[], URL], *, async_: bool, pooled: bool = False
+    ) -> Engine:
         """A database tenant's engine, from the LRU cache; ``url`` is called on a miss only (it
-        derives the role's password: no HMAC on the hot path)."""
+        derives the role's password: no HMAC on the hot path). ``pooled``: the URL is a pooler's
+        (``tenant_poolers``), so every server session is shared with other clients."""
 
         def make() -> Engine:
+            options = {**self._tenant_options, "behind_pooler": True} if pooled else self._tenant_options
             if async_:
-                return create_async_engine(url(), **self._tenant_options).sync_engine
-            return create_engine(url(), **self._tenant_options)
+                return create_async_engine(url(), **options).sync_engine
+            return create_engine(url(), **options)
 
         return self.tenants.get(self.tenant_key(tenant_id, async_), make)
 

@@ -530,8 +530,11 @@ def test_database_tenants_through_pgbouncer_log_in_as_their_own_role_to_their_ow
                 ).one()
                 assert (user, database) == (tenant.location["role"], tenant.location["database"])
                 assert conn.execute(select(Project.name)).scalars().all() == [f"{slug}-row"]
-                # the dialect knows the server session is PgBouncer's, shared with other clients
-                assert pid != conn.connection.driver_connection.info.backend_pid  # type: ignore[union-attr]
+                # the server session is PgBouncer's, shared with other clients, and the dialect
+                # treats it so: it clears what others may have left before every binding
+                driver = conn.connection.driver_connection
+                assert pid != driver.info.backend_pid  # type: ignore[union-attr]
+                assert conn.dialect._state(driver).shared_backend  # type: ignore[attr-defined]
         a, b = tenants["pool_a"], tenants["pool_b"]
         with pytest.raises(psycopg.OperationalError):
             psycopg.connect(

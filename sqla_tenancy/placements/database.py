@@ -723,7 +723,11 @@ class DatabasePlacement(PlacementBase):
         return binding_statement(tenant.id, role=self.names(tenant).anon_role)
 
     def engine(self, tenant: Tenant, *, async_: bool) -> Engine:
-        return self.engines.tenant(tenant.id, lambda: self.app_url(tenant, pooled=True), async_=async_)
+        poolers = self.config.tenant_poolers
+        pooled = bool(poolers) and (tenant.location.get("server") or "main") in poolers
+        return self.engines.tenant(
+            tenant.id, lambda: self.app_url(tenant, pooled=True), async_=async_, pooled=pooled
+        )
 
 
 def _end_sessions(conn: Connection, tenant: Tenant, server: str, roles: list[str]) -> None:

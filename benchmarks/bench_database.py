@@ -635,6 +635,7 @@ SETUPS = {
             pooler=True,
             about="through PgBouncer, an engine per tenant: client connections are cheap",
         ),
+        Setup("direct100", 100, 100, 1, about="room for half the tenants, direct"),
         Setup("direct200", 200, 200, 1, about="an engine (one connection) per tenant, direct"),
     )
 }
@@ -842,7 +843,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=4, help="round-robin threads (default 4)")
     parser.add_argument(
         "--rr-setups",
-        default="filed,scram1,bouncer,bouncer200,direct200",
+        default="filed,scram1,bouncer,bouncer200,direct100,direct200",
         help=f"comma-separated round-robin setups, the first the reference (from {','.join(SETUPS)})",
     )
     parser.add_argument("--rounds", type=int, default=None, help="look-up rounds (default 30)")

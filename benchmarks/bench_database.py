@@ -41,19 +41,33 @@ foreign tables. Three parts, selectable with ``--parts``:
     per-round ratios (``paired``). Goal: fdw <= 2x main.
 ``roundrobin``
     ``--rr-tenants`` database tenants (default 200; part 1's are reused, missing ones created),
-    served by a Tenancy with ``max_tenant_engines=50``, ``tenant_pool_size=1``,
-    ``tenant_max_overflow=0`` and ``max_tenant_connections=60``. ``--threads`` threads (default 4)
-    run ``--rr-tx`` one-SELECT transactions in total (default 4000; ``select count(*) from
-    projects`` through a TenantSession), transaction i going to tenant i mod N: every tenant in turn,
-    so with more tenants than cached engines every transaction misses the engine cache. Compared
-    with the same transactions all on ONE tenant (throughput ratio), and, for context, cycling over
-    a ``hot`` set of 40 tenants (fits in the cache). Each run gets a fresh Tenancy (so the counters
-    are its own), a warm-up, then the timed transactions. A monitor thread samples
-    ``pg_stat_activity`` every few ms: connections to tenant databases (``datname like
-    '<prefix>_%'``), against the budget of 60, and, separately, postgres_fdw's connections to the
-    main database (``usename like '<prefix>_fdw_%'``, outside the budget; none are expected here, as
-    only tenant tables are touched). Shown next to ``tenant_engines.stats()``. ``--rr-repeats`` runs
-    of each variant (default 3), the order rotating; the summary is the median throughput.
+    ``--threads`` threads (default 4) running ``--rr-tx`` one-SELECT transactions in total
+    (default 4000; ``select count(*) from projects`` through a TenantSession). Four variants: the
+    transaction i goes to tenant i mod N (``roundrobin``: every tenant in turn, so with more tenants
+    than cached engines every transaction misses the engine cache); to a tenant drawn from a Zipf
+    distribution (``zipf``: tenant k with weight 1/k**1.1, a fixed seed per repeat, so the top 50 of
+    200 get 81% of the transactions); to a ``hot`` set of 40 tenants in turn (they fit in every
+    setup's cache); to ONE tenant (the denominator of the throughput ratios: with
+    ``tenant_pool_size=1`` that is one connection for all the threads). Each variant runs in every
+    ``--rr-setups`` setup (default all; the first is the reference), a Tenancy with
+    ``tenant_pool_size=1``, ``tenant_max_overflow=0`` and, per setup, ``max_tenant_engines`` and
+    ``max_tenant_connections``, the SCRAM iteration count of the tenant roles' verifiers (re-made
+    with ``ALTER ROLE ... PASSWORD`` between runs as needed, same passwords), and whether the
+    tenant engines go through a PgBouncer (``tenant_poolers``; transaction pooling,
+    ``default_pool_size=1``, ``auth_file`` holding the roles' verifiers copied from ``pg_authid``;
+    started for the run): ``filed`` (50 engines, budget 60, 4096 iterations: the configuration
+    of the issue), ``scram1`` (the same with 1 iteration), ``bouncer`` (``scram1`` through
+    PgBouncer), ``bouncer200`` (200 engines through PgBouncer), ``direct100`` and ``direct200``
+    (100 and 200 engines, direct). Each run gets a fresh Tenancy (so the counters are its own), a
+    warm-up (every tenant once, then transactions drawn like the timed ones), then the timed
+    transactions. A monitor thread samples ``pg_stat_activity`` every few ms: connections to
+    tenant databases (``datname like '<prefix>_%'``: PgBouncer's server connections, when there is
+    one), and, separately, postgres_fdw's connections to the main database (``usename like
+    '<prefix>_fdw_%'``; none are expected here, as only tenant tables are touched). Shown next to
+    ``tenant_engines.stats()`` (the process's side) and the hit rate. ``--rr-repeats`` runs of each
+    (setup, variant) (default 3), the order rotating; the summary gives medians, the ratio to one
+    tenant of the same setup, the paired ratio (per repeat) and the ratio to every direct setup's
+    one-tenant runs.
 
 Run::
 
@@ -62,6 +76,7 @@ Run::
     python benchmarks/bench_database.py --parts provision --tenants 200
     python benchmarks/bench_database.py --parts lookup --rounds 50 --per-round 400
     python benchmarks/bench_database.py --parts roundrobin --rr-tenants 300 --rr-tx 8000
+    python benchmarks/bench_database.py --parts roundrobin --rr-setups filed,bouncer200
 
 The server is a throwaway PostgreSQL cluster (``sqla_tenancy.testing.TestServer``, max_connections
 300), or the superuser DSN in ``$SQLA_TENANCY_TEST_DSN``. This is a benchmark, not a test: it
@@ -945,6 +960,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             if missing:
                 print(f"\n(created {missing} more database tenants for roundrobin in {seconds:.1f} s)")
             setups = [SETUPS[name] for name in args.rr_setups]
+            if not PgBouncer.available() and any(s.pooler for s in setups):
+                print("\n(no pgbouncer binary: the setups through PgBouncer are left out)")
+                setups = [s for s in setups if not s.pooler]
             runs = run_roundrobin(fx, setups, args.rr_tenants, args.rr_tx, args.threads, args.rr_repeats)
             print_roundrobin(runs, setups, args.threads, args.rr_tx)
             for setup in setups:

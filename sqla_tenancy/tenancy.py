@@ -111,8 +111,10 @@ class Tenancy:
         roles created for database tenants (default 4096, PostgreSQL's). The client computes
         that many HMACs at every new connection, holding the GIL: about 2 ms. The derived
         passwords are 256-bit keys, which no iteration count makes easier or harder to guess;
-        see ``docs/operations.md`` (many database tenants). Applies to roles created (or
-        claimed from the pool) afterwards.
+        the iterations still slow down guessing a weak ``secret_key`` from a stolen verifier:
+        lower them only with a random key (see ``docs/operations.md``, many database tenants).
+        Applies to roles created (or claimed from the pool) afterwards;
+        :meth:`rehash_role_passwords` brings existing ones to it.
     :param tenant_poolers: per server name (``"main"`` included), the address of a pooler such as
         PgBouncer, as ``"postgresql://host:port"``, that database tenants' engines connect through
         instead of the server itself. Each tenant still logs in as its own role to its own
@@ -374,6 +376,28 @@ class Tenancy:
                     f"Tenant {target.slug!r} is not a database tenant: it has no foreign schemas."
                 )
             placement.import_foreign_schemas(target)
+        return targets
+
+    def rehash_role_passwords(self, tenant: str | uuid.UUID | Tenant | None = None) -> list[Tenant]:
+        """Give the login roles of every database tenant (or just ``tenant``), the pool's pending
+        ones included, new SCRAM verifiers of their same passwords, with
+        ``tenant_scram_iterations`` iterations: how a changed count reaches the roles created
+        before. Open connections are unaffected. Returns the tenants done."""
+        placement = self._database_placement()
+        if tenant is not None:
+            targets = [self.get_tenant(tenant)]
+        else:
+            targets = [
+                t
+                for t in self.list_tenants()
+                if t.strategy == "database" and t.status in ("active", "suspended", "pending")
+            ]
+        for target in targets:
+            if target.strategy != "database":
+                raise UnsupportedOperation(
+                    f"Tenant {target.slug!r} is not a database tenant: it has no login roles of its own."
+                )
+            placement.rehash_passwords(target)
         return targets
 
     # -- sessions ---------------------------------------------------------------------------

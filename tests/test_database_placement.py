@@ -590,3 +590,46 @@ def test_tenant_poolers_are_checked(
 
     with pytest.raises(ConfigurationError, match=match):
         tenancy_factory(Base.metadata, secret_key=SECRET, tenant_poolers=poolers)
+
+
+def test_rehash_role_passwords_applies_a_new_iteration_count_to_existing_roles(
+    tenancy_factory: Callable[..., Tenancy], tenancy_server: TestServer
+) -> None:
+    from sqla_tenancy import UnsupportedOperation
+
+    first = database_tenants(tenancy_factory, tenancy_server, ("rh1", "rh2"))
+    first.create_tenant("rhshared")
+    later = tenancy_factory(
+        Base.metadata,
+        infrastructure_schemas=INFRASTRUCTURE,
+        secret_key=SECRET,
+        name_prefix=first.name_prefix,
+        tenant_scram_iterations=8,
+    )
+
+    def verifiers() -> dict[str, str]:
+        roles = [
+            str(later.get_tenant(slug).location[key])
+            for slug in ("rh1", "rh2")
+            for key in ("role", "fdw_role")
+        ]
+        with tenancy_server.superuser.connect() as conn:
+            rows = conn.execute(
+                text("select rolname, rolpassword from pg_authid where rolname = any(:r)"), {"r": roles}
+            ).all()
+        return {name: password.split(":", 1)[0] for name, password in rows}
+
+    assert set(verifiers().values()) == {"SCRAM-SHA-256$4096"}
+    with tenant_context("rh1"), later.sessionmaker()() as s:  # a connection open across the change
+        s.scalar(select(func.count()).select_from(Project))
+        assert [t.slug for t in later.rehash_role_passwords("rh1")] == ["rh1"]
+        assert s.scalar(select(func.count()).select_from(User)) == 0
+    assert sorted(v for v in verifiers().values()) == ["SCRAM-SHA-256$4096"] * 2 + ["SCRAM-SHA-256$8"] * 2
+    assert {t.slug for t in later.rehash_role_passwords()} == {"rh1", "rh2"}
+    assert set(verifiers().values()) == {"SCRAM-SHA-256$8"}
+    later.tenant_engines.clear()
+    for slug in ("rh1", "rh2"):  # the same passwords: new connections log in, FDW included
+        with tenant_context(slug), later.sessionmaker()() as s:
+            assert s.scalar(select(func.count()).select_from(User)) == 0
+    with pytest.raises(UnsupportedOperation, match="not a database tenant"):
+        later.rehash_role_passwords("rhshared")

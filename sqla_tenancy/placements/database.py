@@ -242,6 +242,23 @@ class DatabasePlacement(PlacementBase):
             database=names.database,
         )
 
+    def rehash_passwords(self, tenant: Tenant) -> None:
+        """Give the tenant's login roles (application, on its server; FDW, on the main one) new
+        SCRAM verifiers of their same passwords, with ``tenant_scram_iterations`` iterations.
+        Open connections are unaffected; new ones authenticate against the new verifiers."""
+        names = self.names(tenant)
+        secret = self.config.secret()
+        app_role = str(tenant.location.get("role") or names.app_role)
+        fdw_role = str(tenant.location.get("fdw_role") or names.fdw_role)
+        server = self._admin(names.server, autocommit=False)
+        try:
+            with server.begin() as conn:
+                _set_password(conn, app_role, derive_password(secret, app_role), self.config)
+        finally:
+            server.dispose()
+        with self.engines.admin.begin() as conn:
+            _set_password(conn, fdw_role, derive_password(secret, fdw_role), self.config)
+
     # -- template -----------------------------------------------------------------------------
 
     def prepare_server(
@@ -855,6 +872,12 @@ def _create_role(
         f"CREATE ROLE {quote_ident(role)} LOGIN NOSUPERUSER NOBYPASSRLS NOCREATEDB NOCREATEROLE "
         f"{'INHERIT' if inherit else 'NOINHERIT'} PASSWORD {quote_literal(verifier)}",
     )
+
+
+def _set_password(conn: Connection, role: str, password: str, config: TenancyConfig) -> None:
+    """A new SCRAM verifier of ``password`` for ``role``, with the configured iteration count."""
+    verifier = scram_verifier(password, iterations=config.tenant_scram_iterations)
+    conn.exec_driver_sql(f"ALTER ROLE {quote_ident(role)} PASSWORD {quote_literal(verifier)}")
 
 
 def scram_verifier(password: str, *, iterations: int = 4096) -> str:

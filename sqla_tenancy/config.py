@@ -259,6 +259,10 @@ class TenancyConfig:
         return config_stream_heads(self.alembic_config, TENANT)
 
 
+#: connection options that would choose a role, password or database (refused in tenant_poolers)
+_IDENTITY_OPTIONS = frozenset({"user", "password", "dbname", "database", "service", "passfile"})
+
+
 def _pooler_url(server: str, value: str | URL, servers: Mapping[str, URL]) -> URL:
     """A ``tenant_poolers`` entry, checked: a PostgreSQL address for a known server, without a
     role, password or database (those are each tenant's own)."""
@@ -272,7 +276,7 @@ def _pooler_url(server: str, value: str | URL, servers: Mapping[str, URL]) -> UR
         raise ConfigurationError(
             f"tenant_poolers[{server!r}] must be a PostgreSQL URL (a PgBouncer speaks PostgreSQL's protocol)"
         )
-    if url.username or url.password or url.database:
+    if url.username or url.password or url.database or _IDENTITY_OPTIONS & set(url.query):
         raise ConfigurationError(
             f"tenant_poolers[{server!r}] gives the pooler's address only, as postgresql://host:port: "
             "each database tenant logs in with its own role and password to its own database."

@@ -118,8 +118,9 @@ class Tenancy:
     :param tenant_poolers: per server name (``"main"`` included), the address of a pooler such as
         PgBouncer, as ``"postgresql://host:port"``, that database tenants' engines connect through
         instead of the server itself. Each tenant still logs in as its own role to its own
-        database; the pooler must authenticate those roles (PgBouncer: ``auth_query``). Provisioning,
-        migrations and postgres_fdw keep connecting directly.
+        database; the pooler must authenticate those roles (PgBouncer: their SCRAM verifiers in
+        ``auth_file``, or ``auth_query``). Provisioning, migrations, ``run_sql`` and postgres_fdw
+        keep connecting directly.
     """
 
     def __init__(

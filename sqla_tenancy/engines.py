@@ -2,10 +2,15 @@
 (database placement, :class:`EngineCache`).
 
 Each database tenant gets a small pool of its own; at most ``max_engines`` engines are kept, least
-recently used first out. An evicted engine's idle connections close at once, and
-connections still checked out keep working until they are returned, then close. The evicted Engine
-object itself is kept (without connections) in a larger LRU, so that bringing the tenant back does
-not pay SQLAlchemy's per-engine first-connect set-up again. An optional
+recently used first out, and a tenant only takes the place of the least recently used one when it
+has been asked for more often lately (a frequency count that halves every ``10 * max_engines``
+look-ups): otherwise its transaction is served by an engine that keeps no connection. So a tenant
+seen once does not push out one in steady use, and a cycle over more tenants than the cache holds
+keeps hitting the ones it holds, instead of missing every time as plain LRU does. An evicted
+engine's idle connections close at once, and connections still checked out keep working until they
+are returned, then close. The evicted Engine object itself is kept (without connections) in a
+larger LRU, so that bringing the tenant back does not pay SQLAlchemy's per-engine first-connect
+set-up again. An optional
 ``max_connections`` budget bounds the physical connections open across all tenant engines
 (evicted ones included): a new connection waits for one to close, up to ``budget_timeout``.
 """
@@ -33,6 +38,11 @@ from .errors import ConnectionBudgetExceeded
 __all__ = ["EngineCache", "EngineStats", "Engines"]
 
 
+#: the ceiling of a key's look-up count: a tenant that was very busy and went quiet fades out
+#: within a few windows (each halves the counts), so it cannot hold its place for long
+_MAX_COUNT = 16
+
+
 @dataclass(frozen=True)
 class EngineStats:
     """Counters of an :class:`EngineCache`, readable at any time."""
@@ -43,10 +53,14 @@ class EngineStats:
     evictions: int
     open_connections: int
     peak_connections: int
+    #: misses served by an engine that was not kept (its connection closes after use), because
+    #: the least recently used engine's tenant had been asked for at least as often lately
+    passed_over: int = 0
 
 
 class EngineCache:
-    """Per-key engines, least recently used evicted beyond ``max_engines``."""
+    """Per-key engines, at most ``max_engines``: the least recently used one makes room for a
+    key asked for more often lately; other keys are served by engines not kept."""
 
     def __init__(
         self,
@@ -63,7 +77,12 @@ class EngineCache:
         self._engines: OrderedDict[Hashable, Engine] = OrderedDict()
         self._lock = threading.Lock()
         self._budget = threading.BoundedSemaphore(max_connections) if max_connections else None
-        self._hits = self._misses = self._evictions = 0
+        self._hits = self._misses = self._evictions = self._passed_over = 0
+        #: recent look-ups per key (hits included, at most _MAX_COUNT), halved every ``_window``
+        #: look-ups
+        self._frequency: dict[Hashable, int] = {}
+        self._window = 10 * max_engines
+        self._lookups = 0
         self._open = self._peak = 0
         self._count_lock = threading.Lock()
         self._retired: weakref.WeakSet[Engine] = weakref.WeakSet()
@@ -78,15 +97,19 @@ class EngineCache:
         """The engine for ``key``, made by ``factory`` (a sync Engine, or an AsyncEngine's
         ``sync_engine``) on a miss."""
         with self._lock:
+            self._count(key)
             engine = self._engines.get(key)
             if engine is not None:
                 self._engines.move_to_end(key)
                 self._hits += 1
                 return engine
             self._misses += 1
+            admit = self._admits(key)
             # An evicted engine keeps its (initialised) dialect: reviving it spares the dialect's
             # first-connect round trips; only its connections were closed.
             engine = self._dormant.pop(key, None)
+            if engine is not None and not admit:
+                return self._pass_over(key, engine)
         if engine is None:
             engine = factory()  # outside the lock: other tenants' look-ups go on meanwhile
             self._instrument(engine)
@@ -97,6 +120,8 @@ class EngineCache:
                 self._retired.add(engine)
                 self._trim_dormant()
                 return current
+            if not admit:
+                return self._pass_over(key, engine)
             self._retired.discard(engine)
             self._engines[key] = engine
             evicted = []
@@ -110,6 +135,36 @@ class EngineCache:
             self._trim_dormant()
         for old in evicted:
             old.pool.dispose()  # idle connections close now, checked-out ones as they return
+        return engine
+
+    def _count(self, key: Hashable) -> None:
+        """One more look-up of ``key`` (under the lock; :meth:`touch` counts without it)."""
+        count = self._frequency.get(key, 0)
+        if count < _MAX_COUNT:
+            self._frequency[key] = count + 1
+        self._lookups += 1
+        if self._lookups >= self._window:  # age the counts: what was hot a while ago fades
+            self._lookups = 0
+            # list(): one C call, so a concurrent touch() cannot change the dict mid-iteration
+            self._frequency = {k: n // 2 for k, n in list(self._frequency.items()) if n > 1}
+
+    def _admits(self, key: Hashable) -> bool:
+        """Whether ``key``'s engine takes a place in the cache (under the lock): while there is
+        room, or when ``key`` was asked for more often lately than the least recently used key."""
+        if len(self._engines) < self.max_engines:
+            return True
+        victim = next(iter(self._engines))
+        return self._frequency.get(key, 0) > self._frequency.get(victim, 0)
+
+    def _pass_over(self, key: Hashable, engine: Engine) -> Engine:
+        """Serve ``key`` with ``engine`` without keeping it (under the lock): it stays dormant and
+        retired, so its connections close when they are returned, and the epoch changes, so no
+        route keeps it."""
+        self._passed_over += 1
+        self._dormant[key] = engine
+        self._retired.add(engine)
+        self._trim_dormant()
+        self.epoch += 1
         return engine
 
     def discard(self, predicate: Callable[[Hashable], bool]) -> None:
@@ -133,6 +188,11 @@ class EngineCache:
         """Count a hit on ``key``'s engine, obtained earlier and still current (see :attr:`epoch`),
         as :meth:`get` would: most recently used, without taking the lock (each step is atomic)."""
         self._hits += 1
+        self._lookups += 1  # a lost increment under a race only makes a count less exact
+        frequency = self._frequency
+        count = frequency.get(key, 0)
+        if count < _MAX_COUNT:
+            frequency[key] = count + 1
         try:  # noqa: SIM105 - on the hot path, cheaper than contextlib.suppress
             self._engines.move_to_end(key)
         except KeyError:  # evicted meanwhile: the caller sees the new epoch next time
@@ -151,7 +211,9 @@ class EngineCache:
     def stats(self) -> EngineStats:
         with self._lock:
             engines = len(self._engines)
-        return EngineStats(engines, self._hits, self._misses, self._evictions, self._open, self._peak)
+        return EngineStats(
+            engines, self._hits, self._misses, self._evictions, self._open, self._peak, self._passed_over
+        )
 
     def clear(self) -> None:
         """Dispose every engine (on :meth:`Tenancy.dispose`)."""

@@ -636,3 +636,39 @@ def test_rehash_role_passwords_applies_a_new_iteration_count_to_existing_roles(
             assert s.scalar(select(func.count()).select_from(User)) == 0
     with pytest.raises(UnsupportedOperation, match="not a database tenant"):
         later.rehash_role_passwords("rhshared")
+
+
+def test_a_tenant_seen_once_does_not_push_out_one_in_steady_use(
+    tenancy_factory: Callable[..., Tenancy], tenancy_server: TestServer
+) -> None:
+    t = database_tenants(
+        tenancy_factory,
+        tenancy_server,
+        ("c1", "c2", "c3"),
+        max_tenant_engines=2,
+        tenant_pool_size=1,
+        tenant_max_overflow=0,
+    )
+    maker = t.sessionmaker()
+
+    def visit(*slugs: str) -> None:
+        for slug in slugs:
+            with tenant_context(slug), maker() as s:
+                assert s.scalar(select(func.count()).select_from(Project)) == 0
+
+    def cached() -> set[str]:
+        held = {key[0] for key in t.tenant_engines._engines}  # type: ignore[index]
+        return {slug for slug in ("c1", "c2", "c3") if t.get_tenant(slug).id in held}
+
+    visit("c1", "c1", "c1", "c2", "c2", "c2")
+    visit("c3")  # served, but c1 and c2 keep their places; c3's connection closed after use
+    stats = t.tenant_engines.stats()
+    assert cached() == {"c1", "c2"} and stats.passed_over == 1 and stats.evictions == 0
+    assert stats.open_connections == 2
+    visit("c1", "c2", "c3", "c1", "c2", "c3")  # a cycle over more tenants than the cache holds
+    stats = t.tenant_engines.stats()
+    assert cached() == {"c1", "c2"} and stats.evictions == 0 and stats.passed_over == 3
+    visit(*["c3"] * 10)  # c3 becomes busier than the least recently used one: it takes its place
+    stats = t.tenant_engines.stats()
+    assert "c3" in cached() and len(cached()) == 2 and stats.evictions == 1
+    assert stats.open_connections <= 2

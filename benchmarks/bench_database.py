@@ -541,6 +541,7 @@ class RRRun:
     hits: int
     misses: int
     evictions: int
+    passed_over: int
     stats: EngineStats
     peak_tenant: int
     peak_fdw: int
@@ -734,6 +735,7 @@ def run_rr_once(
             hits=after.hits - before.hits,
             misses=after.misses - before.misses,
             evictions=after.evictions - before.evictions,
+            passed_over=after.passed_over - before.passed_over,
             stats=after,
             peak_tenant=monitor.peak_tenant,
             peak_fdw=monitor.peak_fdw,
@@ -795,7 +797,8 @@ def print_roundrobin(runs: list[RRRun], setups: Sequence[Setup], threads: int, t
         f"{100 * zipf_share(200, RR_ENGINES):.0f}% of the transactions)"
     )
     print(
-        "  counters: hits/misses/evictions of the timed transactions, hit rate; engines, open and "
+        "  counters: hits/misses/evictions/passed over (misses served by an engine not kept) of the "
+        "timed transactions, hit rate; engines, open and "
         "peak (cache peak_connections, since the Tenancy was made) from tenant_engines.stats();"
     )
     print(
@@ -805,14 +808,16 @@ def print_roundrobin(runs: list[RRRun], setups: Sequence[Setup], threads: int, t
     )
     header = (
         f"  {'setup':<10} {'variant':<10} {'tenants':>7} {'s':>7} {'tx/s':>8} {'hits':>6} {'misses':>6} "
-        f"{'hit%':>5} {'evict':>6} {'engines':>7} {'open':>5} {'peak':>5} {'sampled':>8} {'fdw':>4}"
+        f"{'hit%':>5} {'evict':>6} {'passed':>6} {'engines':>7} {'open':>5} {'peak':>5} "
+        f"{'sampled':>8} {'fdw':>4}"
     )
     print(header)
     for run in sorted(runs, key=lambda r: (r.setup, RR_VARIANTS.index(r.variant))):
         s = run.stats
         print(
             f"  {run.setup:<10} {run.variant:<10} {run.tenants:7d} {run.seconds:7.2f} {run.throughput:8.1f} "
-            f"{run.hits:6d} {run.misses:6d} {run.hit_rate:5.1f} {run.evictions:6d} {s.engines:7d} "
+            f"{run.hits:6d} {run.misses:6d} {run.hit_rate:5.1f} {run.evictions:6d} {run.passed_over:6d} "
+            f"{s.engines:7d} "
             f"{s.open_connections:5d} {s.peak_connections:5d} {run.peak_tenant:8d} {run.peak_fdw:4d}"
         )
     direct_one = [r.throughput for r in runs if r.variant == "one" and not SETUPS[r.setup].pooler]

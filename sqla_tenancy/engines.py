@@ -224,7 +224,7 @@ class EngineCache:
     def _instrument(self, engine: Engine) -> None:
         @event.listens_for(engine, "do_connect")
         def _acquire(dialect: Any, conn_rec: Any, cargs: Any, cparams: Any) -> Any:
-            if self._budget is not None and not self._budget.acquire(timeout=self.budget_timeout):
+            if self._budget is not None and not self._take_budget(engine):
                 raise ConnectionBudgetExceeded(
                     f"All {self.max_connections} tenant database connections are in use; raise "
                     "max_tenant_connections or lower the pool sizes."
@@ -253,11 +253,34 @@ class EngineCache:
         def _closed_detached(dbapi_connection: Any) -> None:
             self._release()
 
+    def _take_budget(self, engine: Engine) -> bool:
+        """A place in the budget for a new connection of ``engine``: at once if free; else by
+        closing the idle connections of the least recently used other engine that has some (the
+        engine stays cached: idle connections are bounded globally, not per engine); else by
+        waiting up to ``budget_timeout`` for a connection to close."""
+        assert self._budget is not None
+        if self._budget.acquire(blocking=False):
+            return True
+        with self._lock:
+            idle = next(
+                (e for e in self._engines.values() if e is not engine and _idle(e) > 0),
+                None,
+            )
+        if idle is not None:
+            idle.pool.dispose()  # its idle connections close (and free their places); in use ones stay
+        return self._budget.acquire(timeout=self.budget_timeout)
+
     def _release(self) -> None:
         with self._count_lock:
             self._open -= 1
         if self._budget is not None:
             self._budget.release()
+
+
+def _idle(engine: Engine) -> int:
+    """The connections idle in ``engine``'s pool (0 for a pool that keeps none)."""
+    checkedin = getattr(engine.pool, "checkedin", None)
+    return int(checkedin()) if checkedin is not None else 0
 
 
 #: Every engine sqla-tenancy makes checks a pooled connection before handing it out, so a

@@ -83,7 +83,8 @@ class Tenancy:
         ``$SQLA_TENANCY_SECRET_KEY``. Keep it secret and stable: changing it locks tenants out.
     :param tenant_pool_size: pool size of each database tenant's engine (``tenant_max_overflow``
         more under load).
-    :param max_tenant_engines: how many database tenants' engines a process keeps (LRU).
+    :param max_tenant_engines: how many database tenants' engines a process keeps (the least
+        recently used one makes room for a tenant asked for more often lately).
     :param max_tenant_connections: a process-wide budget of connections to tenant databases.
     :param create_database_strategy: ``"file_copy"`` or ``"wal_log"`` for the ``STRATEGY`` of
         ``CREATE DATABASE`` (PostgreSQL 15+; default: the server's, ``wal_log``). ``file_copy``
@@ -304,7 +305,7 @@ class Tenancy:
 
     @property
     def tenant_engines(self) -> EngineCache:
-        """Database tenants' engines (LRU); ``tenant_engines.stats()`` gives its counters."""
+        """Database tenants' engines (a bounded cache); ``tenant_engines.stats()`` gives its counters."""
         return self.engines.tenants
 
     @property

@@ -648,7 +648,9 @@ def test_a_tenant_seen_once_does_not_push_out_one_in_steady_use(
         max_tenant_engines=2,
         tenant_pool_size=1,
         tenant_max_overflow=0,
+        max_tenant_connections=2,  # the cached engines' idle connections fill the budget
     )
+    t.tenant_engines.budget_timeout = 0.5
     maker = t.sessionmaker()
 
     def visit(*slugs: str) -> None:
@@ -661,10 +663,12 @@ def test_a_tenant_seen_once_does_not_push_out_one_in_steady_use(
         return {slug for slug in ("c1", "c2", "c3") if t.get_tenant(slug).id in held}
 
     visit("c1", "c1", "c1", "c2", "c2", "c2")
-    visit("c3")  # served, but c1 and c2 keep their places; c3's connection closed after use
+    # served (an idle connection of the least recently used engine closes to make room in the
+    # budget), but c1 and c2 keep their places; c3's connection closes after use
+    visit("c3")
     stats = t.tenant_engines.stats()
     assert cached() == {"c1", "c2"} and stats.passed_over == 1 and stats.evictions == 0
-    assert stats.open_connections == 2
+    assert stats.open_connections <= 2
     visit("c1", "c2", "c3", "c1", "c2", "c3")  # a cycle over more tenants than the cache holds
     stats = t.tenant_engines.stats()
     assert cached() == {"c1", "c2"} and stats.evictions == 0 and stats.passed_over == 3

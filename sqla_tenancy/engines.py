@@ -12,7 +12,8 @@ are returned, then close. The evicted Engine object itself is kept (without conn
 larger LRU, so that bringing the tenant back does not pay SQLAlchemy's per-engine first-connect
 set-up again. An optional
 ``max_connections`` budget bounds the physical connections open across all tenant engines
-(evicted ones included): a new connection waits for one to close, up to ``budget_timeout``.
+(evicted ones included): when it is full, a new connection closes the idle connections of the
+least recently used other engine, or else waits for one to close, up to ``budget_timeout``.
 """
 
 from __future__ import annotations

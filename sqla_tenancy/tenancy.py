@@ -110,7 +110,7 @@ class Tenancy:
         :mod:`sqla_tenancy.distribution` and ``docs/scale-out.md``.
     :param tenant_scram_iterations: the PBKDF2 iteration count of the SCRAM verifiers of the login
         roles created for database tenants (default 4096, PostgreSQL's). The client computes
-        that many HMACs at every new connection, holding the GIL: about 2 ms. The derived
+        that many HMACs at every new connection: about 2 ms. The derived
         passwords are 256-bit keys, which no iteration count makes easier or harder to guess;
         the iterations still slow down guessing a weak ``secret_key`` from a stolen verifier:
         lower them only with a random key (see ``docs/operations.md``, many database tenants).

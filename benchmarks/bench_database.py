@@ -41,19 +41,33 @@ foreign tables. Three parts, selectable with ``--parts``:
     per-round ratios (``paired``). Goal: fdw <= 2x main.
 ``roundrobin``
     ``--rr-tenants`` database tenants (default 200; part 1's are reused, missing ones created),
-    served by a Tenancy with ``max_tenant_engines=50``, ``tenant_pool_size=1``,
-    ``tenant_max_overflow=0`` and ``max_tenant_connections=60``. ``--threads`` threads (default 4)
-    run ``--rr-tx`` one-SELECT transactions in total (default 4000; ``select count(*) from
-    projects`` through a TenantSession), transaction i going to tenant i mod N: every tenant in turn,
-    so with more tenants than cached engines every transaction misses the engine cache. Compared
-    with the same transactions all on ONE tenant (throughput ratio), and, for context, cycling over
-    a ``hot`` set of 40 tenants (fits in the cache). Each run gets a fresh Tenancy (so the counters
-    are its own), a warm-up, then the timed transactions. A monitor thread samples
-    ``pg_stat_activity`` every few ms: connections to tenant databases (``datname like
-    '<prefix>_%'``), against the budget of 60, and, separately, postgres_fdw's connections to the
-    main database (``usename like '<prefix>_fdw_%'``, outside the budget; none are expected here, as
-    only tenant tables are touched). Shown next to ``tenant_engines.stats()``. ``--rr-repeats`` runs
-    of each variant (default 3), the order rotating; the summary is the median throughput.
+    ``--threads`` threads (default 4) running ``--rr-tx`` one-SELECT transactions in total
+    (default 4000; ``select count(*) from projects`` through a TenantSession). Four variants: the
+    transaction i goes to tenant i mod N (``roundrobin``: every tenant in turn, so with more tenants
+    than cached engines every transaction misses the engine cache); to a tenant drawn from a Zipf
+    distribution (``zipf``: tenant k with weight 1/k**1.1, a fixed seed per repeat, so the top 50 of
+    200 get 81% of the transactions); to a ``hot`` set of 40 tenants in turn (they fit in every
+    setup's cache); to ONE tenant (the denominator of the throughput ratios: with
+    ``tenant_pool_size=1`` that is one connection for all the threads). Each variant runs in every
+    ``--rr-setups`` setup (default all; the first is the reference), a Tenancy with
+    ``tenant_pool_size=1``, ``tenant_max_overflow=0`` and, per setup, ``max_tenant_engines`` and
+    ``max_tenant_connections``, the SCRAM iteration count of the tenant roles' verifiers (re-made
+    with ``ALTER ROLE ... PASSWORD`` between runs as needed, same passwords), and whether the
+    tenant engines go through a PgBouncer (``tenant_poolers``; transaction pooling,
+    ``default_pool_size=1``, ``auth_file`` holding the roles' verifiers copied from ``pg_authid``;
+    started for the run): ``filed`` (50 engines, budget 60, 4096 iterations: the configuration
+    of the issue), ``scram1`` (the same with 1 iteration), ``bouncer`` (``scram1`` through
+    PgBouncer), ``bouncer200`` (200 engines through PgBouncer), ``direct100`` and ``direct200``
+    (100 and 200 engines, direct). Each run gets a fresh Tenancy (so the counters are its own), a
+    warm-up (every tenant once, then transactions drawn like the timed ones), then the timed
+    transactions. A monitor thread samples ``pg_stat_activity`` every few ms: connections to
+    tenant databases (``datname like '<prefix>_%'``: PgBouncer's server connections, when there is
+    one), and, separately, postgres_fdw's connections to the main database (``usename like
+    '<prefix>_fdw_%'``; none are expected here, as only tenant tables are touched). Shown next to
+    ``tenant_engines.stats()`` (the process's side) and the hit rate. ``--rr-repeats`` runs of each
+    (setup, variant) (default 3), the order rotating; the summary gives medians, the ratio to one
+    tenant of the same setup, the paired ratio (per repeat) and the ratio to every direct setup's
+    one-tenant runs.
 
 Run::
 
@@ -62,6 +76,7 @@ Run::
     python benchmarks/bench_database.py --parts provision --tenants 200
     python benchmarks/bench_database.py --parts lookup --rounds 50 --per-round 400
     python benchmarks/bench_database.py --parts roundrobin --rr-tenants 300 --rr-tx 8000
+    python benchmarks/bench_database.py --parts roundrobin --rr-setups filed,bouncer200
 
 The server is a throwaway PostgreSQL cluster (``sqla_tenancy.testing.TestServer``, max_connections
 300), or the superuser DSN in ``$SQLA_TENANCY_TEST_DSN``. This is a benchmark, not a test: it
@@ -92,12 +107,16 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 from sqla_tenancy import Tenancy, TenantScoped, tenant_context
 from sqla_tenancy.engines import EngineStats
 from sqla_tenancy.identifiers import quote_ident, quote_literal
+from sqla_tenancy.placements.database import derive_password, scram_verifier
 from sqla_tenancy.testing import TestServer
+from sqla_tenancy.testing.pgbouncer import PgBouncer
 
 PARTS = ("provision", "lookup", "roundrobin")
 STEPS = ("register", "template", "app_role", "database", "rename_database", "fdw_role", "fdw", "activate")
 LOOKUP_VARIANTS = ("main", "fdw", "local")
-RR_VARIANTS = ("roundrobin", "hot", "one")
+RR_VARIANTS = ("roundrobin", "zipf", "hot", "one")
+#: The exponent of the zipf variant's distribution.
+ZIPF_S = 1.1
 #: Hand-made storage for context: the suffix of its CREATE DATABASE.
 BARE_VARIANTS = {"bare": "", "bare FILE_COPY": " STRATEGY FILE_COPY"}
 SECRET = "sqla-tenancy benchmark secret key"
@@ -151,6 +170,8 @@ class Fixture:
     prefix: str
     tenancy: Tenancy
     slugs: list[str] = field(default_factory=list)
+    #: the SCRAM iteration count the tenant roles' verifiers have, and for how many tenants
+    iterations: dict[int, int] = field(default_factory=lambda: {4096: 1 << 30})
 
     @property
     def template(self) -> str:
@@ -512,6 +533,7 @@ class ConnectionMonitor:
 
 @dataclass
 class RRRun:
+    setup: str
     variant: str
     tenants: int
     transactions: int
@@ -519,6 +541,7 @@ class RRRun:
     hits: int
     misses: int
     evictions: int
+    passed_over: int
     stats: EngineStats
     peak_tenant: int
     peak_fdw: int
@@ -528,26 +551,52 @@ class RRRun:
     def throughput(self) -> float:
         return self.transactions / self.seconds
 
+    @property
+    def hit_rate(self) -> float:
+        """Percent of the timed transactions whose engine was in the cache."""
+        return 100 * self.hits / max(1, self.hits + self.misses)
 
-def run_transactions(tenancy: Tenancy, slugs: Sequence[str], transactions: int, threads: int) -> float:
-    """``transactions`` one-SELECT transactions from ``threads`` threads, transaction i on tenant
-    i mod len(slugs); returns the seconds from the common start to the last one's end.
+
+def transaction_plan(variant: str, slugs: Sequence[str], transactions: int, seed: int) -> list[str]:
+    """The tenant of each transaction: in turn (``roundrobin``, ``hot``, ``one``), or drawn from
+    the Zipf distribution (``zipf``: tenant k of N with weight 1 / k**ZIPF_S, a fixed seed)."""
+    if variant == "zipf":
+        rng = random.Random(seed)
+        return rng.choices(slugs, weights=zipf_weights(len(slugs)), k=transactions)
+    n = len(slugs)
+    return [slugs[i % n] for i in range(transactions)]
+
+
+def zipf_weights(count: int) -> list[float]:
+    return [1 / (k**ZIPF_S) for k in range(1, count + 1)]
+
+
+def zipf_share(count: int, top: int) -> float:
+    """The share of the transactions that goes to the ``top`` most frequent of ``count`` tenants."""
+    weights = zipf_weights(count)
+    return sum(weights[:top]) / sum(weights)
+
+
+def run_transactions(tenancy: Tenancy, plan: Sequence[str], threads: int) -> float:
+    """The one-SELECT transactions of ``plan`` (transaction i on tenant ``plan[i]``) from
+    ``threads`` threads; returns the seconds from the common start to the last one's end.
 
     The threads take the next transaction number from one shared counter, so the tenants are
-    visited in turn whatever each thread's pace (with a fixed share per thread, the threads drift
-    apart and revisit each other's recent tenants: cache hits a strict round-robin never gets)."""
+    visited in the plan's order whatever each thread's pace (with a fixed share per thread, the
+    threads drift apart and revisit each other's recent tenants: cache hits a strict round-robin
+    never gets)."""
     maker = tenancy.sessionmaker()
     statement = select(func.count()).select_from(Project)
     errors: list[BaseException] = []
     barrier = threading.Barrier(threads + 1)
-    n = len(slugs)
+    transactions = len(plan)
     counter = itertools.count()  # next() on it is atomic under the GIL
 
     def work() -> None:
         try:
             barrier.wait(timeout=60)
             while (i := next(counter)) < transactions:
-                with tenant_context(slugs[i % n]), maker() as s:
+                with tenant_context(plan[i]), maker() as s:
                     s.scalar(statement)
                     s.commit()
         except BaseException as exc:  # noqa: BLE001 - re-raised in the main thread
@@ -566,33 +615,127 @@ def run_transactions(tenancy: Tenancy, slugs: Sequence[str], transactions: int, 
     return elapsed
 
 
-def run_rr_once(fx: Fixture, variant: str, slugs: Sequence[str], transactions: int, threads: int) -> RRRun:
+@dataclass(frozen=True)
+class Setup:
+    """How the round-robin part's Tenancy reaches its tenants."""
+
+    name: str
+    #: max_tenant_engines and max_tenant_connections (tenant_pool_size=1, tenant_max_overflow=0)
+    engines: int
+    budget: int
+    #: the PBKDF2 iteration count of the tenant roles' SCRAM verifiers
+    iterations: int
+    #: tenant engines connect through a PgBouncer (transaction pooling) instead of directly
+    pooler: bool = False
+    about: str = ""
+
+
+SETUPS = {
+    s.name: s
+    for s in (
+        Setup("filed", RR_ENGINES, RR_BUDGET, 4096, about="as the issue was filed"),
+        Setup("scram1", RR_ENGINES, RR_BUDGET, 1, about="verifiers of 1 iteration"),
+        Setup(
+            "bouncer",
+            RR_ENGINES,
+            RR_BUDGET,
+            1,
+            pooler=True,
+            about="through PgBouncer, 50 engines: a miss reconnects to PgBouncer, no new backend",
+        ),
+        Setup(
+            "bouncer200",
+            200,
+            200,
+            1,
+            pooler=True,
+            about="through PgBouncer, an engine per tenant: client connections are cheap",
+        ),
+        Setup("direct100", 100, 100, 1, about="room for half the tenants, direct"),
+        Setup("direct200", 200, 200, 1, about="an engine (one connection) per tenant, direct"),
+    )
+}
+
+
+def set_role_iterations(fx: Fixture, slugs: Sequence[str], iterations: int) -> None:
+    """Give the tenants' login roles SCRAM verifiers of ``iterations`` (same passwords)."""
+    if fx.iterations.get(iterations) == len(slugs):
+        return
+    secret = fx.tenancy.config.secret()
+    with fx.server.superuser.connect() as conn:
+        for slug in slugs:
+            role = str(fx.tenancy.get_tenant(slug).location["role"])
+            verifier = scram_verifier(derive_password(secret, role), iterations=iterations)
+            conn.exec_driver_sql(f"ALTER ROLE {quote_ident(role)} PASSWORD {quote_literal(verifier)}")
+        conn.commit()
+    fx.iterations = {iterations: len(slugs)}
+
+
+def start_bouncer(fx: Fixture, slugs: Sequence[str]) -> PgBouncer:
+    """A PgBouncer in transaction pooling in front of the tenant databases. Each tenant role logs
+    in to PgBouncer, and through it to its own database, as itself: PgBouncer's ``auth_file``
+    holds the roles' SCRAM verifiers, copied from ``pg_authid`` (never a password), and PgBouncer
+    passes the keys the client proved through to the server. (``auth_query`` would work too, but
+    it runs in the database the client asks for, so each login needs a server connection of the
+    ``auth_user`` to that database besides the tenant's own.)"""
+    su = fx.server.superuser_url
+    tenants = [fx.tenancy.get_tenant(slug) for slug in slugs]
+    roles = [str(t.location["role"]) for t in tenants]
+    with fx.server.superuser.connect() as conn:
+        verifiers = dict(
+            conn.execute(
+                text("select rolname, rolpassword from pg_authid where rolname = any(:r)"), {"r": roles}
+            ).all()
+        )
+    return PgBouncer(
+        su.host or "127.0.0.1",
+        su.port or 5432,
+        databases=[str(t.location["database"]) for t in tenants],
+        users=verifiers,
+        pool_size=1,
+        max_client_conn=1000,
+    ).start()
+
+
+def run_rr_once(
+    fx: Fixture, setup: Setup, variant: str, plans: tuple[list[str], list[str]], threads: int
+) -> RRRun:
+    warmup, plan = plans
+    set_role_iterations(fx, fx.slugs, setup.iterations)
+    bouncer = start_bouncer(fx, sorted(set(warmup) | set(plan))) if setup.pooler else None
+    options: dict[str, Any] = {}
+    if bouncer is not None:
+        options["tenant_poolers"] = {"main": f"postgresql://{bouncer.host}:{bouncer.port}"}
+        # PgBouncer 1.18 does not follow protocol-level prepared statements (see docs/placements.md)
+        options["engine_options"] = {"connect_args": {"prepare_threshold": None}}
     tenancy = fx.make_tenancy(
-        max_tenant_engines=RR_ENGINES,
+        max_tenant_engines=setup.engines,
         tenant_pool_size=1,
         tenant_max_overflow=0,
-        max_tenant_connections=RR_BUDGET,
+        max_tenant_connections=setup.budget,
+        **options,
     )
     try:
-        warmup = min(transactions, max(len(slugs), 10 * threads))
-        run_transactions(tenancy, slugs, warmup, threads)
+        run_transactions(tenancy, warmup, threads)
         before = tenancy.tenant_engines.stats()
         monitor = ConnectionMonitor(fx.server.superuser, fx.prefix, fx.database)
         monitor.start()
         try:
             gc.collect()
-            seconds = run_transactions(tenancy, slugs, transactions, threads)
+            seconds = run_transactions(tenancy, plan, threads)
         finally:
             monitor.stop()
         after = tenancy.tenant_engines.stats()
         return RRRun(
+            setup=setup.name,
             variant=variant,
-            tenants=len(slugs),
-            transactions=transactions,
+            tenants=len(set(plan)),
+            transactions=len(plan),
             seconds=seconds,
             hits=after.hits - before.hits,
             misses=after.misses - before.misses,
             evictions=after.evictions - before.evictions,
+            passed_over=after.passed_over - before.passed_over,
             stats=after,
             peak_tenant=monitor.peak_tenant,
             peak_fdw=monitor.peak_fdw,
@@ -600,63 +743,109 @@ def run_rr_once(fx: Fixture, variant: str, slugs: Sequence[str], transactions: i
         )
     finally:
         tenancy.dispose()
+        if bouncer is not None:
+            bouncer.stop()
 
 
-def run_roundrobin(fx: Fixture, count: int, transactions: int, threads: int, repeats: int) -> list[RRRun]:
+def run_roundrobin(
+    fx: Fixture, setups: Sequence[Setup], count: int, transactions: int, threads: int, repeats: int
+) -> list[RRRun]:
     slugs = fx.slugs[:count]
-    sets = {"roundrobin": slugs, "hot": slugs[: min(HOT_TENANTS, count)], "one": slugs[:1]}
+    sets = {
+        "roundrobin": slugs,
+        "zipf": slugs,
+        "hot": slugs[: min(HOT_TENANTS, count)],
+        "one": slugs[:1],
+    }
     runs: list[RRRun] = []
+    arms = [(setup, variant) for setup in setups for variant in RR_VARIANTS]
     for repeat in range(repeats):
-        shift = repeat % len(RR_VARIANTS)
-        for variant in RR_VARIANTS[shift:] + RR_VARIANTS[:shift]:
-            runs.append(run_rr_once(fx, variant, sets[variant], transactions, threads))
+        shift = repeat % len(arms)
+        for setup, variant in arms[shift:] + arms[:shift]:
+            tenants = sets[variant]
+            # every tenant once (its engine made, as in a process that has run for a while), then
+            # a warm-up drawn like the timed transactions
+            warmup = list(tenants) + transaction_plan(
+                variant, tenants, max(len(tenants), 10 * threads), seed=repeat
+            )
+            plan = transaction_plan(variant, tenants, transactions, seed=1000 + repeat)
+            runs.append(run_rr_once(fx, setup, variant, (warmup, plan), threads))
     return runs
 
 
-def print_roundrobin(runs: list[RRRun], threads: int, transactions: int) -> None:
+def paired_ratios(runs: Sequence[RRRun], variant: str) -> list[float]:
+    """Per repeat, the variant's throughput over the one-tenant run's (runs of one setup, in the
+    order they were made: the n-th run of a variant belongs to the n-th repeat)."""
+    mine = [r.throughput for r in runs if r.variant == variant]
+    ones = [r.throughput for r in runs if r.variant == "one"]
+    return [a / b for a, b in zip(mine, ones, strict=True)]
+
+
+def print_roundrobin(runs: list[RRRun], setups: Sequence[Setup], threads: int, transactions: int) -> None:
     print(
         f"\nroundrobin: {transactions} one-SELECT transactions from {threads} threads per run; "
-        f"Tenancy(max_tenant_engines={RR_ENGINES}, tenant_pool_size=1, tenant_max_overflow=0, "
-        f"max_tenant_connections={RR_BUDGET})"
+        "Tenancy(tenant_pool_size=1, tenant_max_overflow=0, max_tenant_engines=E, "
+        "max_tenant_connections=B) per setup:"
+    )
+    for setup in setups:
+        print(
+            f"  {setup.name:<10} E={setup.engines} B={setup.budget}, SCRAM {setup.iterations} "
+            f"iteration(s){', through PgBouncer' if setup.pooler else ''}: {setup.about}"
+        )
+    print(
+        f"  zipf: s={ZIPF_S} over the tenants (top {RR_ENGINES} of 200 get "
+        f"{100 * zipf_share(200, RR_ENGINES):.0f}% of the transactions)"
     )
     print(
-        "  counters: hits/misses/evictions of the timed transactions; engines, open and peak "
-        "(cache peak_connections, since the Tenancy was made) from tenant_engines.stats();"
+        "  counters: hits/misses/evictions/passed over (misses served by an engine not kept) of the "
+        "timed transactions, hit rate; engines, open and "
+        "peak (cache peak_connections, since the Tenancy was made) from tenant_engines.stats();"
     )
     print(
         "  sampled: peak connections seen in pg_stat_activity during the timed transactions, to tenant "
-        "databases / postgres_fdw's to the main database"
+        "databases (PgBouncer's server connections, when there is one) / postgres_fdw's to the main "
+        "database"
     )
     header = (
-        f"  {'variant':<10} {'tenants':>7} {'s':>7} {'tx/s':>8} {'hits':>6} {'misses':>6} {'evict':>6} "
-        f"{'engines':>7} {'open':>5} {'peak':>5} {'sampled':>8} {'fdw':>4} {'samples':>7}"
+        f"  {'setup':<10} {'variant':<10} {'tenants':>7} {'s':>7} {'tx/s':>8} {'hits':>6} {'misses':>6} "
+        f"{'hit%':>5} {'evict':>6} {'passed':>6} {'engines':>7} {'open':>5} {'peak':>5} "
+        f"{'sampled':>8} {'fdw':>4}"
     )
     print(header)
-    for run in runs:
+    for run in sorted(runs, key=lambda r: (r.setup, RR_VARIANTS.index(r.variant))):
         s = run.stats
         print(
-            f"  {run.variant:<10} {run.tenants:7d} {run.seconds:7.2f} {run.throughput:8.1f} {run.hits:6d} "
-            f"{run.misses:6d} {run.evictions:6d} {s.engines:7d} {s.open_connections:5d} "
-            f"{s.peak_connections:5d} {run.peak_tenant:8d} {run.peak_fdw:4d} {run.samples:7d}"
+            f"  {run.setup:<10} {run.variant:<10} {run.tenants:7d} {run.seconds:7.2f} {run.throughput:8.1f} "
+            f"{run.hits:6d} {run.misses:6d} {run.hit_rate:5.1f} {run.evictions:6d} {run.passed_over:6d} "
+            f"{s.engines:7d} "
+            f"{s.open_connections:5d} {s.peak_connections:5d} {run.peak_tenant:8d} {run.peak_fdw:4d}"
         )
-    medians = {
-        v: statistics.median(r.throughput for r in runs if r.variant == v)
-        for v in RR_VARIANTS
-        if any(r.variant == v for r in runs)
-    }
-    summary = ", ".join(f"{v} {tps:.0f} tx/s" for v, tps in medians.items())
-    print(f"  median throughput: {summary}")
-    if "one" in medians:
-        ratios = ", ".join(f"{v}/one = {medians[v] / medians['one']:.3f}" for v in medians if v != "one")
-        print(f"  throughput ratio: {ratios}")
-    peak_cache = max(r.stats.peak_connections for r in runs)
-    peak_sampled = max(r.peak_tenant for r in runs)
-    peak_fdw = max(r.peak_fdw for r in runs)
-    verdict = "within" if max(peak_cache, peak_sampled) <= RR_BUDGET else "OVER"
+    direct_one = [r.throughput for r in runs if r.variant == "one" and not SETUPS[r.setup].pooler]
+    baseline = statistics.median(direct_one) if direct_one else float("nan")
     print(
-        f"  budget {RR_BUDGET} tenant connections (+ postgres_fdw's, counted apart): cache peak "
-        f"{peak_cache}, sampled peak {peak_sampled} ({verdict} budget); postgres_fdw peak {peak_fdw}"
+        "  medians over runs. Ratios to one tenant: of the same setup (median / median), paired (the "
+        "median over repeats of the ratio to the same repeat's one-tenant run), and [to the median of "
+        f"every direct setup's one-tenant runs, {baseline:.0f} tx/s: one tenant never misses, so those "
+        "setups do not differ there]"
     )
+    for setup in setups:
+        mine = [r for r in runs if r.setup == setup.name]
+        medians = {v: statistics.median(r.throughput for r in mine if r.variant == v) for v in RR_VARIANTS}
+        hit = {v: statistics.median(r.hit_rate for r in mine if r.variant == v) for v in RR_VARIANTS}
+        paired = {v: statistics.median(paired_ratios(mine, v)) for v in RR_VARIANTS}
+        ratios = ", ".join(
+            f"{v} {medians[v] / medians['one']:.3f} paired {paired[v]:.3f} [{medians[v] / baseline:.3f}] "
+            f"({hit[v]:.0f}% hits)"
+            for v in RR_VARIANTS
+            if v != "one"
+        )
+        peak_cache = max(r.stats.peak_connections for r in mine)
+        peak_sampled = max(r.peak_tenant for r in mine)
+        print(f"  {setup.name:<10} one {medians['one']:.0f} tx/s; {ratios}")
+        print(
+            f"  {'':<10} connections: budget {setup.budget} in the process, cache peak {peak_cache}; "
+            f"server-side peak sampled {peak_sampled}; postgres_fdw peak {max(r.peak_fdw for r in mine)}"
+        )
 
 
 # -- main -----------------------------------------------------------------------------------
@@ -672,6 +861,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--rr-tx", type=int, default=None, help="transactions per round-robin run (4000)")
     parser.add_argument("--rr-repeats", type=int, default=None, help="runs of each round-robin variant (3)")
     parser.add_argument("--threads", type=int, default=4, help="round-robin threads (default 4)")
+    parser.add_argument(
+        "--rr-setups",
+        default="filed,scram1,bouncer,bouncer200,direct100,direct200",
+        help=f"comma-separated round-robin setups, the first the reference (from {','.join(SETUPS)})",
+    )
     parser.add_argument("--rounds", type=int, default=None, help="look-up rounds (default 30)")
     parser.add_argument(
         "--per-round", type=int, default=None, help="look-ups per variant a round (default 200)"
@@ -693,6 +887,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
             f"--parts: unknown {', '.join(unknown) or '(none given)'}; choose from {', '.join(PARTS)}"
         )
     args.parts = [p for p in PARTS if p in parts]
+    args.rr_setups = [n.strip() for n in args.rr_setups.split(",") if n.strip()]
+    unknown = sorted(set(args.rr_setups) - set(SETUPS))
+    if unknown or not args.rr_setups:
+        parser.error(
+            f"--rr-setups: unknown {', '.join(unknown) or '(none given)'}; choose from {', '.join(SETUPS)}"
+        )
     defaults = {
         "tenants": (8, 50),
         "rr_tenants": (60, 200),
@@ -764,11 +964,20 @@ def main(argv: Sequence[str] | None = None) -> int:
             seconds = fx.ensure_tenants(args.rr_tenants)
             if missing:
                 print(f"\n(created {missing} more database tenants for roundrobin in {seconds:.1f} s)")
-            runs = run_roundrobin(fx, args.rr_tenants, args.rr_tx, args.threads, args.rr_repeats)
-            print_roundrobin(runs, args.threads, args.rr_tx)
-            one = statistics.median(r.throughput for r in runs if r.variant == "one")
-            rr = statistics.median(r.throughput for r in runs if r.variant == "roundrobin")
-            summary.append(f"roundrobin/one = {rr / one:.3f}")
+            setups = [SETUPS[name] for name in args.rr_setups]
+            if not PgBouncer.available() and any(s.pooler for s in setups):
+                print("\n(no pgbouncer binary: the setups through PgBouncer are left out)")
+                setups = [s for s in setups if not s.pooler]
+            runs = run_roundrobin(fx, setups, args.rr_tenants, args.rr_tx, args.threads, args.rr_repeats)
+            print_roundrobin(runs, setups, args.threads, args.rr_tx)
+            for setup in setups:
+                mine = [r for r in runs if r.setup == setup.name]
+                one = statistics.median(r.throughput for r in mine if r.variant == "one")
+                ratios = "/".join(
+                    f"{statistics.median(r.throughput for r in mine if r.variant == v) / one:.2f}"
+                    for v in ("zipf", "roundrobin")
+                )
+                summary.append(f"{setup.name} zipf/rr vs one = {ratios}")
         print()
         print("  ".join(summary))
         print(f"(total {time.monotonic() - started:.1f} s)")

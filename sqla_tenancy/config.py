@@ -23,6 +23,8 @@ __all__ = ["CREATE_DATABASE_STRATEGIES", "MigrationsSource", "TenancyConfig", "p
 
 #: Accepted values of ``create_database_strategy`` (``None``: the server's default).
 CREATE_DATABASE_STRATEGIES = (None, "file_copy", "wal_log")
+#: PostgreSQL's own default for the SCRAM verifiers it computes (``scram_iterations``, PG16+)
+DEFAULT_SCRAM_ITERATIONS = 4096
 
 
 def plain_url(url: URL) -> URL:
@@ -122,6 +124,12 @@ class TenancyConfig:
     #: how many pending tenants to keep provisioned ahead, by placement (``{"database": 5}``;
     #: see :mod:`sqla_tenancy.pool`)
     pending_tenants: Mapping[str, int] = field(default_factory=dict)
+    #: the PBKDF2 iteration count of the SCRAM verifiers given to the login roles sqla-tenancy
+    #: creates (database tenants' application and FDW roles)
+    tenant_scram_iterations: int = DEFAULT_SCRAM_ITERATIONS
+    #: per server, the address (host, port, query options) database tenants' engines connect
+    #: through, e.g. a PgBouncer; the role, password and database stay the tenant's own
+    tenant_poolers: Mapping[str, URL] = field(default_factory=dict)
 
     @classmethod
     def create(
@@ -150,6 +158,8 @@ class TenancyConfig:
         fdw_port: int | None = None,
         distributed: bool = False,
         pending_tenants: Mapping[str, int] | None = None,
+        tenant_scram_iterations: int = DEFAULT_SCRAM_ITERATIONS,
+        tenant_poolers: Mapping[str, str | URL] | None = None,
     ) -> TenancyConfig:
         """Check the arguments of ``Tenancy(...)`` and build the configuration."""
         app = make_url(url)
@@ -166,10 +176,20 @@ class TenancyConfig:
             raise ConfigurationError("fdw_host must be a non-empty host name or address")
         if fdw_port is not None and (not isinstance(fdw_port, int) or not 0 < fdw_port < 65536):
             raise ConfigurationError("fdw_port must be a TCP port number (1-65535)")
+        if (
+            isinstance(tenant_scram_iterations, bool)
+            or not isinstance(tenant_scram_iterations, int)
+            or tenant_scram_iterations < 1
+        ):
+            raise ConfigurationError(
+                "tenant_scram_iterations must be a whole number of at least 1 (PostgreSQL's default: "
+                f"{DEFAULT_SCRAM_ITERATIONS})"
+            )
         pending = _pending_targets(pending_tenants)
         known = {"main": admin}
         for name, server_url in (servers or {}).items():
             known[name] = plain_url(make_url(server_url))
+        poolers = {name: _pooler_url(name, value, known) for name, value in (tenant_poolers or {}).items()}
         return cls(
             url=app,
             admin_url=admin,
@@ -194,6 +214,8 @@ class TenancyConfig:
             migrations=MigrationsSource(migrations),
             distributed=distributed,
             pending_tenants=pending,
+            tenant_scram_iterations=tenant_scram_iterations,
+            tenant_poolers=poolers,
         )
 
     # -- derived --------------------------------------------------------------------------------
@@ -224,6 +246,11 @@ class TenancyConfig:
     def has_secret(self) -> bool:
         """Whether a secret key to derive role passwords from is configured (see :meth:`secret`)."""
         return len(self.secret_key or os.environ.get("SQLA_TENANCY_SECRET_KEY", "").encode()) >= 16
+
+    def tenant_address(self, server: str) -> URL:
+        """The URL whose address (host, port, query options) a database tenant on ``server``
+        connects to: its pooler's (``tenant_poolers``), else the server's admin URL."""
+        return self.tenant_poolers.get(server) or self.server_admin_url(server)
 
     def secret(self) -> bytes:
         """The key tenant role passwords are derived from."""
@@ -259,3 +286,30 @@ class TenancyConfig:
         from .versions import TENANT, config_stream_heads
 
         return config_stream_heads(self.alembic_config, TENANT)
+
+
+#: connection options that would choose a role, password or database (refused in tenant_poolers)
+_IDENTITY_OPTIONS = frozenset({"user", "password", "dbname", "database", "service", "passfile"})
+
+
+def _pooler_url(server: str, value: str | URL, servers: Mapping[str, URL]) -> URL:
+    """A ``tenant_poolers`` entry, checked: a PostgreSQL address for a known server, without a
+    role, password or database (those are each tenant's own)."""
+    if server not in servers:
+        raise ConfigurationError(
+            f"tenant_poolers names an unknown server {server!r}; configured: "
+            f"{', '.join(sorted(servers))}. Pass servers={{name: admin_url}} for it too."
+        )
+    url = make_url(value)
+    if url.get_backend_name() != "postgresql":
+        raise ConfigurationError(
+            f"tenant_poolers[{server!r}] must be a PostgreSQL URL (a PgBouncer speaks PostgreSQL's protocol)"
+        )
+    if url.username or url.password or url.database or _IDENTITY_OPTIONS & set(url.query):
+        raise ConfigurationError(
+            f"tenant_poolers[{server!r}] gives the pooler's address only, as postgresql://host:port: "
+            "each database tenant logs in with its own role and password to its own database."
+        )
+    if not url.host:
+        raise ConfigurationError(f"tenant_poolers[{server!r}] needs a host (postgresql://host:port)")
+    return url

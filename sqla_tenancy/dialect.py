@@ -99,19 +99,25 @@ class _TenancyMixin:
     binder: Binder | None = None
     #: the id of the tenant the current transaction is for (``tenant_id`` column defaults)
     tenant_of_context: Callable[[], uuid.UUID] | None = None
+    #: the engine connects through a pooler it was configured with (``tenant_poolers``): every
+    #: server session is taken as shared with other clients, without asking the server
+    behind_pooler: bool = False
     _states: weakref.WeakKeyDictionary[Any, _ConnState]
 
     def __init__(
         self,
         binder: Binder | None = None,
         tenant_of_context: Callable[[], uuid.UUID] | None = None,
+        behind_pooler: bool = False,
         **kwargs: Any,
     ) -> None:
-        # create_engine(url, binder=..., tenant_of_context=...) hands these to the dialect
+        # create_engine(url, binder=..., tenant_of_context=..., behind_pooler=...) hands these to
+        # the dialect
         super().__init__(**kwargs)
         self._states = weakref.WeakKeyDictionary()
         self.binder = binder
         self.tenant_of_context = tenant_of_context
+        self.behind_pooler = behind_pooler
 
     def _state(self, driver: Any) -> _ConnState:
         try:
@@ -157,6 +163,9 @@ class _TenancyMixin:
             state = self._state(driver)
             self._set_driver(conn, autocommit=True)
             state.begin = _begin_statement(driver)
+            if self.behind_pooler:  # known to be shared: no round trip on a new connection
+                state.shared_backend = True
+                return
             # A pooler (PgBouncer) answers the connection with a backend key of its own: then
             # the server session behind it serves other clients between our transactions.
             (result,) = self._run(driver, b"SELECT pg_backend_pid()")

@@ -2,12 +2,18 @@
 (database placement, :class:`EngineCache`).
 
 Each database tenant gets a small pool of its own; at most ``max_engines`` engines are kept, least
-recently used first out. An evicted engine's idle connections close at once, and
-connections still checked out keep working until they are returned, then close. The evicted Engine
-object itself is kept (without connections) in a larger LRU, so that bringing the tenant back does
-not pay SQLAlchemy's per-engine first-connect set-up again. An optional
+recently used first out, and a tenant only takes the place of the least recently used one when it
+has been asked for more often lately (a frequency count that halves every ``10 * max_engines``
+look-ups): otherwise its transaction is served by an engine that keeps no connection. So a tenant
+seen once does not push out one in steady use, and a cycle over more tenants than the cache holds
+keeps hitting the ones it holds, instead of missing every time as plain LRU does. An evicted
+engine's idle connections close at once, and connections still checked out keep working until they
+are returned, then close. The evicted Engine object itself is kept (without connections) in a
+larger LRU, so that bringing the tenant back does not pay SQLAlchemy's per-engine first-connect
+set-up again. An optional
 ``max_connections`` budget bounds the physical connections open across all tenant engines
-(evicted ones included): a new connection waits for one to close, up to ``budget_timeout``.
+(evicted ones included): when it is full, a new connection closes the idle connections of the
+least recently used other engine, or else waits for one to close, up to ``budget_timeout``.
 """
 
 from __future__ import annotations
@@ -33,6 +39,11 @@ from .errors import ConnectionBudgetExceeded
 __all__ = ["EngineCache", "EngineStats", "Engines"]
 
 
+#: the ceiling of a key's look-up count: a tenant that was very busy and went quiet fades out
+#: within a few windows (each halves the counts), so it cannot hold its place for long
+_MAX_COUNT = 16
+
+
 @dataclass(frozen=True)
 class EngineStats:
     """Counters of an :class:`EngineCache`, readable at any time."""
@@ -43,10 +54,14 @@ class EngineStats:
     evictions: int
     open_connections: int
     peak_connections: int
+    #: misses served by an engine that was not kept (its connection closes after use), because
+    #: the least recently used engine's tenant had been asked for at least as often lately
+    passed_over: int = 0
 
 
 class EngineCache:
-    """Per-key engines, least recently used evicted beyond ``max_engines``."""
+    """Per-key engines, at most ``max_engines``: the least recently used one makes room for a
+    key asked for more often lately; other keys are served by engines not kept."""
 
     def __init__(
         self,
@@ -63,7 +78,12 @@ class EngineCache:
         self._engines: OrderedDict[Hashable, Engine] = OrderedDict()
         self._lock = threading.Lock()
         self._budget = threading.BoundedSemaphore(max_connections) if max_connections else None
-        self._hits = self._misses = self._evictions = 0
+        self._hits = self._misses = self._evictions = self._passed_over = 0
+        #: recent look-ups per key (hits included, at most _MAX_COUNT), halved every ``_window``
+        #: look-ups
+        self._frequency: dict[Hashable, int] = {}
+        self._window = 10 * max_engines
+        self._lookups = 0
         self._open = self._peak = 0
         self._count_lock = threading.Lock()
         self._retired: weakref.WeakSet[Engine] = weakref.WeakSet()
@@ -78,15 +98,19 @@ class EngineCache:
         """The engine for ``key``, made by ``factory`` (a sync Engine, or an AsyncEngine's
         ``sync_engine``) on a miss."""
         with self._lock:
+            self._count(key)
             engine = self._engines.get(key)
             if engine is not None:
                 self._engines.move_to_end(key)
                 self._hits += 1
                 return engine
             self._misses += 1
+            admit = self._admits(key)
             # An evicted engine keeps its (initialised) dialect: reviving it spares the dialect's
             # first-connect round trips; only its connections were closed.
             engine = self._dormant.pop(key, None)
+            if engine is not None and not admit:
+                return self._pass_over(key, engine)
         if engine is None:
             engine = factory()  # outside the lock: other tenants' look-ups go on meanwhile
             self._instrument(engine)
@@ -97,6 +121,8 @@ class EngineCache:
                 self._retired.add(engine)
                 self._trim_dormant()
                 return current
+            if not admit:
+                return self._pass_over(key, engine)
             self._retired.discard(engine)
             self._engines[key] = engine
             evicted = []
@@ -110,6 +136,36 @@ class EngineCache:
             self._trim_dormant()
         for old in evicted:
             old.pool.dispose()  # idle connections close now, checked-out ones as they return
+        return engine
+
+    def _count(self, key: Hashable) -> None:
+        """One more look-up of ``key`` (under the lock; :meth:`touch` counts without it)."""
+        count = self._frequency.get(key, 0)
+        if count < _MAX_COUNT:
+            self._frequency[key] = count + 1
+        self._lookups += 1
+        if self._lookups >= self._window:  # age the counts: what was hot a while ago fades
+            self._lookups = 0
+            # list(): one C call, so a concurrent touch() cannot change the dict mid-iteration
+            self._frequency = {k: n // 2 for k, n in list(self._frequency.items()) if n > 1}
+
+    def _admits(self, key: Hashable) -> bool:
+        """Whether ``key``'s engine takes a place in the cache (under the lock): while there is
+        room, or when ``key`` was asked for more often lately than the least recently used key."""
+        if len(self._engines) < self.max_engines:
+            return True
+        victim = next(iter(self._engines))
+        return self._frequency.get(key, 0) > self._frequency.get(victim, 0)
+
+    def _pass_over(self, key: Hashable, engine: Engine) -> Engine:
+        """Serve ``key`` with ``engine`` without keeping it (under the lock): it stays dormant and
+        retired, so its connections close when they are returned, and the epoch changes, so no
+        route keeps it."""
+        self._passed_over += 1
+        self._dormant[key] = engine
+        self._retired.add(engine)
+        self._trim_dormant()
+        self.epoch += 1
         return engine
 
     def discard(self, predicate: Callable[[Hashable], bool]) -> None:
@@ -133,6 +189,11 @@ class EngineCache:
         """Count a hit on ``key``'s engine, obtained earlier and still current (see :attr:`epoch`),
         as :meth:`get` would: most recently used, without taking the lock (each step is atomic)."""
         self._hits += 1
+        self._lookups += 1  # a lost increment under a race only makes a count less exact
+        frequency = self._frequency
+        count = frequency.get(key, 0)
+        if count < _MAX_COUNT:
+            frequency[key] = count + 1
         try:  # noqa: SIM105 - on the hot path, cheaper than contextlib.suppress
             self._engines.move_to_end(key)
         except KeyError:  # evicted meanwhile: the caller sees the new epoch next time
@@ -151,7 +212,9 @@ class EngineCache:
     def stats(self) -> EngineStats:
         with self._lock:
             engines = len(self._engines)
-        return EngineStats(engines, self._hits, self._misses, self._evictions, self._open, self._peak)
+        return EngineStats(
+            engines, self._hits, self._misses, self._evictions, self._open, self._peak, self._passed_over
+        )
 
     def clear(self) -> None:
         """Dispose every engine (on :meth:`Tenancy.dispose`)."""
@@ -162,7 +225,7 @@ class EngineCache:
     def _instrument(self, engine: Engine) -> None:
         @event.listens_for(engine, "do_connect")
         def _acquire(dialect: Any, conn_rec: Any, cargs: Any, cparams: Any) -> Any:
-            if self._budget is not None and not self._budget.acquire(timeout=self.budget_timeout):
+            if self._budget is not None and not self._take_budget(engine):
                 raise ConnectionBudgetExceeded(
                     f"All {self.max_connections} tenant database connections are in use; raise "
                     "max_tenant_connections or lower the pool sizes."
@@ -191,11 +254,34 @@ class EngineCache:
         def _closed_detached(dbapi_connection: Any) -> None:
             self._release()
 
+    def _take_budget(self, engine: Engine) -> bool:
+        """A place in the budget for a new connection of ``engine``: at once if free; else by
+        closing the idle connections of the least recently used other engine that has some (the
+        engine stays cached: idle connections are bounded globally, not per engine); else by
+        waiting up to ``budget_timeout`` for a connection to close."""
+        assert self._budget is not None
+        if self._budget.acquire(blocking=False):
+            return True
+        with self._lock:
+            idle = next(
+                (e for e in self._engines.values() if e is not engine and _idle(e) > 0),
+                None,
+            )
+        if idle is not None:
+            idle.pool.dispose()  # its idle connections close (and free their places); in use ones stay
+        return self._budget.acquire(timeout=self.budget_timeout)
+
     def _release(self) -> None:
         with self._count_lock:
             self._open -= 1
         if self._budget is not None:
             self._budget.release()
+
+
+def _idle(engine: Engine) -> int:
+    """The connections idle in ``engine``'s pool (0 for a pool that keeps none)."""
+    checkedin = getattr(engine.pool, "checkedin", None)
+    return int(checkedin()) if checkedin is not None else 0
 
 
 #: Every engine sqla-tenancy makes checks a pooled connection before handing it out, so a
@@ -285,14 +371,18 @@ class Engines:
         """The admin engine (sync, or the async one's ``sync_engine``)."""
         return self.async_admin.sync_engine if async_ else self.admin
 
-    def tenant(self, tenant_id: uuid.UUID, url: Callable[[], URL], *, async_: bool) -> Engine:
+    def tenant(
+        self, tenant_id: uuid.UUID, url: Callable[[], URL], *, async_: bool, pooled: bool = False
+    ) -> Engine:
         """A database tenant's engine, from the LRU cache; ``url`` is called on a miss only (it
-        derives the role's password: no HMAC on the hot path)."""
+        derives the role's password: no HMAC on the hot path). ``pooled``: the URL is a pooler's
+        (``tenant_poolers``), so every server session is shared with other clients."""
 
         def make() -> Engine:
+            options = {**self._tenant_options, "behind_pooler": True} if pooled else self._tenant_options
             if async_:
-                return create_async_engine(url(), **self._tenant_options).sync_engine
-            return create_engine(url(), **self._tenant_options)
+                return create_async_engine(url(), **options).sync_engine
+            return create_engine(url(), **options)
 
         return self.tenants.get(self.tenant_key(tenant_id, async_), make)
 

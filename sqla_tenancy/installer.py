@@ -144,7 +144,9 @@ def node_login_ddl(config: TenancyConfig) -> list[str]:
     from .placements.database import derive_password, scram_verifier
 
     role = anonymous_role(config)
-    verifier = scram_verifier(derive_password(config.secret(), role))
+    verifier = scram_verifier(
+        derive_password(config.secret(), role), iterations=config.tenant_scram_iterations
+    )
     return [f"ALTER ROLE {quote_ident(role)} LOGIN PASSWORD {quote_literal(verifier)}"]
 
 

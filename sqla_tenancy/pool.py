@@ -141,7 +141,8 @@ def claim(services: Services, slug: str, *, name: str | None, server: str | None
         admin.exec_driver_sql(f"ALTER DATABASE {database} RENAME TO {quote_ident(new.database)}")
         admin.exec_driver_sql(f"ALTER ROLE {quote_ident(old.app_role)} RENAME TO {quote_ident(new.app_role)}")
         admin.exec_driver_sql(
-            f"ALTER ROLE {quote_ident(new.app_role)} PASSWORD {quote_literal(scram_verifier(password))}"
+            f"ALTER ROLE {quote_ident(new.app_role)} PASSWORD "
+            f"{quote_literal(scram_verifier(password, iterations=services.config.tenant_scram_iterations))}"
         )
         admin.exec_driver_sql(
             f"ALTER ROLE {quote_ident(old.anon_role)} RENAME TO {quote_ident(new.anon_role)}"

@@ -75,7 +75,7 @@ class Route:
         self.key: object = tenant.id if tenant is not None else "platform"
         self._engines: dict[bool, Engine] = {}
         self._alternates: dict[bool, Engine] = {}
-        # per-tenant engines belong to the engine cache (LRU): one is kept here only while the
+        # per-tenant engines belong to the engine cache (bounded): one is kept here only while the
         # cache's epoch says it is still the cache's
         self._per_tenant = bool(placement is not None and placement.per_tenant_engines)
         self._epochs: dict[bool, int] = {}

@@ -85,7 +85,8 @@ class Tenancy:
         ``$SQLA_TENANCY_SECRET_KEY``. Keep it secret and stable: changing it locks tenants out.
     :param tenant_pool_size: pool size of each database tenant's engine (``tenant_max_overflow``
         more under load).
-    :param max_tenant_engines: how many database tenants' engines a process keeps (LRU).
+    :param max_tenant_engines: how many database tenants' engines a process keeps (the least
+        recently used one makes room for a tenant asked for more often lately).
     :param max_tenant_connections: a process-wide budget of connections to tenant databases.
     :param create_database_strategy: ``"file_copy"`` or ``"wal_log"`` for the ``STRATEGY`` of
         ``CREATE DATABASE`` (PostgreSQL 15+; default: the server's, ``wal_log``). ``file_copy``
@@ -113,6 +114,20 @@ class Tenancy:
         server, ``{"database": 5}``: ``create_tenant(..., placement="database")`` claims one in
         milliseconds, and this process provisions a replacement in a background thread
         afterwards (see :meth:`refill_pool` and :mod:`sqla_tenancy.pool`). Default: none.
+    :param tenant_scram_iterations: the PBKDF2 iteration count of the SCRAM verifiers of the login
+        roles created for database tenants (default 4096, PostgreSQL's). The client computes
+        that many HMACs at every new connection: about 2 ms. The derived
+        passwords are 256-bit keys, which no iteration count makes easier or harder to guess;
+        the iterations still slow down guessing a weak ``secret_key`` from a stolen verifier:
+        lower them only with a random key (see ``docs/operations.md``, many database tenants).
+        Applies to roles created (or claimed from the pool) afterwards;
+        :meth:`rehash_role_passwords` brings existing ones to it.
+    :param tenant_poolers: per server name (``"main"`` included), the address of a pooler such as
+        PgBouncer, as ``"postgresql://host:port"``, that database tenants' engines connect through
+        instead of the server itself. Each tenant still logs in as its own role to its own
+        database; the pooler must authenticate those roles (PgBouncer: their SCRAM verifiers in
+        ``auth_file``, or ``auth_query``). Provisioning, migrations, ``run_sql`` and postgres_fdw
+        keep connecting directly.
     """
 
     def __init__(
@@ -141,6 +156,8 @@ class Tenancy:
         fdw_port: int | None = None,
         distributed: bool = False,
         pending_tenants: Mapping[str, int] | None = None,
+        tenant_scram_iterations: int = 4096,
+        tenant_poolers: Mapping[str, str | URL] | None = None,
     ) -> None:
         global _active
         #: everything given here, validated (see :class:`~sqla_tenancy.config.TenancyConfig`)
@@ -168,6 +185,8 @@ class Tenancy:
             fdw_port=fdw_port,
             distributed=distributed,
             pending_tenants=pending_tenants,
+            tenant_scram_iterations=tenant_scram_iterations,
+            tenant_poolers=tenant_poolers,
         )
         self.registry = Registry(config.registry_url, ttl=config.registry_ttl, listen=config.registry_listen)
         self.engines = engines = Engines(config)
@@ -298,7 +317,7 @@ class Tenancy:
 
     @property
     def tenant_engines(self) -> EngineCache:
-        """Database tenants' engines (LRU); ``tenant_engines.stats()`` gives its counters."""
+        """Database tenants' engines (a bounded cache); ``tenant_engines.stats()`` gives its counters."""
         return self.engines.tenants
 
     @property
@@ -371,6 +390,28 @@ class Tenancy:
                     f"Tenant {target.slug!r} is not a database tenant: it has no foreign schemas."
                 )
             placement.import_foreign_schemas(target)
+        return targets
+
+    def rehash_role_passwords(self, tenant: str | uuid.UUID | Tenant | None = None) -> list[Tenant]:
+        """Give the login roles of every database tenant (or just ``tenant``), the pool's pending
+        ones included, new SCRAM verifiers of their same passwords, with
+        ``tenant_scram_iterations`` iterations: how a changed count reaches the roles created
+        before. Open connections are unaffected. Returns the tenants done."""
+        placement = self._database_placement()
+        if tenant is not None:
+            targets = [self.get_tenant(tenant)]
+        else:
+            targets = [
+                t
+                for t in self.list_tenants()
+                if t.strategy == "database" and t.status in ("active", "suspended", "pending")
+            ]
+        for target in targets:
+            if target.strategy != "database":
+                raise UnsupportedOperation(
+                    f"Tenant {target.slug!r} is not a database tenant: it has no login roles of its own."
+                )
+            placement.rehash_passwords(target)
         return targets
 
     # -- sessions ---------------------------------------------------------------------------

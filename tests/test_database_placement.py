@@ -541,3 +541,138 @@ def test_two_tenancies_in_one_process_fill_tenant_id_from_their_own(
     finally:
         second.dispose()
         tenancy_server.drop_database(other_db)
+
+
+def test_tenant_roles_get_the_configured_scram_iterations(
+    tenancy_factory: Callable[..., Tenancy], tenancy_server: TestServer
+) -> None:
+    t = database_tenants(tenancy_factory, tenancy_server, ("it1",), tenant_scram_iterations=16)
+    location = t.get_tenant("it1").location
+    with tenancy_server.superuser.connect() as conn:
+        verifiers = dict(
+            conn.execute(
+                text("select rolname, rolpassword from pg_authid where rolname = any(:r)"),
+                {"r": [location["role"], location["fdw_role"]]},
+            ).all()
+        )
+    assert set(verifiers) == {location["role"], location["fdw_role"]}
+    assert all(v.startswith("SCRAM-SHA-256$16:") for v in verifiers.values())
+    with tenant_context("it1"), t.sessionmaker()() as s:  # the role logs in, FDW included
+        assert s.scalar(select(func.count()).select_from(Project)) == 0
+        assert s.scalar(select(func.count()).select_from(User)) == 0
+
+
+@pytest.mark.parametrize("iterations", [0, -1, 1.5, True])
+def test_scram_iterations_must_be_a_positive_count(
+    tenancy_factory: Callable[..., Tenancy], iterations: object
+) -> None:
+    from sqla_tenancy import ConfigurationError
+
+    with pytest.raises(ConfigurationError, match="tenant_scram_iterations"):
+        tenancy_factory(Base.metadata, secret_key=SECRET, tenant_scram_iterations=iterations)
+
+
+@pytest.mark.parametrize(
+    ("poolers", "match"),
+    [
+        ({"eu": "postgresql://pooler:6432"}, "unknown server 'eu'"),
+        ({"main": "postgresql://someone@pooler:6432"}, "address only"),
+        ({"main": "postgresql://pooler:6432/app"}, "address only"),
+        ({"main": "postgresql://:secret@pooler:6432"}, "address only"),
+        ({"main": "postgresql://pooler:6432?user=someone"}, "address only"),
+        ({"main": "postgresql://pooler:6432?dbname=app"}, "address only"),
+        ({"main": "postgresql://pooler:6432?service=other"}, "address only"),
+        ({"main": "postgresql:///?host=/tmp"}, "host"),
+        ({"main": "mysql://pooler:6432"}, "PostgreSQL"),
+    ],
+)
+def test_tenant_poolers_are_checked(
+    tenancy_factory: Callable[..., Tenancy], poolers: dict[str, str], match: str
+) -> None:
+    from sqla_tenancy import ConfigurationError
+
+    with pytest.raises(ConfigurationError, match=match):
+        tenancy_factory(Base.metadata, secret_key=SECRET, tenant_poolers=poolers)
+
+
+def test_rehash_role_passwords_applies_a_new_iteration_count_to_existing_roles(
+    tenancy_factory: Callable[..., Tenancy], tenancy_server: TestServer
+) -> None:
+    from sqla_tenancy import UnsupportedOperation
+
+    first = database_tenants(tenancy_factory, tenancy_server, ("rh1", "rh2"))
+    first.create_tenant("rhshared")
+    later = tenancy_factory(
+        Base.metadata,
+        infrastructure_schemas=INFRASTRUCTURE,
+        secret_key=SECRET,
+        name_prefix=first.name_prefix,
+        tenant_scram_iterations=8,
+    )
+
+    def verifiers() -> dict[str, str]:
+        roles = [
+            str(later.get_tenant(slug).location[key])
+            for slug in ("rh1", "rh2")
+            for key in ("role", "fdw_role")
+        ]
+        with tenancy_server.superuser.connect() as conn:
+            rows = conn.execute(
+                text("select rolname, rolpassword from pg_authid where rolname = any(:r)"), {"r": roles}
+            ).all()
+        return {name: password.split(":", 1)[0] for name, password in rows}
+
+    assert set(verifiers().values()) == {"SCRAM-SHA-256$4096"}
+    with tenant_context("rh1"), later.sessionmaker()() as s:  # a connection open across the change
+        s.scalar(select(func.count()).select_from(Project))
+        assert [t.slug for t in later.rehash_role_passwords("rh1")] == ["rh1"]
+        assert s.scalar(select(func.count()).select_from(User)) == 0
+    assert sorted(v for v in verifiers().values()) == ["SCRAM-SHA-256$4096"] * 2 + ["SCRAM-SHA-256$8"] * 2
+    assert {t.slug for t in later.rehash_role_passwords()} == {"rh1", "rh2"}
+    assert set(verifiers().values()) == {"SCRAM-SHA-256$8"}
+    later.tenant_engines.clear()
+    for slug in ("rh1", "rh2"):  # the same passwords: new connections log in, FDW included
+        with tenant_context(slug), later.sessionmaker()() as s:
+            assert s.scalar(select(func.count()).select_from(User)) == 0
+    with pytest.raises(UnsupportedOperation, match="not a database tenant"):
+        later.rehash_role_passwords("rhshared")
+
+
+def test_a_tenant_seen_once_does_not_push_out_one_in_steady_use(
+    tenancy_factory: Callable[..., Tenancy], tenancy_server: TestServer
+) -> None:
+    t = database_tenants(
+        tenancy_factory,
+        tenancy_server,
+        ("c1", "c2", "c3"),
+        max_tenant_engines=2,
+        tenant_pool_size=1,
+        tenant_max_overflow=0,
+        max_tenant_connections=2,  # the cached engines' idle connections fill the budget
+    )
+    t.tenant_engines.budget_timeout = 0.5
+    maker = t.sessionmaker()
+
+    def visit(*slugs: str) -> None:
+        for slug in slugs:
+            with tenant_context(slug), maker() as s:
+                assert s.scalar(select(func.count()).select_from(Project)) == 0
+
+    def cached() -> set[str]:
+        held = {key[0] for key in t.tenant_engines._engines}  # type: ignore[index]
+        return {slug for slug in ("c1", "c2", "c3") if t.get_tenant(slug).id in held}
+
+    visit("c1", "c1", "c1", "c2", "c2", "c2")
+    # served (an idle connection of the least recently used engine closes to make room in the
+    # budget), but c1 and c2 keep their places; c3's connection closes after use
+    visit("c3")
+    stats = t.tenant_engines.stats()
+    assert cached() == {"c1", "c2"} and stats.passed_over == 1 and stats.evictions == 0
+    assert stats.open_connections <= 2
+    visit("c1", "c2", "c3", "c1", "c2", "c3")  # a cycle over more tenants than the cache holds
+    stats = t.tenant_engines.stats()
+    assert cached() == {"c1", "c2"} and stats.evictions == 0 and stats.passed_over == 3
+    visit(*["c3"] * 10)  # c3 becomes busier than the least recently used one: it takes its place
+    stats = t.tenant_engines.stats()
+    assert "c3" in cached() and len(cached()) == 2 and stats.evictions == 1
+    assert stats.open_connections <= 2

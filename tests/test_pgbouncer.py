@@ -15,18 +15,22 @@ import random
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
+import psycopg
 import pytest
 from sqlalchemy import exc, insert, select, text
 
 from sqla_tenancy import Tenancy, Tenant, platform_context, tenant_context
 from sqla_tenancy.identifiers import quote_ident
+from sqla_tenancy.placements.database import derive_password
 from sqla_tenancy.testing import TestServer
 from sqla_tenancy.testing.pgbouncer import PgBouncer
 
+from .conftest import SECRET
 from .models import INFRASTRUCTURE, Base, Project
+from .test_database_placement import database_tenants
 
 if not PgBouncer.available():
     pytest.skip(
@@ -478,3 +482,75 @@ def test_nothing_left_on_a_server_connection_reaches_another_client(
         "advisory lock": [(0,)],
     }[leftover]
     assert found == expected
+
+
+# -- database tenants behind PgBouncer (tenant_poolers) -------------------------------------------
+
+
+def test_database_tenants_through_pgbouncer_log_in_as_their_own_role_to_their_own_database(
+    tenancy_factory: Callable[..., Tenancy], tenancy_server: TestServer
+) -> None:
+    """With ``tenant_poolers``, a database tenant's engine reaches its database through PgBouncer,
+    still as its own role: PgBouncer authenticates each role with the server's own SCRAM verifier
+    (``auth_query``) and logs in to the server with the keys the client proved (pass-through). A
+    tenant role cannot reach another tenant's database through it."""
+    direct = database_tenants(
+        tenancy_factory, tenancy_server, ("pool_a", "pool_b"), tenant_scram_iterations=64
+    )
+    tenants = {slug: direct.get_tenant(slug) for slug in ("pool_a", "pool_b")}
+    for slug in tenants:
+        with tenant_context(slug), direct.sessionmaker()() as s:
+            s.add(Project(name=f"{slug}-row"))
+            s.commit()
+    su = tenancy_server.superuser_url
+    assert su.host is not None and su.port is not None and su.username and su.password
+    with PgBouncer(
+        su.host,
+        su.port,
+        databases=[str(t.location["database"]) for t in tenants.values()],
+        users={su.username: su.password},
+        pool_size=1,
+        settings={"auth_query": "SELECT usename, passwd FROM pg_shadow WHERE usename=$1"},
+        database_settings={"auth_user": su.username},
+    ) as bouncer:
+        pooled = tenancy_factory(
+            Base.metadata,
+            infrastructure_schemas=INFRASTRUCTURE,
+            secret_key=SECRET,
+            name_prefix=direct.name_prefix,  # the same tenants
+            tenant_poolers={"main": f"postgresql://{bouncer.host}:{bouncer.port}"},
+            engine_options={"connect_args": {"prepare_threshold": None}},
+        )
+        for slug, tenant in tenants.items():
+            with tenant_context(slug), pooled.connect() as conn:
+                url = conn.engine.url
+                assert (url.host, url.port) == (bouncer.host, bouncer.port)
+                user, database, pid = conn.execute(
+                    text("select current_user, current_database(), pg_backend_pid()")
+                ).one()
+                assert (user, database) == (tenant.location["role"], tenant.location["database"])
+                assert conn.execute(select(Project.name)).scalars().all() == [f"{slug}-row"]
+                # the server session is PgBouncer's, shared with other clients, and the dialect
+                # treats it so: it clears what others may have left before every binding
+                driver = conn.connection.driver_connection
+                assert pid != driver.info.backend_pid  # type: ignore[union-attr]
+                assert conn.dialect._state(driver).shared_backend  # type: ignore[attr-defined]
+        a, b = tenants["pool_a"], tenants["pool_b"]
+        with pytest.raises(psycopg.OperationalError):
+            psycopg.connect(
+                host=bouncer.host,
+                port=bouncer.port,
+                user=str(a.location["role"]),
+                password=derive_password(SECRET.encode(), str(a.location["role"])),
+                dbname=str(b.location["database"]),
+                connect_timeout=10,
+            ).close()
+        with pytest.raises(psycopg.OperationalError):  # a wrong password is refused by PgBouncer
+            psycopg.connect(
+                host=bouncer.host,
+                port=bouncer.port,
+                user=str(a.location["role"]),
+                password="not-the-password",
+                dbname=str(a.location["database"]),
+                connect_timeout=10,
+            ).close()

@@ -228,15 +228,37 @@ class DatabasePlacement(PlacementBase):
             return create_engine(url, isolation_level="AUTOCOMMIT", poolclass=_NullPool)
         return create_engine(url, poolclass=_NullPool)
 
-    def app_url(self, tenant: Tenant) -> URL:
+    def app_url(self, tenant: Tenant, *, pooled: bool = False) -> URL:
+        """The URL of the tenant's own role on its own database: with ``pooled``, through the
+        server's pooler when ``tenant_poolers`` names one (the tenant's engines), else direct
+        (``run_sql``, whose scripts may hold a session)."""
         names = self.names(tenant)
-        base = self.config.server_admin_url(names.server)
+        base = (
+            self.config.tenant_address(names.server) if pooled else self.config.server_admin_url(names.server)
+        )
         return base.set(
             drivername=f"postgresql+{DRIVER_NAME}",
             username=names.app_role,
             password=derive_password(self.config.secret(), names.app_role),
             database=names.database,
         )
+
+    def rehash_passwords(self, tenant: Tenant) -> None:
+        """Give the tenant's login roles (application, on its server; FDW, on the main one) new
+        SCRAM verifiers of their same passwords, with ``tenant_scram_iterations`` iterations.
+        Open connections are unaffected; new ones authenticate against the new verifiers."""
+        names = self.names(tenant)
+        secret = self.config.secret()
+        app_role = str(tenant.location.get("role") or names.app_role)
+        fdw_role = str(tenant.location.get("fdw_role") or names.fdw_role)
+        server = self._admin(names.server, autocommit=False)
+        try:
+            with server.begin() as conn:
+                _set_password(conn, app_role, derive_password(secret, app_role), self.config)
+        finally:
+            server.dispose()
+        with self.engines.admin.begin() as conn:
+            _set_password(conn, fdw_role, derive_password(secret, fdw_role), self.config)
 
     # -- template -----------------------------------------------------------------------------
 
@@ -414,7 +436,7 @@ class DatabasePlacement(PlacementBase):
         roles = self._admin(names.server, autocommit=False)
         try:
             with roles.begin() as conn:  # both roles with their markers, or nothing
-                _create_role(conn, names.app_role, derive_password(secret, final.app_role))
+                _create_role(conn, names.app_role, derive_password(secret, final.app_role), self.config)
                 create_tenant_anonymous_role(conn, names.anon_role, member=names.app_role)
                 for role in (names.app_role, names.anon_role):
                     conn.exec_driver_sql(f"COMMENT ON ROLE {quote_ident(role)} IS {marker}")
@@ -451,7 +473,9 @@ class DatabasePlacement(PlacementBase):
             journal(_role_entry("main", names.fdw_role))
             self.steps("fdw_role")
             with self.engines.admin.begin() as conn:
-                _create_role(conn, names.fdw_role, derive_password(secret, names.fdw_role), inherit=True)
+                _create_role(
+                    conn, names.fdw_role, derive_password(secret, names.fdw_role), self.config, inherit=True
+                )
                 conn.exec_driver_sql(f"COMMENT ON ROLE {quote_ident(names.fdw_role)} IS {marker}")
                 # CONNECT and the infrastructure privileges come with the tenants' group.
                 group = quote_ident(tenants_group(self.config))
@@ -803,7 +827,11 @@ class DatabasePlacement(PlacementBase):
         return binding_statement(tenant.id, role=self.names(tenant).anon_role)
 
     def engine(self, tenant: Tenant, *, async_: bool) -> Engine:
-        return self.engines.tenant(tenant.id, lambda: self.app_url(tenant), async_=async_)
+        poolers = self.config.tenant_poolers
+        pooled = bool(poolers) and (tenant.location.get("server") or "main") in poolers
+        return self.engines.tenant(
+            tenant.id, lambda: self.app_url(tenant, pooled=True), async_=async_, pooled=pooled
+        )
 
 
 def _end_sessions(conn: Connection, tenant: Tenant, server: str, roles: list[str]) -> None:
@@ -920,14 +948,23 @@ def _warn_open(conn: Connection, tenant: Tenant, role: str, what: str, server: s
     )
 
 
-def _create_role(conn: Connection, role: str, password: str, *, inherit: bool = False) -> None:
+def _create_role(
+    conn: Connection, role: str, password: str, config: TenancyConfig, *, inherit: bool = False
+) -> None:
     refuse_existing_role(conn, role)
     # Only a SCRAM verifier goes over the wire (and into any server log), never the password.
+    verifier = scram_verifier(password, iterations=config.tenant_scram_iterations)
     run_script(
         conn,
         f"CREATE ROLE {quote_ident(role)} LOGIN NOSUPERUSER NOBYPASSRLS NOCREATEDB NOCREATEROLE "
-        f"{'INHERIT' if inherit else 'NOINHERIT'} PASSWORD {quote_literal(scram_verifier(password))}",
+        f"{'INHERIT' if inherit else 'NOINHERIT'} PASSWORD {quote_literal(verifier)}",
     )
+
+
+def _set_password(conn: Connection, role: str, password: str, config: TenancyConfig) -> None:
+    """A new SCRAM verifier of ``password`` for ``role``, with the configured iteration count."""
+    verifier = scram_verifier(password, iterations=config.tenant_scram_iterations)
+    conn.exec_driver_sql(f"ALTER ROLE {quote_ident(role)} PASSWORD {quote_literal(verifier)}")
 
 
 def scram_verifier(password: str, *, iterations: int = 4096) -> str:

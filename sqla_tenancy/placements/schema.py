@@ -312,7 +312,9 @@ class SchemaPlacement(PlacementBase):
             return "NOLOGIN"
         from .database import derive_password, scram_verifier  # (database imports this module)
 
-        verifier = scram_verifier(derive_password(self.config.secret(), role))
+        verifier = scram_verifier(
+            derive_password(self.config.secret(), role), iterations=self.config.tenant_scram_iterations
+        )
         return f"LOGIN PASSWORD {quote_literal(verifier)}"
 
     def node_logins(self, tenant: Tenant) -> list[tuple[str, str]]:

@@ -63,6 +63,9 @@ class PgBouncer:
     :param pool_mode: ``transaction`` (default), ``session`` or ``statement``.
     :param max_client_conn: client connections PgBouncer accepts.
     :param settings: further ``[pgbouncer]`` settings, overriding the defaults.
+    :param database_settings: options added to every ``[databases]`` entry, such as
+        ``{"auth_user": "..."}`` for ``auth_query`` (PgBouncer 1.18 reads the ``[databases]``
+        section first, so a global ``auth_user`` does not reach the entries above it).
 
     Use as a context manager, or call :meth:`start` and :meth:`stop`.
     """
@@ -78,6 +81,7 @@ class PgBouncer:
         pool_mode: str = "transaction",
         max_client_conn: int = 200,
         settings: Mapping[str, str] | None = None,
+        database_settings: Mapping[str, str] | None = None,
     ) -> None:
         self.server_host = server_host
         self.server_port = server_port
@@ -87,6 +91,7 @@ class PgBouncer:
         self.pool_mode = pool_mode
         self.max_client_conn = max_client_conn
         self.settings = dict(settings or {})
+        self.database_settings = dict(database_settings or {})
         self.host = "127.0.0.1"
         self.port = 0
         self.base_dir: Path | None = None
@@ -117,8 +122,9 @@ class PgBouncer:
         )
 
     def _config(self, userlist: Path) -> str:
+        extra = "".join(f" {key}={value}" for key, value in self.database_settings.items())
         databases = "\n".join(
-            f"{name} = host={self.server_host} port={self.server_port} dbname={name}"
+            f"{name} = host={self.server_host} port={self.server_port} dbname={name}{extra}"
             for name in self.databases
         )
         settings = {

@@ -178,13 +178,16 @@ def main_database_ddl(config: TenancyConfig, tables: Iterable[Table], app_role: 
     return statements
 
 
-def schema_tenant_ddl(config: TenancyConfig, schema: str, role: str, *, fresh: bool = True) -> list[str]:
+def schema_tenant_ddl(
+    config: TenancyConfig, schema: str, role: str, *, fresh: bool = True, group: bool = True
+) -> list[str]:
     """A schema tenant's anonymous role: its schema, its opted-in tables, the infrastructure group
-    (the role itself is created with the schema; the gate's membership comes last)."""
+    unless ``group`` is False (the role itself is created with the schema, and on PostgreSQL 16+
+    as a member of the group already; the gate's membership comes last)."""
     r = quote_ident(role)
     return [
         f"GRANT USAGE ON SCHEMA {quote_ident(schema)} TO {r}",
-        f"GRANT {quote_ident(anonymous_group(config))} TO {r}",
+        *([f"GRANT {quote_ident(anonymous_group(config))} TO {r}"] if group else []),
         *table_access_ddl(config.tenant_tables(), role, schema=schema, fresh=fresh),
     ]
 

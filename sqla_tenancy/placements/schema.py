@@ -25,6 +25,7 @@ from sqlalchemy.schema import CreateIndex
 
 from ..anonymous import (
     anonymous_gate,
+    anonymous_group,
     refuse_existing_role,
     role_exists,
     schema_tenant_ddl,
@@ -33,7 +34,7 @@ from ..anonymous import (
 )
 from ..binding import binding_statement, migration_binding_statement
 from ..errors import ProvisioningError
-from ..grants import tenants_group
+from ..grants import keeper_call, keeper_for_new_roles, keepers_apply, tenants_group
 from ..identifiers import quote_ident, role_name, schema_name
 from ..registry import REGISTRY_SCHEMA
 from ..rls import TENANT_ID_INFO_KEY, enable_rls_ddl, is_tenant_scoped
@@ -184,6 +185,35 @@ class SchemaPlacement(PlacementBase):
         if heads is not None:
             refuse_models_off_head(self.config, admin, heads, tenant.slug)
         self.steps("schema")
+        app_role = self.config.app_role
+        assert app_role
+        tenants, anonymous_infra = tenants_group(self.config), anonymous_group(self.config)
+        gate = anonymous_gate(self.config)
+        if keepers_apply(admin):
+            # PostgreSQL 16+: the roles are created and granted by a keeper, whose membership graph
+            # stays small (see sqla_tenancy.grants): no statement here walks the fleet's roles.
+            keeper, keeper_ddl = keeper_for_new_roles(admin, self.config)
+            roles = [
+                keeper_call(keeper, "create", role, tenants),
+                keeper_call(keeper, "create", anonymous, anonymous_infra),
+            ]
+            group_grants: list[str] = []
+            memberships = [
+                keeper_call(keeper, "grant", role, app_role),
+                keeper_call(keeper, "grant", anonymous, gate),
+            ]
+        else:
+            keeper_ddl = []
+            roles = [
+                f"CREATE ROLE {r} NOLOGIN NOSUPERUSER NOBYPASSRLS NOCREATEDB NOCREATEROLE INHERIT",
+                # anonymous requests' role: reads opted-in tables only (sqla_tenancy.anonymous)
+                f"CREATE ROLE {anon} NOLOGIN NOSUPERUSER NOBYPASSRLS NOCREATEDB NOCREATEROLE INHERIT",
+            ]
+            group_grants = [
+                f"GRANT {quote_ident(tenants)} TO {r}",
+                f"GRANT {quote_ident(anonymous_infra)} TO {anon}",
+            ]
+            memberships = [f"GRANT {r} TO {quote_ident(app_role)}", f"GRANT {anon} TO {quote_ident(gate)}"]
         # The role and its default privileges come before the tables, so that the tables are
         # granted as they are created: a GRANT ... ON ALL TABLES IN SCHEMA would scan pg_class,
         # whose size grows with the fleet.
@@ -191,10 +221,9 @@ class SchemaPlacement(PlacementBase):
             admin,
             ";\n".join(
                 [
+                    *keeper_ddl,
                     f"CREATE SCHEMA {s}",
-                    f"CREATE ROLE {r} NOLOGIN NOSUPERUSER NOBYPASSRLS NOCREATEDB NOCREATEROLE INHERIT",
-                    # anonymous requests' role: reads opted-in tables only (sqla_tenancy.anonymous)
-                    f"CREATE ROLE {anon} NOLOGIN NOSUPERUSER NOBYPASSRLS NOCREATEDB NOCREATEROLE INHERIT",
+                    *roles,
                     f"ALTER DEFAULT PRIVILEGES IN SCHEMA {s} "
                     f"GRANT SELECT, INSERT, UPDATE, DELETE ON TABLES TO {r}",
                     f"ALTER DEFAULT PRIVILEGES IN SCHEMA {s} GRANT USAGE, SELECT ON SEQUENCES TO {r}",
@@ -226,21 +255,14 @@ class SchemaPlacement(PlacementBase):
             ";\n".join(
                 [
                     f"GRANT USAGE ON SCHEMA {s} TO {r}",
-                    f"GRANT {quote_ident(tenants_group(self.config))} TO {r}",
-                    *schema_tenant_ddl(self.config, schema, anonymous),
+                    *group_grants,
+                    *schema_tenant_ddl(self.config, schema, anonymous, group=False),
                 ]
             ),
         )
         self.steps("membership")
-        app_role = self.config.app_role
-        assert app_role
         # PostgreSQL 16+: membership only for SET ROLE, without inheriting the tenant's privileges.
-        option = " WITH INHERIT FALSE" if (admin.dialect.server_version_info or (0,)) >= (16,) else ""
-        run_script(
-            admin,
-            f"GRANT {r} TO {quote_ident(app_role)}{option};\n"
-            f"GRANT {anon} TO {quote_ident(anonymous_gate(self.config))}",
-        )
+        run_script(admin, ";\n".join(memberships))
         return {"schema": schema, "role": role, **revision}
 
     def deprovision(

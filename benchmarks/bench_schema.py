@@ -62,6 +62,7 @@ import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
+from itertools import pairwise
 from typing import Any
 
 from interleaved import Results
@@ -205,7 +206,7 @@ class Fleet:
                     raise SystemExit(f"unexpected provisioning steps {[m[0] for m in marks]}")
                 bounds = [start, *(m[1] for m in marks), end]
                 self.phases_ms.append(
-                    {name: (b - a) * 1000 for name, a, b in zip(PHASES, bounds, bounds[1:], strict=True)}
+                    {name: (b - a) * 1000 for name, (a, b) in zip(PHASES, pairwise(bounds), strict=True)}
                 )
         finally:
             self.tenancy._fault_injector = None

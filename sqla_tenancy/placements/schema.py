@@ -26,7 +26,7 @@ from sqlalchemy.schema import CreateIndex
 from ..anonymous import (
     anonymous_gate,
     anonymous_group,
-    refuse_existing_role,
+    existing_role_error,
     role_exists,
     schema_tenant_ddl,
     table_access_ddl,
@@ -173,14 +173,21 @@ class SchemaPlacement(PlacementBase):
         schema, role = self.names(tenant.slug)
         anonymous = tenant_anonymous_role(self.config, tenant.slug)
         s, r, anon = quote_ident(schema), quote_ident(role), quote_ident(anonymous)
-        if admin.exec_driver_sql("select 1 from pg_namespace where nspname = %(s)s", {"s": schema}).first():
+        # one round trip for both checks: the schema, and the roles, must not exist yet
+        schema_found, roles_found = admin.exec_driver_sql(
+            "select exists (select from pg_namespace where nspname = %(s)s), "
+            "array(select rolname::text from pg_roles where rolname = any(%(r)s))",
+            {"s": schema, "r": [role, anonymous]},
+        ).one()
+        if schema_found:
             raise ProvisioningError(
                 f"The schema {schema!r} exists already, and tenant {tenant.slug!r} did not create "
                 "it; sqla-tenancy neither adopts nor drops it. Drop or rename it if it is a "
                 "leftover, or give Tenancy a distinct name_prefix."
             )
         for name in (role, anonymous):
-            refuse_existing_role(admin, name)
+            if name in roles_found:
+                raise existing_role_error(name)
         heads = self.config.tenant_heads()
         if heads is not None:
             refuse_models_off_head(self.config, admin, heads, tenant.slug)

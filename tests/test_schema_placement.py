@@ -258,3 +258,39 @@ def test_provisioning_does_not_grow_with_the_fleet(tenancy: Tenancy, monkeypatch
     with tenancy.admin_engine.connect() as conn:
         left = conn.execute(text("select count(*) from pg_roles where rolname = any(:r)"), {"r": roles[:2]})
         assert left.scalar_one() == 0
+
+
+def test_concurrent_provisioning_shares_the_keepers(
+    tenancy: Tenancy, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Provisionings running at once that find the newest keeper full make one new keeper between
+    them (they wait for each other), and every tenant gets its roles."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from sqla_tenancy import grants
+
+    monkeypatch.setattr(grants, "KEEPER_TENANTS", 2)
+    slugs = [f"c{n}" for n in range(8)]
+    with ThreadPoolExecutor(4) as pool:
+        list(pool.map(lambda slug: tenancy.create_tenant(slug, placement="schema"), slugs))
+    assert sorted(t.slug for t in tenancy.list_tenants() if t.strategy == "schema") == slugs
+    prefix = tenancy.name_prefix
+    with tenancy.admin_engine.connect() as conn:
+        members = conn.execute(
+            text(
+                "select count(*) from pg_auth_members a join pg_roles g on g.oid = a.roleid "
+                "join pg_roles m on m.oid = a.member where g.rolname = :g and m.rolname like :p"
+            ),
+            {"g": f"{prefix}_tenants", "p": f"{prefix}\\_c%\\_app"},
+        ).scalar_one()
+        keepers = conn.execute(
+            text("select count(*) from pg_roles where rolname like :p"), {"p": f"{prefix}\\_keeper\\_%"}
+        ).scalar_one()
+    assert members == len(slugs)
+    if server_version(tenancy) >= 160000:
+        assert 1 <= keepers <= len(slugs) // 2
+    for slug in slugs[:2]:
+        with tenant_context(slug), tenancy.sessionmaker()() as s:
+            s.add(Project(name=slug))
+            s.commit()
+            assert s.scalars(select(Project.name)).all() == [slug]

@@ -9,10 +9,15 @@ Three parts, selectable with ``--parts``:
 ``provision``
     N tenants (``--tenants``, default 2000) created one after another, each ``create_tenant`` timed
     with ``perf_counter``. The table shows the median and p90 per bucket of tenants (1-10, 11-100,
-    101-500, 501-1000, 1001-2000, ...), then the overall median and p90, the median over the first
-    500, the total, median(last bucket) / median(11-100) (1.0: provisioning does not slow down as
-    the fleet grows), and the least-squares trend over the second half of the fleet, in ms per
-    1000 tenants (0: flat), which a slow start on a fresh cluster cannot mask.
+    101-500, 501-1000, then every 1000, the last 100 on their own), then the overall median and
+    p90, the median over the first 500, the total, median(last 100) / median(first 100) and
+    median(last bucket) / median(11-100) (1.0: provisioning does not slow down as the fleet grows),
+    and the least-squares trend over the second half of the fleet, in ms per 1000 tenants (0:
+    flat), which a slow start on a fresh cluster cannot mask. Then the split across the
+    provisioning steps, from ``Tenancy._fault_injector`` (called with each step's name before the
+    step runs): the median time from one step's call to the next, for the first and the last 100
+    tenants (``(before)`` is what precedes the first step; ``activate`` runs to the end, commit
+    included).
 ``select``
     The one-SELECT transaction (open a session, one primary-key SELECT, commit, close) for one
     schema tenant, timed as ``benchmarks/bench_binding.py`` does (warm-up, interleaved rounds whose
@@ -57,6 +62,7 @@ import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
+from itertools import pairwise
 from typing import Any
 
 from interleaved import Results
@@ -85,12 +91,19 @@ VARIANTS = ("tenancy", "limit")
 SETTING = "app.current_tenant_id"
 #: Rows in the measured tenant's ``projects`` table.
 ROWS = 1000
-#: Buckets of the provisioning table (1-based tenant numbers, inclusive).
-BUCKETS = ((1, 10), (11, 100), (101, 500), (501, 1000), (1001, 2000))
+#: Buckets of the provisioning table (1-based tenant numbers, inclusive); beyond, every 1000.
+BUCKETS = ((1, 10), (11, 100), (101, 500), (501, 1000))
+#: What ``create_tenant(..., placement="schema")`` reports to the fault injector, in order.
+STEPS = ("register", "schema", "tables", "role", "membership", "activate")
+#: The split: what precedes the first step, then each step from its call to the next one's
+#: (``activate``: to the end of create_tenant, the commit included).
+PHASES = ("(before)", *STEPS)
 #: The catalog part's small fleet.
 SMALL_FLEET = 10
 #: The goal the provisioning figures are read against (ms per tenant).
-PROVISION_GOAL_MS = 25.0
+PROVISION_GOAL_MS = 15.0
+#: The flatness goal: median(last 100 tenants) / median(first 100) at most this.
+FLATNESS_GOAL = 1.10
 
 
 class Base(DeclarativeBase):
@@ -157,6 +170,8 @@ class Fleet:
     tenancy: Tenancy
     tenants: list[Tenant] = field(default_factory=list)
     times_ms: list[float] = field(default_factory=list)
+    #: per tenant, the ms of each of PHASES
+    phases_ms: list[dict[str, float]] = field(default_factory=list)
     pks: list[int] = field(default_factory=list)
 
     @property
@@ -176,13 +191,25 @@ class Fleet:
         """Create tenants, one after another, until there are ``size``."""
         create = self.tenancy.create_tenant
         perf = time.perf_counter
-        for number in range(len(self.tenants) + 1, size + 1):
-            slug = f"t{number:05d}"
-            start = perf()
-            tenant = create(slug, placement="schema")
-            elapsed = perf() - start
-            self.tenants.append(tenant)
-            self.times_ms.append(elapsed * 1000)
+        marks: list[tuple[str, float]] = []
+        self.tenancy._fault_injector = lambda step: marks.append((step, perf()))
+        try:
+            for number in range(len(self.tenants) + 1, size + 1):
+                slug = f"t{number:05d}"
+                marks.clear()
+                start = perf()
+                tenant = create(slug, placement="schema")
+                end = perf()
+                self.tenants.append(tenant)
+                self.times_ms.append((end - start) * 1000)
+                if tuple(m[0] for m in marks) != STEPS:
+                    raise SystemExit(f"unexpected provisioning steps {[m[0] for m in marks]}")
+                bounds = [start, *(m[1] for m in marks), end]
+                self.phases_ms.append(
+                    {name: (b - a) * 1000 for name, (a, b) in zip(PHASES, pairwise(bounds), strict=True)}
+                )
+        finally:
+            self.tenancy._fault_injector = None
 
     def populate(self) -> None:
         """``ROWS`` projects in the measured tenant, one in the other; statistics up to date."""
@@ -392,11 +419,32 @@ def p90(values: Sequence[float]) -> float:
 
 
 def buckets_reached(count: int) -> list[tuple[int, int]]:
-    """The buckets holding tenants 1..count (the last one cut at count; beyond 2000, one more)."""
+    """The buckets holding tenants 1..count (the last one cut at count; beyond 1000, one per 1000,
+    the last 100 tenants in one of their own)."""
     reached = [(lo, min(hi, count)) for lo, hi in BUCKETS if lo <= count]
-    if count > BUCKETS[-1][1]:
-        reached.append((BUCKETS[-1][1] + 1, count))
+    lo = BUCKETS[-1][1] + 1
+    while lo <= count:
+        hi = min(lo + 999, count)
+        if count > 1000 and hi == count and hi - lo + 1 > 100:
+            reached += [(lo, count - 100), (count - 99, count)]
+        else:
+            reached.append((lo, hi))
+        lo = hi + 1
     return reached
+
+
+def print_phases(fleet: Fleet) -> None:
+    """Where a create_tenant's time goes, for the first and the last 100 tenants."""
+    count = len(fleet.phases_ms)
+    if count < 2:
+        return
+    span = min(100, count // 2)
+    first, last = fleet.phases_ms[:span], fleet.phases_ms[-span:]
+    print(f"  per step (from its _fault_injector call to the next; medians, ms): first {span}, last {span}")
+    for name in PHASES:
+        a = statistics.median(p[name] for p in first)
+        b = statistics.median(p[name] for p in last)
+        print(f"    {name:<11} {a:8.2f} {b:8.2f}")
 
 
 def print_provisioning(times_ms: Sequence[float]) -> list[str]:
@@ -424,6 +472,14 @@ def print_provisioning(times_ms: Sequence[float]) -> list[str]:
         f"provision median {overall:.1f} ms, {last[0]}-{last[1]} {medians[last]:.1f} ms "
         f"(goal <= {PROVISION_GOAL_MS:.0f})"
     ]
+    if count >= 200:
+        head, tail = statistics.median(times_ms[:100]), statistics.median(times_ms[-100:])
+        ratio = tail / head
+        print(
+            f"  median first 100 {head:.2f} ms, last 100 ({count - 99}-{count}) {tail:.2f} ms: "
+            f"ratio {ratio:.3f} (goal <= {FLATNESS_GOAL:.2f})"
+        )
+        summary.append(f"last100/first100 {ratio:.3f}")
     if (11, 100) in medians and last[0] > 11:
         flat = medians[last] / medians[11, 100]
         print(f"  flatness: median({last[0]}-{last[1]}) / median(11-100) = {flat:.3f}")
@@ -543,6 +599,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             fleet.populate()
         if "provision" in parts:
             summary += print_provisioning(fleet.times_ms)
+            print_phases(fleet)
         large = run_sync(fleet, timing) if small is not None else None
         if "select" in parts:
             print(

@@ -53,6 +53,7 @@ __all__ = [
     "anonymous_group",
     "anonymous_role",
     "create_tenant_anonymous_role",
+    "existing_role_error",
     "grant_database_tenant",
     "is_anonymous_readable",
     "main_database_ddl",
@@ -191,13 +192,16 @@ def main_database_ddl(config: TenancyConfig, tables: Iterable[Table], app_role: 
     return statements
 
 
-def schema_tenant_ddl(config: TenancyConfig, schema: str, role: str, *, fresh: bool = True) -> list[str]:
+def schema_tenant_ddl(
+    config: TenancyConfig, schema: str, role: str, *, fresh: bool = True, group: bool = True
+) -> list[str]:
     """A schema tenant's anonymous role: its schema, its opted-in tables, the infrastructure group
-    (the role itself is created with the schema; the gate's membership comes last)."""
+    unless ``group`` is False (the role itself is created with the schema, and on PostgreSQL 16+
+    as a member of the group already; the gate's membership comes last)."""
     r = quote_ident(role)
     return [
         f"GRANT USAGE ON SCHEMA {quote_ident(schema)} TO {r}",
-        f"GRANT {quote_ident(anonymous_group(config))} TO {r}",
+        *([f"GRANT {quote_ident(anonymous_group(config))} TO {r}"] if group else []),
         *table_access_ddl(config.tenant_tables(), role, schema=schema, fresh=fresh),
     ]
 
@@ -222,15 +226,20 @@ def role_exists(conn: Connection, role: str) -> bool:
     return conn.execute(text("select 1 from pg_roles where rolname = :r"), {"r": role}).first() is not None
 
 
+def existing_role_error(role: str) -> ProvisioningError:
+    """What provisioning raises when a role it would create exists already."""
+    return ProvisioningError(
+        f"Role {role!r} exists already, and provisioning did not create it (roles are "
+        "cluster-wide: is another application on this cluster using the same name_prefix?). "
+        "sqla-tenancy neither adopts nor drops it: give Tenancy a distinct name_prefix, or drop it."
+    )
+
+
 def refuse_existing_role(conn: Connection, role: str) -> None:
     """:class:`ProvisioningError` when ``role`` exists: provisioning creates its roles, it neither
     adopts nor (on failure) drops one it did not make."""
     if role_exists(conn, role):
-        raise ProvisioningError(
-            f"Role {role!r} exists already, and provisioning did not create it (roles are "
-            "cluster-wide: is another application on this cluster using the same name_prefix?). "
-            "sqla-tenancy neither adopts nor drops it: give Tenancy a distinct name_prefix, or drop it."
-        )
+        raise existing_role_error(role)
 
 
 def create_tenant_anonymous_role(conn: Connection, role: str, *, member: str) -> None:

@@ -4,9 +4,12 @@ alike (one definition, so that each grants the same)."""
 
 from __future__ import annotations
 
+import re
+
 from sqlalchemy import Connection, Table, text
 
-from .anonymous import main_database_ddl
+from . import locks
+from .anonymous import anonymous_group, main_database_ddl
 from .binding import ADMIT_FUNCTION
 from .config import TenancyConfig
 from .identifiers import quote_ident, quote_literal
@@ -14,9 +17,16 @@ from .registry import ACCESS_KEY_FUNCTION, APPLICATION_COLUMNS, REGISTRY_SCHEMA
 from .rls import is_tenant_scoped, qualified_name
 
 __all__ = [
+    "KEEPER_TENANTS",
     "fill_serial_ddl",
     "finish_tables",
     "grant_statements",
+    "is_keeper_role",
+    "keeper_call",
+    "keeper_for_new_roles",
+    "keeper_of",
+    "keeper_role",
+    "keepers_apply",
     "registry_grants",
     "tenants_group",
     "tenants_group_grants",
@@ -135,3 +145,138 @@ def finish_tables(config: TenancyConfig, conn: Connection, tables: list[Table]) 
     # the anonymous requests' roles: SELECT on the opted-in tables only (sqla_tenancy.anonymous)
     for statement in main_database_ddl(config, existing, app_role):
         conn.exec_driver_sql(statement)
+
+
+# -- role keepers ---------------------------------------------------------------------------------
+#
+# On PostgreSQL 16+, a CREATEROLE role that creates a role is made a member of it (WITH ADMIN
+# OPTION), and every GRANT of a role membership walks the whole membership graph above the granting
+# role (is_admin_of_role(), select_best_admin(): uncached, one catalog look-up per role reached). If
+# the admin role created every tenant's roles, each GRANT would cost one look-up per role in the
+# fleet: provisioning a schema tenant would slow down linearly as the fleet grows. Instead, the
+# schema tenants' roles are created and granted by *keepers*: NOLOGIN CREATEROLE roles, each of
+# which creates the roles of at most KEEPER_TENANTS tenants, through a SECURITY DEFINER function it
+# owns (so that no SET ROLE, itself a walk of the admin's memberships, is needed). The walks then
+# stay within one keeper's roles, whatever the size of the fleet. Only the admin role may call a
+# keeper's function, and a keeper holds nothing but what it needs: ADMIN OPTION on the tenants'
+# group and the anonymous roles' group (without their privileges) and on the roles it created.
+
+#: Schema tenants whose roles one keeper creates (two roles each).
+KEEPER_TENANTS = 32
+#: PostgreSQL's bootstrap superuser, the recorded grantor of a creator's implicit ADMIN membership.
+_BOOTSTRAP_SUPERUSER = 10
+
+
+def keeper_role(config: TenancyConfig, number: int) -> str:
+    """The ``number``-th keeper role (its function in the registry schema has the same name)."""
+    return f"{config.name_prefix}_keeper_{number:05d}"
+
+
+def is_keeper_role(config: TenancyConfig, name: str) -> bool:
+    """Whether ``name`` is one of this Tenancy's keeper roles."""
+    return re.fullmatch(rf"{re.escape(config.name_prefix)}_keeper_[0-9]{{5}}", name) is not None
+
+
+def keepers_apply(conn: Connection) -> bool:
+    """Whether tenant roles go through keepers on ``conn``'s server (PostgreSQL 16+: older servers
+    let a CREATEROLE role grant any role without walking the membership graph)."""
+    return (conn.dialect.server_version_info or (0,)) >= (16,)
+
+
+def keeper_call(keeper: str, action: str, role: str, other: str) -> str:
+    """The statement asking ``keeper`` to ``create`` the NOLOGIN tenant role ``role`` as a member of
+    the group ``other``, or to ``grant`` (``grant_inherit``) ``role`` to ``other`` WITH INHERIT
+    FALSE (TRUE)."""
+    if action not in ("create", "grant", "grant_inherit"):
+        raise ValueError(f"unknown keeper action {action!r}")
+    return (
+        f"SELECT {REGISTRY_SCHEMA}.{quote_ident(keeper)}"
+        f"({quote_literal(action)}, {quote_literal(role)}, {quote_literal(other)})"
+    )
+
+
+def _keeper_function(config: TenancyConfig, keeper: str) -> str:
+    function = f"{REGISTRY_SCHEMA}.{quote_ident(keeper)}"
+    options = "NOLOGIN NOSUPERUSER NOBYPASSRLS NOCREATEDB NOCREATEROLE INHERIT"
+    return f"""
+        CREATE FUNCTION {function}(action text, role text, other text) RETURNS void
+        LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+        BEGIN
+            IF action = 'create' THEN
+                EXECUTE format('CREATE ROLE %I {options} IN ROLE %I', role, other);
+            ELSIF action = 'grant' THEN
+                EXECUTE format('GRANT %I TO %I WITH INHERIT FALSE', role, other);
+            ELSIF action = 'grant_inherit' THEN
+                EXECUTE format('GRANT %I TO %I WITH INHERIT TRUE', role, other);
+            ELSE
+                RAISE EXCEPTION 'unknown action %', action;
+            END IF;
+        END $$"""
+
+
+def _keeper_ddl(config: TenancyConfig, keeper: str) -> list[str]:
+    """A new keeper: the role, ADMIN OPTION on the two groups, and its function, callable by the
+    admin role only. The admin may SET ROLE to it only while the function is made."""
+    k, admin = quote_ident(keeper), quote_ident(config.admin_url.username or "")
+    function = f"{REGISTRY_SCHEMA}.{quote_ident(keeper)}(text, text, text)"
+    options = "ADMIN TRUE, INHERIT FALSE, SET FALSE"
+    return [
+        f"CREATE ROLE {k} NOLOGIN NOSUPERUSER NOBYPASSRLS NOCREATEDB CREATEROLE NOINHERIT",
+        f"GRANT {quote_ident(tenants_group(config))} TO {k} WITH {options}",
+        f"GRANT {quote_ident(anonymous_group(config))} TO {k} WITH {options}",
+        f"GRANT {k} TO {admin} WITH INHERIT FALSE, SET TRUE",
+        f"GRANT USAGE, CREATE ON SCHEMA {REGISTRY_SCHEMA} TO {k}",
+        f"SET LOCAL ROLE {k}",
+        _keeper_function(config, keeper),
+        f"REVOKE ALL ON FUNCTION {function} FROM PUBLIC",
+        f"GRANT EXECUTE ON FUNCTION {function} TO {admin}",
+        "SET LOCAL ROLE NONE",
+        f"REVOKE USAGE, CREATE ON SCHEMA {REGISTRY_SCHEMA} FROM {k}",
+        f"REVOKE {k} FROM {admin}",
+    ]
+
+
+def _last_keeper(conn: Connection, config: TenancyConfig) -> tuple[str, int] | None:
+    """The newest keeper and how many roles it is a member of (its two groups and the roles it
+    created): an index range on ``pg_authid``'s name, then one on ``pg_auth_members``'s member."""
+    row = conn.execute(
+        text(
+            "select r.rolname, (select count(*) from pg_auth_members m where m.member = r.oid) "
+            "from pg_roles r where r.rolname >= :lo and r.rolname <= :hi "
+            "order by r.rolname desc limit 1"
+        ),
+        {"lo": keeper_role(config, 0), "hi": keeper_role(config, 99999)},
+    ).first()
+    return (str(row[0]), int(row[1])) if row is not None else None
+
+
+def keeper_for_new_roles(conn: Connection, config: TenancyConfig) -> tuple[str, list[str]]:
+    """The keeper that creates the next schema tenant's roles, and the DDL to run first (a new
+    keeper's, when the newest one is full), inside ``conn``'s transaction."""
+    last = _last_keeper(conn, config)
+    if last is not None and last[1] < 2 + 2 * KEEPER_TENANTS:
+        return last[0], []
+    # Two provisionings that both find the newest keeper full make one new keeper, not two.
+    conn.execute(text(locks.XACT_LOCK), {"key": f"sqla_tenancy:keeper:{config.name_prefix}"})
+    last = _last_keeper(conn, config)
+    if last is not None and last[1] < 2 + 2 * KEEPER_TENANTS:
+        return last[0], []
+    number = int(last[0].rsplit("_", 1)[1]) + 1 if last is not None else 1
+    if number > 99999:
+        raise RuntimeError("no keeper role number left")  # 3.2 million schema tenants
+    keeper = keeper_role(config, number)
+    return keeper, _keeper_ddl(config, keeper)
+
+
+def keeper_of(conn: Connection, config: TenancyConfig, role: str) -> str | None:
+    """The keeper that created ``role`` (None: the admin role did, as before keepers existed)."""
+    rows = conn.execute(
+        text(
+            "select m.rolname from pg_auth_members a join pg_roles m on m.oid = a.member "
+            "where a.roleid = (select oid from pg_roles where rolname = :r) and a.admin_option "
+            "and a.grantor = :bootstrap"
+        ),
+        {"r": role, "bootstrap": _BOOTSTRAP_SUPERUSER},
+    ).scalars()
+    keepers = [str(name) for name in rows if is_keeper_role(config, str(name))]
+    return keepers[0] if keepers else None

@@ -24,7 +24,7 @@ from sqlalchemy import Connection, exc, text
 from . import locks
 from .anonymous import anonymous_gate, anonymous_group, anonymous_role
 from .errors import DeletionError, ProvisioningError, TenancyError, UnsupportedOperation
-from .grants import tenants_group
+from .grants import is_keeper_role, tenants_group
 from .identifiers import validate_slug
 from .placements.database import template_database
 from .registry import REGISTRY_SCHEMA, Tenant
@@ -51,6 +51,9 @@ def library_names(config: TenancyConfig) -> dict[NamedObject, str]:
     anything): a failed provisioning's clean-up drops what it created, and must never be able to
     reach these. This is the one list: a new name the library creates belongs here (the test
     suite checks that every object :meth:`Tenancy.install` and ``prepare_server`` create is in it).
+    The keeper roles that create schema tenants' roles (``<prefix>_keeper_<5 digits>``, made as the
+    fleet grows: see :mod:`sqla_tenancy.grants`) are a pattern, not a list:
+    :func:`~sqla_tenancy.grants.is_keeper_role` tells them, and no tenant may derive one either.
     """
     names: dict[NamedObject, str] = {}
 
@@ -85,6 +88,8 @@ def _refuse_library_names(config: TenancyConfig, placement: Placement, tenant: T
     owned = library_names(config)
     for (kind, name), what in placement.derived_names(tenant).items():
         owner = owned.get((kind, name))
+        if owner is None and kind == "role" and is_keeper_role(config, name):
+            owner = "a keeper role of the schema tenants' roles"
         if owner is not None:
             raise ProvisioningError(
                 f"Tenant {tenant.slug!r} cannot be created as a {tenant.strategy} tenant: its {what} "

@@ -50,7 +50,7 @@ from sqlalchemy.engine import URL
 from . import locks
 from .binding import binding_statement
 from .errors import ScriptRefused, UnsupportedOperation
-from .grants import tenants_group
+from .grants import keeper_call, keeper_of, tenants_group
 from .identifiers import quote_ident, quote_literal
 from .placements.base import run_script
 from .placements.database import DatabasePlacement, scram_verifier
@@ -306,7 +306,12 @@ def _sandbox_role(services: Services, tenant: Tenant) -> Iterator[_Sandbox]:
         ]
         if tenant.strategy == "schema":
             schema = str(tenant.location["schema"])
-            statements.append(f"GRANT {quote_ident(str(tenant.location['role']))} TO {r}")
+            tenant_role = str(tenant.location["role"])
+            keeper = keeper_of(admin, config, tenant_role)  # the role's creator grants it
+            if keeper is not None:
+                statements.append(keeper_call(keeper, "grant_inherit", tenant_role, role))
+            else:
+                statements.append(f"GRANT {quote_ident(tenant_role)} TO {r}")
             binding = binding_statement(tenant.id, schema=schema)
         else:
             existing = [

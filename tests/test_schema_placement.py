@@ -157,3 +157,140 @@ def test_an_existing_schema_of_the_tenants_name_is_refused_and_left_alone(tenanc
     assert [t.slug for t in tenancy.list_tenants()] == ["default"]
     with tenancy.admin_engine.connect() as conn:
         assert conn.execute(text(f'select count(*) from "{schema}".kept')).scalar() == 0
+
+
+def server_version(t: Tenancy) -> int:
+    with t.admin_engine.connect() as conn:
+        return int(conn.exec_driver_sql("show server_version_num").scalar_one())
+
+
+def counted_create(t: Tenancy, slug: str, monkeypatch: pytest.MonkeyPatch) -> int:
+    """Create a schema tenant; the statements and scripts the admin side sent for it."""
+    from sqlalchemy import event
+
+    from sqla_tenancy.placements import base, schema
+
+    count = [0]
+    original = base.run_script
+
+    def counting_script(conn: object, script: str) -> None:
+        count[0] += 1
+        original(conn, script)  # type: ignore[arg-type]
+
+    def counting_statement(*args: object) -> None:
+        count[0] += 1
+
+    monkeypatch.setattr(schema, "run_script", counting_script)
+    event.listen(t.admin_engine, "before_cursor_execute", counting_statement)
+    try:
+        t.create_tenant(slug, placement="schema")
+    finally:
+        event.remove(t.admin_engine, "before_cursor_execute", counting_statement)
+        monkeypatch.setattr(schema, "run_script", original)
+    return count[0]
+
+
+def test_provisioning_does_not_grow_with_the_fleet(tenancy: Tenancy, monkeypatch: pytest.MonkeyPatch) -> None:
+    """What makes creating a schema tenant cost the same whatever the size of the fleet, checked
+    without timing it: the same round trips for every tenant, and (PostgreSQL 16+) tenant roles
+    created and granted by keepers, each holding a bounded number of roles, so that no GRANT walks
+    the memberships of the whole fleet (the admin role, were it their creator, would be a member of
+    every tenant role)."""
+    from sqla_tenancy import grants
+
+    monkeypatch.setattr(grants, "KEEPER_TENANTS", 2)
+    trips = [counted_create(tenancy, f"t{n}", monkeypatch) for n in range(1, 8)]
+    # a new keeper's DDL comes with the first tenant of each keeper (tenants 1, 3, 5, 7)
+    assert trips[1] == trips[3] == trips[5], trips
+    assert trips[0] == trips[2] == trips[4] == trips[6], trips
+    if server_version(tenancy) < 160000:
+        return
+    prefix, admin = tenancy.name_prefix, tenancy.admin_url.username
+    roles = [f"{prefix}_t{n}_{purpose}" for n in range(1, 8) for purpose in ("app", "anon")]
+    with tenancy.admin_engine.connect() as conn:
+        created_by_admin = conn.execute(
+            text(
+                "select count(*) from pg_auth_members a join pg_roles r on r.oid = a.roleid "
+                "where a.member = (select oid from pg_roles where rolname = :admin) "
+                "and r.rolname = any(:roles)"
+            ),
+            {"admin": admin, "roles": roles},
+        ).scalar_one()
+        keepers = conn.execute(
+            text(
+                "select r.rolname, r.rolcreaterole, r.rolcanlogin, r.rolinherit, "
+                "(select count(*) from pg_auth_members m where m.member = r.oid), "
+                "has_function_privilege(:app, 'tenancy.' || quote_ident(r.rolname) || '(text, text, text)', "
+                "'EXECUTE') from pg_roles r where r.rolname like :p order by 1"
+            ),
+            {"p": f"{prefix}\\_keeper\\_%", "app": tenancy.url.username},
+        ).all()
+        # every tenant role is still what it was: a member of its group, the app role's (or the
+        # gate's) without inheritance
+        memberships = set(
+            conn.execute(
+                text(
+                    "select g.rolname, m.rolname, a.inherit_option from pg_auth_members a "
+                    "join pg_roles g on g.oid = a.roleid join pg_roles m on m.oid = a.member "
+                    "where (g.rolname = any(:roles) or m.rolname = any(:roles)) "
+                    "and m.rolname not like :p"
+                ),
+                {"roles": roles[:2], "p": f"{prefix}\\_keeper\\_%"},
+            ).all()
+        )
+    assert created_by_admin == 0
+    assert [(name, creates, login, inherit) for name, creates, login, inherit, _, _ in keepers] == [
+        (f"{prefix}_keeper_{n:05d}", True, False, False) for n in (1, 2, 3, 4)
+    ]
+    assert all(members <= 2 + 2 * 2 for *_, members, _ in keepers)  # its two groups, its roles
+    assert not any(app_may_call for *_, app_may_call in keepers)
+    assert memberships == {
+        (f"{prefix}_tenants", f"{prefix}_t1_app", True),
+        (f"{prefix}_t1_app", tenancy.url.username, False),
+        (f"{prefix}_anonymous_infra", f"{prefix}_t1_anon", True),
+        (f"{prefix}_t1_anon", f"{prefix}_anonymous_gate", False),
+    }
+    # the keepers are the library's own: not orphans; and deletion still removes the roles
+    from .doctor_helpers import own_findings
+
+    assert [f for f in own_findings(tenancy) if "keeper" in f.object] == []
+    tenancy.delete_tenant("t1")
+    with tenancy.admin_engine.connect() as conn:
+        left = conn.execute(text("select count(*) from pg_roles where rolname = any(:r)"), {"r": roles[:2]})
+        assert left.scalar_one() == 0
+
+
+def test_concurrent_provisioning_shares_the_keepers(
+    tenancy: Tenancy, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Provisionings running at once that find the newest keeper full make one new keeper between
+    them (they wait for each other), and every tenant gets its roles."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from sqla_tenancy import grants
+
+    monkeypatch.setattr(grants, "KEEPER_TENANTS", 2)
+    slugs = [f"c{n}" for n in range(8)]
+    with ThreadPoolExecutor(4) as pool:
+        list(pool.map(lambda slug: tenancy.create_tenant(slug, placement="schema"), slugs))
+    assert sorted(t.slug for t in tenancy.list_tenants() if t.strategy == "schema") == slugs
+    prefix = tenancy.name_prefix
+    with tenancy.admin_engine.connect() as conn:
+        members = conn.execute(
+            text(
+                "select count(*) from pg_auth_members a join pg_roles g on g.oid = a.roleid "
+                "join pg_roles m on m.oid = a.member where g.rolname = :g and m.rolname like :p"
+            ),
+            {"g": f"{prefix}_tenants", "p": f"{prefix}\\_c%\\_app"},
+        ).scalar_one()
+        keepers = conn.execute(
+            text("select count(*) from pg_roles where rolname like :p"), {"p": f"{prefix}\\_keeper\\_%"}
+        ).scalar_one()
+    assert members == len(slugs)
+    if server_version(tenancy) >= 160000:
+        assert 1 <= keepers <= len(slugs) // 2
+    for slug in slugs[:2]:
+        with tenant_context(slug), tenancy.sessionmaker()() as s:
+            s.add(Project(name=slug))
+            s.commit()
+            assert s.scalars(select(Project.name)).all() == [slug]

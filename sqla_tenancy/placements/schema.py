@@ -26,8 +26,9 @@ from sqlalchemy.schema import CreateIndex, CreateSequence
 
 from ..anonymous import (
     anonymous_gate,
+    anonymous_group,
+    existing_role_error,
     refuse_anonymous_without_login,
-    refuse_existing_role,
     role_exists,
     schema_tenant_ddl,
     table_access_ddl,
@@ -35,7 +36,7 @@ from ..anonymous import (
 )
 from ..binding import binding_statement, distributed_binding_statement, migration_binding_statement
 from ..errors import ConfigurationError, ProvisioningError, UnsupportedOperation
-from ..grants import tenants_group
+from ..grants import keeper_call, keeper_for_new_roles, keepers_apply, tenants_group
 from ..identifiers import quote_ident, quote_literal, role_name, schema_name
 from ..registry import REGISTRY_SCHEMA
 from ..rls import TENANT_ID_INFO_KEY, enable_rls_ddl, is_tenant_scoped
@@ -213,18 +214,61 @@ class SchemaPlacement(PlacementBase):
         schema, role = self.names(tenant.slug)
         anonymous = tenant_anonymous_role(self.config, tenant.slug)
         s, r, anon = quote_ident(schema), quote_ident(role), quote_ident(anonymous)
-        if admin.exec_driver_sql("select 1 from pg_namespace where nspname = %(s)s", {"s": schema}).first():
+        # one round trip for both checks: the schema, and the roles, must not exist yet
+        schema_found, roles_found = admin.exec_driver_sql(
+            "select exists (select from pg_namespace where nspname = %(s)s), "
+            "array(select rolname::text from pg_roles where rolname = any(%(r)s))",
+            {"s": schema, "r": [role, anonymous]},
+        ).one()
+        if schema_found:
             raise ProvisioningError(
                 f"The schema {schema!r} exists already, and tenant {tenant.slug!r} did not create "
                 "it; sqla-tenancy neither adopts nor drops it. Drop or rename it if it is a "
                 "leftover, or give Tenancy a distinct name_prefix."
             )
         for name in (role, anonymous):
-            refuse_existing_role(admin, name)
+            if name in roles_found:
+                raise existing_role_error(name)
         heads = self.config.tenant_heads()
         if heads is not None:
             refuse_models_off_head(self.config, admin, heads, tenant.slug)
         self.steps("schema")
+        app_role = self.config.app_role
+        assert app_role
+        tenants, anonymous_infra = tenants_group(self.config), anonymous_group(self.config)
+        gate = anonymous_gate(self.config)
+        if keepers_apply(admin) and not self.config.distributed:
+            # PostgreSQL 16+: the roles are created and granted by a keeper, whose membership graph
+            # stays small (see sqla_tenancy.grants): no statement here walks the fleet's roles.
+            # (Not on Citus, where the roles log in: see _login.)
+            keeper, keeper_ddl = keeper_for_new_roles(admin, self.config)
+            roles = [
+                keeper_call(keeper, "create", role, tenants),
+                keeper_call(keeper, "create", anonymous, anonymous_infra),
+            ]
+            group_grants: list[str] = []
+            memberships = [
+                keeper_call(keeper, "grant", role, app_role),
+                keeper_call(keeper, "grant", anonymous, gate),
+            ]
+        else:
+            keeper_ddl = []
+            options = "NOSUPERUSER NOBYPASSRLS NOCREATEDB NOCREATEROLE INHERIT"
+            roles = [
+                f"CREATE ROLE {r} {self._login(role)} {options}",
+                # anonymous requests' role: reads opted-in tables only (sqla_tenancy.anonymous)
+                f"CREATE ROLE {anon} {self._login(anonymous, anonymous=True)} {options}",
+            ]
+            group_grants = [
+                f"GRANT {quote_ident(tenants)} TO {r}",
+                f"GRANT {quote_ident(anonymous_infra)} TO {anon}",
+            ]
+            # PostgreSQL 16+ (Citus): membership only for SET ROLE, without the tenant's privileges
+            inherit = " WITH INHERIT FALSE" if (admin.dialect.server_version_info or (0,)) >= (16,) else ""
+            memberships = [
+                f"GRANT {r} TO {quote_ident(app_role)}{inherit}",
+                f"GRANT {anon} TO {quote_ident(gate)}",
+            ]
         # The role and its default privileges come before the tables, so that the tables are
         # granted as they are created: a GRANT ... ON ALL TABLES IN SCHEMA would scan pg_class,
         # whose size grows with the fleet.
@@ -233,15 +277,12 @@ class SchemaPlacement(PlacementBase):
             admin,
             ";\n".join(
                 [
+                    *keeper_ddl,
                     # Citus: a distributed schema (schema-based sharding), placed on one node
                     *(_CITUS_SCHEMA_SETTINGS if distributed else []),
                     f"CREATE SCHEMA {s}",
                     *(["SET LOCAL citus.enable_schema_based_sharding = off"] if distributed else []),
-                    f"CREATE ROLE {r} {self._login(role)} "
-                    "NOSUPERUSER NOBYPASSRLS NOCREATEDB NOCREATEROLE INHERIT",
-                    # anonymous requests' role: reads opted-in tables only (sqla_tenancy.anonymous)
-                    f"CREATE ROLE {anon} {self._login(anonymous, anonymous=True)} "
-                    "NOSUPERUSER NOBYPASSRLS NOCREATEDB NOCREATEROLE INHERIT",
+                    *roles,
                     f"ALTER DEFAULT PRIVILEGES IN SCHEMA {s} "
                     f"GRANT SELECT, INSERT, UPDATE, DELETE ON TABLES TO {r}",
                     f"ALTER DEFAULT PRIVILEGES IN SCHEMA {s} GRANT USAGE, SELECT ON SEQUENCES TO {r}",
@@ -273,21 +314,14 @@ class SchemaPlacement(PlacementBase):
             ";\n".join(
                 [
                     f"GRANT USAGE ON SCHEMA {s} TO {r}",
-                    f"GRANT {quote_ident(tenants_group(self.config))} TO {r}",
-                    *schema_tenant_ddl(self.config, schema, anonymous),
+                    *group_grants,
+                    *schema_tenant_ddl(self.config, schema, anonymous, group=False),
                 ]
             ),
         )
         self.steps("membership")
-        app_role = self.config.app_role
-        assert app_role
         # PostgreSQL 16+: membership only for SET ROLE, without inheriting the tenant's privileges.
-        option = " WITH INHERIT FALSE" if (admin.dialect.server_version_info or (0,)) >= (16,) else ""
-        self._script(
-            admin,
-            f"GRANT {r} TO {quote_ident(app_role)}{option};\n"
-            f"GRANT {anon} TO {quote_ident(anonymous_gate(self.config))}",
-        )
+        self._script(admin, ";\n".join(memberships))
         return {"schema": schema, "role": role, **revision}
 
     def _script(self, admin: Connection, script: str) -> None:

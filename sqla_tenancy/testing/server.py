@@ -197,7 +197,8 @@ class TestServer:
             for database in databases:
                 self.execute(f"DROP DATABASE IF EXISTS {quote_ident(database)} WITH (FORCE)")
             self.execute(f"DROP DATABASE IF EXISTS {quote_ident(name)} WITH (FORCE)")
-            for role in roles:
+            # a keeper role (sqla_tenancy.grants) goes after the roles whose memberships it granted
+            for role in sorted(roles, key=lambda name: "_keeper_" in name):
                 self.execute(f"DROP ROLE IF EXISTS {quote_ident(role)}")
         self.execute(f"DROP DATABASE IF EXISTS {quote_ident(name)} WITH (FORCE)")
         if name in self._databases:

@@ -94,15 +94,19 @@ def binding_statement(tenant_id: uuid.UUID, *, schema: str | None = None, role: 
     return f"SET LOCAL search_path = {path}; SET LOCAL ROLE {who}; {tenant_setting(tenant_id)}".encode()
 
 
-def admit_statement(tenant_id: uuid.UUID, *, distributed: bool = False) -> bytes:
+def admit_statement(
+    tenant_id: uuid.UUID, *, placement: str | None = None, distributed: bool = False
+) -> bytes:
     """The first statement of a main-database tenant transaction's binding: the database itself
     refuses a tenant that is suspended, being deleted or gone (whatever a process's registry cache
     says), and a deletion waits for the transactions it admitted (:func:`locks.serving_key
     <sqla_tenancy.locks.serving_key>`). It runs as the login role (the application role, which may
     execute it): a ``SET ROLE`` left on the connection by earlier code is reset first, as the rest
-    of the binding resets it."""
+    of the binding resets it. With ``placement``, the tenant must also still be of that placement
+    (a process whose cache predates a move is refused rather than write where the tenant was)."""
     reset = "SELECT pg_catalog.set_config('role', 'none', true)" if distributed else "SET LOCAL ROLE NONE"
-    return f"{reset}; SELECT {ADMIT_FUNCTION}({quote_literal(str(tenant_id))})".encode()
+    where = "" if placement is None else f", {quote_literal(placement)}"
+    return f"{reset}; SELECT {ADMIT_FUNCTION}({quote_literal(str(tenant_id))}{where})".encode()
 
 
 def migration_binding_statement(tenant_id: uuid.UUID, *, schema: str | None = None) -> str:

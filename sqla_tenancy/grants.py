@@ -47,6 +47,7 @@ def registry_grants(role: str) -> list[str]:
         f"GRANT EXECUTE ON FUNCTION {REGISTRY_SCHEMA}.current_tenant_id() TO {r}",
         f"GRANT EXECUTE ON FUNCTION {ACCESS_KEY_FUNCTION}(uuid) TO {r}",
         f"GRANT EXECUTE ON FUNCTION {ADMIT_FUNCTION}(uuid) TO {r}",
+        f"GRANT EXECUTE ON FUNCTION {ADMIT_FUNCTION}(uuid, text) TO {r}",
     ]
 
 

@@ -94,30 +94,50 @@ def access_key_function_ddl() -> list[str]:
 
 
 def admit_function_ddl() -> list[str]:
-    """``tenancy.admit_tenant(tenant uuid)``, the first statement of every shared or schema
-    tenant transaction's binding (:func:`~sqla_tenancy.binding.admit_statement`): it takes the
-    tenant's serving lock shared, without waiting, and checks that the tenant is active, else
-    raises (SQLSTATE ``TNREF``). A deletion holds that lock exclusively (so it waits out the
-    transactions in flight, and new ones are refused meanwhile) and then removes the registry row
-    (so later ones are refused): no transaction of a deleted tenant commits after its rows went.
-    It runs as the caller (the application role reads the two columns it needs)."""
-    function = f"{ADMIT_FUNCTION}(uuid)"
+    """``tenancy.admit_tenant(tenant uuid, placement text)``, the first statement of every shared
+    or schema tenant transaction's binding (:func:`~sqla_tenancy.binding.admit_statement`): it
+    takes the tenant's serving lock shared, without waiting, and checks that the tenant is active
+    and still of the placement the caller's route is for, else raises (SQLSTATE ``TNREF``). A
+    deletion, or the switch of a move, holds that lock exclusively (so it waits out the
+    transactions in flight, and new ones are refused meanwhile) and then removes or moves the
+    registry row (so later ones are refused): no transaction of a deleted tenant commits after
+    its rows went, and none of a moved tenant writes where it no longer is. The one-argument form
+    (status only) stays for processes of earlier versions. Both run as the caller (the
+    application role reads the columns they need)."""
+    refusal = (
+        f"USING ERRCODE = {quote_literal(REFUSED_SQLSTATE)}, "
+        "HINT = 'The registry cache of the process that sent it here had not caught up yet.'"
+    )
+    key = f"pg_catalog.hashtext({quote_literal(SERVING_PREFIX)} || tenant::text)"
+    lock = f"pg_catalog.pg_try_advisory_xact_lock_shared({key})"
     return [
         f"""
         CREATE OR REPLACE FUNCTION {ADMIT_FUNCTION}(tenant uuid) RETURNS void
         LANGUAGE plpgsql AS $$
         BEGIN
-            IF NOT pg_catalog.pg_try_advisory_xact_lock_shared(
-                   pg_catalog.hashtext({quote_literal(SERVING_PREFIX)} || tenant::text))
+            IF NOT {lock}
                OR NOT EXISTS (SELECT 1 FROM {REGISTRY_SCHEMA}.tenants
                               WHERE id = tenant AND status = 'active') THEN
                 RAISE EXCEPTION 'tenant %% may not be served: it is suspended, being deleted or gone', tenant
-                    USING ERRCODE = {quote_literal(REFUSED_SQLSTATE)},
-                          HINT = 'The registry cache of the process that sent it here had not caught up yet.';
+                    {refusal};
             END IF;
         END $$
         """,
-        f"REVOKE ALL ON FUNCTION {function} FROM PUBLIC",
+        f"""
+        CREATE OR REPLACE FUNCTION {ADMIT_FUNCTION}(tenant uuid, placement text) RETURNS void
+        LANGUAGE plpgsql AS $$
+        BEGIN
+            IF NOT {lock}
+               OR NOT EXISTS (SELECT 1 FROM {REGISTRY_SCHEMA}.tenants
+                              WHERE id = tenant AND status = 'active' AND strategy = placement) THEN
+                RAISE EXCEPTION 'tenant %% may not be served as a %% tenant: it is suspended, being '
+                                'deleted, moved or gone', tenant, placement
+                    {refusal};
+            END IF;
+        END $$
+        """,
+        f"REVOKE ALL ON FUNCTION {ADMIT_FUNCTION}(uuid) FROM PUBLIC",
+        f"REVOKE ALL ON FUNCTION {ADMIT_FUNCTION}(uuid, text) FROM PUBLIC",
     ]
 
 

@@ -34,7 +34,7 @@ if TYPE_CHECKING:
     from .placements import Placement
     from .services import Services
 
-__all__ = ["NamedObject", "create_tenant", "delete_tenant", "library_names"]
+__all__ = ["NamedObject", "create_tenant", "delete_tenant", "library_names", "wait_out"]
 
 log = logging.getLogger("sqla_tenancy.lifecycle")
 
@@ -238,7 +238,7 @@ def delete_tenant(
             with admin_engine.begin() as admin:
                 admin.execute(text(locks.XACT_LOCK), {"key": locks.tenant_key(tenant.slug)})
                 if placement.admitted:
-                    _wait_out(admin, tenant, timeout)
+                    wait_out(admin, tenant, timeout)
                 placement.deprovision(tenant, admin=admin, keep_infrastructure_rows=keep_infrastructure_rows)
                 services.store.delete(admin, tenant.id)
         else:
@@ -258,7 +258,7 @@ def delete_tenant(
     log.info("deleted tenant %s", tenant.slug)
 
 
-def _wait_out(admin: Connection, tenant: Tenant, timeout: float) -> None:
+def wait_out(admin: Connection, tenant: Tenant, timeout: float) -> None:
     """Take the tenant's serving lock exclusively: wait for the transactions that
     ``tenancy.admit_tenant()`` admitted to end, and refuse new ones until ``admin`` commits."""
     key = locks.serving_key(tenant.id)

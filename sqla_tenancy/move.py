@@ -48,8 +48,9 @@ from sqlalchemy import Connection, Engine, Table, text
 from . import locks
 from .binding import migration_binding_statement
 from .context import platform_context
-from .errors import ProvisioningError, TenancyError, UnsupportedOperation
+from .errors import DeletionError, ProvisioningError, TenancyError, UnsupportedOperation
 from .identifiers import quote_ident, quote_literal
+from .lifecycle import wait_out
 from .placements.database import DatabasePlacement, Names
 from .registry import REGISTRY_SCHEMA, Tenant
 from .rls import qualified_name, tenant_column_name
@@ -63,6 +64,8 @@ __all__ = ["MOVABLE", "MoveError", "move_tenant"]
 
 log = logging.getLogger("sqla_tenancy.lifecycle")
 
+#: Seconds the switch waits for the transactions admitted at the source before giving up.
+SWITCH_TIMEOUT = 30.0
 #: The placements a tenant can be moved between.
 MOVABLE = frozenset({"shared", "schema", "database"})
 #: The placements whose tenants' rows are in the main database.
@@ -523,6 +526,19 @@ def _switch(
     revision: str | None,
 ) -> None:
     location.pop(JOURNAL_KEY, None)
+    if services.placement(tenant.strategy).admitted:
+        # The transactions tenancy.admit_tenant() admitted for the source end first, and new ones
+        # wait until the switch commits; after it, a process whose cache still routes the tenant
+        # to its source is refused there (the admission checks the placement): nothing is written
+        # where the tenant no longer is.
+        try:
+            wait_out(admin, tenant, SWITCH_TIMEOUT)
+        except DeletionError as error:
+            raise MoveError(
+                f"Transactions of tenant {tenant.slug!r} were still running at its source after "
+                f"{SWITCH_TIMEOUT:g} s, so the move did not switch; it is active at its source with "
+                f"all its rows. Let them finish (or end them) and move it again. ({error})"
+            ) from error
     if not services.store.move(admin, tenant, placement=placement, location=location, revision=revision):
         raise MoveError(
             f"The registry row of tenant {tenant.slug!r} changed during the move (deleted, "

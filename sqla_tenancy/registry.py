@@ -500,6 +500,14 @@ class Registry:
         (found,) = self._query("select to_regprocedure('tenancy.admit_tenant(uuid)') is not null", ())[0]
         return bool(found)
 
+    def admits_placements(self) -> bool:
+        """Whether it has ``tenancy.admit_tenant(uuid, text)``, which checks the placement too
+        (made by ``install()`` since moves between placements exist)."""
+        (found,) = self._query("select to_regprocedure('tenancy.admit_tenant(uuid, text)') is not null", ())[
+            0
+        ]
+        return bool(found)
+
     def invalidate(self, keys: Iterable[object] | None = None) -> None:
         """Forget cached entries (all of them when ``keys`` is None)."""
         with self._lock:

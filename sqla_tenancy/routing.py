@@ -174,6 +174,8 @@ class Router:
         self._role_checked = False
         #: whether bindings of main-database tenants start with tenancy.admit_tenant()
         self._admit = False
+        #: whether the admission checks the placement too (tenancy.admit_tenant(uuid, text))
+        self._admit_placement = False
 
     def current(self) -> Route:
         """The route of the current context (the default tenant's when no tenant is active)."""
@@ -235,6 +237,7 @@ class Router:
         if not self._role_checked:
             self.check_app_role()
             self._admit = self.registry.admits_tenants()
+            self._admit_placement = self._admit and self.registry.admits_placements()
             if not self._admit:
                 isolation_log.warning(
                     "The main database lacks %s(uuid): transactions of shared and schema tenants "
@@ -280,7 +283,12 @@ class Router:
         """``binding``, preceded by the admission check when the placement's transactions run in
         the main database (see :func:`~sqla_tenancy.binding.admit_statement`)."""
         if self._admit and placement.admitted:
-            return admit_statement(tenant.id, distributed=self.config.distributed) + b"; " + binding
+            where = placement.name if self._admit_placement else None
+            return (
+                admit_statement(tenant.id, placement=where, distributed=self.config.distributed)
+                + b"; "
+                + binding
+            )
         return binding
 
     def binding(self) -> bytes | None:

@@ -161,7 +161,7 @@ def node_login_ddl(config: TenancyConfig) -> list[str]:
     anonymous requests are refused there. Nothing on plain PostgreSQL."""
     if not config.distributed or not config.has_secret():
         return []
-    from .placements.database import derive_password, scram_verifier
+    from .passwords import derive_password, scram_verifier
 
     role = anonymous_role(config)
     verifier = scram_verifier(

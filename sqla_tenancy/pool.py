@@ -36,7 +36,8 @@ from . import locks
 from .errors import ProvisioningError, UnsupportedOperation
 from .identifiers import quote_ident, quote_literal, validate_slug
 from .lifecycle import create_tenant, library_names
-from .placements.database import DatabasePlacement, derive_password, scram_verifier
+from .passwords import derive_password, scram_verifier
+from .placements.database import DatabasePlacement
 from .registry import Tenant
 
 if TYPE_CHECKING:

@@ -52,8 +52,9 @@ from .binding import binding_statement
 from .errors import ScriptRefused, UnsupportedOperation
 from .grants import keeper_call, keeper_of, tenants_group
 from .identifiers import quote_ident, quote_literal
+from .passwords import scram_verifier
 from .placements.base import run_script
-from .placements.database import DatabasePlacement, scram_verifier
+from .placements.database import DatabasePlacement
 from .registry import Tenant, conninfo_kwargs
 from .rls import TENANT_SETTING, fdw_role_name, qualified_name
 

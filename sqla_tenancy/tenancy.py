@@ -735,7 +735,7 @@ class Tenancy:
         if not self.config.distributed:
             raise UnsupportedOperation("node_logins() applies to a distributed main database (Citus).")
         from .anonymous import anonymous_role
-        from .placements.database import derive_password
+        from .passwords import derive_password
 
         if slug is None:
             role = anonymous_role(self.config)

@@ -33,12 +33,8 @@ that exist already are refused before anything is created.
 
 from __future__ import annotations
 
-import base64
 import dataclasses
-import hashlib
-import hmac
 import logging
-import os
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -59,6 +55,7 @@ from ..dialect import DRIVER_NAME
 from ..errors import DeletionError, ProvisioningError
 from ..grants import tenants_group, tenants_group_grants
 from ..identifiers import database_name, quote_ident, quote_literal, role_name
+from ..passwords import derive_password, scram_verifier
 from ..privileges import require_admin_attributes
 from ..registry import REGISTRY_SCHEMA, TenantStore
 from ..rls import (
@@ -152,12 +149,6 @@ def maintenance_databases(config: TenancyConfig, superuser_url: URL, server: str
     if server == "main":
         names -= {config.admin_url.database, config.url.database}
     return sorted(name for name in names if name)
-
-
-def derive_password(secret: bytes, role: str) -> str:
-    """The password of a per-tenant role: HMAC-SHA256 of the role name under the secret key."""
-    digest = hmac.new(secret, f"sqla-tenancy:{role}".encode(), hashlib.sha256).digest()
-    return base64.urlsafe_b64encode(digest).decode().rstrip("=")
 
 
 @dataclass(frozen=True)
@@ -965,20 +956,3 @@ def _set_password(conn: Connection, role: str, password: str, config: TenancyCon
     """A new SCRAM verifier of ``password`` for ``role``, with the configured iteration count."""
     verifier = scram_verifier(password, iterations=config.tenant_scram_iterations)
     conn.exec_driver_sql(f"ALTER ROLE {quote_ident(role)} PASSWORD {quote_literal(verifier)}")
-
-
-def scram_verifier(password: str, *, iterations: int = 4096) -> str:
-    """The ``SCRAM-SHA-256$...`` verifier PostgreSQL stores for ``password`` (RFC 5802/7677).
-
-    Derived passwords are ASCII, so SASLprep leaves them unchanged.
-    """
-    salt = os.urandom(16)
-    salted = hashlib.pbkdf2_hmac("sha256", password.encode(), salt, iterations)
-    client_key = hmac.new(salted, b"Client Key", hashlib.sha256).digest()
-    stored_key = hashlib.sha256(client_key).digest()
-    server_key = hmac.new(salted, b"Server Key", hashlib.sha256).digest()
-    b64 = base64.b64encode
-    return (
-        f"SCRAM-SHA-256${iterations}:{b64(salt).decode()}"
-        f"${b64(stored_key).decode()}:{b64(server_key).decode()}"
-    )

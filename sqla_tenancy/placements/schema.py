@@ -38,6 +38,7 @@ from ..binding import binding_statement, distributed_binding_statement, migratio
 from ..errors import ConfigurationError, ProvisioningError, UnsupportedOperation
 from ..grants import keeper_call, keeper_for_new_roles, keepers_apply, tenants_group
 from ..identifiers import quote_ident, quote_literal, role_name, schema_name
+from ..passwords import derive_password, scram_verifier
 from ..registry import REGISTRY_SCHEMA
 from ..rls import TENANT_ID_INFO_KEY, enable_rls_ddl, is_tenant_scoped
 from ..versions import TENANT, VERSION_TABLES
@@ -344,8 +345,6 @@ class SchemaPlacement(PlacementBase):
         one, anonymous requests are refused on Citus)."""
         if not self.config.distributed or (anonymous and not self.config.has_secret()):
             return "NOLOGIN"
-        from .database import derive_password, scram_verifier  # (database imports this module)
-
         verifier = scram_verifier(
             derive_password(self.config.secret(), role), iterations=self.config.tenant_scram_iterations
         )
@@ -357,8 +356,6 @@ class SchemaPlacement(PlacementBase):
         anonymous role. See :meth:`Tenancy.node_logins <sqla_tenancy.Tenancy.node_logins>`."""
         if not self.config.distributed:
             raise UnsupportedOperation("node_logins() applies to a distributed (Citus) Tenancy only.")
-        from .database import derive_password
-
         roles = [self.names(tenant.slug)[1], tenant_anonymous_role(self.config, tenant.slug)]
         return [(role, derive_password(self.config.secret(), role)) for role in roles]
 

@@ -376,19 +376,8 @@ class Tenancy:
         tables are seen. Idempotent; each tenant is
         refreshed in one transaction. Returns the tenants refreshed."""
         placement = self._database_placement()
-        if tenant is not None:
-            targets = [self.get_tenant(tenant)]
-        else:
-            targets = [
-                t
-                for t in self.list_tenants()
-                if t.strategy == "database" and t.status in ("active", "suspended", "pending")
-            ]
+        targets = self._database_tenants(tenant, "it has no foreign schemas")
         for target in targets:
-            if target.strategy != "database":
-                raise UnsupportedOperation(
-                    f"Tenant {target.slug!r} is not a database tenant: it has no foreign schemas."
-                )
             placement.import_foreign_schemas(target)
         return targets
 
@@ -398,21 +387,24 @@ class Tenancy:
         ``tenant_scram_iterations`` iterations: how a changed count reaches the roles created
         before. Open connections are unaffected. Returns the tenants done."""
         placement = self._database_placement()
-        if tenant is not None:
-            targets = [self.get_tenant(tenant)]
-        else:
-            targets = [
+        targets = self._database_tenants(tenant, "it has no login roles of its own")
+        for target in targets:
+            placement.rehash_passwords(target)
+        return targets
+
+    def _database_tenants(self, tenant: str | uuid.UUID | Tenant | None, lacking: str) -> list[Tenant]:
+        """``tenant`` (refused unless a database tenant: ``lacking`` says what it has not), or
+        every database tenant that has its database (active, suspended or pending)."""
+        if tenant is None:
+            return [
                 t
                 for t in self.list_tenants()
                 if t.strategy == "database" and t.status in ("active", "suspended", "pending")
             ]
-        for target in targets:
-            if target.strategy != "database":
-                raise UnsupportedOperation(
-                    f"Tenant {target.slug!r} is not a database tenant: it has no login roles of its own."
-                )
-            placement.rehash_passwords(target)
-        return targets
+        target = self.get_tenant(tenant)
+        if target.strategy != "database":
+            raise UnsupportedOperation(f"Tenant {target.slug!r} is not a database tenant: {lacking}.")
+        return [target]
 
     # -- sessions ---------------------------------------------------------------------------
 

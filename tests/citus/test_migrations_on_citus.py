@@ -14,6 +14,7 @@ import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 from alembic import command
@@ -212,12 +213,8 @@ def test_offline_scripts_carry_the_distribution(project: CitusProject) -> None:
     assert """SELECT create_reference_table('"billing"."plans"')""" in buffer.getvalue()
 
 
-def test_the_fleet_runner_migrates_a_distributed_database(project: CitusProject, tmp_path: Path) -> None:
-    tenancy = project.tenancy()
-    command.upgrade(project.config(tenancy), "head")
-    tenancy.create_tenant("acme")
-    command.revision(project.config(project.tenancy(extended_metadata())), "notes", autogenerate=True)
-    report = tmp_path / "report.json"
+def migrate(project: CitusProject, report: Path) -> dict[str, Any]:
+    """``sqla-tenancy migrate`` as a user runs it, on the extended models; its JSON report."""
     result = subprocess.run(
         [SCRIPT, "migrate", "-c", str(project.ini), "--no-progress", "--report", str(report)],
         cwd=ROOT,
@@ -227,7 +224,16 @@ def test_the_fleet_runner_migrates_a_distributed_database(project: CitusProject,
         timeout=300,
     )
     assert result.returncode == 0, result.stdout + result.stderr
-    written = json.loads(report.read_text())
+    written: dict[str, Any] = json.loads(report.read_text())
+    return written
+
+
+def test_the_fleet_runner_migrates_a_distributed_database(project: CitusProject, tmp_path: Path) -> None:
+    tenancy = project.tenancy()
+    command.upgrade(project.config(tenancy), "head")
+    tenancy.create_tenant("acme")
+    command.revision(project.config(project.tenancy(extended_metadata())), "notes", autogenerate=True)
+    written = migrate(project, tmp_path / "report.json")
     assert written["infrastructure"]["status"] == "upgraded"
     assert [(o["location"], o["status"]) for o in written["locations"]] == [("main", "upgraded")]
     found = citus_tables(tenancy)
@@ -249,17 +255,7 @@ def test_the_fleet_runner_migrates_schema_tenants_on_citus(
     for role, password in tenancy.node_logins(schema_tenant):
         citus.authorize(role, password)
     command.revision(project.config(project.tenancy(extended_metadata())), "notes", autogenerate=True)
-    report = tmp_path / "report.json"
-    result = subprocess.run(
-        [SCRIPT, "migrate", "-c", str(project.ini), "--no-progress", "--report", str(report)],
-        cwd=ROOT,
-        env=project.env("extended"),
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert result.returncode == 0, result.stdout + result.stderr
-    written = json.loads(report.read_text())
+    written = migrate(project, tmp_path / "report.json")
     schema = schema_tenant.location["schema"]
     assert {(o["location"], o["kind"], o["status"]) for o in written["locations"]} == {
         ("main", "main", "upgraded"),

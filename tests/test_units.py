@@ -151,6 +151,9 @@ class MemoryRegistry:
     def admits_tenants(self) -> bool:
         return True
 
+    def admits_placements(self) -> bool:
+        return True
+
 
 def shared(slug: str, status: str = "active") -> Tenant:
     return Tenant(
@@ -176,10 +179,11 @@ def test_the_router_routes_the_active_tenant_and_falls_back_to_the_default(
     with tenant_context("acme"):
         route = router.current()
         assert route.tenant is not None and route.tenant.slug == "acme"
-        # the main database admits the transaction first (refusing a tenant no longer active)
-        assert route.binding == admit_statement(shared("acme").id) + b"; " + binding_statement(
-            shared("acme").id
-        )
+        # the main database admits the transaction first (refusing a tenant no longer active, or
+        # no longer of the placement the route is for)
+        assert route.binding == admit_statement(
+            shared("acme").id, placement="shared"
+        ) + b"; " + binding_statement(shared("acme").id)
         assert route.token == str(shared("acme").id)
     assert router.current().tenant == shared("default")
 
@@ -203,9 +207,9 @@ def test_an_anonymous_scope_has_a_route_of_its_own(routed: tuple[Router, MemoryR
     with tenant_context("acme", anonymous=True):
         route = router.current()
     assert route.token == f"{shared('acme').id}:anonymous"
-    assert route.binding == admit_statement(shared("acme").id) + b"; " + binding_statement(
-        shared("acme").id, role="tenant_anonymous"
-    )
+    assert route.binding == admit_statement(
+        shared("acme").id, placement="shared"
+    ) + b"; " + binding_statement(shared("acme").id, role="tenant_anonymous")
 
 
 def test_the_router_memoises_until_the_registry_changes(routed: tuple[Router, MemoryRegistry]) -> None:

@@ -86,7 +86,7 @@ from sqlalchemy.ext.asyncio import (
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
 
 from sqla_tenancy import Tenancy, TenantScoped, tenant_context
-from sqla_tenancy.binding import admit_statement, binding_statement
+from sqla_tenancy.binding import admit_statement, admitted_binding, binding_statement
 from sqla_tenancy.dialect import DRIVER_NAME
 from sqla_tenancy.testing import TestServer
 
@@ -197,7 +197,7 @@ def sync_variants(fx: Fixture) -> tuple[dict[str, SyncTx], list[Engine]]:
         return tx
 
     pins = binding_statement(fx.tenant_id)
-    admitted = admit_statement(fx.tenant_id) + b"; " + pins
+    admitted = admitted_binding(admit_statement(fx.tenant_id, placement="shared", call=True), pins)
     dialect_url = fx.app_url.set(drivername=f"postgresql+{DRIVER_NAME}")
     pins_engine = create_engine(dialect_url, binder=lambda: pins)
     admitted_engine = create_engine(dialect_url, binder=lambda: admitted)

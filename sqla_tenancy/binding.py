@@ -27,17 +27,23 @@ from .rls import TENANT_SETTING
 #: ``tenancy.admit_tenant(uuid)`` in the main database: refuses a tenant that is not active and
 #: holds the tenant's serving lock (shared) for the transaction (see :func:`admit_statement`).
 ADMIT_FUNCTION = f"{REGISTRY_SCHEMA}.admit_tenant"
+#: ``tenancy.admit(uuid, text)``, the procedure the bindings ``CALL`` since it exists (the same
+#: check, cheaper for the server: see :func:`admit_statement`); the functions stay for processes
+#: of earlier versions.
+ADMIT_PROCEDURE = f"{REGISTRY_SCHEMA}.admit"
 #: The SQLSTATE of its refusal (the dialect turns it into :class:`~sqla_tenancy.TenantRefused`).
 REFUSED_SQLSTATE = "TNREF"
 
 __all__ = [
     "ADMIT_FUNCTION",
+    "ADMIT_PROCEDURE",
     "PROPAGATE_OPTION",
     "SEPARATE_BINDING",
     "CLEAR_LEFTOVERS",
     "REFUSED_SQLSTATE",
     "UNBIND",
     "admit_statement",
+    "admitted_binding",
     "distributed_binding_statement",
     "binding_statement",
     "migration_binding_statement",
@@ -95,18 +101,44 @@ def binding_statement(tenant_id: uuid.UUID, *, schema: str | None = None, role: 
 
 
 def admit_statement(
-    tenant_id: uuid.UUID, *, placement: str | None = None, distributed: bool = False
+    tenant_id: uuid.UUID, *, placement: str | None = None, distributed: bool = False, call: bool = False
 ) -> bytes:
-    """The first statement of a main-database tenant transaction's binding: the database itself
+    """The first statements of a main-database tenant transaction's binding: the database itself
     refuses a tenant that is suspended, being deleted or gone (whatever a process's registry cache
     says), and a deletion waits for the transactions it admitted (:func:`locks.serving_key
     <sqla_tenancy.locks.serving_key>`). It runs as the login role (the application role, which may
     execute it): a ``SET ROLE`` left on the connection by earlier code is reset first, as the rest
     of the binding resets it. With ``placement``, the tenant must also still be of that placement
-    (a process whose cache predates a move is refused rather than write where the tenant was)."""
+    (a process whose cache predates a move is refused rather than write where the tenant was).
+
+    ``call``: ``CALL tenancy.admit(...)`` (a utility statement: no plan, no result row, one
+    query inside), as a main database installed by this version allows; otherwise
+    ``SELECT tenancy.admit_tenant(...)``, the function earlier versions installed."""
     reset = "SELECT pg_catalog.set_config('role', 'none', true)" if distributed else "SET LOCAL ROLE NONE"
-    where = "" if placement is None else f", {quote_literal(placement)}"
-    return f"{reset}; SELECT {ADMIT_FUNCTION}({quote_literal(str(tenant_id))}{where})".encode()
+    if call and placement is not None:
+        admit = f"CALL {ADMIT_PROCEDURE}({quote_literal(str(tenant_id))}, {quote_literal(placement)})"
+    else:
+        where = "" if placement is None else f", {quote_literal(placement)}"
+        admit = f"SELECT {ADMIT_FUNCTION}({quote_literal(str(tenant_id))}{where})"
+    return f"{reset}; {admit}".encode()
+
+
+#: How every binding of the login role's own default path starts (:func:`binding_statement` with
+#: no schema and no role): the admission may then run after it, with nothing to reset.
+_DEFAULT_PINS = b"SET LOCAL search_path = DEFAULT; SET LOCAL ROLE NONE; "
+_RESET_ROLE = b"SET LOCAL ROLE NONE; "
+
+
+def admitted_binding(admission: bytes, binding: bytes) -> bytes:
+    """``binding`` preceded by ``admission`` (:func:`admit_statement`), in one query.
+
+    A binding that pins the default path and the login role anyway (the shared placement's)
+    does so first and the admission follows it without a ``SET ROLE`` of its own; any other (a
+    schema tenant's role, an anonymous role, Citus's ``set_config`` form) follows the
+    admission, which resets the role itself."""
+    if binding.startswith(_DEFAULT_PINS) and admission.startswith(_RESET_ROLE):
+        return _DEFAULT_PINS + admission[len(_RESET_ROLE) :] + b"; " + binding[len(_DEFAULT_PINS) :]
+    return admission + b"; " + binding
 
 
 def migration_binding_statement(tenant_id: uuid.UUID, *, schema: str | None = None) -> str:

@@ -10,7 +10,7 @@ from sqlalchemy import Connection, Table, text
 
 from . import locks
 from .anonymous import anonymous_group, main_database_ddl
-from .binding import ADMIT_FUNCTION
+from .binding import ADMIT_FUNCTION, ADMIT_PROCEDURE
 from .config import TenancyConfig
 from .identifiers import quote_ident, quote_literal
 from .registry import ACCESS_KEY_FUNCTION, APPLICATION_COLUMNS, REGISTRY_SCHEMA
@@ -48,6 +48,7 @@ def registry_grants(role: str) -> list[str]:
         f"GRANT EXECUTE ON FUNCTION {ACCESS_KEY_FUNCTION}(uuid) TO {r}",
         f"GRANT EXECUTE ON FUNCTION {ADMIT_FUNCTION}(uuid) TO {r}",
         f"GRANT EXECUTE ON FUNCTION {ADMIT_FUNCTION}(uuid, text) TO {r}",
+        f"GRANT EXECUTE ON PROCEDURE {ADMIT_PROCEDURE}(uuid, text) TO {r}",
     ]
 
 

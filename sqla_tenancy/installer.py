@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 from sqlalchemy import Connection, Engine, text
 
 from .anonymous import anonymous_role
-from .binding import ADMIT_FUNCTION, REFUSED_SQLSTATE
+from .binding import ADMIT_FUNCTION, ADMIT_PROCEDURE, REFUSED_SQLSTATE
 from .distribution import distribute_tables, prepare_distributed_ddl
 from .grants import finish_tables, registry_grants
 from .identifiers import quote_ident, quote_literal
@@ -94,7 +94,9 @@ def access_key_function_ddl() -> list[str]:
 
 
 def admit_function_ddl() -> list[str]:
-    """``tenancy.admit_tenant(tenant uuid, placement text)``, the first statement of every shared
+    """``tenancy.admit(tenant uuid, placement text)`` (a procedure) and the functions
+    ``tenancy.admit_tenant(tenant uuid, placement text)`` and ``(tenant uuid)`` of earlier
+    versions: the first statement of every shared
     or schema tenant transaction's binding (:func:`~sqla_tenancy.binding.admit_statement`): it
     takes the tenant's serving lock shared, without waiting, and checks that the tenant is active
     and still of the placement the caller's route is for, else raises (SQLSTATE ``TNREF``). A
@@ -110,6 +112,7 @@ def admit_function_ddl() -> list[str]:
     )
     key = f"pg_catalog.hashtext({quote_literal(SERVING_PREFIX)} || tenant::text)"
     lock = f"pg_catalog.pg_try_advisory_xact_lock_shared({key})"
+    qualified_key = f"pg_catalog.hashtext(pg_catalog.textcat({quote_literal(SERVING_PREFIX)}, tenant::text))"
     return [
         f"""
         CREATE OR REPLACE FUNCTION {ADMIT_FUNCTION}(tenant uuid) RETURNS void
@@ -136,8 +139,30 @@ def admit_function_ddl() -> list[str]:
             END IF;
         END $$
         """,
+        # What bindings CALL since this version: the same check as one query (the lock is taken
+        # for the tenant's row only, and a refusal rolls it back with the transaction), in a
+        # procedure (a CALL is a utility statement: no plan and no result row for the server to
+        # make). Its operators are schema-qualified: it runs with whatever search_path the
+        # connection had before the binding pinned it.
+        f"""
+        CREATE OR REPLACE PROCEDURE {ADMIT_PROCEDURE}(tenant uuid, placement text)
+        LANGUAGE plpgsql AS $$
+        BEGIN
+            PERFORM FROM {REGISTRY_SCHEMA}.tenants
+            WHERE id OPERATOR(pg_catalog.=) tenant
+              AND status OPERATOR(pg_catalog.=) 'active'
+              AND strategy OPERATOR(pg_catalog.=) placement
+              AND pg_catalog.pg_try_advisory_xact_lock_shared({qualified_key});
+            IF NOT FOUND THEN
+                RAISE EXCEPTION 'tenant %% may not be served as a %% tenant: it is suspended, being '
+                                'deleted, moved or gone', tenant, placement
+                    {refusal};
+            END IF;
+        END $$
+        """,
         f"REVOKE ALL ON FUNCTION {ADMIT_FUNCTION}(uuid) FROM PUBLIC",
         f"REVOKE ALL ON FUNCTION {ADMIT_FUNCTION}(uuid, text) FROM PUBLIC",
+        f"REVOKE ALL ON PROCEDURE {ADMIT_PROCEDURE}(uuid, text) FROM PUBLIC",
     ]
 
 

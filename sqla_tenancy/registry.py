@@ -508,6 +508,12 @@ class Registry:
         ]
         return bool(found)
 
+    def admits_by_call(self) -> bool:
+        """Whether it has the procedure ``tenancy.admit(uuid, text)`` (made by ``install()`` since
+        bindings ``CALL`` it: see :func:`~sqla_tenancy.binding.admit_statement`)."""
+        (found,) = self._query("select to_regprocedure('tenancy.admit(uuid, text)') is not null", ())[0]
+        return bool(found)
+
     def invalidate(self, keys: Iterable[object] | None = None) -> None:
         """Forget cached entries (all of them when ``keys`` is None)."""
         with self._lock:

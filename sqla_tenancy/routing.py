@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 
 from sqlalchemy import Engine
 
-from .binding import ADMIT_FUNCTION, admit_statement
+from .binding import ADMIT_FUNCTION, admit_statement, admitted_binding
 from .context import _scope
 from .errors import (
     InvalidTenantSlug,
@@ -176,6 +176,8 @@ class Router:
         self._admit = False
         #: whether the admission checks the placement too (tenancy.admit_tenant(uuid, text))
         self._admit_placement = False
+        #: whether the admission is CALLed (the procedure tenancy.admit(uuid, text) exists)
+        self._admit_call = False
 
     def current(self) -> Route:
         """The route of the current context (the default tenant's when no tenant is active)."""
@@ -238,6 +240,7 @@ class Router:
             self.check_app_role()
             self._admit = self.registry.admits_tenants()
             self._admit_placement = self._admit and self.registry.admits_placements()
+            self._admit_call = self._admit_placement and self.registry.admits_by_call()
             if not self._admit:
                 isolation_log.warning(
                     "The main database lacks %s(uuid): transactions of shared and schema tenants "
@@ -284,11 +287,10 @@ class Router:
         the main database (see :func:`~sqla_tenancy.binding.admit_statement`)."""
         if self._admit and placement.admitted:
             where = placement.name if self._admit_placement else None
-            return (
-                admit_statement(tenant.id, placement=where, distributed=self.config.distributed)
-                + b"; "
-                + binding
+            admission = admit_statement(
+                tenant.id, placement=where, distributed=self.config.distributed, call=self._admit_call
             )
+            return admitted_binding(admission, binding)
         return binding
 
     def binding(self) -> bytes | None:

@@ -103,8 +103,9 @@ class TenantSession(Session):
             if pinned is not None:
                 self.join_transaction_mode = "create_savepoint"
                 return pinned
-        assert self._home is not None
-        if route.key == self._home.key:
+        home = self._home
+        assert home is not None
+        if route is home or route.key == home.key:  # routes are memoised: mostly the same object
             return route.engine(self._tenancy_async)
         return route.alternate(self._tenancy_async)
 

@@ -106,9 +106,15 @@ def test_delete_under_concurrent_writers_leaves_nothing(
     assert "acme" not in catalog(tenancy)["tenants"]
 
 
+@pytest.mark.parametrize("admission", ["procedure", "earlier function"])
 @pytest.mark.parametrize("placement", ["shared", "schema"])
-def test_the_database_refuses_a_tenant_a_stale_cache_still_serves(tenancy: Tenancy, placement: str) -> None:
+def test_the_database_refuses_a_tenant_a_stale_cache_still_serves(
+    tenancy: Tenancy, placement: str, admission: str
+) -> None:
     tenancy.create_tenant("acme", placement=placement)
+    if admission == "earlier function":  # a main database installed before the procedure existed
+        with tenancy.admin_engine.begin() as conn:
+            conn.execute(text("drop procedure tenancy.admit(uuid, text)"))
     stale = Tenancy(
         tenancy.url,
         admin_url=tenancy.admin_url,
@@ -121,6 +127,10 @@ def test_the_database_refuses_a_tenant_a_stale_cache_still_serves(tenancy: Tenan
     try:
         with tenant_context("acme"), stale.engine.connect() as conn:
             assert conn.execute(text("select count(*) from projects")).scalar() == 0
+            binding = stale.router.current().binding
+        assert binding is not None
+        expected = b"CALL tenancy.admit(" if admission == "procedure" else b"SELECT tenancy.admit_tenant("
+        assert expected in binding
         tenancy.suspend_tenant("acme")
         with tenant_context("acme"), stale.engine.connect() as conn, pytest.raises(TenantRefused):
             conn.execute(text("select count(*) from projects"))

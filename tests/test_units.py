@@ -20,7 +20,7 @@ from sqla_tenancy import (
     platform_context,
     tenant_context,
 )
-from sqla_tenancy.binding import CLEAR_LEFTOVERS, admit_statement, binding_statement
+from sqla_tenancy.binding import CLEAR_LEFTOVERS, admit_statement, admitted_binding, binding_statement
 from sqla_tenancy.routing import Router, lookup_key, token_scope
 
 from .models import INFRASTRUCTURE, Base
@@ -154,6 +154,9 @@ class MemoryRegistry:
     def admits_placements(self) -> bool:
         return True
 
+    def admits_by_call(self) -> bool:
+        return True
+
 
 def shared(slug: str, status: str = "active") -> Tenant:
     return Tenant(
@@ -181,9 +184,16 @@ def test_the_router_routes_the_active_tenant_and_falls_back_to_the_default(
         assert route.tenant is not None and route.tenant.slug == "acme"
         # the main database admits the transaction first (refusing a tenant no longer active, or
         # no longer of the placement the route is for)
-        assert route.binding == admit_statement(
-            shared("acme").id, placement="shared"
-        ) + b"; " + binding_statement(shared("acme").id)
+        acme = shared("acme").id
+        assert route.binding == admitted_binding(
+            admit_statement(acme, placement="shared", call=True), binding_statement(acme)
+        )
+        # the default path and the login role are pinned first, the admission CALLed as that
+        # role, then the tenant set
+        assert route.binding == (
+            b"SET LOCAL search_path = DEFAULT; SET LOCAL ROLE NONE; "
+            + f"CALL tenancy.admit('{acme}', 'shared'); SET LOCAL app.current_tenant_id = '{acme}'".encode()
+        )
         assert route.token == str(shared("acme").id)
     assert router.current().tenant == shared("default")
 
@@ -207,8 +217,9 @@ def test_an_anonymous_scope_has_a_route_of_its_own(routed: tuple[Router, MemoryR
     with tenant_context("acme", anonymous=True):
         route = router.current()
     assert route.token == f"{shared('acme').id}:anonymous"
+    # a role of its own: the admission resets the role and runs first
     assert route.binding == admit_statement(
-        shared("acme").id, placement="shared"
+        shared("acme").id, placement="shared", call=True
     ) + b"; " + binding_statement(shared("acme").id, role="tenant_anonymous")
 
 

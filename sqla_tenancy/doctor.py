@@ -24,13 +24,14 @@ from typing import TYPE_CHECKING, Any, Literal
 from sqlalchemy import Connection, create_engine, text
 from sqlalchemy.pool import NullPool
 
+from . import locks
 from .config import plain_url
 from .grants import is_keeper_role
 from .identifiers import quote_ident
 from .keys import ACROSS_TENANTS_INFO_KEY
 from .lifecycle import library_names
 from .placements.database import FOREIGN_SERVER, databases_open_to, template_database
-from .registry import REGISTRY_SCHEMA, Tenant
+from .registry import MOVE_GUARD_PREFIX, MOVE_JOURNAL_KEY, REGISTRY_SCHEMA, Tenant
 from .rls import fdw_role_name, tenant_column_name
 from .versions import TENANT, VERSION_TABLES, format_revision
 
@@ -94,6 +95,8 @@ class _Doctor:
         self.prefix = self.config.name_prefix
         #: (kind, name) of the registry's objects found missing
         self.missing: set[tuple[str, str]] = set()
+        #: the tenants reported for an interrupted move (once each)
+        self.moves_reported: set[object] = set()
 
     def add(self, severity: Severity, check: str, obj: str, problem: str, fix: str) -> None:
         self.findings.append(Finding(severity, check, obj, problem, fix))
@@ -119,6 +122,7 @@ class _Doctor:
                 self._citus(conn, [s for s in schemas if s not in (REGISTRY_SCHEMA, *tenant_schemas)])
             self._main_database(conn)
             self._registry(conn, tenants)
+            self._moves(conn, tenants)
             self._migrations(tenants)
             self._pool(tenants)
             main_database = self.config.admin_url.database or ""
@@ -652,6 +656,49 @@ class _Doctor:
                     f"check that it holds nothing you need, then: {drop}",
                 )
 
+    def _moves(self, main: Connection, tenants: list[Tenant]) -> None:
+        """Moves a crash interrupted: a read-only guard left in the main database (a shared or
+        schema source), or a target's objects journaled in the row. A database source's guard is
+        looked for in its own database (:meth:`_tenant_database`)."""
+        guards = set(
+            main.execute(
+                text(
+                    "select p.proname from pg_proc p join pg_namespace n on n.oid = p.pronamespace "
+                    "where n.nspname = :schema and starts_with(p.proname, :prefix)"
+                ),
+                {"schema": REGISTRY_SCHEMA, "prefix": MOVE_GUARD_PREFIX},
+            ).scalars()
+        )
+        for tenant in tenants:
+            if tenant.status != "active":
+                continue
+            guarded = f"{MOVE_GUARD_PREFIX}{tenant.id.hex}" in guards
+            if guarded or tenant.location.get(MOVE_JOURNAL_KEY):
+                self._interrupted_move(main, tenant, read_only=guarded)
+
+    def _interrupted_move(self, main: Connection, tenant: Tenant, *, read_only: bool) -> None:
+        """Report the leftovers of ``tenant``'s move, unless a move of it is running now (it holds
+        the tenant's lock)."""
+        if tenant.id in self.moves_reported:
+            return
+        if main.execute(text(locks.HOLDER), {"key": locks.tenant_key(tenant.slug)}).first() is not None:
+            return
+        self.moves_reported.add(tenant.id)
+        left = []
+        if read_only:
+            left.append("its writes are refused by the move's read-only policies")
+        if tenant.location.get(MOVE_JOURNAL_KEY):
+            left.append("the target's objects (journaled in its registry row) are left")
+        self.add(
+            "warning",
+            "move-interrupted",
+            f"tenant {tenant.slug}",
+            f"A move of the tenant stopped half-way (its process died): {' and '.join(left)}. It is "
+            f"still a {tenant.strategy} tenant, with all its rows.",
+            f"tenancy.move_tenant({tenant.slug!r}, {tenant.strategy!r}) undoes the move (or move it "
+            "again to where it was going: the move cleans up first)",
+        )
+
     def _exists(self, kind: str, name: str, server: str, main: Connection) -> bool:
         query = {
             "schema": "select 1 from pg_namespace where nspname = :n",
@@ -828,6 +875,13 @@ class _Doctor:
         schemas = [s for s in ("public", REGISTRY_SCHEMA) if s not in self.config.infrastructure_schemas]
         tables = self._tenant_tables(conn, ["public"])
         self._rls(conn, tables, where=where)
+        guard = f"{REGISTRY_SCHEMA}.{MOVE_GUARD_PREFIX}{tenant.id.hex}()"
+        if (
+            tenant.status == "active"
+            and conn.execute(text("select to_regprocedure(:f) is not null"), {"f": guard}).scalar()
+        ):
+            with self.services.engines.admin.connect() as main:
+                self._interrupted_move(main, tenant, read_only=True)
         self._views(conn, tables, ["public"], where=where)
         self._functions(conn, schemas, where=where)
         if conn.execute(

@@ -24,9 +24,11 @@ Infrastructure rows stay in the main database for every placement. Between ``sha
 ``schema`` everything is one transaction after the read-only step. A failure before the switch
 commits leaves the tenant active at its source with every row, writable again, and the target's
 objects dropped (journaled database and roles, or a rolled-back transaction); a move interrupted
-by a crash is cleaned up by the next ``move_tenant`` of the tenant. A failure while a source
-database is removed leaves the tenant active at its target, with every row; running
-``move_tenant`` to the same placement again finishes the removal.
+by a crash (reported by the doctor: ``move-interrupted``) is cleaned up by the next
+``move_tenant`` of the tenant, and ``move_tenant`` to the placement the tenant is at only
+undoes it. A failure while a source database is removed leaves the tenant active at its
+target, with every row; running ``move_tenant`` to the same placement again finishes the
+removal.
 
 A schema or database tenant's keys come from its own sequences; moved into shared tables, they may
 collide with another tenant's: the copy then fails on the primary key and nothing changes (the
@@ -52,7 +54,7 @@ from .errors import DeletionError, ProvisioningError, TenancyError, UnsupportedO
 from .identifiers import quote_ident, quote_literal
 from .lifecycle import wait_out
 from .placements.database import DatabasePlacement, Names
-from .registry import REGISTRY_SCHEMA, Tenant
+from .registry import MOVE_GUARD_PREFIX, MOVE_JOURNAL_KEY, MOVE_SOURCE_KEY, REGISTRY_SCHEMA, Tenant
 from .rls import qualified_name, tenant_column_name
 
 if TYPE_CHECKING:
@@ -72,8 +74,8 @@ MOVABLE = frozenset({"shared", "schema", "database"})
 _MAIN = frozenset({"shared", "schema"})
 #: Keys of the registry row's location during a move: the target's journaled objects, and a
 #: source database still to remove once the switch committed.
-JOURNAL_KEY = "move_journal"
-LEFTOVER_KEY = "move_source"
+JOURNAL_KEY = MOVE_JOURNAL_KEY
+LEFTOVER_KEY = MOVE_SOURCE_KEY
 #: Session settings that fix the rows' text for the checksums, whatever each server's defaults.
 _TEXT_SETTINGS = (
     "SET LOCAL TimeZone = 'UTC'; SET LOCAL DateStyle = 'ISO, MDY'; SET LOCAL IntervalStyle = 'postgres'; "
@@ -87,7 +89,7 @@ class MoveError(ProvisioningError):
 
 
 def _policy_name(tenant: Tenant) -> str:
-    return f"tenancy_moving_{tenant.id.hex}"
+    return f"{MOVE_GUARD_PREFIX}{tenant.id.hex}"
 
 
 @dataclass(frozen=True)
@@ -119,6 +121,12 @@ def move_tenant(services: Services, tenant: Tenant, placement: str, *, server: s
     if LEFTOVER_KEY in tenant.location and placement == tenant.strategy and server is None:
         _remove_source_database(services, tenant)
         return services.registry.get(tenant.id)
+    here = tenant.location.get("server") or "main"
+    if placement == tenant.strategy and (server is None or server == here) and tenant.status == "active":
+        # to where it is: the undoing of a move a crash interrupted, if there is one
+        undone = _abandon(services, tenant)
+        if undone is not None:
+            return undone
     _check(services, tenant, placement, server)
     if tenant.strategy in _MAIN and placement in _MAIN:
         return _move_in_main(services, tenant, placement)
@@ -552,6 +560,38 @@ def _current(services: Services, tenant: Tenant) -> Tenant:
     if row is None or row.status != "active" or row.strategy != tenant.strategy:
         raise MoveError(f"Tenant {tenant.slug!r} changed before its move started; nothing was moved.")
     return row
+
+
+def _abandon(services: Services, tenant: Tenant) -> Tenant | None:
+    """Undo a move of ``tenant`` that a crash interrupted (its read-only guard left where its rows
+    are, or its target's objects journaled in its row): the tenant, writable again where it
+    was, with the target's objects dropped; ``None`` when no move of it was interrupted."""
+    database = cast(DatabasePlacement, services.placement("database"))
+    source = _site(tenant)
+    engine = (
+        services.engines.admin
+        if source.database is None
+        else database.admin_engine(source.server, source.database)
+    )
+    try:
+        with _tenant_lock(services, tenant):
+            tenant = _current(services, tenant)
+            with engine.connect() as conn:
+                guarded = conn.execute(
+                    text("select to_regprocedure(:f) is not null"),
+                    {"f": f"{REGISTRY_SCHEMA}.{_policy_name(tenant)}()"},
+                ).scalar()
+            if not guarded and not tenant.location.get(JOURNAL_KEY):
+                return None
+            _recover(services, tenant, _tenant_tables(services), source, engine)
+    finally:
+        if engine is not services.engines.admin:
+            engine.dispose()
+    services.registry.invalidate([tenant.id])
+    log.warning(
+        "undid the interrupted move of tenant %s: writable again as a %s tenant", tenant.slug, tenant.strategy
+    )
+    return services.registry.get(tenant.id)
 
 
 def _recover(

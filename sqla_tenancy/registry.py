@@ -53,6 +53,9 @@ from .identifiers import MAX_SLUG_LENGTH, SLUG_PATTERN
 __all__ = [
     "ACCESS_KEY_FUNCTION",
     "APPLICATION_COLUMNS",
+    "MOVE_GUARD_PREFIX",
+    "MOVE_JOURNAL_KEY",
+    "MOVE_SOURCE_KEY",
     "NOTIFY_CHANNEL",
     "REGISTRY_SCHEMA",
     "SLUG_CHECK",
@@ -73,6 +76,13 @@ log = logging.getLogger(__name__)
 
 REGISTRY_SCHEMA = "tenancy"
 NOTIFY_CHANNEL = "sqla_tenancy_registry"
+#: Keys of a tenant's location while it is moved (see :mod:`sqla_tenancy.move`): the target's
+#: journaled objects, and a source database still to remove once the switch committed.
+MOVE_JOURNAL_KEY = "move_journal"
+MOVE_SOURCE_KEY = "move_source"
+#: A move's read-only guard: the function ``tenancy.tenancy_moving_<tenant id hex>()``, made where
+#: the tenant's rows are (the main database, or the tenant's own), which its RESTRICTIVE policies call.
+MOVE_GUARD_PREFIX = "tenancy_moving_"
 #: The placements' stored names (the ``strategy`` column's values).
 PLACEMENTS = ("shared", "schema", "database")
 #: The former name of :data:`PLACEMENTS`.

@@ -678,7 +678,9 @@ class Tenancy:
         and checksum), the registry switched in one transaction and the source removed; the
         tenant is read-only meanwhile (writes get an error naming the move). A failure before the
         switch leaves it active at its source with every row and nothing of the target
-        (:class:`~sqla_tenancy.move.MoveError`). See :mod:`sqla_tenancy.move`."""
+        (:class:`~sqla_tenancy.move.MoveError`). Moving a tenant to the placement it is at
+        undoes a move of it that a crash interrupted (the doctor's ``move-interrupted``): writable
+        again there, the target's objects dropped. See :mod:`sqla_tenancy.move`."""
         from .move import move_tenant
 
         tenant = self.get_tenant(lookup_key(slug))

@@ -21,6 +21,7 @@ from sqla_tenancy import (
     tenant_context,
 )
 from sqla_tenancy.grants import is_keeper_role
+from sqla_tenancy.locks import tenant_key
 from sqla_tenancy.move import MoveError
 from sqla_tenancy.testing import TemporaryCluster, TestServer
 from tests.doctor_helpers import own_findings
@@ -249,6 +250,69 @@ def test_an_interrupted_move_is_cleaned_up_by_the_next(t: Tenancy, monkeypatch: 
     assert moved.strategy == "database" and content(t, "acme") == before
     t.move_tenant("acme", "shared")
     assert objects(t) == catalog
+
+
+def write_refused(t: Tenancy, slug: str) -> bool:
+    """Whether the tenant's writes are refused (by a move's read-only guard)."""
+    try:
+        with tenant_context(slug), t.sessionmaker()() as s:
+            s.add(Project(name=f"{slug} probe"))
+            s.commit()
+    except exc.DBAPIError as error:
+        assert getattr(error.orig, "sqlstate", None) == "25006", error
+        return True
+    with tenant_context(slug), t.sessionmaker()() as s:
+        s.execute(Project.__table__.delete().where(Project.name == f"{slug} probe"))
+        s.commit()
+    return False
+
+
+@pytest.mark.parametrize(
+    ("source", "target", "crash_at"),
+    [
+        ("shared", "database", "move_verify"),
+        ("database", "shared", "move_copy"),
+        ("shared", "schema", "move_copy"),
+    ],
+)
+def test_the_doctor_reports_an_interrupted_move_and_moving_back_undoes_it(
+    t: Tenancy, monkeypatch: pytest.MonkeyPatch, source: str, target: str, crash_at: str
+) -> None:
+    import sqla_tenancy.move as move
+
+    place(t, "acme", source)
+    catalog, before = objects(t), content(t, "acme")
+    # as if the process died at the failure: no clean-up
+    monkeypatch.setattr(move, "_undo", lambda *args: None)
+    monkeypatch.setattr(move, "_unblock_writes", lambda *args: None)
+    t._fault_injector = lambda name: (
+        (_ for _ in ()).throw(RuntimeError("crash")) if name == crash_at else None
+    )
+    with pytest.raises(MoveError):
+        t.move_tenant("acme", target)
+    t._fault_injector = None
+    monkeypatch.undo()
+    assert t.get_tenant("acme").strategy == source and write_refused(t, "acme")
+    findings = [f for f in own_findings(t) if f.check == "move-interrupted"]
+    assert [(f.severity, f.object) for f in findings] == [("warning", "tenant acme")]
+    assert f"tenancy.move_tenant('acme', '{source}') undoes the move" in findings[0].fix
+    print(findings[0])
+
+    # while a move of the tenant runs (it holds the tenant's lock), the doctor says nothing of it
+    with t.admin_engine.connect() as conn:
+        conn.execute(text("select pg_advisory_lock(hashtext(:k))"), {"k": tenant_key("acme")})
+        try:
+            assert [f for f in own_findings(t) if f.check == "move-interrupted"] == []
+        finally:
+            conn.execute(text("select pg_advisory_unlock(hashtext(:k))"), {"k": tenant_key("acme")})
+
+    undone = t.move_tenant("acme", source)  # to where it is: the interrupted move is undone
+    assert undone.strategy == source and not undone.location.get("move_journal")
+    assert not write_refused(t, "acme") and content(t, "acme") == before
+    assert source_policies(t, "acme") == [] and objects(t) == catalog
+    assert own_findings(t) == []
+    with pytest.raises(UnsupportedOperation, match="already"):  # nothing left to undo
+        t.move_tenant("acme", source)
 
 
 def test_a_database_tenant_moves_to_another_server(t: Tenancy) -> None:

@@ -104,14 +104,8 @@ def fleet_lock(control: Connection, *, wait: bool) -> Iterator[None]:
 @contextmanager
 def tenant_lock(control: Connection, slug: str) -> Iterator[None]:
     """Serialise a tenant's migration with its provisioning (and deletion)."""
-    key = {"key": locks.tenant_key(slug)}
-    control.execute(text(locks.LOCK), key)
-    control.commit()
-    try:
+    with locks.session_lock(control, locks.tenant_key(slug)):
         yield
-    finally:
-        control.execute(text(locks.UNLOCK), key)
-        control.commit()
 
 
 _database: contextvars.ContextVar[str] = contextvars.ContextVar("alembic_ext_database")
@@ -378,15 +372,9 @@ class LocationRunner:
         if location.kind == "template" and self.command != "display":
             # Provisioning clones the template under this lock: never while we are connected.
             maintenance = self.tenancy.server_admin_url(location.server).database or "postgres"
-            key = {"key": locks.template_key(location.database or "")}
-            with self._connect(location.server, maintenance) as guard:
-                guard.execute(text(locks.LOCK), key)
-                guard.commit()
-                try:
-                    return self._run_database_locked(registry, location, started)
-                finally:
-                    guard.execute(text(locks.UNLOCK), key)
-                    guard.commit()
+            key = locks.template_key(location.database or "")
+            with self._connect(location.server, maintenance) as guard, locks.session_lock(guard, key):
+                return self._run_database_locked(registry, location, started)
         return self._run_database_locked(registry, location, started)
 
     def _run_database_locked(self, registry: Connection, location: Location, started: float) -> Outcome:

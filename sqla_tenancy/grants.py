@@ -259,7 +259,7 @@ def keeper_for_new_roles(conn: Connection, config: TenancyConfig) -> tuple[str, 
     if last is not None and last[1] < 2 + 2 * KEEPER_TENANTS:
         return last[0], []
     # Two provisionings that both find the newest keeper full make one new keeper, not two.
-    conn.execute(text(locks.XACT_LOCK), {"key": f"sqla_tenancy:keeper:{config.name_prefix}"})
+    conn.execute(text(locks.XACT_LOCK), {"key": locks.keeper_key(config.name_prefix)})
     last = _last_keeper(conn, config)
     if last is not None and last[1] < 2 + 2 * KEEPER_TENANTS:
         return last[0], []

@@ -127,27 +127,21 @@ def create_tenant(
         # Held for the whole journaled provisioning: a concurrent attempt for the same slug waits
         # here, so a 'provisioning' row seen below can only be a crashed attempt's (a crashed
         # process's session, and its lock, are gone).
-        with admin_engine.connect() as guard:
-            guard.execute(text(locks.LOCK), {"key": locks.tenant_key(slug)})
-            guard.commit()
+        with admin_engine.connect() as guard, locks.session_lock(guard, locks.tenant_key(slug)):
+            with admin_engine.begin() as admin:
+                leftover = _leftover(services, admin, slug)
+            if leftover is not None:
+                log.warning("cleaning up an interrupted provisioning of tenant %s", slug)
+                _clean_up(services, services.placement(leftover.strategy), leftover)
+            with admin_engine.begin() as admin:
+                registered = _register(services, admin, draft)
             try:
+                location = _provision(services, placement, registered, None)
                 with admin_engine.begin() as admin:
-                    leftover = _leftover(services, admin, slug)
-                if leftover is not None:
-                    log.warning("cleaning up an interrupted provisioning of tenant %s", slug)
-                    _clean_up(services, services.placement(leftover.strategy), leftover)
-                with admin_engine.begin() as admin:
-                    registered = _register(services, admin, draft)
-                try:
-                    location = _provision(services, placement, registered, None)
-                    with admin_engine.begin() as admin:
-                        tenant = _activate(services, admin, registered, location)
-                except BaseException:
-                    _clean_up(services, placement, registered)
-                    raise
-            finally:
-                guard.execute(text(locks.UNLOCK), {"key": locks.tenant_key(slug)})
-                guard.commit()
+                    tenant = _activate(services, admin, registered, location)
+            except BaseException:
+                _clean_up(services, placement, registered)
+                raise
     services.registry.invalidate([tenant.id])
     log.info("created tenant %s (%s)", slug, placement_name)
     return tenant

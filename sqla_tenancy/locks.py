@@ -10,6 +10,11 @@ Keys are text, hashed with ``hashtext()`` by the server; the statements take the
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+from sqlalchemy import Connection, text
+
 from .identifiers import quote_literal
 
 __all__ = [
@@ -22,8 +27,10 @@ __all__ = [
     "UNLOCK",
     "XACT_LOCK",
     "SERVING_PREFIX",
+    "keeper_key",
     "registration_key",
     "serving_key",
+    "session_lock",
     "template_key",
     "tenant_key",
     "xact_lock_sql",
@@ -70,6 +77,36 @@ def template_key(template: str) -> str:
     """Held (in the server admin URL's database) while a template database is cloned or
     migrated: ``CREATE DATABASE`` refuses a template that has other sessions."""
     return f"sqla_tenancy:template:{template}"
+
+
+def keeper_key(prefix: str) -> str:
+    """Held (transaction-level) while the keeper roles of the Tenancy of ``prefix`` are counted
+    or one is made (:mod:`sqla_tenancy.grants`): two provisionings never make the same keeper."""
+    return f"sqla_tenancy:keeper:{prefix}"
+
+
+@contextmanager
+def session_lock(conn: Connection, key: str, *, wait: bool = True) -> Iterator[bool]:
+    """Hold the session-level advisory lock ``key`` on ``conn`` for the block: taken, and the
+    transaction it took it in committed, so that the block's own transactions (on ``conn`` or on
+    other connections) run under it; released (and committed) on the way out, exceptions
+    included. Yields ``True``. With ``wait=False`` a lock another session holds is not waited
+    for: the block runs at once with ``False`` and nothing held."""
+    params = {"key": key}
+    if wait:
+        conn.execute(text(LOCK), params)
+        got = True
+    else:
+        got = bool(conn.execute(text(TRY_LOCK), params).scalar())
+    conn.commit()
+    if not got:
+        yield False
+        return
+    try:
+        yield True
+    finally:
+        conn.execute(text(UNLOCK), params)
+        conn.commit()
 
 
 def xact_lock_sql(key: str) -> str:

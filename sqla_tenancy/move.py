@@ -279,15 +279,8 @@ def _move_in_main(services: Services, tenant: Tenant, placement: str) -> Tenant:
 def _tenant_lock(services: Services, tenant: Tenant) -> Iterator[None]:
     """The tenant's advisory lock, held for the whole move on a connection of its own: a
     migration, a deletion or another move of the tenant waits for the move to end."""
-    key = {"key": locks.tenant_key(tenant.slug)}
-    with services.engines.admin.connect() as guard:
-        guard.execute(text(locks.LOCK), key)
-        guard.commit()
-        try:
-            yield
-        finally:
-            guard.execute(text(locks.UNLOCK), key)
-            guard.commit()
+    with services.engines.admin.connect() as guard, locks.session_lock(guard, locks.tenant_key(tenant.slug)):
+        yield
 
 
 # -- to or from the database placement: journaled steps ------------------------------------------

@@ -94,20 +94,17 @@ def refill_pool(services: Services, target: int, *, stop: threading.Event | None
     if target < 0:
         raise ValueError("refill_pool() takes a target >= 0")
     made: list[Tenant] = []
-    with services.engines.admin.connect() as conn:
-        got = conn.execute(text(locks.TRY_LOCK), {"key": locks.POOL_KEY}).scalar()
-        conn.commit()
+    with (
+        services.engines.admin.connect() as conn,
+        locks.session_lock(conn, locks.POOL_KEY, wait=False) as got,
+    ):
         if not got:
             log.info("pool: another process is topping the pool up; leaving it to that one")
             return made
-        try:
-            while stop is None or not stop.is_set():
-                if len(pending_tenants(services)) >= target:
-                    break
-                made += fill_pool(services, 1)
-        finally:
-            conn.execute(text(locks.UNLOCK), {"key": locks.POOL_KEY})
-            conn.commit()
+        while stop is None or not stop.is_set():
+            if len(pending_tenants(services)) >= target:
+                break
+            made += fill_pool(services, 1)
     return made
 
 

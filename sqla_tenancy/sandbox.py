@@ -276,18 +276,12 @@ def run_sql(
     check_script(script)
     placement = services.placement(tenant.strategy)
     # Serialised with the tenant's migrations and deletion (they take the same lock).
-    with services.engines.admin.connect() as guard:
-        guard.execute(text(locks.LOCK), {"key": locks.tenant_key(tenant.slug)})
-        guard.commit()
-        try:
-            if isinstance(placement, DatabasePlacement):
-                sandbox = _Sandbox(placement.app_url(tenant), binding_statement(tenant.id))
-                return _run(sandbox, tenant, script, timeout)
-            with _sandbox_role(services, tenant) as sandbox:
-                return _run(sandbox, tenant, script, timeout)
-        finally:
-            guard.execute(text(locks.UNLOCK), {"key": locks.tenant_key(tenant.slug)})
-            guard.commit()
+    with services.engines.admin.connect() as guard, locks.session_lock(guard, locks.tenant_key(tenant.slug)):
+        if isinstance(placement, DatabasePlacement):
+            sandbox = _Sandbox(placement.app_url(tenant), binding_statement(tenant.id))
+            return _run(sandbox, tenant, script, timeout)
+        with _sandbox_role(services, tenant) as sandbox:
+            return _run(sandbox, tenant, script, timeout)
 
 
 @contextmanager

@@ -306,13 +306,8 @@ class DatabasePlacement(PlacementBase):
         template = template_database(self.config)
         guard = self._admin(server)
         try:
-            with guard.connect() as conn:
-                key = {"key": locks.template_key(template)}
-                conn.execute(text(locks.LOCK), key)
-                try:
-                    self._refresh_template(server, template)
-                finally:
-                    conn.execute(text(locks.UNLOCK), key)
+            with guard.connect() as conn, locks.session_lock(conn, locks.template_key(template)):
+                self._refresh_template(server, template)
         finally:
             guard.dispose()
 
@@ -443,14 +438,10 @@ class DatabasePlacement(PlacementBase):
                 option = f" STRATEGY = {strategy.upper()}" if strategy else ""
                 # A migration of the template (alembic_ext) holds this lock while connected to
                 # it; CREATE DATABASE refuses a template with other sessions.
-                lock = {"key": locks.template_key(names.template)}
-                conn.execute(text(locks.LOCK), lock)
-                try:
+                with locks.session_lock(conn, locks.template_key(names.template)):
                     conn.exec_driver_sql(
                         f"CREATE DATABASE {temporary} TEMPLATE {quote_ident(names.template)}{option}"
                     )
-                finally:
-                    conn.execute(text(locks.UNLOCK), lock)
                 conn.exec_driver_sql(f"COMMENT ON DATABASE {temporary} IS {marker}")
                 conn.exec_driver_sql(f"REVOKE ALL ON DATABASE {temporary} FROM PUBLIC")
                 conn.exec_driver_sql(f"GRANT CONNECT ON DATABASE {temporary} TO {app_role}")

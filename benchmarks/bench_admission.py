@@ -41,25 +41,13 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import psycopg
-from sqlalchemy import Text
-from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+from bench_binding import Base, Project  # the same model and table
 
-from sqla_tenancy import Tenancy, TenantScoped, tenant_context
+from sqla_tenancy import Tenancy, tenant_context
 from sqla_tenancy.binding import admit_statement, admitted_binding, binding_statement
 from sqla_tenancy.testing import TestServer
 
 FORMS = ("limit", "pins", "select", "call")
-
-
-class Base(DeclarativeBase):
-    pass
-
-
-class Project(TenantScoped, Base):
-    __tablename__ = "projects"
-
-    id: Mapped[int] = mapped_column(primary_key=True)
-    name: Mapped[str] = mapped_column(Text)
 
 
 def server_cpu_ns(pid: int) -> int | None:

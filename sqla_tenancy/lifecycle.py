@@ -212,7 +212,7 @@ def delete_tenant(
 
     First its registry row becomes ``deleting``, committed: every process refuses the tenant
     once the notification arrives, and the database refuses it whatever a process's cache says
-    (``tenancy.admit_tenant()`` for shared and schema tenants; a database tenant's roles lose
+    (``tenancy.admit()`` for shared and schema tenants; a database tenant's roles lose
     ``LOGIN`` and their sessions are ended). Then the transactions still in flight are waited
     out (up to ``timeout`` seconds) or ended, and only then is anything deleted: no transaction of
     the tenant commits after its rows went. A failure leaves the row ``deleting`` (the tenant
@@ -254,7 +254,7 @@ def delete_tenant(
 
 def wait_out(admin: Connection, tenant: Tenant, timeout: float) -> None:
     """Take the tenant's serving lock exclusively: wait for the transactions that
-    ``tenancy.admit_tenant()`` admitted to end, and refuse new ones until ``admin`` commits."""
+    ``tenancy.admit()`` admitted to end, and refuse new ones until ``admin`` commits."""
     key = locks.serving_key(tenant.id)
     admin.exec_driver_sql(f"SET LOCAL lock_timeout = {max(1, int(timeout * 1000))}")
     admin.exec_driver_sql("SAVEPOINT tenancy_wait_out")

@@ -67,7 +67,7 @@ SERVING_PREFIX = "sqla_tenancy:serving:"
 
 
 def serving_key(tenant_id: object) -> str:
-    """Held shared by every transaction of a shared or schema tenant (``tenancy.admit_tenant()``,
+    """Held shared by every transaction of a shared or schema tenant (``tenancy.admit()``,
     in its binding), exclusively by its deletion: the deletion waits out the transactions in
     flight, and while it waits or runs a new transaction of the tenant is refused."""
     return f"{SERVING_PREFIX}{tenant_id}"

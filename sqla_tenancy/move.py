@@ -528,7 +528,7 @@ def _switch(
 ) -> None:
     location.pop(JOURNAL_KEY, None)
     if services.placement(tenant.strategy).admitted:
-        # The transactions tenancy.admit_tenant() admitted for the source end first, and new ones
+        # The transactions tenancy.admit() admitted for the source end first, and new ones
         # wait until the switch commits; after it, a process whose cache still routes the tenant
         # to its source is refused there (the admission checks the placement): nothing is written
         # where the tenant no longer is.

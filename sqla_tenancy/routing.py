@@ -172,7 +172,7 @@ class Router:
         # anonymous scope) -> (generation, expiry, route)
         self._memo: dict[object, tuple[int, float, Route]] = {}
         self._role_checked = False
-        #: whether bindings of main-database tenants start with tenancy.admit_tenant()
+        #: whether bindings of main-database tenants are admitted (tenancy.admit() or admit_tenant())
         self._admit = False
         #: whether the admission checks the placement too (tenancy.admit_tenant(uuid, text))
         self._admit_placement = False

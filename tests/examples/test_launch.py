@@ -15,7 +15,7 @@ import sys
 import threading
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -57,6 +57,20 @@ class Running:
             if marker in line:
                 return
 
+    def exit_code(self, timeout: float) -> int:
+        """The process's exit code once it stopped; if it does not stop within ``timeout``, every
+        thread's stack (faulthandler, on SIGABRT) and all it printed, in the failure."""
+        try:
+            return self.proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.kill(self.proc.pid, signal.SIGABRT)  # PYTHONFAULTHANDLER: the stacks, then it dies
+            with suppress(queue.Empty):
+                self.rest()
+            raise AssertionError(
+                f"still running {timeout} s after the signal; its threads and output:\n"
+                + "".join(self.output)
+            ) from None
+
     def rest(self) -> str:
         """Everything printed, once the process has exited and its output is drained."""
         while self.lines.get(timeout=STOP_TIMEOUT) is not None:
@@ -70,6 +84,7 @@ def launched(module: str, port: int) -> Iterator[Running]:
     group is what Ctrl-C in a terminal does), without DATABASE_URL or a test DSN."""
     env = {k: v for k, v in os.environ.items() if k not in ("DATABASE_URL", "SQLA_TENANCY_TEST_DSN")}
     env["PYTHONUNBUFFERED"] = "1"
+    env["PYTHONFAULTHANDLER"] = "1"  # a hung shut-down shows its threads (Running.exit_code)
     proc = subprocess.Popen(
         [sys.executable, "-m", module, "--port", str(port)],
         cwd=ROOT,
@@ -167,7 +182,7 @@ def test_one_command_serves_the_printed_examples_and_stops_cleanly(
             os.killpg(app.proc.pid, stop_signal)
         else:
             app.proc.send_signal(stop_signal)
-        assert app.proc.wait(timeout=STOP_TIMEOUT) == 0, "".join(app.output)
+        assert app.exit_code(STOP_TIMEOUT) == 0, "".join(app.output)
         output = app.rest()
     assert output.rstrip().endswith("Stopped."), output
     assert "Traceback" not in output, output

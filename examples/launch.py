@@ -228,6 +228,10 @@ def main(
     parser.add_argument("--port", type=int, default=default_port, help=f"default {default_port}")
     args = parser.parse_args(argv)
     signal.signal(signal.SIGTERM, _interrupt)  # `kill` cleans up like Ctrl-C
+    # Ctrl-C stops it however it was started: a process started in the background by a
+    # non-interactive shell (`cmd &` in a script) inherits SIGINT ignored, and Python then leaves
+    # it ignored
+    signal.signal(signal.SIGINT, _interrupt)
     try:
         sock = listen(args.port)
     except OSError as error:

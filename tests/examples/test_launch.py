@@ -78,8 +78,12 @@ class Running:
         return "".join(self.output)
 
 
+def _ignore_sigint() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 @contextmanager
-def launched(module: str, port: int) -> Iterator[Running]:
+def launched(module: str, port: int, *, sigint_ignored: bool = False) -> Iterator[Running]:
     """``python -m <module> --port <port>`` in its own session (so that a signal to its process
     group is what Ctrl-C in a terminal does), without DATABASE_URL or a test DSN."""
     env = {k: v for k, v in os.environ.items() if k not in ("DATABASE_URL", "SQLA_TENANCY_TEST_DSN")}
@@ -93,6 +97,8 @@ def launched(module: str, port: int) -> Iterator[Running]:
         stderr=subprocess.STDOUT,
         text=True,
         start_new_session=True,
+        # as a background job of a non-interactive shell (`cmd &` in a script) starts it
+        preexec_fn=_ignore_sigint if sigint_ignored else None,
     )
     lines: queue.Queue[str | None] = queue.Queue()
     output: list[str] = []
@@ -149,17 +155,19 @@ def accepts_connections(host: str, port: int) -> bool:
 
 
 @pytest.mark.parametrize(
-    ("module", "stop_signal", "group"),
+    ("module", "stop_signal", "group", "sigint_ignored"),
     [
-        pytest.param("examples.flask_app", signal.SIGINT, True, id="flask-ctrl-c"),
-        pytest.param("examples.fastapi_app", signal.SIGTERM, False, id="fastapi-kill"),
+        pytest.param("examples.flask_app", signal.SIGINT, True, False, id="flask-ctrl-c"),
+        pytest.param("examples.fastapi_app", signal.SIGTERM, False, False, id="fastapi-kill"),
+        # started with SIGINT ignored (inherited from a script's `&`): Ctrl-C stops it all the same
+        pytest.param("examples.flask_app", signal.SIGINT, True, True, id="flask-ctrl-c-background-job"),
     ],
 )
 def test_one_command_serves_the_printed_examples_and_stops_cleanly(
-    module: str, stop_signal: signal.Signals, group: bool
+    module: str, stop_signal: signal.Signals, group: bool, sigint_ignored: bool
 ) -> None:
     port = free_port()
-    with launched(module, port) as app:
+    with launched(module, port, sigint_ignored=sigint_ignored) as app:
         app.read_until("Ctrl-C stops", START_TIMEOUT)
         banner = "".join(app.output)
         assert f"serving on http://127.0.0.1:{port}" in banner

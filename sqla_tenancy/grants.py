@@ -122,7 +122,9 @@ def tenants_group_grants(config: TenancyConfig, tables: list[Table] | None = Non
 def finish_tables(config: TenancyConfig, conn: Connection, tables: list[Table]) -> None:
     """Idempotently give the main database's ``tables`` (those that exist) what they need besides
     their DDL: the application role's grants, the tenants' group grants, and the triggers that
-    fill infrastructure serial keys for foreign-table inserts."""
+    fill infrastructure serial keys for foreign-table inserts. Takes :data:`~sqla_tenancy.locks.GRANTS_KEY`
+    for the rest of ``conn``'s transaction."""
+    conn.execute(text(locks.XACT_LOCK), {"key": locks.GRANTS_KEY})
     existing = [
         t for t in tables if conn.execute(text("select to_regclass(:t)"), {"t": qualified_name(t)}).scalar()
     ]

@@ -17,7 +17,7 @@ from .distribution import distribute_tables, prepare_distributed_ddl
 from .grants import finish_tables, registry_grants
 from .identifiers import quote_ident, quote_literal
 from .keys import check_tenant_keys
-from .locks import INSTALL_KEY, SERVING_PREFIX
+from .locks import GRANTS_KEY, INSTALL_KEY, SERVING_PREFIX, XACT_LOCK
 from .privileges import require_admin_attributes
 from .registry import (
     ACCESS_KEY_FUNCTION,
@@ -291,6 +291,8 @@ def ensure_registry(config: TenancyConfig, conn: Connection) -> None:
     working; the plain column is dropped), the slug CHECK constraint is added, and the application
     role's table-wide ``SELECT`` becomes a column grant that leaves out the key hashes."""
     require_admin_attributes(conn, ("CREATEROLE", "BYPASSRLS"), doing="Installing sqla-tenancy")
+    # before the first catalog row it rewrites: provisionings grant on the same objects
+    conn.execute(text(XACT_LOCK), {"key": GRANTS_KEY})
     conn.exec_driver_sql(f"CREATE SCHEMA IF NOT EXISTS {REGISTRY_SCHEMA}")
     registry_metadata.create_all(conn, checkfirst=True)
     # columns added since a registry was first created

@@ -28,6 +28,7 @@ from .grants import is_keeper_role, tenants_group
 from .identifiers import validate_slug
 from .placements.database import template_database
 from .registry import REGISTRY_SCHEMA, Tenant
+from .steps import Steps
 
 if TYPE_CHECKING:
     from .config import TenancyConfig
@@ -172,9 +173,11 @@ def _provision(
     except TenancyError:
         raise
     except Exception as exc:
+        step = Steps.current()
+        where = f"step {step!r} " if step else ""
         raise ProvisioningError(
             f"Provisioning tenant {tenant.slug!r} ({tenant.strategy}) failed at "
-            f"{type(exc).__name__}: {exc}; nothing of it was kept, retrying is safe."
+            f"{where}({type(exc).__name__}: {exc}); nothing of it was kept, retrying is safe."
         ) from exc
 
 

@@ -18,6 +18,7 @@ from sqlalchemy import Connection, text
 from .identifiers import quote_literal
 
 __all__ = [
+    "GRANTS_KEY",
     "HOLDER",
     "INSTALL_KEY",
     "LOCK",
@@ -38,6 +39,12 @@ __all__ = [
 
 #: Held (transaction-level) by ``install()`` and other DDL of the ``tenancy`` schema; a bigint key.
 INSTALL_KEY = 0x5_1A7E_7A11
+#: Held (transaction-level) by every transaction that grants on the main database's shared objects
+#: (the database, the ``tenancy`` and infrastructure schemas and tables, the tenants' group): a
+#: GRANT rewrites the object's catalog row even when nothing changes, and two at once fail with
+#: ``tuple concurrently updated`` (fresh processes provisioning database tenants at once did).
+#: Taken first in its transaction, before any catalog row it will rewrite.
+GRANTS_KEY = "sqla_tenancy:grants"
 #: Held (session-level) by a migration run: the fleet runner's or a plain ``alembic`` one.
 MIGRATION_KEY = "sqla_tenancy:migrate"
 

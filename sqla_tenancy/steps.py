@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from contextvars import ContextVar
 
 __all__ = ["Steps"]
+
+#: The step the current thread (or task) last entered, for error messages.
+_current: ContextVar[str | None] = ContextVar("sqla_tenancy_step", default=None)
 
 
 class Steps:
@@ -23,7 +27,13 @@ class Steps:
         self.observer: Callable[[str], None] | None = None
 
     def __call__(self, name: str) -> None:
+        _current.set(name)
         if self.observer is not None:
             self.observer(name)
         if self.injector is not None:
             self.injector(name)
+
+    @staticmethod
+    def current() -> str | None:
+        """The name of the step this thread (or task) last entered, on any :class:`Steps`."""
+        return _current.get()

@@ -262,8 +262,10 @@ def test_failure_at_any_step_leaves_nothing(tenancy: Tenancy, tenancy_server: Te
 
     before, template = catalog(tenancy), template_oid(tenancy)
     tenancy._fault_injector = inject
-    with pytest.raises((ProvisioningError, RuntimeError), match="injected"):
+    with pytest.raises((ProvisioningError, RuntimeError), match="injected") as raised:
         tenancy.create_tenant("acme", placement="database")
+    if isinstance(raised.value, ProvisioningError):  # it names the step it stopped at
+        assert f"failed at step {step!r} (RuntimeError: injected" in str(raised.value)
     assert catalog(tenancy) == before
     assert template_oid(tenancy) == template  # the clean-up never touches the template
     tenancy._fault_injector = None

@@ -499,7 +499,8 @@ class DatabasePlacement(PlacementBase):
         revision (None when its schema is not managed by migrations)."""
         names = names or self.names(tenant)
         with self.engines.admin.begin() as conn:  # new infrastructure tables: grant them first
-            run_script(conn, ";\n".join(tenants_group_grants(self.config)))
+            grants = [locks.xact_lock_sql(locks.GRANTS_KEY), *tenants_group_grants(self.config)]
+            run_script(conn, ";\n".join(grants))
         # The admin URL's address (or fdw_host/fdw_port) reaches the main database directly (the
         # application URL may go through a transaction pooler, which postgres_fdw's sessions must not).
         host, port, dbname = self.config.fdw_address()

@@ -154,9 +154,19 @@ def _run(
         outcome = runner.run_infrastructure(main)
         _log(outcome.location, outcome.before, outcome.after, outcome.seconds)
         if runner.command != "display" and outcome.status == "upgraded":
-            refreshed = tenancy.refresh_foreign_schemas()
-            if refreshed:
-                log.info("refreshed the foreign tables of %d database tenant(s)", len(refreshed))
+            if main.in_transaction():
+                # the caller's transaction (a Connection handed over in config.attributes): the
+                # upgrade is not committed yet, and the refresh's own connections would wait for
+                # it (the registry table is locked) forever
+                log.warning(
+                    "the infrastructure stream ran inside the caller's transaction: after it "
+                    "commits, call tenancy.refresh_foreign_schemas() so that database tenants' "
+                    "foreign tables see the changes"
+                )
+            else:
+                refreshed = tenancy.refresh_foreign_schemas()
+                if refreshed:
+                    log.info("refreshed the foreign tables of %d database tenant(s)", len(refreshed))
     if TENANT in streams:
         if (
             runner.command == "display"

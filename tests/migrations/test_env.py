@@ -10,6 +10,7 @@ from sqlalchemy import create_engine, inspect, text
 
 from alembic_ext import MigrationError
 from alembic_ext.versions import INFRASTRUCTURE, TENANT
+from sqla_tenancy import tenant_context
 
 from .conftest import Project
 from .test_fleet import ADD_PRIORITY, DROP_PRIORITY, project_columns, registry_revisions
@@ -110,6 +111,43 @@ def test_a_connection_in_config_attributes_is_used(project: Project, kind: str) 
         assert "projects" in inspect(engine).get_table_names()
     finally:
         engine.dispose()
+
+
+NICKNAME = 'op.add_column("users", sa.Column("nickname", sa.Text()), schema="auth")'
+
+
+def test_an_infrastructure_upgrade_refreshes_the_database_tenants_foreign_tables(tenants: Project) -> None:
+    tenants.add_revision(INFRASTRUCTURE, NICKNAME)
+    command.upgrade(tenants.config(stream="infrastructure"), "head")
+    with tenant_context("initech"), tenants.tenancy.connect() as conn:
+        assert conn.execute(text("select count(nickname) from auth.users")).scalar() == 0
+
+
+@pytest.mark.timeout(120)
+def test_an_infrastructure_upgrade_in_the_callers_transaction_leaves_the_refresh_to_after(
+    tenants: Project, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A Connection handed over inside a transaction of the caller's: the infrastructure stream
+    runs in a savepoint, and nothing of it is committed when env.py returns. The database tenants'
+    foreign tables cannot be refreshed then (the refresh runs on connections of its own, which
+    would wait for the caller's transaction, forever): env.py says so, and the refresh after the
+    commit finds the new column."""
+    tenants.add_revision(INFRASTRUCTURE, NICKNAME)
+    engine = create_engine(tenants.tenancy.admin_url)
+    try:
+        with engine.connect() as conn:
+            conn.execute(text("select 1"))  # the caller's transaction has begun
+            cfg = tenants.config(stream="infrastructure")
+            cfg.attributes["connection"] = conn
+            with caplog.at_level("WARNING", logger="alembic_ext"):
+                command.upgrade(cfg, "head")
+            conn.commit()
+    finally:
+        engine.dispose()
+    assert "refresh_foreign_schemas()" in caplog.text
+    tenants.tenancy.refresh_foreign_schemas()
+    with tenant_context("initech"), tenants.tenancy.connect() as conn:
+        assert conn.execute(text("select count(nickname) from auth.users")).scalar() == 0
 
 
 @pytest.mark.parametrize(

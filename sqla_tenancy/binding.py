@@ -89,12 +89,23 @@ def tenant_setting(tenant_id: uuid.UUID) -> str:
     return f"SET LOCAL {TENANT_SETTING} = {quote_literal(str(tenant_id))}"
 
 
+#: How the admission (:func:`admit_statement`) starts, and how every binding of the login role's
+#: own default path does (:func:`binding_statement` with no schema and no role), which the
+#: admission may then follow with nothing to reset (:func:`admitted_binding`): one definition
+#: each, so that the forms cannot drift apart.
+_RESET_ROLE_SQL = "SET LOCAL ROLE NONE"
+_RESET_ROLE = f"{_RESET_ROLE_SQL}; ".encode()
+_DEFAULT_PINS = b"SET LOCAL search_path = DEFAULT; " + _RESET_ROLE
+
+
 def binding_statement(tenant_id: uuid.UUID, *, schema: str | None = None, role: str | None = None) -> bytes:
     """The ``SET LOCAL`` statements that bind a transaction to the tenant ``tenant_id``.
 
     ``schema``: the only schema unqualified names resolve in (``None``: the connection's default
     ``search_path``). ``role``: the role the transaction runs as (``None``: the login role).
     """
+    if schema is None and role is None:  # the form admitted_binding() recognises
+        return _DEFAULT_PINS + tenant_setting(tenant_id).encode()
     path = "DEFAULT" if schema is None else f"{quote_ident(schema)}, pg_temp"
     who = "NONE" if role is None else quote_ident(role)
     return f"SET LOCAL search_path = {path}; SET LOCAL ROLE {who}; {tenant_setting(tenant_id)}".encode()
@@ -114,19 +125,13 @@ def admit_statement(
     ``call``: ``CALL tenancy.admit(...)`` (a utility statement: no plan, no result row, one
     query inside), as a main database installed by this version allows; otherwise
     ``SELECT tenancy.admit_tenant(...)``, the function earlier versions installed."""
-    reset = "SELECT pg_catalog.set_config('role', 'none', true)" if distributed else "SET LOCAL ROLE NONE"
+    reset = "SELECT pg_catalog.set_config('role', 'none', true)" if distributed else _RESET_ROLE_SQL
     if call and placement is not None:
         admit = f"CALL {ADMIT_PROCEDURE}({quote_literal(str(tenant_id))}, {quote_literal(placement)})"
     else:
         where = "" if placement is None else f", {quote_literal(placement)}"
         admit = f"SELECT {ADMIT_FUNCTION}({quote_literal(str(tenant_id))}{where})"
     return f"{reset}; {admit}".encode()
-
-
-#: How every binding of the login role's own default path starts (:func:`binding_statement` with
-#: no schema and no role): the admission may then run after it, with nothing to reset.
-_DEFAULT_PINS = b"SET LOCAL search_path = DEFAULT; SET LOCAL ROLE NONE; "
-_RESET_ROLE = b"SET LOCAL ROLE NONE; "
 
 
 def admitted_binding(admission: bytes, binding: bytes) -> bytes:

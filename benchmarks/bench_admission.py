@@ -70,12 +70,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     tenancy: Tenancy | None = None
     try:
         database = server.create_database()
-        tenancy = Tenancy(
-            server.url(database),
-            admin_url=server.url(database, role="admin"),
-            metadata=Base.metadata,
-            name_prefix=server.name_prefix(database),
-        )
+        tenancy = server.tenancy(database, Base.metadata)
         tenancy.install()
         acme = tenancy.create_tenant("acme")
         maker = tenancy.sessionmaker()

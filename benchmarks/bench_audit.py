@@ -30,7 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from sqlalchemy import Connection, text
 
-from sqla_tenancy import Tenancy, platform_context, tenant_context
+from sqla_tenancy import platform_context, tenant_context
 from sqla_tenancy.audit import trigger_ddl
 from sqla_tenancy.testing import TestServer
 from tests.models import INFRASTRUCTURE, Base
@@ -65,12 +65,10 @@ def main() -> None:
     server = TestServer.start()
     try:
         database = server.create_database()
-        t = Tenancy(
-            server.url(database),
-            admin_url=server.url(database, role="admin"),
-            metadata=Base.metadata,
+        t = server.tenancy(
+            database,
+            Base.metadata,
             infrastructure_schemas=INFRASTRUCTURE,
-            name_prefix=server.name_prefix(database),
             secret_key="a benchmark key of more than sixteen bytes",
             registry_listen=False,
         )

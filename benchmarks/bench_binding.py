@@ -448,13 +448,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     tenancy: Tenancy | None = None
     try:
         database = server.create_database()
-        tenancy = Tenancy(
-            server.url(database),
-            admin_url=server.url(database, role="admin"),
-            metadata=Base.metadata,
-            name_prefix=server.name_prefix(database),  # its roles are dropped with the database
-            secret_key="bench-binding secret key, 32 bytes",
-        )
+        # (its tenants' roles are dropped with the database)
+        tenancy = server.tenancy(database, Base.metadata, secret_key="bench-binding secret key, 32 bytes")
         tenancy.install()
         acme = tenancy.create_tenant(TENANT)
         tenancy.create_tenant(OTHER)

@@ -158,13 +158,11 @@ def main() -> None:
     tenancy = None
     try:
         database = server.create_database()
-        tenancy = Tenancy(
-            server.url(database),
-            admin_url=server.url(database, role="admin"),
-            metadata=Base.metadata,
+        tenancy = server.tenancy(
+            database,
+            Base.metadata,
             infrastructure_schemas=("auth",),
             secret_key="bench-move-secret-key-of-enough-length",
-            name_prefix=server.name_prefix(database),
         )
         tenancy.install()
         tenancy.prepare_server(server.superuser_url)

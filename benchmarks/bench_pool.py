@@ -16,7 +16,6 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from sqla_tenancy import Tenancy
 from sqla_tenancy.testing import TestServer
 from tests.models import INFRASTRUCTURE, Base
 
@@ -32,13 +31,11 @@ def main() -> None:
     tenancy = None
     try:
         database = server.create_database()
-        tenancy = Tenancy(
-            server.url(database),
-            admin_url=server.url(database, role="admin"),
-            metadata=Base.metadata,
+        tenancy = server.tenancy(
+            database,
+            Base.metadata,
             infrastructure_schemas=INFRASTRUCTURE,
             secret_key="bench-pool-secret-key-of-enough-length",
-            name_prefix=server.name_prefix(database),
         )
         tenancy.install()
         tenancy.prepare_server(server.superuser_url)

@@ -600,13 +600,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     tenancy: Tenancy | None = None
     try:
         database = server.create_database()
-        tenancy = Tenancy(
-            server.url(database),
-            admin_url=server.url(database, role="admin"),
-            metadata=Base.metadata,
-            infrastructure_schemas=INFRASTRUCTURE,
-            name_prefix=server.name_prefix(database),
-        )
+        tenancy = server.tenancy(database, Base.metadata, infrastructure_schemas=INFRASTRUCTURE)
         tenancy.install()
         fleet = Fleet(server, database, tenancy)
         size = args.tenants if {"provision", "catalog"} & set(parts) else 2

@@ -149,9 +149,7 @@ def tenancy_factory(tenancy_server: TestServer, tenancy_database: str) -> Iterat
     made: list[Tenancy] = []
 
     def factory(metadata: MetaData, **kwargs: Any) -> Tenancy:
-        kwargs.setdefault("admin_url", tenancy_server.url(tenancy_database, role="admin"))
-        kwargs.setdefault("name_prefix", tenancy_server.name_prefix(tenancy_database))
-        tenancy = Tenancy(tenancy_server.url(tenancy_database), metadata=metadata, **kwargs)
+        tenancy = tenancy_server.tenancy(tenancy_database, metadata, **kwargs)
         made.append(tenancy)
         return tenancy
 

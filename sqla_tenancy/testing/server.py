@@ -11,13 +11,17 @@ from __future__ import annotations
 import os
 import secrets
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import create_engine
+from sqlalchemy import MetaData, create_engine
 from sqlalchemy.engine import URL, Engine, make_url
 from sqlalchemy.pool import NullPool
 
 from ..identifiers import quote_ident, quote_literal
 from .cluster import ClusterError, TemporaryCluster
+
+if TYPE_CHECKING:
+    from ..tenancy import Tenancy
 
 __all__ = ["DSN_ENV", "ServerURLError", "TestServer"]
 
@@ -173,6 +177,17 @@ class TestServer:
         prefix = f"t{secrets.token_hex(4)}"
         self._prefixes.setdefault(database, set()).add(prefix)
         return prefix
+
+    def tenancy(self, database: str, metadata: MetaData, **options: Any) -> Tenancy:
+        """A :class:`~sqla_tenancy.Tenancy` on ``database`` as a deployment has it: ``url`` the
+        application role's, ``admin_url`` the admin role's, and a fresh :meth:`name_prefix`, so
+        that the roles and databases of its tenants are dropped with ``database``. ``options``
+        go to ``Tenancy`` (``admin_url`` and ``name_prefix`` among them replace these)."""
+        from ..tenancy import Tenancy
+
+        options.setdefault("admin_url", self.url(database, role="admin"))
+        options.setdefault("name_prefix", self.name_prefix(database))
+        return Tenancy(self.url(database), metadata=metadata, **options)
 
     def drop_database(self, name: str) -> None:
         """Drop the database, and the cluster-wide roles and databases its tenants created."""

@@ -265,6 +265,9 @@ def keeper_for_new_roles(conn: Connection, config: TenancyConfig) -> tuple[str, 
     last = _last_keeper(conn, config)
     if last is not None and last[1] < 2 + 2 * KEEPER_TENANTS:
         return last[0], []
+    # A new keeper is granted, then refused, CREATE on the tenancy schema: that schema's catalog
+    # row is one the tenants' group grants rewrite too (locks.GRANTS_KEY).
+    conn.execute(text(locks.XACT_LOCK), {"key": locks.GRANTS_KEY})
     number = int(last[0].rsplit("_", 1)[1]) + 1 if last is not None else 1
     if number > 99999:
         raise RuntimeError("no keeper role number left")  # 3.2 million schema tenants

@@ -40,10 +40,11 @@ __all__ = [
 #: Held (transaction-level) by ``install()`` and other DDL of the ``tenancy`` schema; a bigint key.
 INSTALL_KEY = 0x5_1A7E_7A11
 #: Held (transaction-level) by every transaction that grants on the main database's shared objects
-#: (the database, the ``tenancy`` and infrastructure schemas and tables, the tenants' group): a
-#: GRANT rewrites the object's catalog row even when nothing changes, and two at once fail with
-#: ``tuple concurrently updated`` (fresh processes provisioning database tenants at once did).
-#: Taken first in its transaction, before any catalog row it will rewrite.
+#: (the database, the ``tenancy`` and infrastructure schemas and tables, the tenants' group; a new
+#: keeper role's grant on the ``tenancy`` schema): a GRANT rewrites the object's catalog row even
+#: when nothing changes, and two at once fail with ``tuple concurrently updated`` or deadlock
+#: (fresh processes provisioning database tenants at once did). Taken before the first of those
+#: rows the transaction rewrites.
 GRANTS_KEY = "sqla_tenancy:grants"
 #: Held (session-level) by a migration run: the fleet runner's or a plain ``alembic`` one.
 MIGRATION_KEY = "sqla_tenancy:migrate"

@@ -20,6 +20,7 @@ from sqla_tenancy import (
     Tenancy,
     TenantNotFound,
     TenantRefused,
+    grants,
     tenant_context,
 )
 from sqla_tenancy.testing import TestServer
@@ -235,6 +236,38 @@ def test_concurrent_grants_on_the_main_database_take_turns(dbt: Tenancy) -> None
     for worker in workers:
         worker.join(timeout=300)
     print(f"{threads} threads x {rounds} rounds of install() / refresh: {len(failures)} failed")
+    assert failures == [], "\n".join(failures)
+
+
+def test_a_new_keeper_and_concurrent_grants_take_turns(dbt: Tenancy, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Making a keeper role (PostgreSQL 16+, one per 32 schema tenants; here one per tenant)
+    grants it and takes back ``CREATE`` on the ``tenancy`` schema, whose catalog row the tenants'
+    group grants of a database tenant's provisioning or refresh rewrite too."""
+    with dbt.admin_engine.connect() as conn:
+        if int(conn.exec_driver_sql("show server_version_num").scalar_one()) < 160000:
+            pytest.skip("keepers are made on PostgreSQL 16+ only")
+    monkeypatch.setattr(grants, "KEEPER_TENANTS", 1)
+    rounds = 15
+    start = threading.Barrier(2)
+    failures: list[str] = []
+
+    def work(number: int) -> None:
+        start.wait()
+        for round_ in range(rounds):
+            try:
+                if number == 0:
+                    dbt.create_tenant(f"k{round_}", placement="schema")
+                else:
+                    dbt.refresh_foreign_schemas("acme")
+            except Exception as error:  # noqa: BLE001 (counted, then asserted)
+                failures.append(f"{type(error).__name__}: {error}"[:300])
+
+    workers = [threading.Thread(target=work, args=(n,)) for n in range(2)]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join(timeout=300)
+    print(f"{rounds} new keepers against {rounds} refreshes: {len(failures)} failed")
     assert failures == [], "\n".join(failures)
 
 

@@ -24,8 +24,10 @@ __all__ = [
     "is_keeper_role",
     "keeper_call",
     "keeper_for_new_roles",
+    "keeper_drops",
     "keeper_of",
     "keeper_role",
+    "keeper_upgrades",
     "keepers_apply",
     "registry_grants",
     "tenants_group",
@@ -169,6 +171,8 @@ def finish_tables(config: TenancyConfig, conn: Connection, tables: list[Table]) 
 KEEPER_TENANTS = 32
 #: PostgreSQL's bootstrap superuser, the recorded grantor of a creator's implicit ADMIN membership.
 _BOOTSTRAP_SUPERUSER = 10
+#: The action keepers' functions of earlier versions lack (:func:`upgrade_keepers` adds it).
+_DROP = "'drop'"
 
 
 def keeper_role(config: TenancyConfig, number: int) -> str:
@@ -187,11 +191,11 @@ def keepers_apply(conn: Connection) -> bool:
     return (conn.dialect.server_version_info or (0,)) >= (16,)
 
 
-def keeper_call(keeper: str, action: str, role: str, other: str) -> str:
+def keeper_call(keeper: str, action: str, role: str, other: str = "") -> str:
     """The statement asking ``keeper`` to ``create`` the NOLOGIN tenant role ``role`` as a member of
-    the group ``other``, or to ``grant`` (``grant_inherit``) ``role`` to ``other`` WITH INHERIT
-    FALSE (TRUE)."""
-    if action not in ("create", "grant", "grant_inherit"):
+    the group ``other``, to ``grant`` (``grant_inherit``) ``role`` to ``other`` WITH INHERIT
+    FALSE (TRUE), or to ``drop`` ``role``, one it created (:func:`keeper_drops`)."""
+    if action not in ("create", "grant", "grant_inherit", "drop"):
         raise ValueError(f"unknown keeper action {action!r}")
     return (
         f"SELECT {REGISTRY_SCHEMA}.{quote_ident(keeper)}"
@@ -203,7 +207,7 @@ def _keeper_function(config: TenancyConfig, keeper: str) -> str:
     function = f"{REGISTRY_SCHEMA}.{quote_ident(keeper)}"
     options = "NOLOGIN NOSUPERUSER NOBYPASSRLS NOCREATEDB NOCREATEROLE INHERIT"
     return f"""
-        CREATE FUNCTION {function}(action text, role text, other text) RETURNS void
+        CREATE OR REPLACE FUNCTION {function}(action text, role text, other text) RETURNS void
         LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
         BEGIN
             IF action = 'create' THEN
@@ -212,6 +216,17 @@ def _keeper_function(config: TenancyConfig, keeper: str) -> str:
                 EXECUTE format('GRANT %I TO %I WITH INHERIT FALSE', role, other);
             ELSIF action = 'grant_inherit' THEN
                 EXECUTE format('GRANT %I TO %I WITH INHERIT TRUE', role, other);
+            ELSIF action = {_DROP} THEN
+                -- only a role this keeper created (not the groups it holds ADMIN OPTION on)
+                IF NOT EXISTS (
+                    SELECT FROM pg_auth_members a
+                    WHERE a.roleid = (SELECT oid FROM pg_roles WHERE rolname = role)
+                      AND a.member = (SELECT oid FROM pg_roles WHERE rolname = current_user)
+                      AND a.admin_option AND a.grantor = {_BOOTSTRAP_SUPERUSER}
+                ) THEN
+                    RAISE EXCEPTION 'role % was not created by %', role, current_user;
+                END IF;
+                EXECUTE format('DROP ROLE %I', role);
             ELSE
                 RAISE EXCEPTION 'unknown action %', action;
             END IF;
@@ -220,14 +235,24 @@ def _keeper_function(config: TenancyConfig, keeper: str) -> str:
 
 def _keeper_ddl(config: TenancyConfig, keeper: str) -> list[str]:
     """A new keeper: the role, ADMIN OPTION on the two groups, and its function, callable by the
-    admin role only. The admin may SET ROLE to it only while the function is made."""
-    k, admin = quote_ident(keeper), quote_ident(config.admin_url.username or "")
-    function = f"{REGISTRY_SCHEMA}.{quote_ident(keeper)}(text, text, text)"
+    admin role only."""
+    k = quote_ident(keeper)
     options = "ADMIN TRUE, INHERIT FALSE, SET FALSE"
     return [
         f"CREATE ROLE {k} NOLOGIN NOSUPERUSER NOBYPASSRLS NOCREATEDB CREATEROLE NOINHERIT",
         f"GRANT {quote_ident(tenants_group(config))} TO {k} WITH {options}",
         f"GRANT {quote_ident(anonymous_group(config))} TO {k} WITH {options}",
+        *_keeper_function_ddl(config, keeper),
+    ]
+
+
+def _keeper_function_ddl(config: TenancyConfig, keeper: str) -> list[str]:
+    """``keeper``'s function, made (or replaced) as the keeper, which owns it; the admin role may
+    SET ROLE to the keeper, and the keeper create in the registry schema, only meanwhile. The
+    grant on the schema rewrites its catalog row: run under :data:`~sqla_tenancy.locks.GRANTS_KEY`."""
+    k, admin = quote_ident(keeper), quote_ident(config.admin_url.username or "")
+    function = f"{REGISTRY_SCHEMA}.{quote_ident(keeper)}(text, text, text)"
+    return [
         f"GRANT {k} TO {admin} WITH INHERIT FALSE, SET TRUE",
         f"GRANT USAGE, CREATE ON SCHEMA {REGISTRY_SCHEMA} TO {k}",
         f"SET LOCAL ROLE {k}",
@@ -238,6 +263,46 @@ def _keeper_ddl(config: TenancyConfig, keeper: str) -> list[str]:
         f"REVOKE USAGE, CREATE ON SCHEMA {REGISTRY_SCHEMA} FROM {k}",
         f"REVOKE {k} FROM {admin}",
     ]
+
+
+def _keepers_without_drop(conn: Connection, config: TenancyConfig) -> list[str]:
+    """The keepers whose function (made by an earlier version) cannot drop the roles it created."""
+    rows = conn.execute(
+        text(
+            "select p.proname from pg_proc p where p.pronamespace = CAST(:schema AS regnamespace) "
+            "and p.proname >= :lo and p.proname <= :hi and strpos(p.prosrc, :drop) = 0 order by 1"
+        ),
+        {
+            "schema": REGISTRY_SCHEMA,
+            "lo": keeper_role(config, 0),
+            "hi": keeper_role(config, 99999),
+            "drop": _DROP,
+        },
+    ).scalars()
+    return [str(name) for name in rows if is_keeper_role(config, str(name))]
+
+
+def keeper_upgrades(conn: Connection, config: TenancyConfig) -> list[str]:
+    """The scripts giving the keepers made by earlier versions this version's function (with
+    ``drop``), one per keeper, to run under :data:`~sqla_tenancy.locks.GRANTS_KEY` in ``conn``'s
+    transaction (with ``run_script``: the function's body is not parameter-free SQL for the
+    driver); none when there is nothing to upgrade. Each costs one walk of the admin role's
+    memberships (the ``GRANT`` letting it act as the keeper), once."""
+    if not keepers_apply(conn) or config.distributed:
+        return []
+    return [";\n".join(_keeper_function_ddl(config, k)) for k in _keepers_without_drop(conn, config)]
+
+
+def keeper_drops(conn: Connection, config: TenancyConfig, role: str) -> str | None:
+    """The keeper that created ``role`` when its function can drop it (then ``keeper_call(keeper,
+    "drop", role)`` drops it without walking the admin role's memberships); ``None`` otherwise
+    (PostgreSQL 15, Citus, a role the admin created, a keeper not upgraded yet)."""
+    if not keepers_apply(conn) or config.distributed:
+        return None
+    keeper = keeper_of(conn, config, role)
+    if keeper is None or keeper in _keepers_without_drop(conn, config):
+        return None
+    return keeper
 
 
 def _last_keeper(conn: Connection, config: TenancyConfig) -> tuple[str, int] | None:

@@ -14,10 +14,11 @@ from sqlalchemy import Connection, Engine, text
 from .anonymous import anonymous_role
 from .binding import ADMIT_FUNCTION, ADMIT_PROCEDURE, REFUSED_SQLSTATE
 from .distribution import distribute_tables, prepare_distributed_ddl
-from .grants import finish_tables, registry_grants
+from .grants import finish_tables, keeper_upgrades, registry_grants
 from .identifiers import quote_ident, quote_literal
 from .keys import check_tenant_keys
 from .locks import GRANTS_KEY, INSTALL_KEY, SERVING_PREFIX, XACT_LOCK
+from .placements.base import run_script
 from .privileges import require_admin_attributes
 from .registry import (
     ACCESS_KEY_FUNCTION,
@@ -309,6 +310,8 @@ def ensure_registry(config: TenancyConfig, conn: Connection) -> None:
         FILL_SERIAL_DDL,
     ]:
         conn.exec_driver_sql(statement)
+    for script in keeper_upgrades(conn, config):  # earlier versions' keepers learn to drop roles
+        run_script(conn, script)  # (GRANTS_KEY held: taken above)
     if config.default_tenant is not None:
         TenantStore().ensure_default(conn, config.default_tenant)
     # Nobody but the owner reads the table as a whole (so no role sees the key hashes).

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator
 
 import pytest
@@ -294,3 +295,81 @@ def test_concurrent_provisioning_shares_the_keepers(
             s.add(Project(name=slug))
             s.commit()
             assert s.scalars(select(Project.name)).all() == [slug]
+
+
+def deletion_scripts(t: Tenancy, slug: str, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Delete a schema tenant; the scripts its deprovisioning sent."""
+    from sqla_tenancy.placements import base, schema
+
+    sent: list[str] = []
+    original = base.run_script
+
+    def recording(conn: object, script: str) -> None:
+        sent.append(script)
+        original(conn, script)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(schema, "run_script", recording)
+    try:
+        t.delete_tenant(slug)
+    finally:
+        monkeypatch.setattr(schema, "run_script", original)
+    return "\n".join(sent)
+
+
+def test_deletion_drops_the_roles_through_their_keeper(
+    tenancy: Tenancy, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """As the admin role, DROP ROLE walks the admin's memberships, and through the keepers every
+    schema tenant's roles (PostgreSQL 16+): the keeper that created a role drops it. A keeper of an
+    earlier version, whose function cannot, leaves it to the admin until install() upgrades it."""
+    if server_version(tenancy) < 160000:
+        pytest.skip("keepers are made on PostgreSQL 16+ only")
+    for slug in ("t1", "t2", "t3"):
+        tenancy.create_tenant(slug, placement="schema")
+    prefix = tenancy.name_prefix
+    keeper = f"{prefix}_keeper_00001"
+    roles = [f"{prefix}_t1_app", f"{prefix}_t1_anon"]
+    sent = deletion_scripts(tenancy, "t1", monkeypatch)
+    assert "DROP ROLE" not in sent
+    for role in roles:
+        assert f"SELECT tenancy.\"{keeper}\"('drop', '{role}', '')" in sent
+    _, left = catalog(tenancy)
+    assert not set(roles) & left
+
+    # the keeper refuses to drop what it did not create: the groups it holds ADMIN OPTION on
+    with tenancy.admin_engine.connect() as conn, pytest.raises(exc.DBAPIError, match="was not created by"):
+        conn.exec_driver_sql(f"SELECT tenancy.\"{keeper}\"('drop', '{prefix}_tenants', '')")
+
+    # a keeper made by an earlier version: its function has no 'drop'
+    function = f'tenancy."{keeper}"(text, text, text)'
+    with tenancy.admin_engine.connect() as conn:
+        source = conn.execute(
+            text(f"select prosrc from pg_proc where oid = '{function}'::regprocedure")
+        ).scalar_one()
+    old = re.sub(r"ELSIF action = 'drop' THEN.*?(?=ELSE\s+RAISE)", "", source, flags=re.S)
+    assert "'drop'" not in old and "grant_inherit" in old
+    with tenancy.admin_engine.begin() as conn:  # the keeper owns it: replaced as the keeper
+        conn.exec_driver_sql(
+            f'GRANT "{keeper}" TO "{tenancy.admin_url.username}" WITH INHERIT FALSE, SET TRUE'
+        )
+        conn.exec_driver_sql("GRANT CREATE ON SCHEMA tenancy TO " + f'"{keeper}"')
+        conn.exec_driver_sql(f'SET LOCAL ROLE "{keeper}"')
+        conn.exec_driver_sql(
+            f"CREATE OR REPLACE FUNCTION {function.replace('(text, text, text)', '')}"
+            f"(action text, role text, other text) RETURNS void LANGUAGE plpgsql SECURITY DEFINER "
+            f"SET search_path = pg_catalog, pg_temp AS $fn${old.replace('%', '%%')}$fn$"
+        )
+        conn.exec_driver_sql("SET LOCAL ROLE NONE")
+        conn.exec_driver_sql(f'REVOKE CREATE ON SCHEMA tenancy FROM "{keeper}"')
+        conn.exec_driver_sql(f'REVOKE "{keeper}" FROM "{tenancy.admin_url.username}"')
+    sent = deletion_scripts(tenancy, "t2", monkeypatch)
+    assert f'DROP ROLE IF EXISTS "{prefix}_t2_app"' in sent and "'drop'" not in sent
+    tenancy.install()  # upgrades it
+    sent = deletion_scripts(tenancy, "t3", monkeypatch)
+    assert "DROP ROLE" not in sent and f"('drop', '{prefix}_t3_app', '')" in sent
+    _, left = catalog(tenancy)
+    assert not {f"{prefix}_{slug}_{kind}" for slug in ("t2", "t3") for kind in ("app", "anon")} & left
+    with tenancy.admin_engine.connect() as conn:  # and the keeper holds no privilege on the schema
+        assert not conn.execute(
+            text("select has_schema_privilege(:k, 'tenancy', 'CREATE')"), {"k": keeper}
+        ).scalar_one()

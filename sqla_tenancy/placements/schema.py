@@ -36,7 +36,7 @@ from ..anonymous import (
 )
 from ..binding import binding_statement, distributed_binding_statement, migration_binding_statement
 from ..errors import ConfigurationError, ProvisioningError, UnsupportedOperation
-from ..grants import keeper_call, keeper_for_new_roles, keepers_apply, tenants_group
+from ..grants import keeper_call, keeper_drops, keeper_for_new_roles, keepers_apply, tenants_group
 from ..identifiers import quote_ident, quote_literal, role_name, schema_name
 from ..passwords import derive_password, scram_verifier
 from ..registry import REGISTRY_SCHEMA
@@ -364,15 +364,17 @@ class SchemaPlacement(PlacementBase):
     ) -> None:
         assert admin is not None
         schema, role = self.names(tenant.slug)
-        s, r = quote_ident(schema), quote_ident(role)
+        s = quote_ident(schema)
         if not keep_infrastructure_rows:
             delete_tenant_rows(tenant, reversed(self.config.infrastructure_tables()), admin=admin)
-        anonymous = quote_ident(tenant_anonymous_role(self.config, tenant.slug))
-        statements = [
-            f"DROP SCHEMA IF EXISTS {s} CASCADE",
-            f"DROP ROLE IF EXISTS {r}",
-            f"DROP ROLE IF EXISTS {anonymous}",
-        ]
+        statements = [f"DROP SCHEMA IF EXISTS {s} CASCADE"]
+        for name in (role, tenant_anonymous_role(self.config, tenant.slug)):
+            # by the keeper that created it: as the admin role, DROP ROLE walks the admin's
+            # memberships, and through the keepers every schema tenant's roles
+            keeper = keeper_drops(admin, self.config, name)
+            statements.append(
+                keeper_call(keeper, "drop", name) if keeper else f"DROP ROLE IF EXISTS {quote_ident(name)}"
+            )
         self._script(admin, ";\n".join(statements))
 
     def compensate(self, tenant: Tenant) -> None:

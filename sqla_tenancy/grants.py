@@ -171,7 +171,7 @@ def finish_tables(config: TenancyConfig, conn: Connection, tables: list[Table]) 
 KEEPER_TENANTS = 32
 #: PostgreSQL's bootstrap superuser, the recorded grantor of a creator's implicit ADMIN membership.
 _BOOTSTRAP_SUPERUSER = 10
-#: The action keepers' functions of earlier versions lack (:func:`upgrade_keepers` adds it).
+#: The action keepers' functions of earlier versions lack (:func:`keeper_upgrades` adds it).
 _DROP = "'drop'"
 
 
@@ -300,9 +300,13 @@ def keeper_drops(conn: Connection, config: TenancyConfig, role: str) -> str | No
     if not keepers_apply(conn) or config.distributed:
         return None
     keeper = keeper_of(conn, config, role)
-    if keeper is None or keeper in _keepers_without_drop(conn, config):
+    if keeper is None:
         return None
-    return keeper
+    drops = conn.execute(
+        text("select strpos(prosrc, :drop) > 0 from pg_proc where oid = to_regprocedure(:f)"),
+        {"drop": _DROP, "f": f"{REGISTRY_SCHEMA}.{quote_ident(keeper)}(text, text, text)"},
+    ).scalar()
+    return keeper if drops else None
 
 
 def _last_keeper(conn: Connection, config: TenancyConfig) -> tuple[str, int] | None:

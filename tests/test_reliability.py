@@ -208,6 +208,28 @@ def test_fresh_processes_provision_database_tenants_at_once(
     assert {f"r{r}p{i}" for r in range(rounds) for i in range(processes)} <= tenants
 
 
+def race(rounds: int, *actions: Callable[[int], object]) -> list[str]:
+    """Run each action ``rounds`` times (with the round's number) in a thread of its own, all
+    started at once; the failures, as ``"<type>: <message>"``."""
+    start = threading.Barrier(len(actions))
+    failures: list[str] = []
+
+    def work(action: Callable[[int], object]) -> None:
+        start.wait()
+        for round_ in range(rounds):
+            try:
+                action(round_)
+            except Exception as error:  # noqa: BLE001 (counted, then asserted)
+                failures.append(f"{type(error).__name__}: {error}"[:300])
+
+    workers = [threading.Thread(target=work, args=(action,)) for action in actions]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join(timeout=300)
+    return failures
+
+
 def test_concurrent_grants_on_the_main_database_take_turns(dbt: Tenancy) -> None:
     """Each provisioning of a database tenant, each refresh of its foreign schemas and install()
     grant on the same objects of the main database (its row, the schemas, the infrastructure
@@ -215,27 +237,15 @@ def test_concurrent_grants_on_the_main_database_take_turns(dbt: Tenancy) -> None
     the lock, 4 threads x 15 rounds failed 3 to 6 times in 60 (PostgreSQL 15 and 18), some of them
     as deadlocks."""
     dbt.create_tenant("globex", placement="database")
-    threads, rounds = 4, 15
-    start = threading.Barrier(threads)
-    failures: list[str] = []
-
-    def work(number: int) -> None:
-        start.wait()
-        for _ in range(rounds):
-            try:
-                if number == 0:
-                    dbt.install()
-                else:
-                    dbt.refresh_foreign_schemas(("acme", "globex")[number % 2])
-            except Exception as error:  # noqa: BLE001 (counted, then asserted)
-                failures.append(f"{type(error).__name__}: {error}"[:300])
-
-    workers = [threading.Thread(target=work, args=(n,)) for n in range(threads)]
-    for worker in workers:
-        worker.start()
-    for worker in workers:
-        worker.join(timeout=300)
-    print(f"{threads} threads x {rounds} rounds of install() / refresh: {len(failures)} failed")
+    rounds = 15
+    failures = race(
+        rounds,
+        lambda _: dbt.install(),
+        lambda _: dbt.refresh_foreign_schemas("acme"),
+        lambda _: dbt.refresh_foreign_schemas("globex"),
+        lambda _: dbt.refresh_foreign_schemas("acme"),
+    )
+    print(f"4 threads x {rounds} rounds of install() / refresh: {len(failures)} failed")
     assert failures == [], "\n".join(failures)
 
 
@@ -248,25 +258,11 @@ def test_a_new_keeper_and_concurrent_grants_take_turns(dbt: Tenancy, monkeypatch
             pytest.skip("keepers are made on PostgreSQL 16+ only")
     monkeypatch.setattr(grants, "KEEPER_TENANTS", 1)
     rounds = 15
-    start = threading.Barrier(2)
-    failures: list[str] = []
-
-    def work(number: int) -> None:
-        start.wait()
-        for round_ in range(rounds):
-            try:
-                if number == 0:
-                    dbt.create_tenant(f"k{round_}", placement="schema")
-                else:
-                    dbt.refresh_foreign_schemas("acme")
-            except Exception as error:  # noqa: BLE001 (counted, then asserted)
-                failures.append(f"{type(error).__name__}: {error}"[:300])
-
-    workers = [threading.Thread(target=work, args=(n,)) for n in range(2)]
-    for worker in workers:
-        worker.start()
-    for worker in workers:
-        worker.join(timeout=300)
+    failures = race(
+        rounds,
+        lambda round_: dbt.create_tenant(f"k{round_}", placement="schema"),
+        lambda _: dbt.refresh_foreign_schemas("acme"),
+    )
     print(f"{rounds} new keepers against {rounds} refreshes: {len(failures)} failed")
     assert failures == [], "\n".join(failures)
 

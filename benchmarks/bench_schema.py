@@ -18,6 +18,14 @@ Three parts, selectable with ``--parts``:
     step runs): the median time from one step's call to the next, for the first and the last 100
     tenants (``(before)`` is what precedes the first step; ``activate`` runs to the end, commit
     included).
+
+    With ``--reference``, every creation in the fleet is followed by one on a second throwaway
+    cluster that holds :data:`SMALL_FLEET` schema tenants throughout (each tenant created there is
+    timed, then deleted, untimed). The two creations of a pair meet the same moment of the
+    machine's load, so the per-pair ratio fleet / reference shows what the fleet's size costs
+    with the machine's drift taken out: per bucket, the paired flatness (the last bucket's
+    median ratio over that of tenants 11-100), its trend over the second half, and each step's
+    per-pair difference for the first and the last 100.
 ``select``
     The one-SELECT transaction (open a session, one primary-key SELECT, commit, close) for one
     schema tenant, timed as ``benchmarks/bench_binding.py`` does (warm-up, interleaved rounds whose
@@ -46,6 +54,7 @@ Run::
     python benchmarks/bench_schema.py --quick               # smoke run for CI (< 20 s)
     python benchmarks/bench_schema.py --parts select --rounds 50 --per-round 400
     python benchmarks/bench_schema.py --parts provision,catalog --tenants 5000
+    python benchmarks/bench_schema.py --parts provision --tenants 5000 --reference
 
 The server is a throwaway PostgreSQL cluster (``sqla_tenancy.testing.TestServer``), or the superuser
 DSN in ``$SQLA_TENANCY_TEST_DSN``. This is a benchmark, not a test: it asserts nothing about timings.
@@ -199,29 +208,41 @@ class Fleet:
     def other(self) -> Tenant:
         return self.tenants[1]
 
-    def grow(self, size: int) -> None:
-        """Create tenants, one after another, until there are ``size``."""
-        create = self.tenancy.create_tenant
+    def grow(self, size: int, reference: Fleet | None = None) -> None:
+        """Create tenants, one after another, until there are ``size``. With ``reference`` (a
+        small fleet on a cluster of its own), each creation is followed by one there, timed the
+        same way, and that tenant's deletion (untimed): the reference stays at its size, and the
+        two creations of a pair run in the same moment of the machine's load."""
         perf = time.perf_counter
         marks: list[tuple[str, float]] = []
         self.tenancy._fault_injector = lambda step: marks.append((step, perf()))
+        if reference is not None:
+            reference.tenancy._fault_injector = lambda step: marks.append((step, perf()))
         try:
             for number in range(len(self.tenants) + 1, size + 1):
-                slug = f"t{number:05d}"
-                marks.clear()
-                start = perf()
-                tenant = create(slug, placement="schema")
-                end = perf()
-                self.tenants.append(tenant)
-                self.times_ms.append((end - start) * 1000)
-                if tuple(m[0] for m in marks) != STEPS:
-                    raise SystemExit(f"unexpected provisioning steps {[m[0] for m in marks]}")
-                bounds = [start, *(m[1] for m in marks), end]
-                self.phases_ms.append(
-                    {name: (b - a) * 1000 for name, (a, b) in zip(PHASES, pairwise(bounds), strict=True)}
-                )
+                self.tenants.append(self._create_timed(f"t{number:05d}", marks))
+                if reference is not None:
+                    reference.tenancy.delete_tenant(reference._create_timed(f"r{number:05d}", marks))
         finally:
             self.tenancy._fault_injector = None
+            if reference is not None:
+                reference.tenancy._fault_injector = None
+
+    def _create_timed(self, slug: str, marks: list[tuple[str, float]]) -> Tenant:
+        """``create_tenant(slug)``, its time and its steps' times recorded."""
+        perf = time.perf_counter
+        marks.clear()
+        start = perf()
+        tenant = self.tenancy.create_tenant(slug, placement="schema")
+        end = perf()
+        self.times_ms.append((end - start) * 1000)
+        if tuple(m[0] for m in marks) != STEPS:
+            raise SystemExit(f"unexpected provisioning steps {[m[0] for m in marks]}")
+        bounds = [start, *(m[1] for m in marks), end]
+        self.phases_ms.append(
+            {name: (b - a) * 1000 for name, (a, b) in zip(PHASES, pairwise(bounds), strict=True)}
+        )
+        return tenant
 
     def populate(self) -> None:
         """``ROWS`` projects in the measured tenant, one in the other; statistics up to date."""
@@ -525,6 +546,47 @@ def print_provisioning(times_ms: Sequence[float]) -> list[str]:
     return summary
 
 
+def print_paired(fleet: Fleet, reference: Fleet) -> list[str]:
+    """The fleet's creations against the reference's, pair by pair: what the fleet's size
+    costs once the machine's drift, which moves both, is taken out."""
+    mine, theirs = fleet.times_ms, reference.times_ms
+    count = len(mine)
+    ratios = [a / b for a, b in zip(mine, theirs, strict=True)]
+    print(
+        f"\nprovision, paired: each creation in the fleet followed by one on a reference cluster "
+        f"holding {SMALL_FLEET} schema tenants (each created, timed, then deleted)"
+    )
+    print(f"  {'tenants':<11} {'fleet ms':>9} {'ref ms':>8} {'fleet/ref':>10}")
+    medians: dict[tuple[int, int], float] = {}
+    for lo, hi in buckets_reached(count):
+        medians[lo, hi] = statistics.median(ratios[lo - 1 : hi])
+        print(
+            f"  {f'{lo}-{hi}':<11} {statistics.median(mine[lo - 1 : hi]):9.2f} "
+            f"{statistics.median(theirs[lo - 1 : hi]):8.2f} {medians[lo, hi]:10.3f}"
+        )
+    summary = []
+    last = max(medians)
+    if (11, 100) in medians and last[0] > 11:
+        flat = medians[last] / medians[11, 100]
+        print(
+            f"  paired flatness: fleet/ref of {last[0]}-{last[1]} over fleet/ref of 11-100 = {flat:.3f} "
+            f"(goal <= {FLATNESS_GOAL:.2f})"
+        )
+        summary.append(f"paired flatness {flat:.3f}")
+    lo = max(SMALL_FLEET + 1, count // 2 + 1)
+    if count - lo >= 10:
+        slope = statistics.linear_regression(range(lo, count + 1), ratios[lo - 1 :]).slope
+        print(f"  trend of fleet/ref over tenants {lo}-{count}: {slope * 1000:+.3f} per 1000 tenants")
+        summary.append(f"paired trend {slope * 1000:+.3f}/1000 tenants")
+    if count >= 200:
+        print("  per step, fleet minus reference (medians of the per-pair differences, ms): first, last 100")
+        for name in PHASES:
+            diffs = [a[name] - b[name] for a, b in zip(fleet.phases_ms, reference.phases_ms, strict=True)]
+            head, tail = statistics.median(diffs[:100]), statistics.median(diffs[-100:])
+            print(f"    {name:<11} {head:+8.2f} {tail:+8.2f}")
+    return summary
+
+
 def print_select(title: str, results: Results, timing: Timing) -> None:
     results.print_table(title, timing.rounds, timing.per_round)
 
@@ -569,12 +631,19 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--quick", action="store_true", help="a small fleet, short rounds: CI smoke run")
     parser.add_argument("--no-async", action="store_true", help="skip the async select benchmark")
+    parser.add_argument(
+        "--reference",
+        action="store_true",
+        help=f"with provision: pair every creation with one on a second cluster of {SMALL_FLEET} tenants",
+    )
     args = parser.parse_args(argv)
     parts = [p.strip() for p in args.parts.split(",") if p.strip()]
     unknown = sorted(set(parts) - set(PARTS))
     if unknown or not parts:
         parser.error(f"--parts: choose among {', '.join(PARTS)} (got {args.parts!r})")
     args.parts = [p for p in PARTS if p in parts]
+    if args.reference and "provision" not in args.parts:
+        parser.error("--reference pairs the provision part's creations: add provision to --parts")
     if args.tenants is None:
         args.tenants = 150 if args.quick else 2000
     if args.rounds is None:
@@ -598,11 +667,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     started = time.monotonic()
     server = TestServer.start()
     tenancy: Tenancy | None = None
+    reference: Fleet | None = None
     try:
         database = server.create_database()
         tenancy = server.tenancy(database, Base.metadata, infrastructure_schemas=INFRASTRUCTURE)
         tenancy.install()
         fleet = Fleet(server, database, tenancy)
+        if args.reference:
+            reference = start_reference()
         size = args.tenants if {"provision", "catalog"} & set(parts) else 2
         print(
             f"sqla-tenancy schema placement benchmark: PostgreSQL {server_version(server)}, "
@@ -616,15 +688,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         summary: list[str] = []
         small: Results | None = None
         if "catalog" in parts:
-            fleet.grow(SMALL_FLEET)
+            fleet.grow(SMALL_FLEET, reference)
             fleet.populate()
             small = run_sync(fleet, timing)
-        fleet.grow(size)
+        fleet.grow(size, reference)
         if not fleet.pks and {"select", "catalog"} & set(parts):
             fleet.populate()
         if "provision" in parts:
             summary += print_provisioning(fleet.times_ms)
             print_phases(fleet)
+            if reference is not None:
+                summary += print_paired(fleet, reference)
         large = run_sync(fleet, timing) if small is not None else None
         if "select" in parts:
             print(
@@ -650,8 +724,30 @@ def main(argv: Sequence[str] | None = None) -> int:
         try:
             if tenancy is not None:
                 tenancy.dispose()
+            if reference is not None:
+                reference.tenancy.dispose()
         finally:
             server.stop()
+            if reference is not None:
+                reference.server.stop()
+
+
+def start_reference() -> Fleet:
+    """The reference fleet: :data:`SMALL_FLEET` schema tenants on a throwaway cluster of its own
+    (never ``$SQLA_TENANCY_TEST_DSN``'s server: its catalog must not grow with the fleet's)."""
+    server = TestServer.start(use_test_dsn=False)
+    try:
+        database = server.create_database()
+        tenancy = server.tenancy(database, Base.metadata, infrastructure_schemas=INFRASTRUCTURE)
+        tenancy.install()
+        reference = Fleet(server, database, tenancy)
+        reference.grow(SMALL_FLEET)
+    except BaseException:
+        server.stop()
+        raise
+    reference.times_ms.clear()
+    reference.phases_ms.clear()
+    return reference
 
 
 if __name__ == "__main__":

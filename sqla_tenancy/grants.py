@@ -17,7 +17,9 @@ from .registry import ACCESS_KEY_FUNCTION, APPLICATION_COLUMNS, REGISTRY_SCHEMA
 from .rls import is_tenant_scoped, qualified_name
 
 __all__ = [
+    "KEEPERS_PER_CONNECTION",
     "KEEPER_TENANTS",
+    "calling_keeper",
     "fill_serial_ddl",
     "finish_tables",
     "grant_statements",
@@ -169,6 +171,11 @@ def finish_tables(config: TenancyConfig, conn: Connection, tables: list[Table]) 
 
 #: Schema tenants whose roles one keeper creates (two roles each).
 KEEPER_TENANTS = 32
+#: Keepers whose functions one admin connection may call before it is replaced (see
+#: :func:`calling_keeper`).
+KEEPERS_PER_CONNECTION = 8
+#: ``Connection.info`` key: the keepers whose functions the connection's server session called.
+_KEEPERS_CALLED = "sqla_tenancy_keepers_called"
 #: PostgreSQL's bootstrap superuser, the recorded grantor of a creator's implicit ADMIN membership.
 _BOOTSTRAP_SUPERUSER = 10
 #: The action keepers' functions of earlier versions lack (:func:`keeper_upgrades` adds it).
@@ -189,6 +196,23 @@ def keepers_apply(conn: Connection) -> bool:
     """Whether tenant roles go through keepers on ``conn``'s server (PostgreSQL 16+: older servers
     let a CREATEROLE role grant any role without walking the membership graph)."""
     return (conn.dialect.server_version_info or (0,)) >= (16,)
+
+
+def calling_keeper(conn: Connection, keeper: str) -> None:
+    """Record that ``conn``'s server session is about to call ``keeper``'s function; once it has
+    called more than :data:`KEEPERS_PER_CONNECTION` keepers' functions, the pool replaces the
+    connection at its next checkout (a soft invalidation: the transaction in progress goes on).
+
+    Each PL/pgSQL function a server session calls leaves its plans in that session's plan cache
+    for the session's life, and PostgreSQL visits every cached plan at each relation
+    invalidation, which a schema tenant's DDL sends by the hundred. An admin connection that
+    created a fleet would otherwise hold the plans of every keeper (one per 32 tenants) and make
+    each later tenant dearer: at 5,000 tenants a creation took 1.25x its pair on a small fleet,
+    1.08x with the connections replaced (``benchmarks/bench_schema.py --reference``)."""
+    called: set[str] = conn.info.setdefault(_KEEPERS_CALLED, set())
+    called.add(keeper)
+    if len(called) > KEEPERS_PER_CONNECTION:
+        conn.connection.invalidate(soft=True)
 
 
 def keeper_call(keeper: str, action: str, role: str, other: str = "") -> str:

@@ -261,6 +261,43 @@ def test_provisioning_does_not_grow_with_the_fleet(tenancy: Tenancy, monkeypatch
         assert left.scalar_one() == 0
 
 
+def test_admin_connections_are_replaced_after_a_few_keepers(
+    tenancy: Tenancy, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A server session keeps the plans of every PL/pgSQL function it called, and PostgreSQL visits
+    them all at each relation invalidation: an admin connection that had called every keeper's
+    function made each later schema tenant dearer. One that has called more than
+    KEEPERS_PER_CONNECTION keepers' functions (creating roles, or dropping them) is replaced at
+    its next checkout, and the transaction that crossed the line still commits."""
+    from sqla_tenancy import grants
+
+    if server_version(tenancy) < 160000:
+        pytest.skip("keepers are made on PostgreSQL 16+ only")
+    monkeypatch.setattr(grants, "KEEPER_TENANTS", 1)  # a keeper per tenant
+    monkeypatch.setattr(grants, "KEEPERS_PER_CONNECTION", 2)
+
+    def backend() -> int:
+        with tenancy.admin_engine.connect() as conn:
+            return int(conn.execute(text("select pg_backend_pid()")).scalar_one())
+
+    first = backend()
+    pids = []
+    for n in range(1, 7):
+        tenancy.create_tenant(f"t{n}", placement="schema")
+        pids.append(backend())
+    # keepers 1-3 on the first session (the third crosses the line), 4-6 on the next one
+    assert pids[:2] == [first, first] and first not in pids[2:], pids
+    assert pids[2] == pids[3] == pids[4] != pids[5], pids
+    created = [t.slug for t in tenancy.list_tenants() if t.strategy == "schema"]
+    assert created == [f"t{n}" for n in range(1, 7)]
+    # deletions call the keepers too: three tenants of three keepers, then a new session
+    for n in (1, 2, 3):
+        tenancy.delete_tenant(f"t{n}")
+    assert backend() != pids[5]
+    _, left = catalog(tenancy)
+    assert not {f"{tenancy.name_prefix}_t{n}_app" for n in (1, 2, 3)} & left
+
+
 def test_concurrent_provisioning_shares_the_keepers(
     tenancy: Tenancy, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -36,7 +36,14 @@ from ..anonymous import (
 )
 from ..binding import binding_statement, distributed_binding_statement, migration_binding_statement
 from ..errors import ConfigurationError, ProvisioningError, UnsupportedOperation
-from ..grants import keeper_call, keeper_drops, keeper_for_new_roles, keepers_apply, tenants_group
+from ..grants import (
+    calling_keeper,
+    keeper_call,
+    keeper_drops,
+    keeper_for_new_roles,
+    keepers_apply,
+    tenants_group,
+)
 from ..identifiers import quote_ident, quote_literal, role_name, schema_name
 from ..passwords import derive_password, scram_verifier
 from ..registry import REGISTRY_SCHEMA
@@ -243,6 +250,7 @@ class SchemaPlacement(PlacementBase):
             # stays small (see sqla_tenancy.grants): no statement here walks the fleet's roles.
             # (Not on Citus, where the roles log in: see _login.)
             keeper, keeper_ddl = keeper_for_new_roles(admin, self.config)
+            calling_keeper(admin, keeper)
             roles = [
                 keeper_call(keeper, "create", role, tenants),
                 keeper_call(keeper, "create", anonymous, anonymous_infra),
@@ -372,6 +380,8 @@ class SchemaPlacement(PlacementBase):
             # by the keeper that created it: as the admin role, DROP ROLE walks the admin's
             # memberships, and through the keepers every schema tenant's roles
             keeper = keeper_drops(admin, self.config, name)
+            if keeper:
+                calling_keeper(admin, keeper)
             statements.append(
                 keeper_call(keeper, "drop", name) if keeper else f"DROP ROLE IF EXISTS {quote_ident(name)}"
             )

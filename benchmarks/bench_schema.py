@@ -538,12 +538,22 @@ def print_provisioning(times_ms: Sequence[float]) -> list[str]:
         summary.append(f"flatness {flat:.3f}")
     # The bucket ratio can hide growth behind a slow start (a fresh cluster's first relations
     # are the dearest on some file systems): the trend over the second half shows it.
-    lo = max(SMALL_FLEET + 1, count // 2 + 1)
-    if count - lo >= 10:
-        slope = statistics.linear_regression(range(lo, count + 1), times_ms[lo - 1 :]).slope
+    trend = second_half_trend(times_ms)
+    if trend is not None:
+        lo, slope = trend
         print(f"  trend over tenants {lo}-{count}: {slope * 1000:+.1f} ms per 1000 tenants (least squares)")
         summary.append(f"trend {slope * 1000:+.1f} ms/1000 tenants")
     return summary
+
+
+def second_half_trend(values: Sequence[float]) -> tuple[int, float] | None:
+    """The first tenant of the second half (past the small fleet) and the least-squares slope of
+    ``values`` per tenant from there on; None for too few tenants."""
+    count = len(values)
+    lo = max(SMALL_FLEET + 1, count // 2 + 1)
+    if count - lo < 10:
+        return None
+    return lo, statistics.linear_regression(range(lo, count + 1), values[lo - 1 :]).slope
 
 
 def print_paired(fleet: Fleet, reference: Fleet) -> list[str]:
@@ -573,9 +583,9 @@ def print_paired(fleet: Fleet, reference: Fleet) -> list[str]:
             f"(goal <= {FLATNESS_GOAL:.2f})"
         )
         summary.append(f"paired flatness {flat:.3f}")
-    lo = max(SMALL_FLEET + 1, count // 2 + 1)
-    if count - lo >= 10:
-        slope = statistics.linear_regression(range(lo, count + 1), ratios[lo - 1 :]).slope
+    trend = second_half_trend(ratios)
+    if trend is not None:
+        lo, slope = trend
         print(f"  trend of fleet/ref over tenants {lo}-{count}: {slope * 1000:+.3f} per 1000 tenants")
         summary.append(f"paired trend {slope * 1000:+.3f}/1000 tenants")
     if count >= 200:

@@ -1,12 +1,23 @@
 """The command line starts fast: ``--help`` and usage errors import neither the database stack
-nor the application (benchmarks/bench_cli.py prints the times)."""
+nor the application, nor what only a running command needs (Rich's tables, progress bars and
+Markdown, Pydantic): benchmarks/bench_cli.py prints the times."""
 
 from __future__ import annotations
 
 import subprocess
 import sys
 
-HEAVY = ("sqlalchemy", "psycopg", "alembic", "alembic_ext", "sqla_tenancy.tenancy", "sqla_tenancy.registry")
+HEAVY = (
+    "sqlalchemy",
+    "psycopg",
+    "alembic",
+    "alembic_ext",
+    "sqla_tenancy.tenancy",
+    "sqla_tenancy.registry",
+    "rich",
+    "markdown_it",
+    "pydantic",
+)
 
 PROBE = """
 import sys

@@ -12,6 +12,7 @@ app = typer.Typer(
     help="Multi-tenancy for SQLAlchemy on PostgreSQL: tenants, migrations and fleet operations.",
     no_args_is_help=True,
     add_completion=False,
+    rich_markup_mode=None,
     pretty_exceptions_show_locals=False,  # locals would print URLs with their passwords
 )
 

@@ -12,13 +12,12 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import TYPE_CHECKING, Annotated, Optional
 
 import typer
-from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-from rich.table import Table
-from rich.text import Text
+
+if TYPE_CHECKING:
+    from rich.console import Console
 
 from ._app import EXIT_LOCKED, EXIT_USAGE, AppOption, ConfigOption, app
 from ._project import split_list
@@ -79,6 +78,9 @@ def migrate(
     ] = None,
 ) -> None:
     """Upgrade the infrastructure, then every tenant location that is behind."""
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
     from alembic_ext import MigrationError, MigrationLocked, migrate_fleet
     from alembic_ext.versions import INFRASTRUCTURE, STREAMS, TENANT
 
@@ -143,6 +145,9 @@ def migrate(
 
 
 def _summary(console: Console, result: object) -> None:
+    from rich.table import Table
+    from rich.text import Text
+
     from alembic_ext import FleetReport
 
     assert isinstance(result, FleetReport)

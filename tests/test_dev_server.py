@@ -50,3 +50,20 @@ def test_a_taken_port_is_named_and_nothing_is_left(tmp_path: Path) -> None:
         else []
     )
     assert leftovers in ([], [".gitignore"]), leftovers  # a retry starts from scratch
+
+
+def test_a_deep_project_folder_still_starts(tmp_path: Path) -> None:
+    """A Unix-domain socket path has at most 107 bytes: in a deeper folder the server listens on
+    TCP only (which is all the dev server's URLs use) rather than fail to start."""
+    from sqla_tenancy.testing import TemporaryCluster
+
+    deep = tmp_path / ("d" * 60) / ("e" * 60)
+    cluster = TemporaryCluster(base_dir=deep / ".sqla-tenancy")
+    try:
+        cluster.start()
+        assert cluster.url().port == cluster.port
+        with socket.create_connection(("127.0.0.1", cluster.port), timeout=5):
+            pass
+        assert not (cluster.socket_dir / f".s.PGSQL.{cluster.port}").exists()
+    finally:
+        cluster.stop()

@@ -12,6 +12,7 @@ import logging
 import os
 import pwd
 import secrets
+import shlex
 import shutil
 import socket
 import stat
@@ -29,6 +30,8 @@ __all__ = ["ClusterError", "TemporaryCluster", "find_bindir"]
 log = logging.getLogger(__name__)
 
 _OS_USER_ENV = "SQLA_TENANCY_PG_OS_USER"
+#: The longest Unix-domain socket path PostgreSQL can listen on (``sun_path`` less its NUL).
+_MAX_SOCKET_PATH = 107
 
 
 class ClusterError(BinariesNotFound):
@@ -109,6 +112,12 @@ class TemporaryCluster:
     def socket_dir(self) -> Path:
         assert self.base_dir is not None
         return self.base_dir / "run"
+
+    def _socket_directories(self) -> str:
+        """The server's ``unix_socket_directories``: its own folder, or none (TCP only, which is
+        all :meth:`url` uses) where the socket's path would be too long to listen on."""
+        path = self.socket_dir / f".s.PGSQL.{self.port}"
+        return str(self.socket_dir) if len(os.fsencode(path)) <= _MAX_SOCKET_PATH else ""
 
     def _run(self, *args: str) -> str:
         assert self.bindir is not None
@@ -203,7 +212,7 @@ class TemporaryCluster:
             "-l",
             str(self.base_dir / "server.log"),
             "-o",
-            f"-p {self.port}",
+            f"-p {self.port} -c unix_socket_directories={shlex.quote(self._socket_directories())}",
             "-w",
             "start",
         )

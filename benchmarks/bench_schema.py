@@ -737,9 +737,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             if reference is not None:
                 reference.tenancy.dispose()
         finally:
-            server.stop()
-            if reference is not None:
-                reference.server.stop()
+            try:
+                server.stop()
+            finally:
+                if reference is not None:
+                    reference.server.stop()
 
 
 def start_reference() -> Fleet:

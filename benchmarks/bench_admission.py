@@ -18,6 +18,14 @@ tenant-scoped row, ``COMMIT``. The forms, all on that same connection (so the sa
     ``CALL tenancy.admit(<uuid>, 'shared')`` between the role and the tenant setting (a utility
     statement: no plan, no row; the procedure runs one query).
 
+Two floors, for what any other form of the admission could cost (they admit nothing):
+
+``noop``
+    the ``call`` form with a PL/pgSQL procedure that does nothing: one more statement and a call;
+``lock``
+    the pins followed by ``SELECT pg_try_advisory_xact_lock_shared(...)`` alone: an admission by
+    the lock, without looking at the registry.
+
 Each form is timed in interleaved rounds (the order rotates every round). Besides the wall time
 per transaction, the script reads the server backend's own CPU time from
 ``/proc/<pid>/schedstat`` (Linux, client and server on one machine), which the client's share of
@@ -44,10 +52,13 @@ import psycopg
 from bench_binding import Base, Project  # the same model and table
 
 from sqla_tenancy import Tenancy, tenant_context
-from sqla_tenancy.binding import admit_statement, admitted_binding, binding_statement
+from sqla_tenancy.binding import ADMIT_PROCEDURE, admit_statement, admitted_binding, binding_statement
+from sqla_tenancy.identifiers import quote_literal
+from sqla_tenancy.locks import serving_key
 from sqla_tenancy.testing import TestServer
 
-FORMS = ("limit", "pins", "select", "call")
+FORMS = ("limit", "pins", "select", "call", "noop", "lock")
+NOOP_PROCEDURE = "tenancy.bench_admission_noop"
 
 
 def server_cpu_ns(pid: int) -> int | None:
@@ -80,14 +91,28 @@ def main(argv: Sequence[str] | None = None) -> int:
             s.commit()
             pks = [p.id for p in projects]
         server.execute("ANALYZE projects", database=database)
+        server.execute(
+            f"CREATE PROCEDURE {NOOP_PROCEDURE}(tenant uuid, placement text) "
+            "LANGUAGE plpgsql AS $$ BEGIN END $$; "
+            f"GRANT EXECUTE ON PROCEDURE {NOOP_PROCEDURE}(uuid, text) TO {server.app_role}",
+            database=database,
+        )
         pins = binding_statement(acme.id)
+        call = admitted_binding(admit_statement(acme.id, placement="shared", call=True), pins)
         forms: dict[str, bytes] = {
             "limit": b"BEGIN",
             "pins": b"BEGIN; " + pins,
             "select": b"BEGIN; " + admit_statement(acme.id, placement="shared") + b"; " + pins,
-            "call": b"BEGIN; "
-            + admitted_binding(admit_statement(acme.id, placement="shared", call=True), pins),
+            "call": b"BEGIN; " + call,
+            "noop": b"BEGIN; "
+            + call.replace(f"CALL {ADMIT_PROCEDURE}(".encode(), f"CALL {NOOP_PROCEDURE}(".encode()),
+            "lock": b"BEGIN; "
+            + pins
+            + f"; SELECT pg_catalog.pg_try_advisory_xact_lock_shared("
+            f"pg_catalog.hashtext({quote_literal(serving_key(acme.id))}))".encode(),
         }
+        if forms["noop"] == forms["call"]:
+            raise SystemExit("noop: the binding no longer CALLs the admission procedure")
         url = server.url(database)
         conn = psycopg.connect(
             host=url.host,
@@ -149,7 +174,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             saved = _paired(cpu["select"], cpu["call"])
             print(
                 f"\nserver time the CALL form saves over the SELECT form: {saved:.1f} µs "
-                "per transaction (paired median)"
+                "per transaction (paired median); of the admission's "
+                f"{_paired(cpu['call'], cpu['pins']):.1f} µs over the pins, a procedure that does nothing "
+                f"costs {_paired(cpu['noop'], cpu['pins']):.1f} and the lock alone, as a SELECT, "
+                f"{_paired(cpu['lock'], cpu['pins']):.1f}"
             )
         return 0
     finally:

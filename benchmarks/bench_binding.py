@@ -32,8 +32,8 @@ sqla-tenancy's dialect whose binder always returns the tenant's binding, with no
     NONE; SET LOCAL app.current_tenant_id = ...``): what the one-round-trip binding costs the
     server and the dialect;
 ``admitted``
-    the same preceded by the admission check (``SET LOCAL ROLE NONE; SELECT
-    tenancy.admit_tenant(...)``), exactly what ``tenancy`` sends.
+    the same with the admission (``CALL tenancy.admit(<uuid>, 'shared')``) between the role and
+    the tenant setting, exactly what ``tenancy`` sends.
 
 ``tenancy`` - ``admitted`` is then the Python side: ``tenant_context``, the router, the
 ``TenantSession`` and the pool's pre-ping.

@@ -39,10 +39,11 @@ __all__ = [
 
 def registry_grants(role: str) -> list[str]:
     """What ``role`` (the application role) may do with the registry: read every column of
-    ``config.tenants`` but the access key hash, verify access keys, call the policy function.
+    ``tenancy.tenants`` but the access key hash (and the system column ``xmax``, which the
+    admission reads), verify access keys, call the policy function.
     Idempotent, and takes back the table-wide ``SELECT`` that earlier versions granted."""
     r = quote_ident(role)
-    columns = ", ".join(quote_ident(c) for c in APPLICATION_COLUMNS)
+    columns = ", ".join(quote_ident(c) for c in (*APPLICATION_COLUMNS, "xmax"))
     return [
         f"GRANT USAGE ON SCHEMA {REGISTRY_SCHEMA} TO {r}",
         # revoking the table-wide privilege revokes the column privileges too: grant them afresh

@@ -104,60 +104,102 @@ def admit_function_ddl() -> list[str]:
     deletion, or the switch of a move, holds that lock exclusively (so it waits out the
     transactions in flight, and new ones are refused meanwhile) and then removes or moves the
     registry row (so later ones are refused): no transaction of a deleted tenant commits after
-    its rows went, and none of a moved tenant writes where it no longer is. The one-argument form
-    (status only) stays for processes of earlier versions. Both run as the caller (the
-    application role reads the columns they need)."""
+    its rows went, and none of a moved tenant writes where it no longer is.
+
+    The row is read with a snapshot, the lock is not: a snapshot taken before a stop (a
+    deletion, suspension or move) committed and a lock taken after the stop released it again
+    (a backend not scheduled for that long) would admit the stopped tenant. So the row version
+    read must be shown current once the lock is held. The procedure's one query takes the lock
+    before it reads the version's ``xmax`` (a ``CASE`` orders the two): zero means that no
+    transaction ever updated, deleted or locked that version, so it is the current one. Else
+    :func:`admit_tenant` decides, which takes the lock first and reads the row afterwards: under
+    read committed its query's own snapshot is then newer than the lock; under repeatable read
+    and serializable, whose snapshot is the transaction's, the transaction in ``xmax`` must not
+    be one that committed unseen by the snapshot, else the transaction is refused with
+    ``serialization_failure`` (retried, it is refused or admitted on current data). A version
+    whose ``xmax`` is a rolled-back or unfinished update, or a lock, is admitted; only such
+    versions (rare: the registry's rows are updated by the library, not locked) pay for the
+    second query. The one-argument form (status only) stays for processes of earlier versions.
+    All of them run as the caller (the application role reads the columns they need)."""
     refusal = (
         f"USING ERRCODE = {quote_literal(REFUSED_SQLSTATE)}, "
         "HINT = 'The registry cache of the process that sent it here had not caught up yet.'"
     )
-    key = f"pg_catalog.hashtext({quote_literal(SERVING_PREFIX)} || tenant::text)"
-    lock = f"pg_catalog.pg_try_advisory_xact_lock_shared({key})"
     qualified_key = f"pg_catalog.hashtext(pg_catalog.textcat({quote_literal(SERVING_PREFIX)}, tenant::text))"
+    lock = f"pg_catalog.pg_try_advisory_xact_lock_shared({qualified_key})"
+    eq = "OPERATOR(pg_catalog.=)"
     return [
+        f"""
+        CREATE OR REPLACE FUNCTION {ADMIT_FUNCTION}(tenant uuid, placement text) RETURNS void
+        LANGUAGE plpgsql AS $$
+        DECLARE
+            touched pg_catalog.xid;
+            horizon bigint;
+            distance bigint;
+            changer pg_catalog.xid8;
+        BEGIN
+            IF {lock} THEN
+                -- under read committed, this query's snapshot is newer than the lock
+                SELECT t.xmax INTO touched FROM {REGISTRY_SCHEMA}.tenants t
+                WHERE t.id {eq} tenant AND t.status {eq} 'active' AND t.strategy {eq} placement;
+                IF FOUND THEN
+                    IF touched {eq} '0'::pg_catalog.xid
+                       OR pg_catalog.current_setting('transaction_isolation') {eq} 'read committed' THEN
+                        RETURN;
+                    END IF;
+                    -- the transaction's snapshot is older than the lock: was the version read
+                    -- changed by a transaction that committed unseen by it?
+                    horizon := pg_catalog.pg_snapshot_xmax(pg_catalog.pg_current_snapshot())::text::bigint;
+                    distance := touched::text::bigint
+                                OPERATOR(pg_catalog.-) (horizon OPERATOR(pg_catalog.&) 4294967295);
+                    IF distance OPERATOR(pg_catalog.>) 2147483647 THEN
+                        distance := distance OPERATOR(pg_catalog.-) 4294967296;
+                    ELSIF distance OPERATOR(pg_catalog.<) -2147483648 THEN
+                        distance := distance OPERATOR(pg_catalog.+) 4294967296;
+                    END IF;
+                    BEGIN
+                        changer := (horizon OPERATOR(pg_catalog.+) distance)::text::pg_catalog.xid8;
+                        IF pg_catalog.pg_xact_status(changer) IS DISTINCT FROM 'committed'
+                           OR pg_catalog.pg_visible_in_snapshot(changer,
+                                                                pg_catalog.pg_current_snapshot()) THEN
+                            RETURN;  -- rolled back, unfinished (a stop waits for this lock), or seen
+                        END IF;
+                    EXCEPTION WHEN OTHERS THEN
+                        NULL;  -- not a transaction id (a multixact, from row locks): a change
+                    END;
+                    RAISE EXCEPTION 'tenant %% changed in the registry after this transaction''s '
+                                    'snapshot was taken; retry the transaction', tenant
+                        USING ERRCODE = 'serialization_failure';
+                END IF;
+            END IF;
+            RAISE EXCEPTION 'tenant %% may not be served as a %% tenant: it is suspended, being '
+                            'deleted, moved or gone', tenant, placement
+                {refusal};
+        END $$
+        """,
         f"""
         CREATE OR REPLACE FUNCTION {ADMIT_FUNCTION}(tenant uuid) RETURNS void
         LANGUAGE plpgsql AS $$
         BEGIN
-            IF NOT {lock}
-               OR NOT EXISTS (SELECT 1 FROM {REGISTRY_SCHEMA}.tenants
-                              WHERE id = tenant AND status = 'active') THEN
-                RAISE EXCEPTION 'tenant %% may not be served: it is suspended, being deleted or gone', tenant
-                    {refusal};
-            END IF;
+            PERFORM {ADMIT_FUNCTION}(tenant, (SELECT t.strategy FROM {REGISTRY_SCHEMA}.tenants t
+                                              WHERE t.id {eq} tenant));
         END $$
         """,
-        f"""
-        CREATE OR REPLACE FUNCTION {ADMIT_FUNCTION}(tenant uuid, placement text) RETURNS void
-        LANGUAGE plpgsql AS $$
-        BEGIN
-            IF NOT {lock}
-               OR NOT EXISTS (SELECT 1 FROM {REGISTRY_SCHEMA}.tenants
-                              WHERE id = tenant AND status = 'active' AND strategy = placement) THEN
-                RAISE EXCEPTION 'tenant %% may not be served as a %% tenant: it is suspended, being '
-                                'deleted, moved or gone', tenant, placement
-                    {refusal};
-            END IF;
-        END $$
-        """,
-        # What bindings CALL since this version: the same check as one query (the lock is taken
-        # for the tenant's row only, and a refusal rolls it back with the transaction), in a
-        # procedure (a CALL is a utility statement: no plan and no result row for the server to
-        # make). Its operators are schema-qualified: it runs with whatever search_path the
+        # What bindings CALL since this version: one query that takes the lock and then reads
+        # the row version's xmax (a utility statement: no plan and no result row for the server
+        # to make). Its operators are schema-qualified: it runs with whatever search_path the
         # connection had before the binding pinned it.
         f"""
         CREATE OR REPLACE PROCEDURE {ADMIT_PROCEDURE}(tenant uuid, placement text)
         LANGUAGE plpgsql AS $$
         BEGIN
             PERFORM FROM {REGISTRY_SCHEMA}.tenants
-            WHERE id OPERATOR(pg_catalog.=) tenant
-              AND status OPERATOR(pg_catalog.=) 'active'
-              AND strategy OPERATOR(pg_catalog.=) placement
-              AND pg_catalog.pg_try_advisory_xact_lock_shared({qualified_key});
+            WHERE id {eq} tenant
+              AND status {eq} 'active'
+              AND strategy {eq} placement
+              AND CASE WHEN {lock} THEN xmax {eq} '0'::pg_catalog.xid END;
             IF NOT FOUND THEN
-                RAISE EXCEPTION 'tenant %% may not be served as a %% tenant: it is suspended, being '
-                                'deleted, moved or gone', tenant, placement
-                    {refusal};
+                PERFORM {ADMIT_FUNCTION}(tenant, placement);
             END IF;
         END $$
         """,

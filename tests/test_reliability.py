@@ -3,8 +3,10 @@ provisioning, pools after their connections were killed."""
 
 from __future__ import annotations
 
+import asyncio
 import multiprocessing
 import os
+import shutil
 import threading
 from collections.abc import Callable
 from typing import Any
@@ -519,3 +521,183 @@ def test_another_process_drops_a_suspended_tenants_pool_and_keeps_the_others(dbt
         assert [key[0] for key in other.tenant_engines.held_keys()] == [dbt.get_tenant("globex").id]
     finally:
         other.dispose()
+
+
+def app_connection(t: Tenancy) -> psycopg.Connection[Any]:
+    """A bare connection as the application role, in autocommit (the test sends BEGIN itself)."""
+    url = t.url
+    return psycopg.connect(
+        host=url.host,
+        port=url.port,
+        user=url.username,
+        password=url.password,
+        dbname=url.database,
+        autocommit=True,
+    )
+
+
+@pytest.mark.parametrize("change", ["delete", "suspend"])
+@pytest.mark.parametrize("placement", ["shared", "schema"])
+def test_an_admission_whose_snapshot_predates_the_tenants_stop_is_refused(
+    tenancy: Tenancy, placement: str, change: str
+) -> None:
+    """A repeatable-read transaction reads with the snapshot of its first statement, which for
+    a bound transaction is the admission itself, taken before the serving lock: a deletion or
+    suspension that commits, and releases the lock, between the two must not let it in. Here
+    the snapshot is taken one statement earlier, which makes that window as long as needed."""
+    acme = tenancy.create_tenant("acme", placement=placement)
+    with app_connection(tenancy) as conn:
+        conn.execute("begin isolation level repeatable read")
+        conn.execute("select 1")  # the transaction's snapshot: the tenant is active in it
+        getattr(tenancy, f"{change}_tenant")("acme")
+        with pytest.raises(psycopg.errors.SerializationFailure, match="retry the transaction"):
+            conn.execute("call tenancy.admit(%s, %s)", (acme.id, placement))
+        conn.execute("rollback")
+        conn.execute("begin isolation level repeatable read")  # the retry is refused outright
+        with pytest.raises(psycopg.Error, match="may not be served") as refused:
+            conn.execute("call tenancy.admit(%s, %s)", (acme.id, placement))
+        assert refused.value.sqlstate == "TNREF"
+
+
+@pytest.mark.parametrize("isolation", ["read committed", "repeatable read"])
+def test_a_registry_row_touched_without_stopping_the_tenant_still_admits(
+    tenancy: Tenancy, isolation: str
+) -> None:
+    """An update that rolled back, or one still in progress, leaves its transaction id on the
+    row the admission reads: the tenant stays admitted (the first case for as long as the row
+    keeps it, the second because a stop that commits later waits for the serving lock)."""
+    acme = tenancy.create_tenant("acme")
+    with tenancy.admin_engine.connect() as admin:
+        admin.execute(text("update tenancy.tenants set status = 'suspended' where id = :t"), {"t": acme.id})
+        admin.rollback()
+        with app_connection(tenancy) as conn:
+            conn.execute(f"begin isolation level {isolation}")
+            conn.execute("select 1")
+            conn.execute("call tenancy.admit(%s, 'shared')", (acme.id,))
+            conn.execute("commit")
+            admin.execute(
+                text("update tenancy.tenants set status = 'suspended' where id = :t"), {"t": acme.id}
+            )
+            conn.execute(f"begin isolation level {isolation}")
+            conn.execute("call tenancy.admit(%s, 'shared')", (acme.id,))  # the suspension is not committed
+            conn.execute("commit")
+            admin.rollback()
+    isolation_level = isolation.upper().replace(" ", "_")
+    with tenant_context("acme"), tenancy.connect().execution_options(isolation_level=isolation_level) as conn:
+        assert conn.execute(text("select count(*) from projects")).scalar() == 0
+
+
+class StoppedAtTheServingLock:
+    """gdb attached to a backend, with a breakpoint where the admission takes the serving lock:
+    the backend stops there, after the admission's snapshot was taken and before the lock, for
+    as long as the test wants (a backend the operating system did not schedule for a while)."""
+
+    def __init__(self, pid: int) -> None:
+        import subprocess
+
+        self.gdb = subprocess.Popen(
+            [
+                "gdb",
+                "-q",
+                "-nx",
+                "-p",
+                str(pid),
+                "-ex",
+                "set pagination off",
+                "-ex",
+                "break pg_try_advisory_xact_lock_shared_int8",
+                "-ex",
+                "continue",
+            ],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        self.running = threading.Event()
+        self.stopped = threading.Event()
+        self.output: list[str] = []
+        self.reader = threading.Thread(target=self._read, daemon=True)
+        self.reader.start()
+        assert self.running.wait(60), "gdb did not attach:\n" + "".join(self.output)
+
+    def _read(self) -> None:
+        assert self.gdb.stdout is not None
+        for line in self.gdb.stdout:
+            self.output.append(line)
+            if line.startswith("Continuing."):
+                self.running.set()
+            elif "Breakpoint 1, " in line:
+                self.stopped.set()
+
+    def wait(self, timeout: float = 30.0) -> None:
+        assert self.stopped.wait(timeout), "the backend never reached the serving lock:\n" + "".join(
+            self.output
+        )
+
+    def resume(self) -> None:
+        assert self.gdb.stdin is not None
+        self.gdb.stdin.write("delete\ndetach\nquit\n")
+        self.gdb.stdin.flush()
+        self.gdb.wait(30)
+
+
+@pytest.mark.skipif(shutil.which("gdb") is None, reason="needs gdb (.ci/run installs it)")
+@pytest.mark.parametrize("mode", ["sync", "async"])
+@pytest.mark.parametrize("placement", ["shared", "schema"])
+def test_a_transaction_whose_admission_stalls_across_a_whole_deletion_is_refused(
+    tenancy: Tenancy, placement: str, mode: str
+) -> None:
+    """A read-committed admission reads the tenant's row with the snapshot of its own
+    statement, which is taken before the serving lock. A backend descheduled in between for as
+    long as a whole deletion takes finds the lock free again afterwards: it must still be
+    refused, and nothing of the tenant may be left."""
+    acme = tenancy.create_tenant("acme", placement=placement)
+    # an infrastructure table: a schema tenant's rows in it outlive its schema
+    insert = text("insert into auth.users (email) values ('late@acme.test')")
+    attached = threading.Event()
+    stalled: list[StoppedAtTheServingLock] = []
+    outcome: dict[str, object] = {}
+
+    def attach(pid: object) -> None:
+        assert isinstance(pid, int)
+        stalled.append(StoppedAtTheServingLock(pid))
+        attached.set()
+
+    def write_sync() -> None:
+        with tenant_context("acme"), tenancy.connect() as conn:
+            attach(conn.execute(text("select pg_backend_pid()")).scalar())
+            conn.commit()
+            conn.execute(insert)  # its binding runs into the breakpoint
+            conn.commit()
+
+    async def write_async() -> None:
+        with tenant_context("acme"):
+            async with tenancy.async_engine.connect() as conn:
+                attach((await conn.execute(text("select pg_backend_pid()"))).scalar())
+                await conn.commit()
+                await conn.execute(insert)
+                await conn.commit()
+
+    def write() -> None:
+        try:
+            write_sync() if mode == "sync" else asyncio.run(write_async())
+            outcome["result"] = "committed"
+        except Exception as error:  # noqa: BLE001 - the test inspects what it was
+            outcome["result"] = error
+
+    writer = threading.Thread(target=write)
+    writer.start()
+    try:
+        assert attached.wait(60), outcome
+        stalled[0].wait()
+        tenancy.delete_tenant("acme", timeout=5)
+    finally:
+        if stalled:
+            stalled[0].resume()
+        writer.join(30)
+    assert isinstance(outcome.get("result"), TenantRefused), outcome
+    with tenancy.admin_engine.connect() as admin:
+        rows = admin.execute(text("select count(*) from auth.users where tenant_id = :t"), {"t": acme.id})
+        assert rows.scalar() == 0
+    assert "acme" not in catalog(tenancy)["tenants"]

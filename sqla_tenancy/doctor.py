@@ -28,6 +28,7 @@ from . import locks
 from .config import plain_url
 from .grants import is_keeper_role
 from .identifiers import quote_ident
+from .installer import outdated_admission
 from .keys import ACROSS_TENANTS_INFO_KEY
 from .lifecycle import library_names
 from .placements.database import FOREIGN_SERVER, databases_open_to, template_database
@@ -575,6 +576,17 @@ class _Doctor:
                 f"database {name}",
                 "PUBLIC may connect to the main database: every database tenant's login role can open it.",
                 f"REVOKE CONNECT ON DATABASE {db} FROM PUBLIC; GRANT CONNECT ON DATABASE {db} TO {app}",
+            )
+        outdated = outdated_admission(conn)
+        if outdated:
+            self.add(
+                "error",
+                "admission-outdated",
+                f"database {name}",
+                f"The admission of shared and schema tenants ({', '.join(outdated)}) is missing or "
+                "from another version of sqla-tenancy; earlier versions' could admit a transaction "
+                "whose snapshot predated a deletion, suspension or move that committed meanwhile.",
+                "tenancy.install() (idempotent) with the newest sqla-tenancy version in use",
             )
 
     def _registry(self, main: Connection, tenants: list[Tenant]) -> None:

@@ -94,7 +94,7 @@ def access_key_function_ddl() -> list[str]:
     ]
 
 
-def admit_function_ddl() -> list[str]:
+def _admission_routines() -> list[tuple[str, str, str]]:
     """``tenancy.admit(tenant uuid, placement text)`` (a procedure) and the functions
     ``tenancy.admit_tenant(tenant uuid, placement text)`` and ``(tenant uuid)`` of earlier
     versions: the first statement of every shared
@@ -118,9 +118,14 @@ def admit_function_ddl() -> list[str]:
     be one that committed unseen by the snapshot, else the transaction is refused with
     ``serialization_failure`` (retried, it is refused or admitted on current data). A version
     whose ``xmax`` is a rolled-back or unfinished update, or a lock, is admitted; only such
-    versions (rare: the registry's rows are updated by the library, not locked) pay for the
-    second query. The one-argument form (status only) stays for processes of earlier versions.
-    All of them run as the caller (the application role reads the columns they need)."""
+    versions (rare: the library updates the registry's rows, it does not lock them) pay for the
+    second query. One case stays unjudged under repeatable read and serializable: an ``xmax``
+    that is a multixact (a change made while another transaction held a row lock on the row,
+    which only a foreign key to ``tenancy.tenants`` would take) is read as a transaction id.
+    The one-argument form (status only) stays for processes of earlier versions.
+    All of them run as the caller (the application role reads the columns they need).
+
+    Each is given as what ``CREATE OR REPLACE`` makes, its signature and its PL/pgSQL body."""
     refusal = (
         f"USING ERRCODE = {quote_literal(REFUSED_SQLSTATE)}, "
         "HINT = 'The registry cache of the process that sent it here had not caught up yet.'"
@@ -129,9 +134,10 @@ def admit_function_ddl() -> list[str]:
     lock = f"pg_catalog.pg_try_advisory_xact_lock_shared({qualified_key})"
     eq = "OPERATOR(pg_catalog.=)"
     return [
-        f"""
-        CREATE OR REPLACE FUNCTION {ADMIT_FUNCTION}(tenant uuid, placement text) RETURNS void
-        LANGUAGE plpgsql AS $$
+        (
+            f"FUNCTION {ADMIT_FUNCTION}(tenant uuid, placement text) RETURNS void",
+            f"{ADMIT_FUNCTION}(uuid, text)",
+            f"""
         DECLARE
             touched pg_catalog.xid;
             horizon bigint;
@@ -165,7 +171,7 @@ def admit_function_ddl() -> list[str]:
                             RETURN;  -- rolled back, unfinished (a stop waits for this lock), or seen
                         END IF;
                     EXCEPTION WHEN OTHERS THEN
-                        NULL;  -- not a transaction id (a multixact, from row locks): a change
+                        NULL;  -- no transaction's status to be had: taken for a change
                     END;
                     RAISE EXCEPTION 'tenant %% changed in the registry after this transaction''s '
                                     'snapshot was taken; retry the transaction', tenant
@@ -175,23 +181,25 @@ def admit_function_ddl() -> list[str]:
             RAISE EXCEPTION 'tenant %% may not be served as a %% tenant: it is suspended, being '
                             'deleted, moved or gone', tenant, placement
                 {refusal};
-        END $$
-        """,
-        f"""
-        CREATE OR REPLACE FUNCTION {ADMIT_FUNCTION}(tenant uuid) RETURNS void
-        LANGUAGE plpgsql AS $$
+        END """,
+        ),
+        (
+            f"FUNCTION {ADMIT_FUNCTION}(tenant uuid) RETURNS void",
+            f"{ADMIT_FUNCTION}(uuid)",
+            f"""
         BEGIN
             PERFORM {ADMIT_FUNCTION}(tenant, (SELECT t.strategy FROM {REGISTRY_SCHEMA}.tenants t
                                               WHERE t.id {eq} tenant));
-        END $$
-        """,
+        END """,
+        ),
         # What bindings CALL since this version: one query that takes the lock and then reads
         # the row version's xmax (a utility statement: no plan and no result row for the server
         # to make). Its operators are schema-qualified: it runs with whatever search_path the
         # connection had before the binding pinned it.
-        f"""
-        CREATE OR REPLACE PROCEDURE {ADMIT_PROCEDURE}(tenant uuid, placement text)
-        LANGUAGE plpgsql AS $$
+        (
+            f"PROCEDURE {ADMIT_PROCEDURE}(tenant uuid, placement text)",
+            f"{ADMIT_PROCEDURE}(uuid, text)",
+            f"""
         BEGIN
             PERFORM FROM {REGISTRY_SCHEMA}.tenants
             WHERE id {eq} tenant
@@ -201,12 +209,33 @@ def admit_function_ddl() -> list[str]:
             IF NOT FOUND THEN
                 PERFORM {ADMIT_FUNCTION}(tenant, placement);
             END IF;
-        END $$
-        """,
-        f"REVOKE ALL ON FUNCTION {ADMIT_FUNCTION}(uuid) FROM PUBLIC",
-        f"REVOKE ALL ON FUNCTION {ADMIT_FUNCTION}(uuid, text) FROM PUBLIC",
-        f"REVOKE ALL ON PROCEDURE {ADMIT_PROCEDURE}(uuid, text) FROM PUBLIC",
+        END """,
+        ),
     ]
+
+
+def admit_function_ddl() -> list[str]:
+    """The statements that make the admission's routines (:func:`_admission_routines`), run by
+    ``install()``: each is replaced, and only the roles granted it may run it."""
+    routines = _admission_routines()
+    return [
+        *(f"CREATE OR REPLACE {made} LANGUAGE plpgsql AS $${body}$$" for made, _, body in routines),
+        *(f"REVOKE ALL ON {made.split()[0]} {signature} FROM PUBLIC" for made, signature, _ in routines),
+    ]
+
+
+def outdated_admission(conn: Connection) -> list[str]:
+    """The admission's routines that the main database (``conn``) lacks, or has in another
+    version than this library's (an ``install()`` of this version replaces them)."""
+    outdated = []
+    for _, signature, body in _admission_routines():
+        source = conn.execute(
+            text("select prosrc from pg_catalog.pg_proc where oid = pg_catalog.to_regprocedure(:s)"),
+            {"s": signature},
+        ).scalar()
+        if source != body.replace("%%", "%"):  # (the DDL runs through the driver's %-escaping)
+            outdated.append(signature)
+    return outdated
 
 
 FILL_SERIAL_DDL = f"""

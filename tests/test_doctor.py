@@ -210,6 +210,25 @@ def test_public_may_connect_to_the_main_database(tenancy: Tenancy) -> None:
     assert finding.fix.startswith(f'REVOKE CONNECT ON DATABASE "{database}" FROM PUBLIC')
 
 
+def test_an_admission_of_an_earlier_version(tenancy: Tenancy) -> None:
+    """The procedure as earlier versions made it: the lock taken after the row was read, and no
+    look at the row version afterwards. A rerun of install() replaces it."""
+    admin_sql(
+        tenancy,
+        "CREATE OR REPLACE PROCEDURE tenancy.admit(tenant uuid, placement text) LANGUAGE plpgsql AS $$ "
+        "BEGIN PERFORM FROM tenancy.tenants WHERE id = tenant AND status = 'active' "
+        "AND strategy = placement AND pg_try_advisory_xact_lock_shared(hashtext('sqla_tenancy:serving:' "
+        "|| tenant::text)); IF NOT FOUND THEN RAISE EXCEPTION 'refused' USING ERRCODE = 'TNREF'; "
+        "END IF; END $$",
+    )
+    finding = only(own_findings(tenancy), "admission-outdated")
+    assert finding.severity == "error"
+    assert "tenancy.admit(uuid, text)" in finding.problem
+    assert finding.fix.startswith("tenancy.install()")
+    tenancy.install()
+    assert own_findings(tenancy) == []
+
+
 def test_a_tenant_database_open_to_public(fleet: Tenancy) -> None:
     database = fleet.get_tenant("initech").location["database"]
     admin_sql(fleet, f'GRANT CONNECT ON DATABASE "{database}" TO PUBLIC')

@@ -536,20 +536,24 @@ def app_connection(t: Tenancy) -> psycopg.Connection[Any]:
     )
 
 
-@pytest.mark.parametrize("change", ["delete", "suspend"])
+@pytest.mark.parametrize("change", ["delete", "suspend", "move"])
 @pytest.mark.parametrize("placement", ["shared", "schema"])
 def test_an_admission_whose_snapshot_predates_the_tenants_stop_is_refused(
     tenancy: Tenancy, placement: str, change: str
 ) -> None:
     """A repeatable-read transaction reads with the snapshot of its first statement, which for
-    a bound transaction is the admission itself, taken before the serving lock: a deletion or
-    suspension that commits, and releases the lock, between the two must not let it in. Here
-    the snapshot is taken one statement earlier, which makes that window as long as needed."""
+    a bound transaction is the admission itself, taken before the serving lock: a deletion,
+    suspension or move that commits, and releases the lock, between the two must not let it in
+    (a moved tenant's transaction would write where the tenant no longer is). Here the snapshot
+    is taken one statement earlier, which makes that window as long as needed."""
     acme = tenancy.create_tenant("acme", placement=placement)
     with app_connection(tenancy) as conn:
         conn.execute("begin isolation level repeatable read")
         conn.execute("select 1")  # the transaction's snapshot: the tenant is active in it
-        getattr(tenancy, f"{change}_tenant")("acme")
+        if change == "move":
+            tenancy.move_tenant("acme", "schema" if placement == "shared" else "shared")
+        else:
+            getattr(tenancy, f"{change}_tenant")("acme")
         with pytest.raises(psycopg.errors.SerializationFailure, match="retry the transaction"):
             conn.execute("call tenancy.admit(%s, %s)", (acme.id, placement))
         conn.execute("rollback")

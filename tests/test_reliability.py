@@ -647,15 +647,19 @@ class StoppedAtTheServingLock:
 
 
 @pytest.mark.skipif(shutil.which("gdb") is None, reason="needs gdb (.ci/run installs it)")
+@pytest.mark.parametrize("isolation", ["READ COMMITTED", "REPEATABLE READ"])
 @pytest.mark.parametrize("mode", ["sync", "async"])
 @pytest.mark.parametrize("placement", ["shared", "schema"])
 def test_a_transaction_whose_admission_stalls_across_a_whole_deletion_is_refused(
-    tenancy: Tenancy, placement: str, mode: str
+    tenancy: Tenancy, placement: str, mode: str, isolation: str
 ) -> None:
-    """A read-committed admission reads the tenant's row with the snapshot of its own
-    statement, which is taken before the serving lock. A backend descheduled in between for as
-    long as a whole deletion takes finds the lock free again afterwards: it must still be
-    refused, and nothing of the tenant may be left."""
+    """The admission reads the tenant's row with the snapshot of its own statement (under
+    repeatable read, the transaction's), which is taken before the serving lock. A backend
+    descheduled in between for as long as a whole deletion takes finds the lock free again
+    afterwards: it must still be refused (under repeatable read: a serialization failure, whose
+    retry is refused), and nothing of the tenant may be left."""
+    from sqlalchemy.exc import OperationalError
+
     acme = tenancy.create_tenant("acme", placement=placement)
     # an infrastructure table: a schema tenant's rows in it outlive its schema
     insert = text("insert into auth.users (email) values ('late@acme.test')")
@@ -670,6 +674,7 @@ def test_a_transaction_whose_admission_stalls_across_a_whole_deletion_is_refused
 
     def write_sync() -> None:
         with tenant_context("acme"), tenancy.connect() as conn:
+            conn.execution_options(isolation_level=isolation)
             attach(conn.execute(text("select pg_backend_pid()")).scalar())
             conn.commit()
             conn.execute(insert)  # its binding runs into the breakpoint
@@ -678,6 +683,7 @@ def test_a_transaction_whose_admission_stalls_across_a_whole_deletion_is_refused
     async def write_async() -> None:
         with tenant_context("acme"):
             async with tenancy.async_engine.connect() as conn:
+                await conn.execution_options(isolation_level=isolation)
                 attach((await conn.execute(text("select pg_backend_pid()"))).scalar())
                 await conn.commit()
                 await conn.execute(insert)
@@ -700,7 +706,12 @@ def test_a_transaction_whose_admission_stalls_across_a_whole_deletion_is_refused
         if stalled:
             stalled[0].resume()
         writer.join(30)
-    assert isinstance(outcome.get("result"), TenantRefused), outcome
+    result = outcome.get("result")
+    if isolation == "READ COMMITTED":
+        assert isinstance(result, TenantRefused), outcome
+    else:
+        assert isinstance(result, OperationalError), outcome
+        assert isinstance(result.orig, psycopg.errors.SerializationFailure), outcome
     with tenancy.admin_engine.connect() as admin:
         rows = admin.execute(text("select count(*) from auth.users where tenant_id = :t"), {"t": acme.id})
         assert rows.scalar() == 0

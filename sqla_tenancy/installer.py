@@ -112,10 +112,10 @@ def _admission_routines() -> list[tuple[str, str, str]]:
     read must be shown current once the lock is held. The procedure's one query takes the lock
     before it reads the version's ``xmax`` (a ``CASE`` orders the two): zero means that no
     transaction ever updated, deleted or locked that version, so it is the current one. Else
-    :func:`admit_tenant` decides, which takes the lock first and reads the row afterwards: under
-    read committed its query's own snapshot is then newer than the lock; under repeatable read
-    and serializable, whose snapshot is the transaction's, the transaction in ``xmax`` must not
-    be one that committed unseen by the snapshot, else the transaction is refused with
+    ``tenancy.admit_tenant(uuid, text)`` decides, which takes the lock first and reads the row
+    afterwards: under read committed its query's own snapshot is then newer than the lock; under
+    repeatable read and serializable, whose snapshot is the transaction's, the transaction in
+    ``xmax`` must not be one that committed unseen by the snapshot, else the transaction is refused with
     ``serialization_failure`` (retried, it is refused or admitted on current data). A version
     whose ``xmax`` is a rolled-back or unfinished update, or a lock, is admitted; only such
     versions (rare: the library updates the registry's rows, it does not lock them) pay for the

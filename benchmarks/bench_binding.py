@@ -56,6 +56,10 @@ Run::
     python benchmarks/bench_binding.py                 # 30 rounds x 200 transactions
     python benchmarks/bench_binding.py --quick         # smoke run, a few seconds
     python benchmarks/bench_binding.py --rounds 50 --per-round 400
+    python benchmarks/bench_binding.py --statements 5  # five SELECTs (of other rows) a transaction
+
+The binding is paid once a transaction, so ``--statements`` shows what it is worth to a
+transaction that does more than one primary-key look-up.
 
 The server is a throwaway cluster (``sqla_tenancy.testing.TestServer``), or the superuser DSN in
 ``$SQLA_TENANCY_TEST_DSN``. This is a benchmark, not a test: it asserts nothing about timings.
@@ -161,27 +165,35 @@ def add_naive_binding(engine: Engine, tenant_id: uuid.UUID) -> None:
 # -- timing ---------------------------------------------------------------------------------
 
 
+def keys_of(pks: list[int], start: int, statements: int) -> Keys:
+    """The primary keys one transaction reads: ``statements`` consecutive rows from ``start``."""
+    return tuple(pks[(start * statements + j) % len(pks)] for j in range(statements))
+
+
 # -- sync -----------------------------------------------------------------------------------
 
-SyncTx = Callable[[int], None]
+Keys = tuple[int, ...]
+SyncTx = Callable[[Keys], None]
 
 
 def sync_variants(fx: Fixture) -> tuple[dict[str, SyncTx], list[Engine]]:
     tenancy_maker = fx.tenancy.sessionmaker()
 
-    def tenancy_tx(pk: int) -> None:
+    def tenancy_tx(keys: Keys) -> None:
         with tenant_context(TENANT), tenancy_maker() as s:
-            s.get(Project, pk)
+            for pk in keys:
+                s.get(Project, pk)
             s.commit()
 
     turn = [0]
     others = dict(zip(fx.pks, fx.other_pks, strict=True))
 
-    def switching_tx(pk: int) -> None:
+    def switching_tx(keys: Keys) -> None:
         turn[0] ^= 1
-        slug, key = (OTHER, others[pk]) if turn[0] else (TENANT, pk)
+        slug, own = (OTHER, [others[pk] for pk in keys]) if turn[0] else (TENANT, keys)
         with tenant_context(slug), tenancy_maker() as s:
-            s.get(Project, key)
+            for pk in own:
+                s.get(Project, pk)
             s.commit()
 
     limit_engine = create_engine(fx.app_url, connect_args=tenant_options(fx.tenant_id))
@@ -189,9 +201,10 @@ def sync_variants(fx: Fixture) -> tuple[dict[str, SyncTx], list[Engine]]:
     add_naive_binding(naive_engine, fx.tenant_id)
 
     def plain_tx(maker: sessionmaker[Session]) -> SyncTx:
-        def tx(pk: int) -> None:
+        def tx(keys: Keys) -> None:
             with maker() as s:
-                s.get(Project, pk)
+                for pk in keys:
+                    s.get(Project, pk)
                 s.commit()
 
         return tx
@@ -244,25 +257,25 @@ def _check(name: str, mine: Project | None, theirs: Project | None, count: int, 
         )
 
 
-def run_sync(fx: Fixture, rounds: int, per_round: int, warmup: int) -> Results:
+def run_sync(fx: Fixture, rounds: int, per_round: int, warmup: int, statements: int) -> Results:
     variants, engines = sync_variants(fx)
     try:
         check_sync(fx)
         pks = fx.pks
         for tx in variants.values():
             for i in range(warmup):
-                tx(pks[i % len(pks)])
+                tx(keys_of(pks, i, statements))
         results = Results(SYNC_VARIANTS, "limit")
         perf = time.perf_counter_ns
         for round_no in range(rounds):
             base = round_no * per_round
-            batch = [pks[(base + i) % len(pks)] for i in range(per_round)]
+            batch = [keys_of(pks, base + i, statements) for i in range(per_round)]
             for variant in results.order(round_no):
                 tx = variants[variant]
                 gc.collect()
                 start = perf()
-                for pk in batch:
-                    tx(pk)
+                for keys in batch:
+                    tx(keys)
                 elapsed = perf() - start
                 results.per_round[variant].append(elapsed / per_round / 1000)
         return results
@@ -274,7 +287,7 @@ def run_sync(fx: Fixture, rounds: int, per_round: int, warmup: int) -> Results:
 # -- database placement ---------------------------------------------------------------------
 
 
-def run_database(fx: Fixture, rounds: int, per_round: int, warmup: int) -> Results:
+def run_database(fx: Fixture, rounds: int, per_round: int, warmup: int, statements: int) -> Results:
     tenancy = fx.tenancy
     tenant = tenancy.get_tenant(DB_TENANT)
     maker = tenancy.sessionmaker()
@@ -286,37 +299,39 @@ def run_database(fx: Fixture, rounds: int, per_round: int, warmup: int) -> Resul
     url = tenancy.placement("database").app_url(tenant).set(drivername="postgresql+psycopg")  # type: ignore[attr-defined]
     limit_engine = create_engine(url, connect_args=tenant_options(tenant.id))
 
-    def database_tx(pk: int) -> None:
+    def database_tx(keys: Keys) -> None:
         with tenant_context(DB_TENANT), maker() as s:
-            s.get(Project, pk)
+            for pk in keys:
+                s.get(Project, pk)
             s.commit()
 
     limit_maker = sessionmaker(limit_engine)
 
-    def limit_tx(pk: int) -> None:
+    def limit_tx(keys: Keys) -> None:
         with limit_maker() as s:
-            s.get(Project, pk)
+            for pk in keys:
+                s.get(Project, pk)
             s.commit()
 
     variants: dict[str, SyncTx] = {"database": database_tx, "db_limit": limit_tx}
     try:
-        with limit_maker() as s:
-            if s.get(Project, pks[0]) is None:
+        with limit_maker() as plain:
+            if plain.get(Project, pks[0]) is None:
                 raise SystemExit("db_limit: the tenant's own row is not visible")
         for tx in variants.values():
             for i in range(warmup):
-                tx(pks[i % len(pks)])
+                tx(keys_of(pks, i, statements))
         results = Results(DB_VARIANTS, "db_limit")
         perf = time.perf_counter_ns
         for round_no in range(rounds):
             base = round_no * per_round
-            batch = [pks[(base + i) % len(pks)] for i in range(per_round)]
+            batch = [keys_of(pks, base + i, statements) for i in range(per_round)]
             for variant in results.order(round_no):
                 tx = variants[variant]
                 gc.collect()
                 start = perf()
-                for pk in batch:
-                    tx(pk)
+                for keys in batch:
+                    tx(keys)
                 elapsed = perf() - start
                 results.per_round[variant].append(elapsed / per_round / 1000)
         return results
@@ -326,37 +341,40 @@ def run_database(fx: Fixture, rounds: int, per_round: int, warmup: int) -> Resul
 
 # -- async ----------------------------------------------------------------------------------
 
-AsyncTx = Callable[[int], Awaitable[None]]
+AsyncTx = Callable[[Keys], Awaitable[None]]
 
 
-async def run_async(fx: Fixture, rounds: int, per_round: int, warmup: int) -> Results:
+async def run_async(fx: Fixture, rounds: int, per_round: int, warmup: int, statements: int) -> Results:
     tenancy_maker = fx.tenancy.async_sessionmaker()
     limit_engine = create_async_engine(fx.app_url, connect_args=tenant_options(fx.tenant_id))
     naive_engine = create_async_engine(fx.app_url)
     add_naive_binding(naive_engine.sync_engine, fx.tenant_id)
     engines: list[AsyncEngine] = [limit_engine, naive_engine]
 
-    async def tenancy_tx(pk: int) -> None:
+    async def tenancy_tx(keys: Keys) -> None:
         with tenant_context(TENANT):
             async with tenancy_maker() as s:
-                await s.get(Project, pk)
+                for pk in keys:
+                    await s.get(Project, pk)
                 await s.commit()
 
     turn = [0]
     others = dict(zip(fx.pks, fx.other_pks, strict=True))
 
-    async def switching_tx(pk: int) -> None:
+    async def switching_tx(keys: Keys) -> None:
         turn[0] ^= 1
-        slug, key = (OTHER, others[pk]) if turn[0] else (TENANT, pk)
+        slug, own = (OTHER, [others[pk] for pk in keys]) if turn[0] else (TENANT, keys)
         with tenant_context(slug):
             async with tenancy_maker() as s:
-                await s.get(Project, key)
+                for pk in own:
+                    await s.get(Project, pk)
                 await s.commit()
 
     def plain_tx(maker: async_sessionmaker[AsyncSession]) -> AsyncTx:
-        async def tx(pk: int) -> None:
+        async def tx(keys: Keys) -> None:
             async with maker() as s:
-                await s.get(Project, pk)
+                for pk in keys:
+                    await s.get(Project, pk)
                 await s.commit()
 
         return tx
@@ -372,18 +390,18 @@ async def run_async(fx: Fixture, rounds: int, per_round: int, warmup: int) -> Re
         pks = fx.pks
         for tx in variants.values():
             for i in range(warmup):
-                await tx(pks[i % len(pks)])
+                await tx(keys_of(pks, i, statements))
         results = Results(VARIANTS, "limit")
         perf = time.perf_counter_ns
         for round_no in range(rounds):
             base = round_no * per_round
-            batch = [pks[(base + i) % len(pks)] for i in range(per_round)]
+            batch = [keys_of(pks, base + i, statements) for i in range(per_round)]
             for variant in results.order(round_no):
                 tx = variants[variant]
                 gc.collect()
                 start = perf()
-                for pk in batch:
-                    await tx(pk)
+                for keys in batch:
+                    await tx(keys)
                 elapsed = perf() - start
                 results.per_round[variant].append(elapsed / per_round / 1000)
         return results
@@ -425,6 +443,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--warmup", type=int, default=None, help="warm-up transactions per variant")
     parser.add_argument("--rows", type=int, default=1000, help="rows per tenant (default 1000)")
+    parser.add_argument(
+        "--statements",
+        type=int,
+        default=1,
+        help="primary-key SELECTs per transaction, each of another row (default 1)",
+    )
     parser.add_argument("--quick", action="store_true", help="a few short rounds: a smoke run for CI")
     parser.add_argument("--no-sync", action="store_true", help="skip the sync benchmark")
     parser.add_argument("--no-async", action="store_true", help="skip the async benchmark")
@@ -436,8 +460,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         args.per_round = 50 if args.quick else 200
     if args.warmup is None:
         args.warmup = 50 if args.quick else 300
-    if args.rounds < 1 or args.per_round < 1 or args.warmup < 0 or args.rows < 1:
-        parser.error("--rounds, --per-round and --rows must be positive, --warmup non-negative")
+    if args.rounds < 1 or args.per_round < 1 or args.warmup < 0 or args.rows < 1 or args.statements < 1:
+        parser.error("--rounds, --per-round, --rows and --statements must be positive, --warmup non-negative")
+    if args.statements > args.rows:
+        parser.error("--statements must not exceed --rows (each SELECT reads another row)")
     return args
 
 
@@ -461,12 +487,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         fx = Fixture(server, database, tenancy, acme.id, pks, other_pks[0], other_pks)
         print(
             f"sqla-tenancy binding benchmark: python {sys.version.split()[0]}, "
-            f"{args.rows} rows per tenant, role {server.app_role} (NOSUPERUSER NOBYPASSRLS), "
+            f"{args.rows} rows per tenant, {args.statements} primary-key SELECT"
+            f"{'s' if args.statements > 1 else ''} per transaction, "
+            f"role {server.app_role} (NOSUPERUSER NOBYPASSRLS), "
             f"{'$SQLA_TENANCY_TEST_DSN' if server.cluster is None else 'temporary cluster'}"
         )
         summary: list[str] = []
         if not args.no_sync:
-            sync = run_sync(fx, args.rounds, args.per_round, args.warmup)
+            sync = run_sync(fx, args.rounds, args.per_round, args.warmup, args.statements)
             sync.print_table("sync", args.rounds, args.per_round)
             summary.append(
                 f"sync tenancy/limit = {sync.ratio('tenancy'):.3f} "
@@ -484,13 +512,13 @@ def main(argv: Sequence[str] | None = None) -> int:
                 f"Python side (context, router, session, pre-ping) {parts['tenancy']:.1f}"
             )
         if not args.no_database:
-            db = run_database(fx, args.rounds, args.per_round, args.warmup)
+            db = run_database(fx, args.rounds, args.per_round, args.warmup, args.statements)
             db.print_table("sync, database placement", args.rounds, args.per_round)
             summary.append(
                 f"database/db_limit = {db.ratio('database'):.3f} (paired {db.paired('database'):.3f})"
             )
         if not args.no_async:
-            async_ = asyncio.run(run_async(fx, args.rounds, args.per_round, args.warmup))
+            async_ = asyncio.run(run_async(fx, args.rounds, args.per_round, args.warmup, args.statements))
             async_.print_table("async", args.rounds, args.per_round)
             summary.append(
                 f"async tenancy/limit = {async_.ratio('tenancy'):.3f} "
